@@ -1,0 +1,60 @@
+# `make test` and `make figures` do all the set-up they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+RUNS   ?= runs
+
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: help install test unit nbval figures notebooks-update bench clean
+
+help:
+	@echo "make test     - install into $(VENV) if needed, run pytest and the nbval notebook checks"
+	@echo "make figures  - install if needed, run every numbered notebook headless (papermill), write figures/"
+	@echo "make notebooks-update - re-execute the committed notebooks in place (after a change of numbers)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[notebooks,dev]'
+	touch $(STAMP)
+
+test: unit nbval
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+nbval: $(STAMP)
+	@if [ -n "$(NOTEBOOKS)" ]; then \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	else echo "no numbered notebooks yet"; fi
+
+figures: $(STAMP)
+	mkdir -p $(RUNS) figures
+	@for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb .ipynb); \
+	  echo "== $$name"; \
+	  $(BIN)/papermill --cwd notebooks $$nb $(RUNS)/$$name.ipynb \
+	    -p OUTPUT_DIR $(abspath $(RUNS))/$$name -p FIGURES_DIR $(abspath figures) || exit 1; \
+	done
+
+notebooks-update: $(STAMP)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(BIN)/papermill --cwd notebooks $$nb $$nb || exit 1; \
+	done
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --help
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,127 @@
+"""One loader for every model: a preset name, a hub id, a local diffusers folder, or a shape twin."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from lib.paths import TOY_DIR
+
+# Preset name → hub id (or, for the toy world, the committed folder).
+PRESETS: dict[str, str] = {
+    "toy": str(TOY_DIR),
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-v2-1-base": "stabilityai/stable-diffusion-2-1-base",
+    "openjourney": "prompthero/openjourney",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+# Randomly initialised stand-ins with the real module names (see lib.twins): "twin:<family>[:full]".
+TWINS: tuple[str, ...] = ("twin:sd-v1", "twin:sd-v2", "twin:sdxl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; the message is one line saying what to do."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto`` → float16 on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def describe_source(model: str) -> tuple[str, str]:
+    """Classify ``model`` as ('preset'|'twin'|'local'|'hub', location) without loading anything."""
+    if not isinstance(model, str) or not model.strip():
+        raise ModelLoadError(f"model must be a non-empty string, got {model!r}")
+    if model in PRESETS:
+        target = PRESETS[model]
+        return ("local", target) if model == "toy" else ("hub", target)
+    if model.startswith("twin:"):
+        family, _, size = model[5:].partition(":")
+        if f"twin:{family}" not in TWINS or size not in ("", "tiny", "full"):
+            raise ModelLoadError(f"unknown shape twin {model!r}; choose one of {', '.join(TWINS)} (append ':full' for full size)")
+        return "twin", model
+    path = Path(model).expanduser()
+    if path.exists():
+        return "local", str(path)
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        return "hub", model
+    if os.sep in model or model.startswith((".", "~")):
+        raise ModelLoadError(f"local model folder not found: {model}")
+    raise ModelLoadError(
+        f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), a shape twin ({', '.join(TWINS)}), "
+        "a hub id like 'CompVis/stable-diffusion-v1-4', or a local diffusers folder"
+    )
+
+
+def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto", **kwargs):
+    """Load a diffusers pipeline on ``device``/``dtype`` (auto: CUDA fp16 when present, else CPU fp32).
+
+    ``model`` is a preset (``toy``, ``sd-v1-4``, ``sd-v1-5``, ``sd-v2-1-base``, ``openjourney``, ``sdxl-base``), a
+    hub id, a local diffusers folder, or a shape twin (``twin:sd-v1``, ``twin:sdxl:full``, ...). The safety checker
+    is disabled: the methods here study raw generations. Extra ``kwargs`` go to ``from_pretrained``.
+    """
+    kind, where = describe_source(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if kind == "twin":
+        from lib.twins import build_twin
+
+        family, _, size = where[5:].partition(":")
+        pipe = build_twin(family, size or "tiny", dtype=dt)
+    else:
+        pipe = _from_pretrained(kind, where, model, dt, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
+    if kind == "local" and not (Path(where) / "model_index.json").is_file():
+        hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if model == "toy" else ""
+        raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
+    opts: dict = dict(dtype=dtype)
+    if _has_safety_checker(kind, where):
+        opts.update(safety_checker=None, requires_safety_checker=False)
+    opts.update(kwargs)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(where, **opts)
+    except (OSError, ValueError) as err:
+        if kind == "hub":
+            raise ModelLoadError(
+                f"weights for {where!r} are not available locally and cannot be downloaded here "
+                f"({type(err).__name__}); download them elsewhere and pass the local folder instead, "
+                f"e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
+            ) from None
+        raise ModelLoadError(f"could not load the pipeline in {where}: {err}".splitlines()[0]) from None
+    return pipe
+
+
+def _has_safety_checker(kind: str, where: str) -> bool:
+    """Whether the pipeline declares a safety checker (SD 1.x/2.x do, SDXL does not)."""
+    if kind == "local":
+        return "safety_checker" in json.loads((Path(where) / "model_index.json").read_text())
+    return "xl" not in where.lower()

@@ -1,0 +1,88 @@
+"""The papermill contract: validate a notebook's ``parameters`` cell before any heavy work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence
+
+from lib.loading import ModelLoadError, describe_source
+
+
+class ParameterError(ValueError):
+    """A notebook parameter has the wrong type, range or value; the message names it."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """What one parameter may hold."""
+
+    type: type | tuple[type, ...]
+    low: float | None = None
+    high: float | None = None
+    choices: Sequence[Any] | None = None
+    items: type | tuple[type, ...] | None = None  # element type when ``type`` is list
+    min_len: int = 0
+    optional: bool = False  # None allowed
+    check: Callable[[Any], None] | None = None  # extra check, raises ValueError with a message
+
+    def validate(self, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, tuple) and self.type is list:
+            value = list(value)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and self.type is not bool or not isinstance(value, self.type):
+            raise ParameterError(f"{name}: expected {_tname(self.type)}, got {value!r} ({type(value).__name__})")
+        if self.items is not None:
+            if len(value) < self.min_len:
+                raise ParameterError(f"{name}: needs at least {self.min_len} item(s), got {value!r}")
+            for v in value:
+                if isinstance(v, bool) or not isinstance(v, self.items):
+                    raise ParameterError(f"{name}: every item must be {_tname(self.items)}, got {v!r}")
+        for v in value if self.items is not None else [value]:
+            if self.low is not None and v < self.low or self.high is not None and v > self.high:
+                raise ParameterError(f"{name}: {v!r} is outside [{self.low}, {self.high}]")
+        if self.choices is not None and value not in self.choices:
+            raise ParameterError(f"{name}: {value!r} is not one of {', '.join(map(repr, self.choices))}")
+        if self.check is not None:
+            try:
+                self.check(value)
+            except (ValueError, ModelLoadError) as err:
+                raise ParameterError(f"{name}: {err}") from None
+        return value
+
+
+def _known_model(value: str) -> None:
+    describe_source(value)  # raises ModelLoadError with the list of presets
+
+
+# Parameters that several notebooks share; a notebook passes its own extras to ``validate``.
+COMMON: dict[str, Param] = {
+    "MODEL": Param(str, check=_known_model),
+    "DEVICE": Param(str, choices=("auto", "cpu", "cuda")),
+    "DTYPE": Param(str, choices=("auto", "float32", "float16", "bfloat16")),
+    "SEEDS": Param(list, items=int, low=0, min_len=1),
+    "STEPS": Param(int, low=1, high=1000),
+    "GUIDANCE": Param(float, low=0.0, high=50.0),
+    "BATCH_SIZE": Param(int, low=1, high=4096),
+    "OUTPUT_DIR": Param(str, optional=True),
+    "FIGURES_DIR": Param(str, optional=True),
+}
+
+
+def validate(values: Mapping[str, Any], **extra: Param) -> SimpleNamespace:
+    """Check ``values`` (the notebook's parameters) against ``COMMON`` plus ``extra``; return them as a namespace.
+
+    Unknown names are an error too, so a misspelt papermill ``-p`` is caught instead of silently ignored.
+    """
+    specs = {**COMMON, **extra}
+    unknown = sorted(set(values) - set(specs))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(specs))}")
+    return SimpleNamespace(**{k: specs[k].validate(k, v) for k, v in values.items()})
+
+
+def _tname(t: type | tuple[type, ...]) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__

@@ -1,0 +1,20 @@
+"""Where things live: the repository root, committed data, default output folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+TOY_DIR = DATA_DIR / "toy"
+FIGURES_DIR = REPO_ROOT / "figures"
+RUNS_DIR = REPO_ROOT / "runs"
+
+
+def output_dir(path: str | Path | None, default_name: str) -> Path:
+    """Resolve a notebook's output folder (relative paths are taken from the repo root) and create it."""
+    out = RUNS_DIR / default_name if path in (None, "") else Path(path)
+    if not out.is_absolute():
+        out = REPO_ROOT / out
+    out.mkdir(parents=True, exist_ok=True)
+    return out

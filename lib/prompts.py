@@ -1,0 +1,39 @@
+"""Prompt checks shared by every method: length limits and locating a subject's tokens."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+
+class PromptError(ValueError):
+    """A prompt cannot be used as given (too long, or the subject is not in it)."""
+
+
+def check_length(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], truncate: bool = False) -> None:
+    """Raise ``PromptError`` for a prompt longer than the encoder's context, unless truncation is asked for."""
+    limit = tokenizer.model_max_length
+    for p in [prompts] if isinstance(prompts, str) else prompts:
+        n = len(tokenizer(p, truncation=False).input_ids)
+        if n > limit and not truncate:
+            raise PromptError(f"prompt has {n} tokens (limit {limit} with start/end): {p[:60]!r}...; "
+                              "shorten it or pass truncate=True")
+
+
+def subject_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> list[int]:
+    """Token positions (with the start token at 0) of the first occurrence of ``subject`` inside ``prompt``.
+
+    Raises ``PromptError`` naming the caption, the subject and both tokenisations when the subject's tokens do
+    not occur contiguously in the caption (absent, or tokenised differently in context).
+    """
+    ids = tokenizer(prompt, truncation=False).input_ids
+    sub = tokenizer(subject, add_special_tokens=False).input_ids
+    if sub:
+        for start in range(len(ids) - len(sub) + 1):
+            if ids[start : start + len(sub)] == sub:
+                return list(range(start, start + len(sub)))
+    raise PromptError(
+        f"subject {subject!r} (tokens {tokenizer.convert_ids_to_tokens(sub)}) not found in caption {prompt!r} "
+        f"(tokens {tokenizer.convert_ids_to_tokens(ids)})"
+    )

@@ -1,0 +1,88 @@
+"""CLIP-Score = 100 · max(cos(image, text), 0), with open_clip for real models or any CLIP-like model offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipScorer:
+    """Wraps a CLIP-like model: ``encode_image`` on normalised pixels, ``encode_text`` on token ids.
+
+    ``images`` given to the methods are float tensors in [0, 1], shape (B, 3, H, W); they are resized to
+    ``image_size`` and normalised here, so gradients flow back to the pixels (SAGE uses that).
+    """
+
+    encode_image: Callable[[torch.Tensor], torch.Tensor]
+    encode_text: Callable[[torch.Tensor], torch.Tensor]
+    tokenize: Callable[[Sequence[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    device: torch.device = torch.device("cpu")
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return F.normalize(self.encode_image((x - mean) / std).float(), dim=-1)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self.encode_text(self.tokenize(list(texts)).to(self.device)).float(), dim=-1)
+
+    def score(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """CLIP-Score of each image against its caption (one caption per image), shape (B,)."""
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        cos = (self.image_features(images) * self.text_features(captions)).sum(-1)
+        return 100.0 * cos.clamp(min=0)
+
+    def rank(self, images: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of every image to every candidate caption, shape (B, len(candidates))."""
+        return self.image_features(images) @ self.text_features(candidates).T
+
+
+def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "openai", device: str = "cpu") -> ClipScorer:
+    """open_clip's CLIP (ViT-L/14 with OpenAI weights, as in the papers); ``pretrained=None`` for random weights."""
+    import open_clip
+
+    model = open_clip.create_model(model_name, pretrained=pretrained, device=device).eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    size = model.visual.image_size
+    return ClipScorer(
+        encode_image=model.encode_image,
+        encode_text=model.encode_text,
+        tokenize=lambda texts: tokenizer(texts),
+        image_size=size if isinstance(size, int) else size[0],
+        mean=tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN),
+        std=tuple(getattr(model.visual, "image_std", None) or OPENAI_STD),
+        device=torch.device(device),
+    )
+
+
+def hf_clip_scorer(model, tokenizer, image_size: int | None = None, mean=OPENAI_MEAN, std=OPENAI_STD) -> ClipScorer:
+    """A scorer from a transformers ``CLIPModel`` (the toy world's CLIP, or any local CLIP checkpoint)."""
+    device = next(model.parameters()).device
+    return ClipScorer(
+        encode_image=lambda px: _features(model.get_image_features(pixel_values=px)),
+        encode_text=lambda ids: _features(model.get_text_features(input_ids=ids)),
+        tokenize=lambda texts: tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids,
+        image_size=image_size or model.config.vision_config.image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        device=device,
+    )
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 may return a model output instead of a tensor from ``get_*_features``."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output

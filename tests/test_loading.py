@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from lib.loading import PRESETS, ModelLoadError, describe_source, load_pipeline
+from lib.twins import build_twin, unet_config
+
+
+def test_presets_are_the_documented_ones():
+    assert set(PRESETS) == {"toy", "sd-v1-4", "sd-v1-5", "sd-v2-1-base", "openjourney", "sdxl-base"}
+
+
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        ("stable-diffusion", "use a preset (toy, sd-v1-4"),
+        ("./no/such/folder", "local model folder not found"),
+        ("twin:sd-v9", "unknown shape twin"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_model_names_give_one_line(model, fragment):
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline(model)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["sd-v1-4", "CompVis/stable-diffusion-v1-4", "sdxl-base"])
+def test_offline_hub_id_says_to_pass_a_local_folder(model):
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline(model)
+    msg = str(err.value)
+    assert "not available locally" in msg and "local folder" in msg and "\n" not in msg
+    assert err.value.__suppress_context__  # no chained traceback wall
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+        load_pipeline(str(tmp_path))
+
+
+def test_sources_are_classified():
+    assert describe_source("toy")[0] == "local"
+    assert describe_source("sd-v1-5") == ("hub", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert describe_source("twin:sdxl:full") == ("twin", "twin:sdxl:full")
+
+
+def _traceable(unet) -> tuple[list[str], list[str]]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    res = [n for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    blocks = [n for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    return res, blocks
+
+
+@pytest.mark.parametrize(
+    "family, pipe_cls, n_resnets, n_blocks, encoders",
+    [
+        ("sd-v1", "StableDiffusionPipeline", 22, 16, [12]),
+        ("sd-v2", "StableDiffusionPipeline", 22, 16, [23]),
+        ("sdxl", "StableDiffusionXLPipeline", 17, 70, [12, 32]),  # 17 + 3 * 70 = 227 layers
+    ],
+)
+def test_shape_twins_load_through_the_user_loader(twin_dirs, family, pipe_cls, n_resnets, n_blocks, encoders):
+    pipe = load_pipeline(str(twin_dirs[family]), device="cpu")
+    assert type(pipe).__name__ == pipe_cls
+    res, blocks = _traceable(pipe.unet)
+    assert (len(res), len(blocks)) == (n_resnets, n_blocks)
+    depth = [pipe.text_encoder.config.num_hidden_layers]
+    if family == "sdxl":
+        depth.append(pipe.text_encoder_2.config.num_hidden_layers)
+    assert depth == encoders
+    img = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+
+
+def test_sd_v1_twin_has_the_paper_layer_names():
+    res, blocks = _traceable(build_twin("sd-v1").unet)
+    assert len(res) + 3 * len(blocks) == 70
+    assert "down_blocks.1.resnets.1" in res and "mid_block.resnets.1" in res and "up_blocks.3.resnets.2" in res
+    assert "up_blocks.3.attentions.2.transformer_blocks.0" in blocks
+
+
+def test_full_configs_are_the_released_ones():
+    assert unet_config("sd-v1", "full")["block_out_channels"] == (320, 640, 1280, 1280)
+    assert unet_config("sd-v2", "full")["cross_attention_dim"] == 1024
+    xl = unet_config("sdxl", "full")
+    assert xl["transformer_layers_per_block"] == (1, 2, 10) and xl["cross_attention_dim"] == 2048
+
+
+def test_twins_are_reproducible():
+    a, b = build_twin("sd-v1", seed=3), build_twin("sd-v1", seed=3)
+    assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)

@@ -1,0 +1,34 @@
+import pytest
+
+from lib.params import Param, ParameterError, validate
+
+
+def test_valid_parameters_pass_and_ints_become_floats():
+    p = validate(dict(MODEL="toy", SEEDS=[0, 1], GUIDANCE=4, STEPS=25, OUTPUT_DIR=None))
+    assert p.GUIDANCE == 4.0 and isinstance(p.GUIDANCE, float) and p.SEEDS == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        (dict(STEPS="25"), "STEPS: expected int"),
+        (dict(STEPS=0), "outside"),
+        (dict(SEEDS=[]), "at least 1"),
+        (dict(SEEDS=[0, "1"]), "every item must be int"),
+        (dict(MODEL="sd-v9"), "MODEL: unknown model"),
+        (dict(DEVICE="tpu"), "not one of"),
+        (dict(STPES=3), "unknown parameter(s) STPES"),
+        (dict(STEPS=True), "expected int"),
+    ],
+)
+def test_bad_parameters_are_named(values, fragment):
+    with pytest.raises(ParameterError) as err:
+        validate(values)
+    assert fragment in str(err.value)
+
+
+def test_extra_specs():
+    p = validate(dict(NOISE=3.0), NOISE=Param(float, low=0))
+    assert p.NOISE == 3.0
+    with pytest.raises(ParameterError, match="NOISE"):
+        validate(dict(NOISE=-1.0), NOISE=Param(float, low=0))

@@ -1,0 +1,20 @@
+import pytest
+
+from lib.prompts import PromptError, check_length, subject_positions
+from lib.tokenizer import build_clip_tokenizer
+
+TOK = build_clip_tokenizer()
+
+
+def test_long_prompt_is_an_error_unless_truncation_is_asked():
+    long = "a photo of a cat " * 30
+    with pytest.raises(PromptError, match="tokens"):
+        check_length(TOK, long)
+    check_length(TOK, long, truncate=True)
+    check_length(TOK, ["a photo of a cat"])
+
+
+def test_subject_positions_and_errors():
+    assert subject_positions(TOK, "a painting in the style of van gogh", "van gogh") == [7, 8]
+    with pytest.raises(PromptError, match="monet.*not found.*van gogh"):
+        subject_positions(TOK, "a painting in the style of van gogh", "monet")

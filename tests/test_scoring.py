@@ -1,0 +1,32 @@
+import torch
+
+from lib.scoring import ClipScorer, openclip_scorer
+
+
+def _identity_scorer():
+    # image "features" are the mean colour, text "features" one-hot colours: the score is checkable by hand
+    table = {"red": [1.0, 0, 0], "green": [0, 1.0, 0], "anti": [-1.0, 0, 0]}
+    return ClipScorer(
+        encode_image=lambda x: x.mean(dim=(2, 3)),
+        encode_text=lambda ids: ids,
+        tokenize=lambda texts: torch.tensor([table[t] for t in texts]),
+        image_size=8, mean=(0, 0, 0), std=(1, 1, 1),
+    )
+
+
+def test_clip_score_is_100_times_clamped_cosine():
+    s = _identity_scorer()
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1
+    assert torch.allclose(s.score(red, ["red"]), torch.tensor([100.0]))
+    assert torch.allclose(s.score(red, ["green"]), torch.tensor([0.0]))
+    assert torch.allclose(s.score(red, ["anti"]), torch.tensor([0.0]))  # negative cosine clamps to 0
+    assert s.rank(red, ["red", "anti"]).tolist() == [[1.0, -1.0]]
+
+
+def test_openclip_path_runs_offline_with_random_weights():
+    s = openclip_scorer("ViT-B-32", pretrained=None)
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    out = s.score(x, ["a cat", "a dog"])
+    out.sum().backward()
+    assert out.shape == (2,) and (out >= 0).all() and x.grad is not None
