@@ -1,0 +1,133 @@
+"""A plain, hookable classifier-free-guided sampling loop for SD 1.x / 2.x / XL pipelines.
+
+The methods need more control than ``pipe(...)`` gives (restoring activations at every step, gradients through
+the loop, per-seed latents), so they share this loop. It mirrors the diffusers pipelines: same text encoding,
+same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+
+from lib.prompts import check_length
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: ``cond``/``uncond`` hidden states (B, 77, D) and SDXL's added inputs."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids (cond)
+    added_uncond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.cond.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Conditioning":
+        """Rows ``index`` of the batch (e.g. to repeat one caption for many restored runs)."""
+        idx = torch.as_tensor(index, device=self.cond.device)
+        pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
+        return Conditioning(self.cond[idx], self.uncond[idx], pick(self.added), pick(self.added_uncond))
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@torch.no_grad()
+def encode(pipe, prompts: Sequence[str], negative: str | None = None, truncate: bool = False) -> Conditioning:
+    """Encode prompts (and the negative prompt for CFG) exactly as the pipeline would.
+
+    ``negative=None`` is the pipelines' default: the empty prompt (SD 1.x/2.x) or zeros (SDXL).
+    """
+    prompts = list(prompts)
+    check_length(pipe.tokenizer, prompts, truncate=truncate)
+    device = pipe.unet.device
+    negative = None if negative is None else [negative] * len(prompts)
+    if not is_sdxl(pipe):
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative)
+        return Conditioning(cond, uncond)
+    cond, uncond, pooled, pooled_u = pipe.encode_prompt(
+        prompts, device=device, do_classifier_free_guidance=True, negative_prompt=negative
+    )
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    time_ids = pipe._get_add_time_ids(
+        (side, side), (0, 0), (side, side), dtype=cond.dtype,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    ).to(device).repeat(len(prompts), 1)
+    return Conditioning(cond, uncond, {"text_embeds": pooled, "time_ids": time_ids},
+                        {"text_embeds": pooled_u, "time_ids": time_ids})
+
+
+def initial_latents(pipe, seeds: Sequence[int]) -> torch.Tensor:
+    """One latent per seed, drawn on the CPU so a seed gives the same latent on every device."""
+    side = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, side, side)
+    lat = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return lat.to(pipe.unet.device, pipe.unet.dtype)
+
+
+def make_scheduler(pipe, steps: int):
+    """A fresh DDIM scheduler (deterministic, eta = 0) with the pipeline's noise schedule."""
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps, device=pipe.unet.device)
+    return sched
+
+
+def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, c: Conditioning, guidance: float) -> torch.Tensor:
+    """The guided noise prediction for one step; unconditional and conditional halves in one UNet call."""
+    x = torch.cat([latents, latents])
+    emb = torch.cat([c.uncond, c.cond])
+    added = {k: torch.cat([c.added_uncond[k], c.added[k]]) for k in c.added} or None
+    eps = pipe.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+    eps_u, eps_c = eps.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def denoise(pipe, latents: torch.Tensor, c: Conditioning, steps: int = 25, guidance: float = 7.5,
+            callback: StepCallback | None = None) -> torch.Tensor:
+    """Run the sampling loop from initial latents; ``callback(i, t, latents)`` after each step.
+
+    Gradients flow when the caller enables them (SAGE); wrap in ``torch.no_grad()`` otherwise.
+    """
+    sched = make_scheduler(pipe, steps)
+    x = latents * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        eps = predict_noise(pipe, sched.scale_model_input(x, t), t, c, guidance)
+        x = sched.step(eps, t, x).prev_sample
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [0, 1], shape (B, 3, H, W)."""
+    vae = pipe.vae
+    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
+             negative: str | None = None) -> torch.Tensor:
+    """Images for ``prompts[i]`` with ``seeds[i]`` (lengths must match), in [0, 1]."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    lat = denoise(pipe, initial_latents(pipe, seeds), encode(pipe, prompts, negative), steps, guidance)
+    return decode(pipe, lat)
+
+
+def to_pil(images: torch.Tensor):
+    """[0, 1] image tensor (B, 3, H, W) → list of PIL images."""
+    from PIL import Image
+
+    arr = (images.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
