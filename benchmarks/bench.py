@@ -1,0 +1,171 @@
+"""Benchmark harness: time named cases on shape twins (random weights time the same as real ones) and write JSON.
+
+    python benchmarks/bench.py --list
+    python benchmarks/bench.py --cases generate --size full --device cuda --dtype float16 --out $OUT/bench.json
+
+Every case gets warm-up runs, CUDA synchronisation around each timed run, and peak-memory accounting. On the
+device machine, diffusers and open_clip travel as wheels: see ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lib.sampling import decode, denoise, encode, initial_latents  # noqa: E402
+from lib.twins import build_twin  # noqa: E402
+
+
+@dataclass
+class Result:
+    case: str
+    params: dict
+    times_s: list[float]
+    median_s: float
+    min_s: float
+    peak_mem_gib: float | None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a case gets: the device, the dtype, the size of the twins, and a cache of built pipelines."""
+
+    device: torch.device
+    dtype: torch.dtype
+    size: str
+    _pipes: dict = field(default_factory=dict)
+
+    def pipe(self, family: str = "sd-v1"):
+        if family not in self._pipes:
+            self._pipes[family] = build_twin(family, self.size, dtype=self.dtype).to(self.device)
+        return self._pipes[family]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# A case takes the context and returns (a function to time, its parameters, extra facts to record).
+Case = Callable[[Context], tuple[Callable[[], object], dict, dict]]
+CASES: dict[str, Case] = {}
+
+
+def case(name: str):
+    def register(fn: Case) -> Case:
+        CASES[name] = fn
+        return fn
+
+    return register
+
+
+def _generation(batch: int) -> Case:
+    def build(ctx: Context):
+        pipe = ctx.pipe("sd-v1")
+        steps = 50 if ctx.size == "full" else 4
+        cond = encode(pipe, ["a photo of an astronaut riding a horse"] * batch)
+        lat = initial_latents(pipe, list(range(batch)))
+
+        @torch.no_grad()
+        def run():
+            return decode(pipe, denoise(pipe, lat, cond, steps=steps, guidance=7.5))
+
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return run, dict(batch=batch, steps=steps, resolution=side, guidance=7.5, scheduler="DDIM"), {}
+
+    return build
+
+
+for _b in (1, 8, 32):
+    case(f"generate_sd14_b{_b}")(_generation(_b))
+
+
+def _register_method_cases() -> None:
+    """Cases that the method modules contribute (imported lazily: they may need extra packages)."""
+    for module in ("cases_tracing", "cases_editing", "cases_sage"):
+        path = Path(__file__).with_name(f"{module}.py")
+        if path.is_file():
+            sys.path.insert(0, str(path.parent))
+            mod = __import__(module)
+            for name, fn in getattr(mod, "CASES", {}).items():
+                CASES[name] = fn
+
+
+def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
+    fn, params, extra = CASES[name](ctx)
+    for _ in range(warmup):
+        fn()
+    ctx.sync()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    times = []
+    for _ in range(repeats):
+        ctx.sync()
+        t0 = time.perf_counter()
+        fn()
+        ctx.sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+    if "batch" in params:
+        extra = {**extra, "s_per_image": statistics.median(times) / params["batch"]}
+    return Result(name, params, times, statistics.median(times), min(times), peak, extra)
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    env = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
+               transformers=transformers.__version__, cpu_threads=torch.get_num_threads())
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_method_cases()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="generate_sd14_b1", help="comma-separated case names, or 'all'")
+    ap.add_argument("--size", choices=("tiny", "full"), default="full")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="JSON file to write (appends nothing: one run per file)")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(sorted(CASES)))
+        return 0
+    names = sorted(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(sorted(CASES))}")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    ctx = Context(device, dtype, args.size)
+    report = dict(environment=environment(device), size=args.size, dtype=str(dtype), results=[])
+    for name in names:
+        res = time_case(name, ctx, args.warmup, args.repeats)
+        report["results"].append(asdict(res))
+        mem = f", peak {res.peak_mem_gib:.1f} GiB" if res.peak_mem_gib is not None else ""
+        print(f"{name}: median {res.median_s:.3f} s (min {res.min_s:.3f}){mem} {res.extra}", flush=True)
+        if args.out:  # rewrite after every case, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

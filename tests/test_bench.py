@@ -1,0 +1,22 @@
+import json
+import subprocess
+import sys
+
+from lib.paths import REPO_ROOT
+
+
+def test_harness_times_a_case_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
+           "generate_sd14_b1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    (res,) = report["results"]
+    assert res["case"] == "generate_sd14_b1" and res["params"]["batch"] == 1 and res["median_s"] > 0
+    assert report["environment"]["torch"]
+
+
+def test_unknown_case_is_a_clear_error():
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--cases", "nope"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown case(s) nope" in proc.stderr
