@@ -1,0 +1,197 @@
+"""SAGE benchmark cases: the cost of one latent-search iteration, and of a whole search.
+
+One iteration = the sampling loop from ``z + δ`` (steps before ``residual_step`` without gradient, the rest with it),
+the VAE decode, the ensemble, the backward pass to ``δ`` through the residual path, the signed step and the shell
+projection — exactly :func:`lib.sage.latent.search_latent`'s inner loop.
+
+    python benchmarks/bench.py --cases sage_latent_iter --size full --device cuda --dtype float16
+    python benchmarks/cases_sage.py --size tiny --iterations 100 --steps 10       # a whole search, CPU
+
+Members: ``"small"`` (three tiny random conv nets, one behind Canny edges: CPU smoke) or ``"imagenet"`` (random-weight
+timm ResNet-50 and ViT-B/16, plus a ResNet-50 behind Canny edges: the cost of a realistic ensemble, no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.sage.latent import LatentSearch, Residual, project_to_shell, sample_with_residual, search_latent, signed_step  # noqa: E402
+from lib.sage.loss import EdgeMember, Ensemble, FnMember, timm_member  # noqa: E402
+from lib.sampling import decode, encode, initial_latents  # noqa: E402
+
+PROMPT = "a photo of a cat"
+
+
+def make_members(kind: str = "small", device: str | torch.device = "cpu") -> Ensemble:
+    """An ensemble for timing: ``small`` (random tiny conv nets) or ``imagenet`` (random timm ResNet-50, ViT-B/16)."""
+    if kind == "small":
+        def net(seed: int) -> nn.Module:
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, 3)).to(device)
+
+        labels = ("cat", "dog", "car")
+        return Ensemble([FnMember(net(1), labels, "a"), FnMember(net(2), labels, "b"),
+                         EdgeMember(FnMember(net(3), labels, "c"))])
+    if kind == "imagenet":
+        r50 = timm_member("resnet50", pretrained=False, device=str(device))
+        vit = timm_member("vit_base_patch16_224", pretrained=False, device=str(device))
+        edge = EdgeMember(timm_member("resnet50", pretrained=False, device=str(device)))
+        return Ensemble([r50, vit, edge], groups={"cat": ("tabby", "tiger cat", "persian cat", "siamese cat",
+                                                          "egyptian cat")})
+    raise ValueError(f"unknown members {kind!r}; choose 'small' or 'imagenet'")
+
+
+def _memory_setup(pipe, gradient_checkpointing: bool, vae_slicing: bool) -> None:
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if hasattr(pipe.vae, "enable_gradient_checkpointing"):
+            pipe.vae.enable_gradient_checkpointing()
+    if vae_slicing and hasattr(pipe.vae, "enable_slicing"):
+        pipe.vae.enable_slicing()
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)  # gradients only for δ: no weight grads are stored
+
+
+def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step: int | None = None,
+                        guidance: float = 7.5, seed: int = 0):
+    """A closure running one latent-search iteration (state kept across calls, like the search)."""
+    z = initial_latents(pipe, [seed])
+    cond = encode(pipe, [PROMPT], None)
+    state = {"delta": torch.zeros_like(z, dtype=torch.float32)}
+    residual = Residual(step=residual_step)
+
+    def run() -> float:
+        delta = state["delta"].requires_grad_(True)
+        zp = (z.float() + delta).to(z.dtype)
+        probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
+        loss = ensemble.loss(probs, "cat", "uncertain").sum()
+        (g,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            d = signed_step(delta, g, 0.05, -1.0, 1.0)
+            state["delta"] = project_to_shell(z.float() + d, 3.0) - z.float()
+        return float(loss.detach())
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = None, members: str | Ensemble = "small",
+                           repeats: int = 3, warmup: int = 1, gradient_checkpointing: bool = True,
+                           vae_slicing: bool = True, guidance: float = 7.5) -> dict:
+    """Time one latent-search iteration (forward + backward through the residual path, decode, classifiers).
+
+    Returns seconds per iteration (median/min over ``repeats``) and peak memory: CUDA ``max_memory_allocated`` on
+    a GPU, the process's peak RSS on a CPU (a lifetime maximum, so it includes everything loaded before).
+    """
+    device = pipe.unet.device
+    _memory_setup(pipe, gradient_checkpointing and device.type == "cuda", vae_slicing)
+    ens = make_members(members, device) if isinstance(members, str) else members
+    run = latent_iteration_fn(pipe, ens, steps, residual_step, guidance)
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    k = steps // 2 if residual_step is None else residual_step
+    out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=str(members),
+               dtype=str(pipe.unet.dtype), device=str(device), resolution=int(pipe.unet.config.sample_size * 8),
+               gradient_checkpointing=bool(gradient_checkpointing and device.type == "cuda"),
+               times_s=times, median_s=statistics.median(times), min_s=min(times))
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: str = "small", seed: int = 0) -> dict:
+    """Wall time of a whole search of ``iterations`` updates (no early stop)."""
+    ens = make_members(members, pipe.unet.device)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    t0 = time.perf_counter()
+    r = search_latent(pipe, ens, PROMPT, "cat", seed=seed, steps=steps,
+                      config=LatentSearch(mode="type1", iterations=iterations, stop_on_success=False))
+    wall = time.perf_counter() - t0
+    return dict(iterations=iterations, steps=steps, members=members, wall_s=wall,
+                s_per_iteration=wall / (iterations + 1), found=r.found, loss_first=r.history[0],
+                loss_last=r.history[-1], best_loss=r.best_loss)
+
+
+# ---------------------------------------------------------------------------------------------- bench.py integration
+def _case(ctx):
+    pipe = ctx.pipe("sd-v1")
+    full = ctx.size == "full"
+    steps = 50 if full else 4
+    _memory_setup(pipe, full and ctx.device.type == "cuda", True)
+    ens = make_members("imagenet" if full else "small", ctx.device)
+    run = latent_iteration_fn(pipe, ens, steps)
+    params = dict(steps=steps, residual_step=steps // 2, members="imagenet" if full else "small",
+                  gradient_checkpointing=full and ctx.device.type == "cuda", vae_slicing=True)
+    return run, params, {}
+
+
+CASES = {"sage_latent_iter": _case}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lib.twins import build_twin
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--residual-step", type=int, default=None)
+    ap.add_argument("--members", choices=("small", "imagenet"), default=None)
+    ap.add_argument("--iterations", type=int, default=0, help="also time a whole search of this many iterations")
+    ap.add_argument("--search-steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
+    members = a.members or ("imagenet" if a.size == "full" else "small")
+    report = dict(size=a.size, threads=torch.get_num_threads())
+    pipe = build_twin("sd-v1", a.size, dtype=dtype).to(device)
+    report["iteration"] = bench_latent_iteration(pipe, a.steps, a.residual_step, members, a.repeats,
+                                                 gradient_checkpointing=not a.no_checkpointing)
+    print(json.dumps(report["iteration"]), flush=True)
+    if a.iterations:
+        report["search"] = bench_latent_search(pipe, a.iterations, a.search_steps, members)
+        print(json.dumps(report["search"]), flush=True)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

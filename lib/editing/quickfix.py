@@ -1,0 +1,621 @@
+"""DiffQuickFix (Basu et al., arXiv 2310.13730): a closed-form edit of a CLIP text encoder's attention output.
+
+The edited weight is ``W`` of ``encoder.layers[L].self_attn.out_proj`` (bias untouched). Keys ``k`` are the *input*
+of ``out_proj`` for prompts holding the anchor ("van gogh"), values ``v`` its *output* for the same prompts with the
+target ("painting"); the update is the minimiser of ``Σ‖W k − v‖² + λ‖W − W_old‖²``::
+
+    W_new = (λ·W_old + Σ v kᵀ)(λ·I + Σ k kᵀ)⁻¹          (float64, Cholesky solve, never an explicit inverse)
+
+Positions (``align``). The keys are every anchor position from the anchor's last subject token to the last position
+(76): the subject token, the end token and all padding, which the UNet sees. Anchor and target prompts are aligned
+from their last subject tokens onward, position by position. When the phrases have different token lengths the two
+tails differ in length: ``align="pad"`` (default, as the released notebook) keeps every anchor position and pairs
+the anchor positions beyond the target's tail with the target's last position (76), which holds padding in both;
+``align="truncate"`` (as UCE) drops the extra anchor positions.
+
+Values (``subtract_bias``). The released notebook regresses ``W k`` on the whole output ``W k + b`` of the target,
+so the edited layer's output is off by the bias ``b``. By default the bias is subtracted from the values, so that the
+edited *output* ``W_new k + b`` matches the target's; ``subtract_bias=False`` reproduces the notebook.
+
+This module also holds what the two edits (this one and the cross-attention baseline in :mod:`lib.editing.baseline`)
+share: the ridge solve, its check against gradient descent, and :class:`WeightEdit` (apply, revert, save, load).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lib.prompts import PromptError, check_length, subject_positions
+
+TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
+DEFAULT_LAMBDA = 0.01
+MAX_CONDITION = 1e12  # above this condition number of λI + Σkkᵀ, λ is raised (with a warning)
+TOKENIZER_OF: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+FORMAT_VERSION = 1
+Align = Literal["pad", "truncate"]
+
+
+class EditError(ValueError):
+    """An edit was asked with bad inputs, or does not fit the model it is applied to."""
+
+
+class IllConditionedWarning(UserWarning):
+    """The normal equations were ill-conditioned; λ was raised to keep the solution finite."""
+
+
+class FingerprintWarning(UserWarning):
+    """An edit is applied to a weight that differs from the one it was fitted on (same shape, other values)."""
+
+
+# ------------------------------------------------------------------------------------------------- closed form
+@dataclass
+class RidgeProblem:
+    """``min_W Σ‖W kᵢ − vᵢ‖² + λ‖W − W₀‖²`` for fixed keys; several weights can share one factorisation.
+
+    ``A = λI + KᵀK`` is checked (eigenvalues) before the Cholesky factorisation: if its condition number exceeds
+    ``max_condition`` (e.g. ``λ = 0`` with fewer keys than dimensions), λ is raised to ``lam_effective`` so that it
+    does not, and an :class:`IllConditionedWarning` says so. The solution is then the exact optimum for
+    ``lam_effective``.
+    """
+
+    keys: torch.Tensor  # (n, d_in)
+    lam: float = DEFAULT_LAMBDA
+    max_condition: float = MAX_CONDITION
+    lam_effective: float = field(init=False)
+    condition: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not (self.lam >= 0 and float(self.lam) < float("inf")):
+            raise EditError(f"λ must be a finite number >= 0, got {self.lam!r}")
+        k = self.keys.to(torch.float64)
+        if k.ndim != 2 or k.shape[0] == 0:
+            raise EditError(f"keys must be a non-empty (n, d) matrix, got shape {tuple(k.shape)}")
+        if not torch.isfinite(k).all():
+            raise EditError("keys contain NaN or inf (a half-precision overflow?); collect them in float32")
+        gram = k.T @ k
+        eig = torch.linalg.eigvalsh(gram)  # ascending, >= 0 up to rounding
+        lo, hi = float(eig[0]), float(eig[-1])
+        lam_eff = float(self.lam)
+        if hi + lam_eff <= 0 or (hi + lam_eff) > self.max_condition * (lo + lam_eff):
+            lam_eff = max((hi - self.max_condition * lo) / (self.max_condition - 1), lam_eff, 1e-300)
+            warnings.warn(
+                f"ill-conditioned edit: cond(λI + Σkkᵀ) = {(hi + self.lam) / max(lo + self.lam, 1e-300):.3g} with "
+                f"λ = {self.lam:g}; λ raised to {lam_eff:.3g} (condition {self.max_condition:.0e})",
+                IllConditionedWarning, stacklevel=3,
+            )
+        self.lam_effective = lam_eff
+        self.condition = (hi + lam_eff) / (lo + lam_eff)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        self._chol, info = torch.linalg.cholesky_ex(gram + lam_eff * eye)
+        if int(info) != 0:
+            raise EditError(f"the normal equations are not positive definite (leading minor {int(info)}) even with "
+                            f"λ = {lam_eff:.3g}; the keys are degenerate")
+        self._k = k
+
+    def solve(self, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The optimal ``W`` (float64, shape of ``weight``) for targets ``values`` (n, d_out) of ``W k``."""
+        w0 = weight.detach().to(self._k.device, torch.float64)
+        v = values.detach().to(self._k.device, torch.float64)
+        if v.shape != (self._k.shape[0], w0.shape[0]) or w0.shape[1] != self._k.shape[1]:
+            raise EditError(f"shapes do not match: keys {tuple(self._k.shape)}, values {tuple(v.shape)}, "
+                            f"weight {tuple(w0.shape)}")
+        if not torch.isfinite(v).all() or not torch.isfinite(w0).all():
+            raise EditError("values or weight contain NaN or inf")
+        rhs = self.lam_effective * w0 + v.T @ self._k  # λ W₀ + Σ v kᵀ, (d_out, d_in)
+        w = torch.cholesky_solve(rhs.T, self._chol).T  # W A = rhs  ⇔  A Wᵀ = rhsᵀ (A symmetric)
+        if not torch.isfinite(w).all():
+            raise EditError("the solve produced non-finite weights; refusing to write them")
+        return w
+
+
+def closed_form(keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, lam: float = DEFAULT_LAMBDA,
+                max_condition: float = MAX_CONDITION) -> torch.Tensor:
+    """``(λW + Σ v kᵀ)(λI + Σ k kᵀ)⁻¹`` in float64 (see :class:`RidgeProblem`)."""
+    return RidgeProblem(keys, lam, max_condition).solve(weight, values)
+
+
+@dataclass(frozen=True)
+class GapReport:
+    """Closed form vs an iterative gradient-based minimiser of the same objective."""
+
+    rel_weight: float  # ‖W_it − W_cf‖ / ‖W_cf‖
+    rel_update: float  # ‖W_it − W_cf‖ / ‖W_cf − W_old‖: the stricter one (the update is small next to W)
+    objective_closed: float
+    objective_iterative: float
+    iterations: int
+    method: str
+
+
+def gradient_descent_gap(keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, lam: float = DEFAULT_LAMBDA,
+                         method: Literal["cg", "lbfgs"] = "cg", max_iter: int = 2000, tol: float = 1e-10) -> GapReport:
+    """Minimise ``Σ‖W k − v‖² + λ‖W − W_old‖²`` iteratively in float64 from ``W_old``; compare with the closed form.
+
+    The objective is written from the residuals (not from the normal equations) and differentiated by autograd.
+    ``method="cg"``: nonlinear conjugate gradient (Polak–Ribière+) with the exact line search of a quadratic (step
+    from an autograd Hessian-vector product); it stops when the gradient has shrunk by ``tol``. ``"lbfgs"``:
+    ``torch.optim.LBFGS`` with a strong-Wolfe line search; on these badly conditioned problems (cond ~1e4 with
+    λ = 0.01) it stalls near a 1e-4 relative error of the update, so CG is the default.
+    """
+    k = keys.detach().to(torch.float64)
+    v = values.detach().to(k.device, torch.float64)
+    w0 = weight.detach().to(k.device, torch.float64)
+    w_cf = closed_form(k, v, w0, lam, max_condition=float("inf"))
+
+    def objective(u: torch.Tensor) -> torch.Tensor:  # of the update u = W − W_old
+        return ((k @ (w0 + u).T - v) ** 2).sum() + lam * (u**2).sum()
+
+    def grad(u: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        u = u if u.requires_grad else u.detach().requires_grad_(True)
+        return torch.autograd.grad(objective(u), u, create_graph=create_graph)[0]
+
+    u = torch.zeros_like(w0)
+    it = 0
+    if method == "cg":
+        g = grad(u)
+        g0 = float(g.abs().max()) or 1.0
+        p = -g
+        for it in range(1, max_iter + 1):
+            ur = u.detach().requires_grad_(True)
+            hp = torch.autograd.grad((grad(ur, create_graph=True) * p).sum(), ur)[0]  # Hessian · p
+            u = u + (-(g * p).sum() / (p * hp).sum()) * p
+            g_new = grad(u)
+            if float(g_new.abs().max()) <= tol * g0:
+                break
+            beta = max(0.0, float((g_new * (g_new - g)).sum() / (g * g).sum()))
+            p, g = -g_new + beta * p, g_new
+    elif method == "lbfgs":
+        param = torch.zeros_like(w0, requires_grad=True)
+        scale = float(objective(u)) or 1.0
+        opt = torch.optim.LBFGS([param], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol * 1e-4,
+                                tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = objective(param) / scale
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        u, it = param.detach(), int(opt.state[param].get("n_iter", 0))
+    else:
+        raise EditError(f"method must be 'cg' or 'lbfgs', got {method!r}")
+    u = u.detach()
+    diff = float((w0 + u - w_cf).norm())
+    with torch.no_grad():
+        return GapReport(
+            rel_weight=diff / float(w_cf.norm()),
+            rel_update=diff / max(float((w_cf - w0).norm()), 1e-300),
+            objective_closed=float(objective(w_cf - w0)),
+            objective_iterative=float(objective(u)),
+            iterations=it,
+            method=method,
+        )
+
+
+# ------------------------------------------------------------------------------------------- prompt alignment
+@dataclass(frozen=True)
+class PromptPair:
+    """One anchor prompt and its target prompt, with the aligned token positions (keys ↔ values)."""
+
+    anchor: str
+    target: str
+    anchor_prompt: str
+    target_prompt: str
+    key_positions: tuple[int, ...]
+    value_positions: tuple[int, ...]
+
+
+def _phrases(name: str, value: str | Sequence[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise EditError(f"no {name} given")
+    for p in items:
+        if not isinstance(p, str) or not p.strip():
+            raise EditError(f"empty {name} phrase {p!r}")
+    return items
+
+
+def concept_pairs(anchors: str | Sequence[str], targets: str | Sequence[str]) -> list[tuple[str, str]]:
+    """Check and pair anchors with targets (one target may serve every anchor)."""
+    a = _phrases("anchor", anchors)
+    t = _phrases("target", targets)
+    if len(t) == 1 and len(a) > 1:
+        t = t * len(a)
+    if len(a) != len(t):
+        raise EditError(f"{len(a)} anchors but {len(t)} targets; give one target, or one per anchor")
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731 - CLIP lower-cases and splits on spaces
+    for x, y in zip(a, t):
+        if norm(x) == norm(y):
+            raise EditError(f"anchor and target are the same phrase ({x!r}): the edit would do nothing")
+    return list(zip(a, t))
+
+
+def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequence[str],
+                  templates: Sequence[str] = TEMPLATES, prompts: Mapping[str, Sequence[str]] | None = None,
+                  align: Align = "pad") -> list[PromptPair]:
+    """Anchor and target prompts with the positions whose keys and values enter the edit (see the module doc).
+
+    Prompts are ``template.format(phrase)`` for each template, or ``prompts[phrase]`` when given (anchor and target
+    lists are paired in order). A phrase absent from its own prompt raises :class:`~lib.prompts.PromptError`.
+    """
+    if align not in ("pad", "truncate"):
+        raise EditError(f"align must be 'pad' or 'truncate', got {align!r}")
+    templates = list(templates)
+    if not templates or any("{}" not in t for t in templates):
+        raise EditError(f"every template needs a '{{}}' for the phrase, got {templates!r}")
+    prompts = dict(prompts or {})
+    length = int(tokenizer.model_max_length)
+    out = []
+    for anchor, target in concept_pairs(anchors, targets):
+        a_prompts = list(prompts.get(anchor) or [t.format(anchor) for t in templates])
+        t_prompts = list(prompts.get(target) or [t.format(target) for t in templates])
+        if len(a_prompts) != len(t_prompts):
+            raise EditError(f"{len(a_prompts)} prompts for anchor {anchor!r} but {len(t_prompts)} for target "
+                            f"{target!r}; they are paired in order")
+        check_length(tokenizer, a_prompts + t_prompts)
+        for ap, tp in zip(a_prompts, t_prompts):
+            a_last = _last_subject_token(tokenizer, ap, anchor, "anchor")
+            t_last = _last_subject_token(tokenizer, tp, target, "target")
+            keys = list(range(a_last, length))
+            if align == "pad":
+                vals = [min(t_last + j, length - 1) for j in range(len(keys))]
+            else:
+                n = min(length - a_last, length - t_last)
+                keys, vals = keys[:n], list(range(t_last, t_last + n))
+            out.append(PromptPair(anchor, target, ap, tp, tuple(keys), tuple(vals)))
+    return out
+
+
+def _last_subject_token(tokenizer, prompt: str, phrase: str, role: str) -> int:
+    try:
+        return subject_positions(tokenizer, prompt, phrase)[-1]
+    except PromptError as err:
+        raise PromptError(f"{role} {phrase!r} is absent from its own prompt {prompt!r}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------ the edit object
+def _resolve(pipe, path: str) -> torch.nn.Parameter | None:
+    """``"component:dotted.param.name"`` → the parameter, or None. ``text_model.`` prefixes are matched loosely
+    (transformers 5 drops it from ``CLIPTextModel`` but keeps it in ``CLIPTextModelWithProjection``)."""
+    comp, _, name = path.partition(":")
+    module = getattr(pipe, comp, None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    params = dict(module.named_parameters())
+    for cand in (name, name.removeprefix("text_model."), "text_model." + name):
+        if cand in params:
+            return params[cand]
+    return None
+
+
+def _fingerprint(w: torch.Tensor) -> list[float]:
+    """A dtype-tolerant signature of a weight: its norm and 16 evenly spaced entries."""
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // 16)
+    return [float(flat.double().norm())] + flat[::step][:16].double().cpu().tolist()
+
+
+_STATE_ATTR = "_weight_edits"  # on the pipeline: {param path: (edit uid, original tensor)}
+
+
+@dataclass(eq=False)
+class WeightEdit:
+    """Additive float32 deltas on named weights of a pipeline, with exact revert and a small safetensors file.
+
+    ``deltas`` maps ``"component:param.name"`` (e.g. ``"text_encoder:encoder.layers.0.self_attn.out_proj.weight"``)
+    to ``W_new − W_old``; ``meta`` is JSON-serialisable. :meth:`apply` keeps the original tensors on the pipeline,
+    so :meth:`revert` restores them bit for bit; a weight can carry one applied edit at a time.
+    """
+
+    deltas: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    KIND: ClassVar[str] = "weight-edit"
+    _registry: ClassVar[dict[str, type]] = {}
+
+    def __post_init__(self) -> None:
+        self.uid = uuid.uuid4().hex
+        self.meta.setdefault("kind", self.KIND)
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        WeightEdit._registry[cls.KIND] = cls
+
+    # ----- application
+    def _params(self, pipe) -> dict[str, torch.nn.Parameter]:
+        found, problems = {}, []
+        for path, delta in self.deltas.items():
+            p = _resolve(pipe, path)
+            if p is None:
+                problems.append(f"{path}: no such weight in this pipeline")
+            elif tuple(p.shape) != tuple(delta.shape):
+                problems.append(f"{path}: model weight {tuple(p.shape)} vs edit {tuple(delta.shape)}")
+            else:
+                found[path] = p
+        if problems:
+            raise EditError(f"this {self.KIND} edit does not fit the model (fitted on "
+                            f"{self.meta.get('model', 'another model')}): " + "; ".join(problems))
+        return found
+
+    def check_compatible(self, pipe) -> None:
+        """Raise :class:`EditError` if a weight is missing or has another shape."""
+        self._params(pipe)
+
+    def is_applied(self, pipe) -> bool:
+        state = getattr(pipe, _STATE_ATTR, {})
+        return all(state.get(p, (None,))[0] == self.uid for p in self.deltas)
+
+    def apply(self, pipe) -> "WeightEdit":
+        """Add the deltas to the pipeline's weights (in place, in their dtype); returns ``self``."""
+        params = self._params(pipe)
+        state: dict = pipe.__dict__.setdefault(_STATE_ATTR, {})
+        busy = [p for p in params if p in state]
+        if busy:
+            mine = all(state[p][0] == self.uid for p in busy)
+            raise EditError(("this edit is already applied" if mine else "another edit is applied to "
+                             + ", ".join(busy)) + "; revert it first")
+        for path, p in params.items():
+            ref = self.meta.get("fingerprints", {}).get(path)
+            if ref is not None and not torch.allclose(torch.tensor(_fingerprint(p)), torch.tensor(ref),
+                                                      rtol=1e-2, atol=1e-3):
+                warnings.warn(f"{path} differs from the weight this edit was fitted on", FingerprintWarning,
+                              stacklevel=2)
+        with torch.no_grad():
+            for path, p in params.items():
+                orig = p.detach().clone()
+                new = orig.double() + self.deltas[path].to(p.device, torch.float64)
+                state[path] = (self.uid, orig)
+                p.copy_(new.to(p.dtype))
+        return self
+
+    def revert(self, pipe) -> "WeightEdit":
+        """Restore the exact original weights; returns ``self``."""
+        state: dict = getattr(pipe, _STATE_ATTR, {})
+        if not self.deltas or any(state.get(p, (None,))[0] != self.uid for p in self.deltas):
+            raise EditError("this edit is not applied to this pipeline; nothing to revert")
+        params = self._params(pipe)
+        with torch.no_grad():
+            for path, p in params.items():
+                p.copy_(state.pop(path)[1])
+        return self
+
+    @contextmanager
+    def applied(self, pipe) -> Iterator["WeightEdit"]:
+        """``with edit.applied(pipe): ...`` — applied inside, reverted on exit (also on errors)."""
+        self.apply(pipe)
+        try:
+            yield self
+        finally:
+            self.revert(pipe)
+
+    # ----- files
+    @property
+    def nbytes(self) -> int:
+        return sum(d.numel() * d.element_size() for d in self.deltas.values())
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the deltas (float32 safetensors, metadata in its header) and a readable ``.json`` beside it."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = Path(f"{path}.safetensors")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**self.meta, "format_version": FORMAT_VERSION}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.deltas.items()}
+        save_file(tensors, str(path), metadata={"edit": json.dumps(meta)})
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WeightEdit":
+        """Read an edit written by :meth:`save`; the class follows the file's ``kind``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no edit file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if "edit" not in header:
+                raise EditError(f"{path} is not an edit file (no 'edit' metadata in its header)")
+            meta = json.loads(header["edit"])
+            deltas = {k: f.get_tensor(k) for k in f.keys()}
+        kind = meta.get("kind", cls.KIND)
+        klass = WeightEdit._registry.get(kind, cls)
+        if cls is not WeightEdit and not issubclass(klass, cls):
+            raise EditError(f"{path} holds a {kind!r} edit, not a {cls.KIND!r} one")
+        return klass(deltas, meta)
+
+    def __repr__(self) -> str:
+        keys = ("anchors", "targets", "layer", "lam")
+        info = ", ".join(f"{k}={self.meta[k]!r}" for k in keys if k in self.meta)
+        return f"{type(self).__name__}({info}, {len(self.deltas)} weight(s), {self.nbytes / 2**20:.1f} MiB)"
+
+
+def save_edited_model(pipe, edit: WeightEdit, folder: str | Path) -> Path:
+    """Save the pipeline with ``edit`` applied as a new diffusers folder (plus the edit file, for provenance).
+
+    Refuses an existing folder and the pipeline's own source folder (or a folder inside it). The pipeline is left
+    as it was (edited or not). Writes to a temporary sibling folder first, so a failure leaves nothing behind.
+    """
+    import shutil
+
+    folder = Path(folder).expanduser().resolve()
+    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if source and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if folder == src or src in folder.parents:
+            raise EditError(f"refusing to write into the model's source folder {src}; choose a new folder")
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; save_edited_model writes a new folder and never overwrites")
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    was_applied = edit.is_applied(pipe)
+    if not was_applied:
+        edit.apply(pipe)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        edit.save(tmp / f"{edit.KIND}_edit.safetensors")
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if not was_applied:
+            edit.revert(pipe)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ DiffQuickFix
+def encoder_names(pipe) -> list[str]:
+    """The pipeline's CLIP text encoders that have a tokenizer: ``text_encoder`` and, for SDXL, ``text_encoder_2``."""
+    present = lambda name: getattr(pipe, name, None) is not None  # noqa: E731
+    return [n for n, t in TOKENIZER_OF.items() if present(n) and present(t)]
+
+
+def encoder_layers(text_encoder) -> torch.nn.ModuleList:
+    """``encoder.layers`` of a ``CLIPTextModel`` (transformers 5) or ``CLIPTextModelWithProjection``."""
+    tm = getattr(text_encoder, "text_model", text_encoder)
+    layers = getattr(getattr(tm, "encoder", None), "layers", None)
+    if layers is None:
+        raise EditError(f"{type(text_encoder).__name__} has no encoder.layers: not a CLIP text encoder")
+    return layers
+
+
+def out_proj(text_encoder, layer: int) -> torch.nn.Linear:
+    """``encoder.layers[layer].self_attn.out_proj``, with a clear error for a layer out of range."""
+    layers = encoder_layers(text_encoder)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+        raise EditError(f"layer {layer!r} is out of range: this text encoder has layers 0..{len(layers) - 1}")
+    return layers[layer].self_attn.out_proj
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip the layers after the edited one."""
+
+
+@torch.no_grad()
+def capture_out_proj(text_encoder, layer: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output (B, T, D) of ``out_proj`` at ``layer``, running the encoder only up to that layer.
+
+    The encoder is called as the pipelines call it (token ids, no attention mask: CLIP's mask is causal only).
+    """
+    module = out_proj(text_encoder, layer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_m, inp, out):
+        seen["in"], seen["out"] = inp[0].detach(), out.detach()
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        text_encoder(input_ids.to(text_encoder.device))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "in" not in seen:
+        raise EditError(f"out_proj of layer {layer} was not called by the encoder's forward")
+    return seen["in"], seen["out"]
+
+
+@dataclass
+class KeysValues:
+    """What one encoder's edit is fitted on (float64)."""
+
+    encoder: str
+    param: str  # "component:param.name"
+    keys: torch.Tensor  # (n, d_in)
+    values: torch.Tensor  # (n, d_out), targets for W·k (bias removed when subtract_bias)
+    weight: torch.Tensor  # (d_out, d_in), the original W
+    pairs: list[PromptPair]
+
+
+def collect_keys_values(pipe, anchors: str | Sequence[str], targets: str | Sequence[str], layer: int = 0,
+                        encoder: str = "text_encoder", templates: Sequence[str] = TEMPLATES,
+                        prompts: Mapping[str, Sequence[str]] | None = None, align: Align = "pad",
+                        subtract_bias: bool = True) -> KeysValues:
+    """Keys (``out_proj`` inputs, anchor prompts) and values (outputs, target prompts) at the aligned positions."""
+    te = getattr(pipe, encoder, None)
+    tok = getattr(pipe, TOKENIZER_OF.get(encoder, ""), None)
+    if te is None or tok is None:
+        raise EditError(f"the pipeline has no {encoder!r} with a tokenizer; encoders here: {encoder_names(pipe)}")
+    proj = out_proj(te, layer)
+    pairs = align_prompts(tok, anchors, targets, templates, prompts, align)
+    texts = [p.anchor_prompt for p in pairs] + [p.target_prompt for p in pairs]
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    x, y = capture_out_proj(te, layer, ids)
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    n = len(pairs)
+    keys = torch.cat([x[i, list(p.key_positions)] for i, p in enumerate(pairs)])
+    values = torch.cat([y[n + i, list(p.value_positions)] for i, p in enumerate(pairs)])
+    if subtract_bias and proj.bias is not None:
+        values = values - proj.bias.detach().to(values.device, torch.float64)
+    name = {id(m): k for k, m in te.named_modules()}[id(proj)]
+    return KeysValues(encoder, f"{encoder}:{name}.weight", keys, values, proj.weight.detach().to(torch.float64),
+                      pairs)
+
+
+class QuickFixEdit(WeightEdit):
+    """A DiffQuickFix edit: one ``out_proj`` delta per text encoder. Build it with :meth:`fit` (or ``quickfix``)."""
+
+    KIND: ClassVar[str] = "quickfix"
+
+    @classmethod
+    def fit(cls, pipe, anchors: str | Sequence[str], targets: str | Sequence[str], layer: int | Mapping[str, int] = 0,
+            lam: float = DEFAULT_LAMBDA, encoders: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES,
+            prompts: Mapping[str, Sequence[str]] | None = None, align: Align = "pad", subtract_bias: bool = True,
+            max_condition: float = MAX_CONDITION) -> "QuickFixEdit":
+        """Fit the edit that maps each anchor onto its target (several pairs: one joint solve per encoder).
+
+        ``layer``: one index for every encoder, or ``{"text_encoder": 0, "text_encoder_2": 3}``. ``encoders``:
+        default every text encoder of the pipeline (both for SDXL, each with its own keys and values).
+        """
+        t0 = time.perf_counter()
+        pairs = concept_pairs(anchors, targets)
+        names = list(encoders) if encoders is not None else encoder_names(pipe)
+        if not names:
+            raise EditError("the pipeline has no CLIP text encoder to edit")
+        unknown = [n for n in names if n not in encoder_names(pipe)]
+        if unknown:
+            raise EditError(f"unknown encoder(s) {unknown}; this pipeline has {encoder_names(pipe)}")
+        layers = {n: (layer[n] if isinstance(layer, Mapping) else layer) for n in names}
+        deltas, info = {}, {}
+        for n in names:
+            kv = collect_keys_values(pipe, [a for a, _ in pairs], [t for _, t in pairs], layers[n], n, templates,
+                                     prompts, align, subtract_bias)
+            ridge = RidgeProblem(kv.keys, lam, max_condition)
+            w_new = ridge.solve(kv.weight, kv.values)
+            deltas[kv.param] = (w_new - kv.weight.to(w_new.device)).to("cpu", torch.float32)
+            info[n] = dict(param=kv.param, layer=layers[n], shape=list(kv.weight.shape), n_keys=int(kv.keys.shape[0]),
+                           lam_effective=ridge.lam_effective, condition=ridge.condition,
+                           fingerprint=_fingerprint(kv.weight))
+        meta = dict(
+            anchors=[a for a, _ in pairs], targets=[t for _, t in pairs], layer=layers, lam=float(lam),
+            encoders=names, shapes={i["param"]: i["shape"] for i in info.values()},
+            fingerprints={i["param"]: i["fingerprint"] for i in info.values()},
+            solve={n: {k: i[k] for k in ("n_keys", "lam_effective", "condition")} for n, i in info.items()},
+            templates=list(templates), prompts={k: list(v) for k, v in (prompts or {}).items()}, align=align,
+            subtract_bias=subtract_bias, model=_model_name(pipe), fit_seconds=time.perf_counter() - t0,
+        )
+        return cls(deltas, meta)
+
+
+def quickfix(pipe, anchors: str | Sequence[str], targets: str | Sequence[str], layer: int | Mapping[str, int] = 0,
+             lam: float = DEFAULT_LAMBDA, **kwargs) -> QuickFixEdit:
+    """Shorthand for :meth:`QuickFixEdit.fit`."""
+    return QuickFixEdit.fit(pipe, anchors, targets, layer, lam, **kwargs)
+
+
+def _model_name(pipe) -> str:
+    name = getattr(pipe, "name_or_path", None)
+    return str(name) if name else type(pipe).__name__

@@ -1,0 +1,16 @@
+"""SAGE (Liu et al., arXiv 2306.00974): adversarial search for failures of text-guided diffusion models.
+
+* :mod:`lib.sage.loss` — the robust surrogate: an ensemble of classifiers (own preprocessing each) + edge member;
+* :mod:`lib.sage.latent` — latent search (residual-gradient trick, Gaussian-shell projection), save / re-render;
+* :mod:`lib.sage.prompt` — natural prompt search guided by a causal LM and embedding gradients;
+* :mod:`lib.sage.token` — universal adversarial token embedding towards a target object;
+* :mod:`lib.sage.metrics` — SSR(A), independent re-check, NGR.
+
+No official code was released; every choice where the paper is silent is documented in the module docstrings and
+exposed as a parameter.
+"""
+
+from lib.sage.loss import (  # noqa: F401
+    ClipMember, Criteria, EdgeMember, Ensemble, FnMember, TimmMember, ToyMember, UnknownClassError,
+    imagenet_groups, imagenet_labels, openclip_member, timm_member, toy_members,
+)

@@ -1,0 +1,278 @@
+"""SAGE latent search: perturb the initial latent ``z`` so that the image fools the surrogate ensemble.
+
+Update (seed pseudo-code): ``δ ← clamp(δ − lr·sign(∇_δ L), lo, hi)``, lr 0.05, 100 iterations, range [-1, 1], from
+``δ = 0``; the loss is :meth:`lib.sage.loss.Ensemble.loss` summed over the batch. After each step ``z + δ`` is
+projected onto the Gaussian shell ``√d ± shell_sigmas/√2`` (‖z‖ of a d-dim standard normal has mean ≈ √d and
+std ≈ 1/√2), so found latents stay non-outliers by norm; the projection wins over the clamp.
+
+Gradient approximation (the paper's residual trick; its exact form is not published — what we implement):
+the sampling loop runs from ``z' = z + δ``; steps ``0 … k−1`` (``k = residual_step``) run without gradient and give
+``x_k``; there the latent is replaced by
+
+* ``residual_mode="straight_through"`` (default): ``x̃_k = x_k + w·(z' − sg(z'))`` — the value is exactly ``x_k``
+  (so the image is the unmodified sampler's, and a found latent re-renders with the plain loop), the gradient is
+  ``∂x̃_k/∂z' = w·I``;
+* ``residual_mode="additive"``: ``x̃_k = x_k + w·z'`` — the literal residual connection: the value changes too, so
+  the found latent is a failure of this modified sampler (saved with its residual parameters, re-rendered alike).
+
+Steps ``k … T−1``, the VAE decode and the classifiers run with gradient. ``residual_step=None`` → ``T // 2``
+(``T`` = the final latent: gradient through the VAE only; ``0`` with ``w = 1``: the exact gradient). ``weight=None``
+→ ``w = √(1 − ᾱ_{t_k})``, the coefficient of the initial noise in a deterministic DDIM state ``x_{t_k}``. With sign
+steps ``w`` only rescales the gradient in straight-through mode, so it does not change the search there.
+
+Failure types: type 1 (distorted: no label confident, goal ``uncertain``), type 2 (a different label confident,
+goal ``other``), or ``lose`` (the class is lost, either way). Found latents are saved as safetensors with everything
+needed to re-render them exactly (:func:`save_latent`, :func:`render_latent`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from lib.sage.loss import Ensemble, Goal
+from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
+
+Mode = Literal["type1", "type2", "lose"]
+MODE_GOAL: dict[str, str] = {"type1": "uncertain", "type2": "other", "lose": "lose"}
+SHELL_STD = 1 / math.sqrt(2)  # std of the norm of a high-dimensional standard normal vector
+
+
+class LatentShapeError(ValueError):
+    """A latent whose shape does not match the pipeline's initial latents."""
+
+
+# ------------------------------------------------------------------------------------------------ optimisation bits
+def signed_step(param: torch.Tensor, grad: torch.Tensor, lr: float, low: float, high: float) -> torch.Tensor:
+    """One signed-gradient descent step with a box projection: ``clamp(param − lr·sign(grad), low, high)``."""
+    return (param - lr * grad.sign()).clamp(low, high)
+
+
+def shell_bounds(d: int, sigmas: float) -> tuple[float, float]:
+    """Norm interval ``√d ± sigmas/√2`` of a non-outlier d-dimensional standard normal vector."""
+    return math.sqrt(d) - sigmas * SHELL_STD, math.sqrt(d) + sigmas * SHELL_STD
+
+
+def project_to_shell(latent: torch.Tensor, sigmas: float = 3.0) -> torch.Tensor:
+    """Rescale each latent of the batch whose norm is outside the shell onto its nearest boundary."""
+    flat = latent.flatten(1).float()
+    lo, hi = shell_bounds(flat.shape[1], sigmas)
+    norm = flat.norm(dim=1, keepdim=True)
+    scale = norm.clamp(lo, hi) / norm.clamp_min(1e-12)
+    return (flat * scale).view_as(latent).to(latent.dtype)
+
+
+def check_latent(pipe, latent: torch.Tensor) -> None:
+    """Raise :class:`LatentShapeError` unless ``latent`` is (B, C, S, S) like the pipeline's initial latents."""
+    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    if not isinstance(latent, torch.Tensor) or latent.dim() != 4 or tuple(latent.shape[1:]) != (c, s, s):
+        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise LatentShapeError(f"latent has shape {shape}; this pipeline expects (B, {c}, {s}, {s})")
+
+
+# ------------------------------------------------------------------------------------------------------ the sampler
+@dataclass(frozen=True)
+class Residual:
+    """Where and how the input latent is tied into the loop (see the module docstring)."""
+
+    step: int | None = None
+    weight: float | None = None
+    mode: Literal["straight_through", "additive"] = "straight_through"
+
+    def resolve(self, sched, steps: int) -> tuple[int, float]:
+        if self.mode not in ("straight_through", "additive"):
+            raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
+        k = steps // 2 if self.step is None else int(self.step)
+        if not 0 <= k <= steps:
+            raise ValueError(f"residual_step {k} is outside [0, {steps}] for {steps} steps")
+        if self.weight is not None:
+            return k, float(self.weight)
+        a = sched.alphas_cumprod[sched.timesteps[k]] if k < steps else sched.final_alpha_cumprod
+        return k, float(torch.sqrt(1 - a))
+
+
+def sample_with_residual(pipe, latents: torch.Tensor, c: Conditioning, steps: int, guidance: float,
+                         residual: Residual = Residual(), grad: bool = True) -> torch.Tensor:
+    """The CFG DDIM loop of :func:`lib.sampling.denoise` with the residual tie at step ``k``; final latents.
+
+    With ``grad`` the gradient reaches ``latents`` only through the residual; steps before ``k`` run without it.
+    """
+    sched = make_scheduler(pipe, steps)
+    k, w = residual.resolve(sched, steps)
+    x = latents.detach() * sched.init_noise_sigma
+
+    def tie(x: torch.Tensor) -> torch.Tensor:
+        if residual.mode == "additive":
+            return x.detach() + w * latents
+        return x.detach() + w * (latents - latents.detach())
+
+    for i, t in enumerate(sched.timesteps):
+        if i == k:
+            x = tie(x)
+        with torch.set_grad_enabled(grad and i >= k):
+            eps = predict_noise(pipe, sched.scale_model_input(x, t), t, c, guidance)
+            x = sched.step(eps, t, x).prev_sample
+    return tie(x) if k == steps else x
+
+
+# ------------------------------------------------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class LatentSearch:
+    """Hyper-parameters of one latent search (seed pseudo-code defaults where it gives them)."""
+
+    mode: Mode = "type1"
+    goal: Goal | None = None  # None → MODE_GOAL[mode]
+    lr: float = 0.05
+    iterations: int = 100
+    delta_range: tuple[float, float] = (-1.0, 1.0)
+    shell_sigmas: float | None = 3.0  # None: no norm projection
+    residual: Residual = Residual()
+    stop_on_success: bool = True
+
+
+@dataclass
+class LatentResult:
+    """Outcome of one search. ``found`` is False when no evaluated latent fooled the ensemble."""
+
+    found: bool
+    latent: torch.Tensor  # the first successful z + δ, else the best-loss one (exactly what was rendered)
+    delta: torch.Tensor
+    loss: float  # loss of ``latent``
+    best_loss: float
+    iterations: int  # updates made
+    history: list[float]
+    image: torch.Tensor | None = None  # the image of ``latent`` as rendered during the search, in [0, 1]
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        what = "found" if self.found else "not found"
+        return f"{what} after {self.iterations} iterations (loss {self.loss:.3f}, best {self.best_loss:.3f})"
+
+
+def search_latent(pipe, ensemble: Ensemble, prompt: str, cls: str, seed: int | None = None,
+                  latent: torch.Tensor | None = None, steps: int = 25, guidance: float = 7.5,
+                  negative: str | None = None, config: LatentSearch = LatentSearch()) -> LatentResult:
+    """Search a perturbation of the seed's initial latent (or of ``latent``) that makes ``prompt``'s image a failure.
+
+    A failure (``config.mode``): every member of the ensemble fooled in that sense (:meth:`Ensemble.judge`).
+    """
+    if config.mode not in MODE_GOAL:
+        raise ValueError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_GOAL)}")
+    if (seed is None) == (latent is None):
+        raise ValueError("give exactly one of seed= or latent=")
+    lo, hi = config.delta_range
+    if not lo <= 0 <= hi:
+        raise ValueError(f"delta_range must contain 0, got {config.delta_range}")
+    goal = config.goal or MODE_GOAL[config.mode]
+    ensemble.indices(cls)  # unknown class: fail before any sampling
+    z = initial_latents(pipe, [seed]) if latent is None else latent.to(pipe.unet.device, pipe.unet.dtype)
+    check_latent(pipe, z)
+    cond = encode(pipe, [prompt] * len(z), negative)
+    delta = torch.zeros_like(z, dtype=torch.float32)
+    history: list[float] = []
+    best = (math.inf, None, None, None)
+    found = None
+    for it in range(config.iterations + 1):
+        delta.requires_grad_(True)
+        zp = (z.float() + delta).to(z.dtype)
+        image = decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, config.residual))
+        probs = ensemble.probs(image)
+        loss = ensemble.loss(probs, cls, goal).sum()
+        history.append(float(loss.detach()))
+        state = (history[-1], zp.detach().clone(), delta.detach().clone(), image.detach().clone())
+        if history[-1] < best[0] or best[1] is None:
+            best = state
+        if found is None and bool(ensemble.judge(probs, cls, config.mode).all()):
+            found = state
+            if config.stop_on_success:
+                break
+        if it == config.iterations:
+            break
+        (g,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = signed_step(delta, g, config.lr, lo, hi)
+            if config.shell_sigmas is not None:
+                delta = project_to_shell(z.float() + delta, config.shell_sigmas) - z.float()
+    loss_v, zp, d, img = found if found is not None else best
+    meta = dict(seed=seed, prompt=prompt, negative=negative, steps=steps, guidance=guidance, cls=cls,
+                mode=config.mode, goal=goal, lr=config.lr, residual_mode=config.residual.mode,
+                residual_step=config.residual.step, residual_weight=config.residual.weight)
+    return LatentResult(found is not None, zp, d, loss_v, best[0], len(history) - 1, history, img, meta)
+
+
+def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
+                    guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
+                    model: str = ""):
+    """One search per seed; saves every found latent to ``out_dir``; returns (tidy table, results)."""
+    import pandas as pd
+
+    rows, results = [], []
+    for s in seeds:
+        r = search_latent(pipe, ensemble, prompt, cls, seed=s, steps=steps, guidance=guidance, config=config)
+        path = None
+        if r.found and out_dir is not None:
+            path = save_latent(Path(out_dir) / f"latent_{config.mode}_{cls}_{s}.safetensors".replace(" ", "-"),
+                               r, model=model)
+        rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
+                         best_loss=r.best_loss, iterations=r.iterations,
+                         delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
+                         path=str(path) if path else None))
+        results.append(r)
+    return pd.DataFrame(rows), results
+
+
+# ------------------------------------------------------------------------------------------------ saving, rendering
+@dataclass
+class LatentRecord:
+    latent: torch.Tensor
+    meta: dict
+
+
+def save_latent(path: str | Path, result: LatentResult, model: str = "") -> Path:
+    """Write the latent (exact dtype), its δ and the metadata needed to re-render it (safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: "" if v is None else str(v) for k, v in {**result.meta, "found": result.found,
+                                                        "loss": result.loss, "model": model}.items()}
+    save_file({"latent": result.latent.detach().cpu().contiguous(),
+               "delta": result.delta.detach().cpu().contiguous()}, str(path), metadata=meta)
+    return path
+
+
+def load_latent(path: str | Path) -> LatentRecord:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        return LatentRecord(f.get_tensor("latent"), meta)
+
+
+def render_latent(pipe, record: LatentRecord | str | Path, prompt: str | None = None) -> torch.Tensor:
+    """Re-render a saved latent with its prompt, steps, guidance and residual settings; images in [0, 1]."""
+    rec = load_latent(record) if isinstance(record, (str, Path)) else record
+    m = rec.meta
+    missing = [k for k in ("prompt", "steps", "guidance") if k not in m]
+    if missing:
+        raise ValueError(f"latent record lacks metadata {missing}; was it written by save_latent?")
+    check_latent(pipe, rec.latent)
+    residual = Residual(int(m["residual_step"]) if m.get("residual_step") else None,
+                        float(m["residual_weight"]) if m.get("residual_weight") else None,
+                        m.get("residual_mode") or "straight_through")
+    cond = encode(pipe, [prompt or m["prompt"]] * len(rec.latent), m.get("negative") or None)
+    lat = rec.latent.to(pipe.unet.device, pipe.unet.dtype)
+    with torch.no_grad():
+        return decode(pipe, sample_with_residual(pipe, lat, cond, int(m["steps"]), float(m["guidance"]),
+                                                 residual, grad=False))
+
+
+def config_dict(config: LatentSearch) -> dict:
+    """The search settings as a flat dict (for tables)."""
+    d = asdict(config)
+    d.update({f"residual_{k}": v for k, v in d.pop("residual").items()})
+    return d

@@ -1,0 +1,108 @@
+"""SAGE's numbers: SSR(A), the independent re-check of reported failures, and NGR of found latents.
+
+* SSR(A), automatic search success rate: per mode, the fraction of search runs whose result fools the ensemble.
+* Re-check: every reported failure judged again by a classifier *not* in the ensemble (same :class:`Criteria`), and,
+  in the toy world, the prompt checked against the renderer's labels (does the caption really ask for the class?).
+* NGR, non-Gaussian rate: the fraction of found latents whose entries fail a normality test at level ``alpha``.
+  ``test="dagostino"`` (default): D'Agostino–Pearson K² on the entries standardised by their own mean and std (shape
+  only); ``test="ks"``: Kolmogorov–Smirnov of the raw entries against N(0, 1) (shape, location and scale; no
+  parameter is estimated, so its p-values are exact). A fresh Gaussian latent fails either at rate ≈ ``alpha``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lib.sage.loss import Criteria, Ensemble, Member, Verdict
+
+
+def ssr(runs, by: str | Sequence[str] = "mode", success: str = "found"):
+    """SSR(A) per group of a runs table (one row per search run): n_runs, n_found, ssr."""
+    import pandas as pd
+
+    df = pd.DataFrame(runs)
+    if success not in df:
+        raise KeyError(f"runs table has no {success!r} column (columns: {list(df.columns)})")
+    g = df.groupby(by, dropna=False)[success]
+    return pd.DataFrame({"n_runs": g.size(), "n_found": g.sum().astype(int), "ssr": g.mean()}).reset_index()
+
+
+@torch.no_grad()
+def recheck(images: torch.Tensor, checker: Member, cls: str, verdict: Verdict = "lose", target: str | None = None,
+            ensemble: Ensemble | None = None, groups=None, criteria: Criteria | None = None) -> torch.Tensor:
+    """Bool (B,): does an independent ``checker`` confirm each reported failure (same verdict and thresholds)?
+
+    Passing the search's ``ensemble`` makes sure the checker is not one of its members.
+    """
+    if ensemble is not None and any(checker is m for m in ensemble.members):
+        raise ValueError("the checker is a member of the ensemble: an independent re-check needs a held-out classifier")
+    crit = criteria or (ensemble.criteria if ensemble is not None else Criteria())
+    grp = groups if groups is not None else (ensemble.groups if ensemble is not None else None)
+    solo = Ensemble([checker], grp, crit)
+    return solo.judge(solo.probs(images), cls, verdict, target)
+
+
+def renderer_check(prompts: Sequence[str], cls: str, attribute: str = "object"):
+    """Toy world: parse each found prompt with the world's grammar; does the scene it describes have ``cls``?
+
+    ``parsed`` is False for prompts outside the grammar (then the renderer has no label for them);
+    ``asks_for_class`` True means a faithful generator should have drawn the class: a genuine failure.
+    """
+    import pandas as pd
+
+    from lib.toy.world import parse_caption
+
+    rows = []
+    for p in prompts:
+        try:
+            scene = parse_caption(p)
+        except ValueError as err:
+            rows.append(dict(prompt=p, parsed=False, renderer_label=None, asks_for_class=None, note=str(err)[:80]))
+            continue
+        label = getattr(scene, attribute)
+        rows.append(dict(prompt=p, parsed=True, renderer_label=label, asks_for_class=label == cls, note=""))
+    return pd.DataFrame(rows)
+
+
+def normality(latents: torch.Tensor | Sequence[torch.Tensor], test: str = "dagostino", alpha: float = 0.05):
+    """Per latent: the test statistic, its p-value and whether it is non-Gaussian at ``alpha``."""
+    import pandas as pd
+    from scipy import stats
+
+    if test not in ("dagostino", "ks"):
+        raise ValueError(f"unknown test {test!r}; choose 'dagostino' or 'ks'")
+    rows = []
+    for i, lat in enumerate(_as_list(latents)):
+        x = lat.detach().double().flatten().cpu().numpy()
+        if x.size < 20:
+            raise ValueError(f"latent {i} has {x.size} entries; a normality test needs at least 20")
+        if test == "dagostino":
+            stat, p = stats.normaltest((x - x.mean()) / (x.std() + 1e-12))
+        else:
+            stat, p = stats.kstest(x, "norm")
+        rows.append(dict(latent=i, test=test, statistic=float(stat), p_value=float(p), non_gaussian=bool(p < alpha),
+                         mean=float(x.mean()), std=float(x.std()), norm=float(np.linalg.norm(x))))
+    return pd.DataFrame(rows)
+
+
+def ngr(latents, test: str = "dagostino", alpha: float = 0.05) -> float:
+    """Non-Gaussian rate: fraction of latents rejected by the normality test."""
+    return float(normality(latents, test, alpha)["non_gaussian"].mean())
+
+
+def qq_points(latent: torch.Tensor, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(theoretical N(0, 1) quantiles, sample quantiles) at ``n`` probability levels, for a QQ-plot."""
+    from scipy import stats
+
+    x = latent.detach().double().flatten().cpu().numpy()
+    q = (np.arange(n) + 0.5) / n
+    return stats.norm.ppf(q), np.quantile(x, q)
+
+
+def _as_list(latents) -> list[torch.Tensor]:
+    if isinstance(latents, torch.Tensor):
+        return list(latents) if latents.dim() == 4 else [latents]
+    return list(latents)

@@ -1,0 +1,258 @@
+"""SAGE prompt search: natural prompts, grown word by word from "a photo of a [class]", whose images lose the class.
+
+Each round (seed pseudo-code, one word per round):
+1. a causal LM (any ``AutoModelForCausalLM`` id or folder; the toy one is ``data/toy/lm``) proposes the ``top_k``
+   most probable next *words* after the current prompt (a token counts when it starts a new word and is
+   alphabetic; BPE pieces that continue the last word are skipped);
+2. continuous embeddings ``[x]`` (the next word) and ``[y]`` (``lookahead`` future words) in the diffusion text
+   encoder's token-embedding space are inserted after the last word (before EOS) and optimised against the surrogate
+   loss (goal ``lose``, mean over the search seeds) with signed steps ``e ← clamp(e − lr·sign(∇), −2.5, 2.5)`` from 0;
+3. the candidate whose token embedding (the mean over its CLIP BPE tokens, when it has several) is nearest in cosine
+   to ``[x]`` is appended, and the new prompt is rendered on the seeds and judged.
+
+A prompt is a found failure when the ensemble is fooled (``lose``) on at least ``success_fraction`` of the seeds
+(ours: 0.5; the paper does not say). Gradients reach the embeddings through every denoising step from
+``grad_from_step`` on (0: full backpropagation; later: truncated, cheaper). SD 1.x/2.x pipelines only (one text
+encoder); SDXL is not supported here. :func:`categorize` is a rough, documented stand-in for the paper's ten
+hand-made failure categories.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lib.prompts import PromptError
+from lib.sage.latent import Residual, sample_with_residual, signed_step
+from lib.sage.loss import Ensemble
+from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl
+
+PLACEHOLDER_ID = 0  # any id other than EOS: its embedding is overwritten
+
+
+def _check_pipe(pipe) -> None:
+    if is_sdxl(pipe):
+        raise NotImplementedError("prompt/token search supports SD 1.x/2.x pipelines (one text encoder), not SDXL")
+
+
+# -------------------------------------------------------------------------------------------- embeddings in prompts
+def token_table(pipe) -> torch.Tensor:
+    """The text encoder's token-embedding table (vocab, D)."""
+    return pipe.text_encoder.get_input_embeddings().weight
+
+
+def word_embedding(pipe, word: str) -> torch.Tensor:
+    """Mean token embedding of ``word`` under the diffusion tokenizer (most words are one CLIP token)."""
+    ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise PromptError(f"word {word!r} has no tokens")
+    return token_table(pipe)[ids].detach().float().mean(0)
+
+
+def slot_ids(tokenizer, prompt: str, n_slots: int) -> tuple[list[int], list[int]]:
+    """Padded ids of ``prompt`` with ``n_slots`` placeholder tokens after its last word, and the slot positions."""
+    ids = tokenizer(prompt, truncation=False).input_ids  # [BOS, ..., EOS]
+    ids = ids[:-1] + [PLACEHOLDER_ID] * n_slots + ids[-1:]
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        raise PromptError(f"prompt {prompt[:60]!r} plus {n_slots} slot(s) has {len(ids)} tokens (limit {limit})")
+    positions = list(range(len(ids) - 1 - n_slots, len(ids) - 1))
+    return ids + [tokenizer.pad_token_id] * (limit - len(ids)), positions
+
+
+@contextmanager
+def _replaced_embeddings(pipe, mask: torch.Tensor, values: torch.Tensor):
+    """Forward hook: token-embedding outputs at ``mask`` (B, L) become ``values`` (n_slots, D), tiled per row."""
+    emb = pipe.text_encoder.get_input_embeddings()
+
+    def hook(_module, _inputs, out):
+        fill = values.to(out.dtype).repeat(out.shape[0], 1)
+        out = out.clone()
+        out[mask] = fill
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
+                      negative: str | None = None) -> Conditioning:
+    """CFG conditioning of ``prompts`` with embeddings ``slots`` (n, D) inserted before EOS; differentiable in them.
+
+    ``slots=None`` (or 0 rows) equals :func:`lib.sampling.encode`.
+    """
+    _check_pipe(pipe)
+    n = 0 if slots is None else int(slots.shape[0])
+    rows = [slot_ids(pipe.tokenizer, p, n) for p in prompts]
+    ids = torch.tensor([r[0] for r in rows], device=pipe.text_encoder.device)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (_, pos) in enumerate(rows):
+        mask[b, pos] = True
+    uncond = encode(pipe, list(prompts), negative).uncond
+    if n == 0:
+        with torch.no_grad():
+            cond = pipe.text_encoder(ids)[0]
+    else:
+        with _replaced_embeddings(pipe, mask, slots):
+            cond = pipe.text_encoder(ids)[0]
+    return Conditioning(cond.to(pipe.text_encoder.dtype), uncond)
+
+
+def render_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None, seeds: Sequence[int], steps: int,
+                      guidance: float, grad_from_step: int = 0, grad: bool = True) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] of ``prompts[i]`` with ``seeds[i]``; gradients reach ``slots`` from
+    ``grad_from_step`` on (steps before it run without gradient)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    with torch.set_grad_enabled(grad):
+        c = encode_with_slots(pipe, prompts, slots)
+        lat = initial_latents(pipe, seeds)
+        x = sample_with_residual(pipe, lat, c, steps, guidance, Residual(grad_from_step, 1.0), grad=grad)
+        return decode(pipe, x)
+
+
+# -------------------------------------------------------------------------------------------------- the proposer LM
+class CandidateLM:
+    """A causal LM that proposes natural next words (``model``: a hub id, a local folder, or (model, tokenizer))."""
+
+    def __init__(self, model, tokenizer=None, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(model, (str, Path)):
+            local = Path(model).expanduser().exists()
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model), local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(str(model), local_files_only=local)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer with a model object")
+        self.model, self.tokenizer = model.to(device).eval(), tokenizer
+
+    def encode(self, prefix: str) -> list[int]:
+        """LM ids of ``prefix``; :class:`PromptError` when the LM's tokenizer cannot encode it."""
+        tok = self.tokenizer
+        ids = list(tok(prefix).input_ids)
+        if ids and len(ids) > 1 and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id \
+                and tok.eos_token_id != tok.bos_token_id:
+            ids = ids[:-1]  # a tokenizer that appends EOS: the LM must continue the text
+        unk = tok.unk_token_id
+        if not ids or (unk is not None and unk in ids and tok.unk_token not in prefix):
+            bad = [w for w in prefix.split() if unk is not None and unk in tok(w, add_special_tokens=False).input_ids]
+            raise PromptError(f"the LM's tokenizer cannot encode {prefix!r}: unknown word(s) {bad or '(all)'}; "
+                              "use a template and class in its vocabulary")
+        return ids
+
+    @torch.no_grad()
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000) -> list[str]:
+        """The ``k`` most probable next words (alphabetic, lower case, each once), best first."""
+        ids = self.encode(prefix)
+        dev = next(self.model.parameters()).device
+        logits = self.model(torch.tensor([ids], device=dev)).logits[0, -1]
+        base = self.tokenizer.decode(ids, skip_special_tokens=True)
+        special = set(self.tokenizer.all_special_ids)
+        words: list[str] = []
+        for i in logits.topk(min(scan, logits.numel())).indices.tolist():
+            if i in special:
+                continue
+            text = self.tokenizer.decode(ids + [i], skip_special_tokens=True)
+            new = text[len(base):] if text.startswith(base) else ""
+            word = new.strip().lower()
+            if new[:1].isspace() and word.isalpha() and word not in words:
+                words.append(word)
+                if len(words) == k:
+                    break
+        return words
+
+
+# ------------------------------------------------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class PromptSearch:
+    """Hyper-parameters (seed pseudo-code defaults: lr 0.05, 100 iterations, range [-2.5, 2.5])."""
+
+    template: str = "a photo of a {cls}"
+    n_words: int = 3
+    top_k: int = 20
+    lookahead: int = 1  # future-word embeddings [y] optimised with [x]
+    lr: float = 0.05
+    iterations: int = 100
+    emb_range: tuple[float, float] = (-2.5, 2.5)
+    grad_from_step: int = 0
+    success_fraction: float = 0.5
+    stop_on_success: bool = True
+
+
+def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
+                  guidance: float = 7.5, config: PromptSearch = PromptSearch(),
+                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = ()):
+    """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added)."""
+    import pandas as pd
+
+    _check_pipe(pipe)
+    ensemble.indices(cls)
+    if not seeds:
+        raise ValueError("need at least one seed")
+    base = config.template.format(cls=cls)
+    lm.encode(base)  # fails early with the unknown words
+    prompt, rows = base, []
+    d = token_table(pipe).shape[1]
+    lo, hi = config.emb_range
+    for rnd in range(config.n_words):
+        cands = lm.propose(prompt, config.top_k)
+        if not cands:
+            break
+        emb = torch.zeros(1 + config.lookahead, d)
+        history = []
+        for _ in range(config.iterations):
+            emb.requires_grad_(True)
+            img = render_with_slots(pipe, [prompt] * len(seeds), emb, seeds, steps, guidance, config.grad_from_step)
+            loss = ensemble.loss(ensemble.probs(img), cls, "lose").mean()
+            history.append(float(loss.detach()))
+            (g,) = torch.autograd.grad(loss, emb)
+            emb = signed_step(emb.detach(), g, config.lr, lo, hi)
+        table = torch.stack([word_embedding(pipe, w) for w in cands])
+        cos = F.cosine_similarity(table, emb[0].detach().float()[None], dim=-1)
+        pick = int(cos.argmax())
+        prompt = f"{prompt} {cands[pick]}"
+        with torch.no_grad():
+            probs = ensemble.probs(render_with_slots(pipe, [prompt] * len(seeds), None, seeds, steps, guidance,
+                                                     grad=False))
+            fooled = ensemble.judge(probs, cls, "lose").float().mean().item()
+            p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(cls))]).mean().item()
+        found = fooled >= config.success_fraction
+        rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=float(cos[pick]), candidates=len(cands),
+                         loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
+                         p_class=p_cls, fooled_fraction=fooled, found=found,
+                         category=categorize(prompt, base, cls, class_words, attribute_words) if found else None))
+        if found and config.stop_on_success:
+            break
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ failure categories
+CATEGORIES: dict[str, str] = {
+    "concept overwrite": "an added word names another class (another object takes over the image)",
+    "attribute": "an added word is an attribute (color, style, material...) that displaces the class",
+    "context": "anything else: the added words change the context and the class gets lost",
+}
+
+
+def categorize(prompt: str, base: str, cls: str, class_words: Sequence[str] = (),
+               attribute_words: Sequence[str] = ()) -> str:
+    """Approximate failure category of a found prompt from the words added to ``base`` (see :data:`CATEGORIES`).
+
+    A heuristic on words only, not a judgement of the image: the paper's ten categories were made by hand.
+    """
+    added = " " + prompt[len(base):].strip().lower() + " " if prompt.startswith(base) else " " + prompt.lower() + " "
+    has = lambda words: any(f" {w.lower()} " in added for w in words)  # noqa: E731
+    if has([w for w in class_words if w.lower() != cls.lower()]):
+        return "concept overwrite"
+    if has(attribute_words):
+        return "attribute"
+    return "context"

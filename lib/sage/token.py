@@ -1,0 +1,137 @@
+"""SAGE universal adversarial token: one token embedding, appended after the last word (before EOS) of any prompt,
+that makes the image show a chosen target object.
+
+Training: signed steps ``v ← clamp(v − lr·sign(∇_v L), −2.5, 2.5)`` from ``v = 0`` (seed pseudo-code), with
+``L`` the surrogate's ``become`` loss (:mod:`lib.sage.loss`) averaged over a minibatch of (training prompt, seed)
+pairs drawn with a fixed numpy seed. Evaluation on held-out prompts: success = every member's top-1 label is in the
+target group; the CLIP-Score change is reported two ways (the paper does not say which it means):
+``clip_image_delta`` = CLIP-Score(image with token, original caption) − CLIP-Score(image without, caption), with any
+:class:`lib.scoring.ClipScorer`; ``text_cosine`` = cosine between the diffusion text encoder's pooled outputs of the
+caption with and without the token (how little the prompt's representation moves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lib.sage.latent import signed_step
+from lib.sage.loss import Ensemble, _check_distinct
+from lib.sage.prompt import _check_pipe, _replaced_embeddings, render_with_slots, slot_ids, token_table
+
+
+@dataclass(frozen=True)
+class TokenAttack:
+    """Hyper-parameters (seed pseudo-code: lr 0.05, 100 iterations, range [-2.5, 2.5]; batch size is ours)."""
+
+    lr: float = 0.05
+    iterations: int = 100
+    emb_range: tuple[float, float] = (-2.5, 2.5)
+    batch_size: int = 4
+    grad_from_step: int = 0
+    seed: int = 0  # minibatch order
+
+
+@dataclass
+class TokenResult:
+    embedding: torch.Tensor  # (D,)
+    source: str
+    target: str
+    history: list[float] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
+                steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack()) -> TokenResult:
+    """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``."""
+    _check_pipe(pipe)
+    _check_distinct(source, target)
+    ensemble.indices(source), ensemble.indices(target)
+    if not prompts or not seeds:
+        raise ValueError("need at least one training prompt and one seed")
+    rng = np.random.default_rng(config.seed)
+    d = token_table(pipe).shape[1]
+    v = torch.zeros(1, d)
+    lo, hi = config.emb_range
+    history = []
+    for _ in range(config.iterations):
+        pi = rng.integers(len(prompts), size=config.batch_size)
+        si = rng.integers(len(seeds), size=config.batch_size)
+        v.requires_grad_(True)
+        img = render_with_slots(pipe, [prompts[i] for i in pi], v, [seeds[i] for i in si], steps, guidance,
+                                config.grad_from_step)
+        loss = ensemble.loss(ensemble.probs(img), source, "become", target).mean()
+        history.append(float(loss.detach()))
+        (g,) = torch.autograd.grad(loss, v)
+        v = signed_step(v.detach(), g, config.lr, lo, hi)
+    meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
+                iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step)
+    return TokenResult(v[0].detach(), source, target, history, meta)
+
+
+@torch.no_grad()
+def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> torch.Tensor:
+    """The text encoder's pooled output (at EOS) of ``prompts``, with ``token`` appended when given."""
+    n = 0 if token is None else 1
+    rows = [slot_ids(pipe.tokenizer, p, n) for p in prompts]
+    ids = torch.tensor([r[0] for r in rows], device=pipe.text_encoder.device)
+    if n == 0:
+        return pipe.text_encoder(ids)[1].float()
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (_, pos) in enumerate(rows):
+        mask[b, pos] = True
+    with _replaced_embeddings(pipe, mask, token.view(1, -1)):
+        return pipe.text_encoder(ids)[1].float()
+
+
+@torch.no_grad()
+def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
+                   steps: int | None = None, guidance: float | None = None, scorer=None):
+    """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine."""
+    import pandas as pd
+
+    steps = int(steps or result.meta.get("steps", 25))
+    guidance = float(guidance if guidance is not None else result.meta.get("guidance", 7.5))
+    ps = [p for p in prompts for _ in seeds]
+    ss = [s for _ in prompts for s in seeds]
+    tok = result.embedding.view(1, -1)
+    with_tok = render_with_slots(pipe, ps, tok, ss, steps, guidance, grad=False)
+    probs = ensemble.probs(with_tok)
+    success = ensemble.judge(probs, result.source, "become", result.target)
+    p_t = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.target))]).mean(0)
+    p_s = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.source))]).mean(0)
+    text_cos = F.cosine_similarity(pooled_text(pipe, ps, None), pooled_text(pipe, ps, result.embedding), dim=-1)
+    df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=p_t.cpu().numpy(),
+                           p_source=p_s.cpu().numpy(), text_cosine=text_cos.cpu().numpy()))
+    if scorer is not None:
+        plain = render_with_slots(pipe, ps, None, ss, steps, guidance, grad=False)
+        df["clip_with"] = scorer.score(with_tok, ps).cpu().numpy()
+        df["clip_without"] = scorer.score(plain, ps).cpu().numpy()
+        df["clip_image_delta"] = df["clip_with"] - df["clip_without"]
+    return df
+
+
+def save_token(path: str | Path, result: TokenResult) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embedding": result.embedding.detach().cpu().contiguous()}, str(path),
+              metadata={k: str(v) for k, v in result.meta.items()})
+    return path
+
+
+def load_token(path: str | Path) -> TokenResult:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        emb = f.get_tensor("embedding")
+    meta = {k: (int(v) if k in ("steps", "iterations", "batch_size", "grad_from_step") else
+                float(v) if k in ("guidance", "lr") else v) for k, v in meta.items()}
+    return TokenResult(emb, meta["source"], meta["target"], [], meta)

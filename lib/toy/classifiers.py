@@ -1,0 +1,365 @@
+"""Attribute classifiers for the toy world: three small multi-head members, one of which sees only Canny edges.
+
+Each :class:`AttributeClassifier` maps float images (B, 3, H, W) in [0, 1] to one logit vector per attribute family
+(differentiably: SAGE backpropagates through them); its normalisation lives inside ``forward``.  Members::
+
+    resnet     timm resnet10t (channels 24-48-96-192) on RGB
+    mobilenet  timm mobilenetv3_small_050 on RGB
+    edges      timm lcnet_050 on Canny edges (thinned magnitude + edge map) of the channel-mean grey image: it never
+               sees colour, so it has no "color" head (the edge-based detector of SAGE's robust ensemble)
+
+Labels: ``object`` (a character's generic object included), ``color`` (scored only where the scene names one), and
+``style``/``action``/``character``/``background`` with ``"none"`` for absent.
+
+    python -m lib.toy.classifiers --out data/toy/classifiers --steps 700
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lib.paths import TOY_DIR
+from lib.toy import world as W
+
+NONE = "none"
+FAMILIES = ("object", "color", "style", "action", "character", "background")
+LABELS: dict[str, tuple[str, ...]] = {
+    "object": W.OBJECTS,
+    "color": W.COLORS,
+    "style": W.STYLES + (NONE,),
+    "action": W.ACTIONS + (NONE,),
+    "character": W.CHARACTERS + (NONE,),
+    "background": W.BACKGROUNDS + (NONE,),
+}
+MEMBERS: dict[str, dict] = {
+    "resnet": {"arch": "resnet10t", "arch_kwargs": {"channels": [24, 48, 96, 192]}, "input": "rgb", "families": FAMILIES},
+    "mobilenet": {"arch": "mobilenetv3_small_050", "arch_kwargs": {}, "input": "rgb", "families": FAMILIES},
+    "edges": {"arch": "lcnet_050", "arch_kwargs": {}, "input": "edges", "families": tuple(f for f in FAMILIES if f != "color")},
+}
+DEFAULT_DIR = TOY_DIR / "classifiers"
+CONFIG_NAME = "config.json"
+REBUILD = "python -m lib.toy.classifiers --out data/toy/classifiers --steps 700"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EDGE_MEAN = (0.11, 0.18)  # thinned Canny magnitude, edge map (0 / 0.5 / 1), measured on renders
+EDGE_STD = (0.27, 0.37)
+CANNY = {"low_threshold": 0.1, "high_threshold": 0.2, "kernel_size": 5, "sigma": 1.0}
+
+
+class ClassifierLoadError(FileNotFoundError):
+    """A classifier file is missing or unreadable; the message names it and the command that rebuilds it."""
+
+
+def scene_label(scene: W.Scene, family: str) -> str | None:
+    """The label ``family`` should predict for ``scene``; None where it is not scored (a scene without a color)."""
+    value = getattr(scene, family)
+    if value is None:
+        return None if family in ("color", "object") else NONE
+    return value
+
+
+def scene_targets(scenes: Sequence[W.Scene], families: Sequence[str] = FAMILIES) -> dict[str, torch.Tensor]:
+    """Class indices per family (-1 where not scored), as long tensors of shape (N,)."""
+    out = {}
+    for f in families:
+        labels = [scene_label(s, f) for s in scenes]
+        out[f] = torch.tensor([-1 if v is None else LABELS[f].index(v) for v in labels], dtype=torch.long)
+    return out
+
+
+class AttributeClassifier(nn.Module):
+    """A timm backbone with one linear head per attribute family; ``forward(images) -> {family: logits}``."""
+
+    def __init__(self, name: str, arch: str, input: str = "rgb", families: Sequence[str] = FAMILIES,
+                 arch_kwargs: dict | None = None, size: int = W.SIZE):
+        super().__init__()
+        import timm
+
+        if input not in ("rgb", "edges"):
+            raise ValueError(f"input must be 'rgb' or 'edges', got {input!r}")
+        unknown = [f for f in families if f not in LABELS]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; known: {FAMILIES}")
+        self.name, self.arch, self.input, self.size = name, arch, input, size
+        self.families = tuple(families)
+        self.arch_kwargs = dict(arch_kwargs or {})
+        self.labels: dict[str, tuple[str, ...]] = {f: LABELS[f] for f in self.families}
+        in_chans = 3 if input == "rgb" else 2
+        self.backbone = timm.create_model(arch, num_classes=0, pretrained=False, in_chans=in_chans, **self.arch_kwargs)
+        with torch.no_grad():
+            dim = self.backbone.eval()(torch.zeros(2, in_chans, size, size)).shape[-1]
+        self.heads = nn.ModuleDict({f: nn.Linear(dim, len(LABELS[f])) for f in self.families})
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if input == "rgb" else (EDGE_MEAN, EDGE_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "input": self.input, "families": list(self.families),
+                "labels": {f: list(v) for f, v in self.labels.items()}, "size": self.size}
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB (B, 3, H, W) -> normalised network input at ``size``×``size`` (differentiable)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        x = images.to(self.mean.device, torch.float32)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if self.input == "edges":
+            x = edge_maps(x)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(self.preprocess(images))
+        return {f: head(feats) for f, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, list[str]]:
+        """Predicted label names per family (eval mode, no gradients)."""
+        was_training = self.training
+        self.eval()
+        out: dict[str, list[str]] = {f: [] for f in self.families}
+        for i in range(0, len(images), batch_size):
+            logits = self(images[i : i + batch_size])
+            for f, v in logits.items():
+                out[f] += [self.labels[f][j] for j in v.argmax(-1).tolist()]
+        self.train(was_training)
+        return out
+
+
+def edge_maps(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 2, H, W): Canny's thinned gradient magnitude and edge map of the channel mean.
+
+    The channel mean makes the result invariant to any permutation of the colour channels; gradients flow back to the
+    pixels through the magnitude (the edge map is a threshold of it).
+    """
+    import kornia
+
+    grey = images.mean(1, keepdim=True)
+    k, s = CANNY["kernel_size"], CANNY["sigma"]
+    mag, edges = kornia.filters.canny(grey, CANNY["low_threshold"], CANNY["high_threshold"], (k, k), (s, s),
+                                      hysteresis=False)
+    return torch.cat([mag, edges], 1)
+
+
+def build_member(name: str) -> AttributeClassifier:
+    """An untrained member from :data:`MEMBERS`."""
+    if name not in MEMBERS:
+        raise ValueError(f"unknown member {name!r}; choose from {sorted(MEMBERS)}")
+    return AttributeClassifier(name, **MEMBERS[name])
+
+
+# -------------------------------------------------------------------------------------------------------- save / load
+def save_classifiers(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``<name>.safetensors`` (fp16) per member and ``config.json`` (architectures, labels, ``extra``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"members": {}, "rebuild": REBUILD, **(extra or {})}
+    for name, m in members.items():
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in m.state_dict().items()}
+        save_file(state, str(folder / f"{name}.safetensors"))
+        config["members"][name] = {**m.config(), "weights": f"{name}.safetensors"}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.device = "cpu") -> dict[str, AttributeClassifier]:
+    """The trained members saved in ``folder`` (fp32, eval mode), by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ClassifierLoadError(f"missing classifier config {cfg_path}; rebuild with: {REBUILD}")
+    try:
+        config = json.loads(cfg_path.read_text())
+        specs = config["members"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ClassifierLoadError(f"corrupt classifier config {cfg_path} ({err}); rebuild with: {REBUILD}") from None
+    members = {}
+    for name, spec in specs.items():
+        path = folder / spec.get("weights", f"{name}.safetensors")
+        if not path.is_file():
+            raise ClassifierLoadError(f"missing classifier weights {path}; rebuild with: {REBUILD}")
+        try:
+            m = AttributeClassifier(name, spec["arch"], spec["input"], spec["families"], spec.get("arch_kwargs"),
+                                    spec.get("size", W.SIZE))
+            m.load_state_dict(load_file(str(path)))
+        except (SafetensorError, RuntimeError, KeyError, OSError, ValueError) as err:
+            raise ClassifierLoadError(f"corrupt classifier weights {path} ({err}); rebuild with: {REBUILD}") from None
+        members[name] = m.to(device).eval()
+    return members
+
+
+def ensemble_log_probs(members: dict[str, AttributeClassifier], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean log-probabilities per family over the members that have that family (differentiable)."""
+    acc: dict[str, list[torch.Tensor]] = {}
+    for m in members.values():
+        for f, v in m(images).items():
+            acc.setdefault(f, []).append(F.log_softmax(v, -1))
+    return {f: torch.stack(v).mean(0) for f, v in acc.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+def augment(x: torch.Tensor, gen: torch.Generator, p_permute: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jitter that keeps every label: flip, mild brightness/contrast/saturation, Gaussian blur (half the batch), noise.
+
+    With probability ``p_permute`` an image's colour channels are also permuted (a colour-blind view that breaks
+    colour->object shortcuts); the returned mask marks those images, whose colour label no longer holds.
+    """
+    import kornia
+
+    b = x.shape[0]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=gen)
+
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    permuted = torch.rand(b, generator=gen) < p_permute
+    if permuted.any():
+        perms = torch.tensor([[1, 2, 0], [2, 0, 1], [0, 2, 1], [2, 1, 0], [1, 0, 2]])
+        which = perms[torch.randint(len(perms), (int(permuted.sum()),), generator=gen)]
+        x[permuted] = torch.gather(x[permuted], 1, which[:, :, None, None].expand(-1, -1, *x.shape[-2:]))
+    x = x * u(0.9, 1.1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * u(0.9, 1.1) + mean
+    grey = x.mean(1, keepdim=True)
+    x = (grey + (x - grey) * u(0.85, 1.15)).clamp(0, 1)
+    blur = torch.rand(b, generator=gen) < 0.5
+    if blur.any():
+        sig = 0.4 + 0.9 * torch.rand(int(blur.sum()), generator=gen)
+        x[blur] = kornia.filters.gaussian_blur2d(x[blur], (7, 7), torch.stack([sig, sig], 1))
+    x = x + u(0.0, 0.03) * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 1), permuted
+
+
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) arrays -> float (N, 3, H, W) in [0, 1]; float tensors pass through."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 255.0
+    return images
+
+
+def heldout_accuracy(member: AttributeClassifier, images: torch.Tensor, scenes: Sequence[W.Scene]) -> dict[str, float]:
+    """Accuracy per family of one member (scored scenes only)."""
+    pred = member.predict(images)
+    out = {}
+    for f in member.families:
+        pairs = [(p, scene_label(s, f)) for p, s in zip(pred[f], scenes) if scene_label(s, f) is not None]
+        out[f] = sum(p == t for p, t in pairs) / max(1, len(pairs))
+    return out
+
+
+def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tensor], steps: int, seed: int,
+                 device: str = "cpu", batch_size: int = 32, lr: float = 3e-3, p_permute: float = 0.5,
+                 val: tuple[torch.Tensor, Sequence[W.Scene]] | None = None, log_every: int = 50,
+                 eval_every: int = 0) -> tuple[AttributeClassifier, dict]:
+    """AdamW with linear warm-up and cosine decay; the loss is the sum of the per-family cross-entropies.
+
+    ``val`` (images, scenes) is only monitored (printed every ``eval_every`` steps), never used for selection.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_member(name).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+    t0, losses, curve = time.time(), [], []
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x, permuted = augment(images[idx].permute(0, 3, 1, 2).float() / 255.0, gen, p_permute)
+        logits = model(x.to(device))
+        loss = 0.0
+        for f in model.families:
+            t = targets[f][idx].masked_fill(permuted, -1) if f == "color" else targets[f][idx]
+            loss = loss + F.cross_entropy(logits[f], t.to(device), ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[{name}] step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if val is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            acc = heldout_accuracy(model, *val)
+            model.train()
+            curve.append({"step": step + 1, **{f: round(a, 4) for f, a in acc.items()}})
+            print(f"[{name}] val {curve[-1]}", file=sys.stderr, flush=True)
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "p_permute": p_permute, "seed": seed,
+            "wall_s": round(time.time() - t0, 1), "final_loss": round(float(np.mean(losses[-50:])), 4)}
+    if curve:
+        info["val_curve"] = curve
+    return model.eval(), info
+
+
+def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int = 700, seed: int = 0, device: str = "cpu",
+                      members: Sequence[str] = tuple(MEMBERS), n_train: int = 20_000, n_eval: int = 1000,
+                      batch_size: int = 64, threads: int | None = 1) -> dict:
+    """Train every member on ``n_train`` renders of split="train", save them, and measure held-out accuracy.
+
+    The accuracies in ``config.json`` are those of the saved (fp16-rounded) weights on ``n_eval`` renders of
+    split="heldout" (every such scene contains a held-out combination).
+    """
+    if threads and str(device) == "cpu":
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    arr, scenes, _ = W.make_dataset(n_train, seed, "train")
+    images, targets = torch.from_numpy(arr), scene_targets(scenes)
+    ev_arr, ev_scenes, _ = W.make_dataset(n_eval, seed + 10_000, "heldout")
+    print(f"rendered {n_train} train + {n_eval} held-out images in {time.time() - t0:.0f}s", file=sys.stderr)
+    trained, training = {}, {}
+    for name in members:
+        trained[name], training[name] = train_member(name, images, targets, steps, seed, device, batch_size)
+    meta = {"data": {"n_train": n_train, "train_seed": seed, "n_eval": n_eval, "eval_seed": seed + 10_000,
+                     "eval_split": "heldout"},
+            "training": training,
+            "hardware": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "machine": platform.machine()}}
+    save_classifiers(trained, out_dir, meta)
+    loaded = load_classifiers(out_dir, device)
+    ev = to_tensor(ev_arr)
+    meta["heldout_accuracy"] = {n: {f: round(a, 4) for f, a in heldout_accuracy(m, ev, ev_scenes).items()}
+                                for n, m in loaded.items()}
+    meta["total_wall_s"] = round(time.time() - t0, 1)
+    save_classifiers(trained, out_dir, meta)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(DEFAULT_DIR))
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
+    ap.add_argument("--n-train", type=int, default=20_000)
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    meta = train_classifiers(a.out, a.steps, a.seed, a.device, a.members, a.n_train, a.n_eval, a.batch_size, a.threads)
+    print(json.dumps({"heldout_accuracy": meta["heldout_accuracy"], "training": meta["training"],
+                      "total_wall_s": meta["total_wall_s"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,660 @@
+"""Train the toy Stable Diffusion on the toy world: (1) CLIP, (2) VAE, (3) UNet, following SD's recipe.
+
+    python -m lib.toy.train --stage {clip,vae,unet,all} --config {cpu,gpu} --out data/toy [--steps-override N]
+
+Writes a diffusers folder that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline
+(``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``, fp16 safetensors), the toy CLIP's vision tower and
+projections in ``clip_vision/`` (see :func:`load_toy_clip`), and ``TRAINING.json`` (steps, losses, wall time, hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lib.paths import TOY_DIR
+from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
+from lib.toy import world as W
+
+REBUILD = "python -m lib.toy.train --stage all --config gpu"
+CLIP_MAX_TOKENS = 24  # contrastive training pads captions (<= 20 tokens) to 24; the UNet sees all 77
+
+CONFIGS: dict[str, dict] = {
+    # 2 CPU threads, <= ~65 min for all stages.  A shared 2-core CPU runs ~10 GFLOPS, so each stage has a wall-clock
+    # budget: after 20 timed steps the step count is set to min(steps, budget × measured it/s) and the cosine LR
+    # schedule is sized to it (the chosen counts are logged in TRAINING.json).
+    "cpu": {
+        "device": "cpu",
+        "threads": 2,
+        "amp": False,
+        "n_train": 20_000,
+        "seed": 0,
+        "clip": {"steps": 3000, "budget_min": 14, "batch": 64, "lr": 5e-4, "warmup": 50},
+        "vae": {"steps": 3000, "budget_min": 9, "batch": 16, "lr": 1e-3, "warmup": 50, "kl": 1e-6,
+                "widths": (16, 32, 64, 64)},
+        "unet": {"steps": 20000, "budget_min": 40, "batch": 32, "lr": 1e-3, "warmup": 100, "ema": 0.995,
+                 "widths": (32, 64, 64, 64), "sample_every_min": 10},
+    },
+    # one CUDA GPU, bf16 autocast, bigger batches and fixed step counts
+    "gpu": {
+        "device": "cuda",
+        "threads": None,
+        "amp": True,
+        "n_train": 100_000,
+        "seed": 0,
+        "clip": {"steps": 8000, "batch": 512, "lr": 5e-4, "warmup": 300},
+        "vae": {"steps": 8000, "batch": 256, "lr": 1e-3, "warmup": 300, "kl": 1e-6, "widths": (32, 64, 64, 64)},
+        "unet": {"steps": 40000, "batch": 256, "lr": 4e-4, "warmup": 1000, "ema": 0.9995,
+                 "widths": (32, 64, 64, 64), "sample_every": 5000},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def text_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", projection_dim=64,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+def vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, hidden_act="quick_gelu", projection_dim=64, num_channels=3,
+    )
+
+
+def new_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config=text_config().to_dict(), vision_config=vision_config().to_dict(), projection_dim=64)
+    return CLIPModel(cfg)
+
+
+def new_vae(widths=(32, 64, 64, 64)):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(widths), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=64, scaling_factor=1.0,
+    )
+
+
+def new_unet(widths=(32, 64, 64, 64)):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=tuple(widths), layers_per_block=2, cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def train_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def sample_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def to_pixels(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """N×64×64×3 uint8 → N×3×64×64 float in [-1, 1] (the VAE's and the toy CLIP's input convention)."""
+    x = torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+clip_preprocess = to_pixels
+
+
+def _features(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
+
+
+def image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected (unnormalised) image embeddings of the toy CLIP."""
+    return _features(clip.get_image_features(pixel_values=pixel_values))
+
+
+def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
+    """Projected (unnormalised) text embeddings of the toy CLIP."""
+    return _features(clip.get_text_features(input_ids=input_ids))
+
+
+# ---------------------------------------------------------------------------------------------------- file checks
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"toy model file missing: {path}. Rebuild it with `{REBUILD}` (from the repo root).")
+    return path
+
+
+def _corrupt(path: Path, err: Exception) -> RuntimeError:
+    return RuntimeError(f"toy model file {path} is unreadable or corrupt ({type(err).__name__}: {err}). "
+                        f"Rebuild it with `{REBUILD}` (from the repo root).")
+
+
+def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
+    folder = Path(folder)
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                "text_encoder/model.safetensors", "scheduler/scheduler_config.json"):
+        _require(folder / rel)
+    return folder
+
+
+def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``StableDiffusionPipeline`` of the toy model (offline), with a clear error if files are missing/corrupt."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = check_toy_folder(folder)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
+        raise _corrupt(folder, err) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
+    """The toy ``CLIPModel``: text tower from ``text_encoder/``, vision tower + projections from ``clip_vision/``.
+
+    Images go in as :func:`clip_preprocess` makes them (64×64, values in [-1, 1]).
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(folder)
+    tcfg_p, t_p = _require(folder / "text_encoder/config.json"), _require(folder / "text_encoder/model.safetensors")
+    vcfg_p, v_p = _require(folder / "clip_vision/config.json"), _require(folder / "clip_vision/model.safetensors")
+    try:
+        vcfg = json.loads(vcfg_p.read_text())
+        tcfg = json.loads(tcfg_p.read_text())
+    except (OSError, ValueError) as err:
+        raise _corrupt(vcfg_p, err) from err
+    from transformers import CLIPTextModel
+
+    try:
+        te = CLIPTextModel.from_pretrained(t_p.parent, torch_dtype=torch.float32, local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise _corrupt(t_p, err) from err
+    cfg = CLIPConfig(text_config=tcfg, vision_config=vcfg["vision_config"], projection_dim=vcfg["projection_dim"])
+    model = CLIPModel(cfg)
+    model.text_model.load_state_dict(te.state_dict())
+    try:
+        state = load_file(str(v_p))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    except Exception as err:  # noqa: BLE001
+        raise _corrupt(v_p, err) from err
+    missing = [k for k in missing if not k.startswith("text_model.") and not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise _corrupt(v_p, RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"))
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _hardware(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    try:
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class _Plan:
+    """Step count of a stage; with a wall-clock budget it is re-sized from the speed of the first 20 steps."""
+
+    def __init__(self, steps: int, budget_min: float | None, override: bool):
+        self.total, self.max_steps = steps, steps
+        self.budget_s = None if (override or not budget_min) else 60.0 * budget_min
+        self.t_start = None
+        self.measured_its = None
+
+    def tick(self, step: int, log: "_Log"):
+        if step == 0:
+            self.t_start = time.time()  # step 0 (warm-up) is excluded from the timing
+        elif step == 20 and self.t_start is not None:
+            self.measured_its = 20 / (time.time() - self.t_start)
+            if self.budget_s is not None:
+                self.total = int(max(40, min(self.max_steps, self.budget_s * self.measured_its)))
+                log.steps = self.total
+                print(f"[{log.stage}] measured {self.measured_its:.3f} it/s over 20 steps: "
+                      f"{self.total} steps fit the {self.budget_s / 60:.0f}-min budget", flush=True)
+
+    def info(self) -> dict:
+        return {"planned_max_steps": self.max_steps, "budget_min": None if self.budget_s is None else self.budget_s / 60,
+                "measured_its_first20": None if self.measured_its is None else round(self.measured_its, 4)}
+
+
+def _lr_lambda(warmup: int, plan: "_Plan"):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        total = plan.total
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.95 + 0.05
+
+    return f
+
+
+class _Log:
+    def __init__(self, stage: str, steps: int, every: int):
+        self.stage, self.steps, self.every = stage, steps, max(1, every)
+        self.t0 = time.time()
+        self.curve: list[tuple[int, float]] = []
+        self.acc: list[float] = []
+
+    def __call__(self, step: int, loss: float, extra: str = ""):
+        self.acc.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            m = float(np.mean(self.acc))
+            self.acc = []
+            self.curve.append((step + 1, round(m, 5)))
+            dt = time.time() - self.t0
+            print(f"[{self.stage}] step {step + 1}/{self.steps} loss {m:.4f} {extra} "
+                  f"{(step + 1) / dt:.2f} it/s elapsed {dt / 60:.1f} min", flush=True)
+
+    def summary(self, **kw) -> dict:
+        return {"steps": self.steps, "wall_s": round(time.time() - self.t0, 1), "loss_curve": self.curve,
+                "final_loss": self.curve[-1][1] if self.curve else None, **kw}
+
+
+def _autocast(cfg):
+    if cfg["amp"] and cfg["device"].startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _batches(n: int, batch: int, rng: np.random.Generator):
+    while True:
+        perm = rng.permutation(n)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i : i + batch]
+
+
+def make_training_data(cfg: dict) -> dict:
+    t = time.time()
+    images, scenes, caps = W.make_dataset(cfg["n_train"], seed=cfg["seed"], split="train")
+    print(f"[data] rendered {len(images)} training images in {time.time() - t:.1f} s", flush=True)
+    return {"images": images, "scenes": scenes, "captions": caps}
+
+
+def hard_negative(scene: W.Scene, cap: str, rng: np.random.Generator) -> str | None:
+    """The same template with exactly one attribute word changed (never a held-out combination)."""
+    opts = W.captions(scene)
+    k = opts.index(cap)
+    attrs = [a for a in ("object", "color", "style", "action", "character", "background") if getattr(scene, a)]
+    if scene.character:
+        attrs.remove("object")
+    for _ in range(10):
+        a = attrs[int(rng.integers(len(attrs)))]
+        cur = getattr(scene, a)
+        pool = [v for v in W.VOCAB[a] if v != cur]
+        if a == "style":  # keep the template shape: named styles swap among themselves
+            pool = [v for v in pool if (v == "painting") == (cur == "painting")]
+        if not pool:
+            continue
+        v = pool[int(rng.integers(len(pool)))]
+        kw = scene.as_dict()
+        kw[a] = v
+        if a == "character":
+            kw["object"] = None
+        try:
+            neg = W.Scene(**kw)
+        except ValueError:
+            continue
+        if W.is_heldout(neg):
+            continue
+        nopts = W.captions(neg)
+        if len(nopts) == len(opts):
+            return nopts[k]
+    return None
+
+
+def _tokenize(tok, texts, max_length):
+    enc = tok(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return enc.input_ids
+
+
+# -------------------------------------------------------------------------------------------------------- stage 1
+def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = False) -> dict:
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    c = cfg["clip"]
+    dev = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    tok = build_clip_tokenizer()
+    model = new_clip().to(dev).train()
+    caps = data["captions"]
+    negs = [hard_negative(s, cp, rng) for s, cp in zip(data["scenes"], caps)]
+    negs = [n if n is not None else cp for n, cp in zip(negs, caps)]
+    ids = _tokenize(tok, caps, CLIP_MAX_TOKENS)
+    nids = _tokenize(tok, negs, CLIP_MAX_TOKENS)
+    pix = to_pixels(data["images"])
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.1, betas=(0.9, 0.98))
+    plan = _Plan(steps, c.get("budget_min"), override)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
+    log = _Log("clip", steps, max(1, min(25, steps // 10)))
+    it = _batches(len(caps), min(c["batch"], len(caps)), rng)
+    step = -1
+    while step + 1 < plan.total:
+        step += 1
+        plan.tick(step, log)
+        b = next(it)
+        x, t, tn = pix[b].to(dev), ids[b].to(dev), nids[b].to(dev)
+        with _autocast(cfg):
+            img = F.normalize(image_features(model, x), dim=-1)
+            txt = F.normalize(text_features(model, torch.cat([t, tn])), dim=-1)
+            scale = model.logit_scale.exp().clamp(max=100)
+            logits = scale * img.float() @ txt.float().T  # B × 2B: texts + one hard negative per image
+            target = torch.arange(len(b), device=dev)
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(b)].T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = (logits.argmax(1) == target).float().mean().item()
+            hard = (logits[target, target] > logits[target, target + len(b)]).float().mean().item()
+        log(step, loss.item(), f"acc {acc:.3f} hardneg {hard:.3f}")
+    model = model.cpu().eval()
+    # text tower → text_encoder/ (a CLIPTextModel) ; vision tower + projections → clip_vision/
+    te = CLIPTextModel(model.config.text_config)
+    te.load_state_dict(model.text_model.state_dict())  # transformers 5: CLIPTextModel has no .text_model wrapper
+    te.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
+    build_clip_tokenizer().save_pretrained(out / "tokenizer")
+    vis = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items() if not k.startswith("text_model.")}
+    (out / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file(vis, str(out / "clip_vision/model.safetensors"))
+    (out / "clip_vision/config.json").write_text(json.dumps(
+        {"vision_config": model.config.vision_config.to_dict(), "projection_dim": model.config.projection_dim,
+         "pixel_convention": "64x64 RGB, values image/127.5 - 1 (lib.toy.train.clip_preprocess)",
+         "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1))
+    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc, final_hardneg_acc=hard)
+
+
+# -------------------------------------------------------------------------------------------------------- stage 2
+def train_vae(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
+              override: bool = False) -> dict:
+    c = cfg["vae"]
+    dev = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"] + 2)
+    vae = new_vae(c["widths"]).to(dev).train()
+    pix = to_pixels(data["images"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=c["lr"], weight_decay=0.0)
+    plan = _Plan(steps, c.get("budget_min"), override)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
+    log = _Log("vae", steps, max(1, min(25, steps // 10)))
+    it = _batches(len(pix), min(c["batch"], len(pix)), rng)
+    step = -1
+    while step + 1 < plan.total:
+        step += 1
+        plan.tick(step, log)
+        x = pix[next(it)].to(dev)
+        with _autocast(cfg):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            mse = F.mse_loss(rec.float(), x)
+            loss = mse + 0.5 * F.l1_loss(rec.float(), x) + c["kl"] * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        log(step, mse.item(), "(mse)")
+    vae.eval()
+    with torch.no_grad():  # SD's scaling factor: 1 / std of the latents
+        lat = torch.cat([vae.encode(pix[i : i + 256].to(dev)).latent_dist.mean.float().cpu()
+                         for i in range(0, min(len(pix), 2048), 256)])
+        sf = float(1.0 / lat.std())
+        x = pix[:512].to(dev)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        val_mse = F.mse_loss(rec, x).item()
+    vae.register_to_config(scaling_factor=sf)
+    vae = vae.cpu()
+    if samples_dir is not None:
+        _save_grid(torch.cat([x[:16].cpu(), rec[:16].cpu()]), samples_dir / "vae_recon.png", cols=16)
+    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], scaling_factor=sf, latent_std=float(lat.std()),
+                       recon_mse_train512=val_mse)
+
+
+def _save_grid(x: torch.Tensor, path: Path, cols: int = 8):
+    from PIL import Image
+
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rows = math.ceil(len(x) / cols)
+    grid = np.zeros((rows * 66, cols * 66, 3), np.uint8)
+    for i, im in enumerate(x):
+        r, cc = divmod(i, cols)
+        grid[r * 66 : r * 66 + 64, cc * 66 : cc * 66 + 64] = im
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+# -------------------------------------------------------------------------------------------------------- stage 3
+SAMPLE_PROMPTS = (
+    "a photo of a red star", "a blue circle", "a green dog", "a photo of a yellow cat",
+    "a van gogh painting of a red heart", "a pink fish painted by monet", "snoopy on a beach", "nemo",
+    "a white robot jumping", "a sleeping orange cat", "a picture of a purple square, in the style of picasso",
+    "a pixel art painting of r2d2", "a painting of grumpy cat", "a spinning green triangle in a city",
+    "a purple dog", "a blue star",  # the last two are held-out pairs
+)
+
+
+def _load_text_encoder(out: Path, dev: str):
+    from transformers import CLIPTextModel
+
+    _require(out / "text_encoder/model.safetensors")
+    return CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).to(dev).eval()
+
+
+def _load_vae(out: Path, dev: str):
+    from diffusers import AutoencoderKL
+
+    _require(out / "vae/diffusion_pytorch_model.safetensors")
+    return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(dev).eval()
+
+
+@torch.no_grad()
+def _encode_texts(te, tok, texts: list[str], dev: str, bs: int = 512) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(texts), bs):
+        ids = _tokenize(tok, texts[i : i + bs], MAX_LENGTH).to(dev)
+        outs.append(te(ids)[0].float().cpu())
+    return torch.cat(outs)
+
+
+def build_pipeline(unet, vae, te):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=build_clip_tokenizer(), unet=unet,
+                                   scheduler=sample_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, steps: int = 25, guidance: float = 4.0, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = pipe.unet.device
+    lat = torch.randn((len(prompts), 4, 8, 8), generator=g).to(dev, pipe.unet.dtype)
+    imgs = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=lat,
+                output_type="pt").images
+    _save_grid(imgs.float().cpu() * 2 - 1, path, cols=8)
+
+
+def _save_pipeline(unet, vae, te, out: Path):
+    pipe = build_pipeline(copy.deepcopy(unet).cpu(), copy.deepcopy(vae).cpu(), copy.deepcopy(te).cpu())
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
+               override: bool = False) -> dict:
+    c = cfg["unet"]
+    dev = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"] + 3)
+    tok = build_clip_tokenizer()
+    te, vae = _load_text_encoder(out, dev), _load_vae(out, dev)
+    te.requires_grad_(False)
+    vae.requires_grad_(False)
+    sf = vae.config.scaling_factor
+    t0 = time.time()
+    with torch.no_grad():  # frozen encoders: latents (posterior mean) and text states are computed once
+        pix = to_pixels(data["images"])
+        lat = torch.cat([vae.encode(pix[i : i + 256].to(dev)).latent_dist.mean.float().cpu()
+                         for i in range(0, len(pix), 256)]) * sf
+        uniq = sorted(set(data["captions"]))
+        index = {s: i for i, s in enumerate(uniq)}
+        emb = _encode_texts(te, tok, uniq + [""], dev)  # last row: the empty caption (classifier-free guidance)
+        cap_idx = torch.tensor([index[s] for s in data["captions"]])
+    print(f"[unet] encoded {len(lat)} latents (std {lat.std():.3f}) and {len(uniq)} unique captions "
+          f"in {time.time() - t0:.1f} s", flush=True)
+    emb = emb.to(dev)
+    unet = new_unet(c["widths"]).to(dev).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = train_scheduler()
+    acp = noise_sched.alphas_cumprod.to(dev)
+    opt = torch.optim.AdamW(unet.parameters(), lr=c["lr"], weight_decay=0.01)
+    plan = _Plan(steps, c.get("budget_min"), override)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
+    log = _Log("unet", steps, max(1, min(50, steps // 10)))
+    it = _batches(len(lat), min(c["batch"], len(lat)), rng)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 4)
+    drop_id = len(uniq)
+    step = -1
+    last_sample = time.time()
+    while step + 1 < plan.total:
+        step += 1
+        plan.tick(step, log)
+        b = torch.as_tensor(next(it))
+        x0 = lat[b].to(dev)
+        ci = cap_idx[b].clone()
+        ci[torch.rand(len(b), generator=gen) < 0.1] = drop_id  # 10 % caption dropout
+        cond = emb[ci.to(dev)]
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, 1000, (len(b),), generator=gen).to(dev)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with _autocast(cfg):
+            pred = unet(xt, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(c["ema"], (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - d)
+        log(step, loss.item())
+        due = (c.get("sample_every") and (step + 1) % c["sample_every"] == 0) or (
+            c.get("sample_every_min") and time.time() - last_sample > 60 * c["sample_every_min"])
+        if due and step + 1 < plan.total and not override:
+            last_sample = time.time()
+            ts = time.time()
+            if samples_dir is not None:
+                sample_grid(build_pipeline(ema, vae, te), samples_dir / f"unet_step{step + 1:06d}.png")
+            _save_pipeline(ema, vae, te, out)  # checkpoint: a usable pipeline at every sample point
+            print(f"[unet] samples + checkpoint at step {step + 1} ({time.time() - ts:.1f} s)", flush=True)
+    if samples_dir is not None:
+        sample_grid(build_pipeline(ema, vae, te), samples_dir / "unet_final.png")
+    _save_pipeline(ema, vae, te, out)
+    n_params = sum(p.numel() for p in unet.parameters())
+    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], ema=c["ema"], caption_dropout=0.1, params=n_params,
+                       unique_captions=len(uniq))
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
+        samples_dir: str | Path | None = None, n_train: int | None = None) -> dict:
+    cfg = copy.deepcopy(CONFIGS[config])
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--config gpu needs a CUDA device; use --config cpu on this machine")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if n_train is not None:
+        cfg["n_train"] = n_train
+    elif steps_override is not None:
+        cfg["n_train"] = min(cfg["n_train"], 64)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = Path(samples_dir) if samples_dir else None
+    log_path = out / "TRAINING.json"
+    record = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    record.update({"config_name": config, "config": cfg, "hardware": _hardware(cfg["device"]),
+                   "steps_override": steps_override})
+    record.setdefault("stages", {})
+    data = make_training_data(cfg)
+    stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
+    t_all = time.time()
+    for st in stages:
+        steps = steps_override or cfg[st]["steps"]
+        ov = steps_override is not None
+        if st == "clip":
+            res = train_clip(cfg, data, out, steps, ov)
+        elif st == "vae":
+            res = train_vae(cfg, data, out, steps, samples, ov)
+        else:
+            res = train_unet(cfg, data, out, steps, samples, ov)
+        res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        record["stages"][st] = res
+        log_path.write_text(json.dumps(record, indent=1))
+        print(f"[{st}] done in {res['wall_s'] / 60:.1f} min", flush=True)
+    record["total_wall_s_this_run"] = round(time.time() - t_all, 1)
+    log_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=("clip", "vae", "unet", "all"), required=True)
+    ap.add_argument("--config", choices=tuple(CONFIGS), default="cpu")
+    ap.add_argument("--out", default=str(TOY_DIR))
+    ap.add_argument("--steps-override", type=int, default=None, help="tiny step count for CI smoke tests")
+    ap.add_argument("--n-train", type=int, default=None, help="override the number of rendered training images")
+    ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Corrupting the subject: Gaussian noise on the subject tokens' embeddings, through a hook on every encoder.
+
+ROME's convention: noise ``N(0, (k·σ)²)`` with ``σ`` the standard deviation of the token-embedding table and
+``k = 3``, drawn from a fixed seed, added to the embeddings at the subject's token positions. The hook sits on
+``embeddings.token_embedding`` of each text encoder (SDXL has two, each with its own ``σ``), so anything
+that encodes the caption through the pipeline is corrupted consistently. Rows are recognised by their token ids:
+only rows whose ids start with the caption's ids are corrupted, so the negative (unconditional) prompt encoded in
+the same ``encode`` call stays clean.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from lib.prompts import subject_positions
+from lib.sampling import Conditioning, encode
+from lib.tracing.layers import encoder_root, text_encoders
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Noise scale ``multiplier × σ`` (``σ``: std of the token-embedding table, or ``std`` if given) and its seed."""
+
+    multiplier: float = 3.0
+    seed: int = 0
+    std: float | None = None
+
+
+def tokenizer_for(pipe, encoder: str):
+    """The tokenizer that feeds ``encoder`` (``tokenizer_2`` for ``text_encoder_2``)."""
+    return pipe.tokenizer_2 if encoder == "text_encoder_2" else pipe.tokenizer
+
+
+def token_embedding(pipe, encoder: str) -> torch.nn.Embedding:
+    return encoder_root(getattr(pipe, encoder)).embeddings.token_embedding
+
+
+def embedding_std(pipe, encoder: str) -> float:
+    """Standard deviation of all entries of ``encoder``'s token-embedding table."""
+    return float(token_embedding(pipe, encoder).weight.detach().float().std())
+
+
+@dataclass
+class Target:
+    """A caption to recognise in a batch: its unpadded token ids, its subject positions, its noise."""
+
+    caption: str
+    ids: torch.Tensor
+    positions: list[int]
+    noise: torch.Tensor  # (len(positions), width), already scaled
+
+
+class Gate:
+    """Per encoder: which rows of the current call hold which target caption (``rows[b]`` = index or -1).
+
+    A forward pre-hook on the token embedding (the first module every call runs) updates ``rows``; the corruption
+    hook and the restoration hooks of ``lib.tracing.text_encoder`` read it.
+    """
+
+    def __init__(self, targets: Sequence[Target]):
+        self.targets = list(targets)
+        self.rows = torch.empty(0, dtype=torch.long)
+
+    def observe(self, ids: torch.Tensor) -> None:
+        rows = torch.full((ids.shape[0],), -1, dtype=torch.long)
+        for k, t in enumerate(self.targets):
+            n = len(t.ids)
+            if ids.shape[1] >= n:
+                hit = (ids[:, :n] == t.ids.to(ids.device)).all(dim=1).cpu() & (rows < 0)
+                rows[hit] = k
+        self.rows = rows
+
+
+def targets_for(pipe, encoder: str, captions: Sequence[str], subjects: Sequence[str],
+                corruption: Corruption | None) -> list[Target]:
+    """Targets of ``encoder``; ``PromptError`` names caption, subject and tokens when a subject is absent."""
+    tok = tokenizer_for(pipe, encoder)
+    emb = token_embedding(pipe, encoder)
+    scale = 0.0
+    if corruption is not None:
+        scale = corruption.multiplier * (corruption.std if corruption.std is not None else embedding_std(pipe, encoder))
+    out = []
+    for caption, subject in zip(captions, subjects, strict=True):
+        pos = subject_positions(tok, caption, subject)
+        ids = torch.tensor(tok(caption, truncation=True, max_length=tok.model_max_length).input_ids)
+        gen = torch.Generator().manual_seed(corruption.seed if corruption is not None else 0)
+        noise = torch.randn(len(pos), emb.embedding_dim, generator=gen) * scale
+        out.append(Target(caption, ids, pos, noise.to(emb.weight.device, emb.weight.dtype)))
+    return out
+
+
+@contextmanager
+def gated(pipe, captions: Sequence[str], subjects: Sequence[str],
+          corruption: Corruption | None = None) -> Iterator[dict[str, Gate]]:
+    """Install a ``Gate`` on every text encoder; with ``corruption``, also add the subject noise to matching rows.
+
+    Yields ``{encoder: Gate}``; hooks are removed on exit, also after an error.
+    """
+    gates, handles = {}, []
+    try:
+        for enc in text_encoders(pipe):
+            gate = Gate(targets_for(pipe, enc, captions, subjects, corruption))
+            emb = token_embedding(pipe, enc)
+            handles.append(emb.register_forward_pre_hook(lambda m, args, g=gate: g.observe(args[0])))
+            if corruption is not None:
+                handles.append(emb.register_forward_hook(_add_noise(gate), prepend=True))
+            gates[enc] = gate
+        yield gates
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_noise(gate: Gate):
+    def hook(module, args, out: torch.Tensor) -> torch.Tensor:
+        if not (gate.rows >= 0).any():
+            return out
+        out = out.clone()
+        for b, k in enumerate(gate.rows.tolist()):
+            if k >= 0:
+                t = gate.targets[k]
+                out[b, t.positions] += t.noise
+        return out
+
+    return hook
+
+
+@contextmanager
+def corrupted(pipe, captions: str | Sequence[str], subjects: str | Sequence[str],
+              corruption: Corruption = Corruption()) -> Iterator[dict[str, Gate]]:
+    """Within the block, every encoding of one of ``captions`` has its subject's embeddings corrupted."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    subjects = [subjects] if isinstance(subjects, str) else list(subjects)
+    with gated(pipe, captions, subjects, corruption) as gates:
+        yield gates
+
+
+def encode_pair(pipe, caption: str, subject: str, corruption: Corruption = Corruption(),
+                negative: str | None = None) -> tuple[Conditioning, Conditioning]:
+    """Clean and corrupted conditioning of one caption (the unconditional part is identical in both)."""
+    clean = encode(pipe, [caption], negative)
+    with corrupted(pipe, caption, subject, corruption):
+        bad = encode(pipe, [caption], negative)
+    return clean, bad
+
+
+def cat_conditionings(parts: Sequence[Conditioning]) -> Conditioning:
+    """Concatenate conditionings along the batch."""
+    keys = parts[0].added.keys()
+    return Conditioning(
+        torch.cat([p.cond for p in parts]), torch.cat([p.uncond for p in parts]),
+        {k: torch.cat([p.added[k] for p in parts]) for k in keys},
+        {k: torch.cat([p.added_uncond[k] for p in parts]) for k in keys},
+    )

@@ -1,0 +1,151 @@
+"""Candidate layers for causal tracing, found by module type so that SD v1, v2 and XL share one rule.
+
+UNet: every ``ResnetBlock2D`` and the ``attn1`` (self-attention), ``attn2`` (cross-attention) and ``ff`` of every
+``BasicTransformerBlock`` (SD v1/v2: 22 + 16 × 3 = 70; SDXL: 17 + 70 × 3 = 227), in forward order.
+Text encoders: per encoder (``text_encoder``, and ``text_encoder_2`` on SDXL) and per layer ``i`` of
+``encoder.layers`` (``text_model.encoder.layers`` in ``CLIPTextModelWithProjection``): the layer's output hidden
+state, its ``self_attn`` output and its ``mlp`` output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+
+UnetKind = Literal["resnet", "attn1", "attn2", "ff"]
+TextKind = Literal["hidden", "self_attn", "mlp"]
+UNET_KINDS: tuple[str, ...] = ("resnet", "attn1", "attn2", "ff")
+TEXT_KINDS: tuple[str, ...] = ("hidden", "self_attn", "mlp")
+TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+
+
+class LayerError(KeyError):
+    """An unknown layer name; the message lists close matches or the valid names."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0])
+
+
+def unet_layers(unet: torch.nn.Module) -> list[str]:
+    """Names of the UNet's candidate layers, in forward order (resnets, then each block's attn1, attn2, ff)."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    for n, m in unet.named_modules():
+        if isinstance(m, BasicTransformerBlock):
+            names += [f"{n}.{sub}" for sub in ("attn1", "attn2", "ff") if getattr(m, sub, None) is not None]
+    return sorted(names, key=_forward_key)
+
+
+def unet_kind(name: str) -> str:
+    """``resnet``, ``attn1``, ``attn2`` or ``ff`` for a UNet candidate-layer name."""
+    last = name.rsplit(".", 1)[-1]
+    return last if last in ("attn1", "attn2", "ff") else "resnet"
+
+
+_PART = re.compile(r"(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.(resnets|attentions)\.(\d+)"
+                   r"(?:\.transformer_blocks\.(\d+)\.(attn1|attn2|ff))?$")
+_GROUP = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+_SUB = {"attn1": 0, "attn2": 1, "ff": 2}
+
+
+def _forward_key(name: str) -> tuple:
+    """Forward order inside the UNet: down < mid < up; within a block resnet j before attention j."""
+    m = _PART.match(name)
+    if m is None:  # unknown layout: keep it after the known ones, by name
+        return (9, name)
+    group, block, part, j, t, sub = m.groups()
+    return (_GROUP[group], int(block or 0), int(j), part == "attentions", int(t or 0), _SUB.get(sub or "", -1))
+
+
+def resolve_unet_layers(unet: torch.nn.Module, names: Iterable[str] | None = None,
+                        kinds: Sequence[str] | None = None) -> list[str]:
+    """Validate ``names`` (default: all candidates), optionally keep only ``kinds``; unknown names raise ``LayerError``."""
+    valid = unet_layers(unet)
+    if names is None:
+        chosen = valid
+    else:
+        chosen = list(names)
+        check_names(chosen, valid, "UNet")
+    if kinds is not None:
+        bad = sorted(set(kinds) - set(UNET_KINDS))
+        if bad:
+            raise LayerError(f"unknown UNet layer kind(s) {bad}; choose from {list(UNET_KINDS)}")
+        chosen = [n for n in chosen if unet_kind(n) in kinds]
+    return chosen
+
+
+def check_names(names: Sequence[str], valid: Sequence[str], what: str) -> None:
+    """Raise ``LayerError`` for the first name not in ``valid``, with close matches (or the list) as a hint."""
+    known = set(valid)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid names: {', '.join(valid)}"
+            raise LayerError(f"unknown {what} layer {name!r}; {hint}")
+
+
+@dataclass(frozen=True)
+class TextSite:
+    """One restorable text-encoder state: encoder attribute, layer index, and which output of that layer."""
+
+    encoder: str
+    layer: int
+    kind: str = "hidden"
+    prefix: str = "encoder.layers"  # where the layers live inside the encoder model
+
+    @property
+    def module(self) -> str:
+        """The module's name inside the encoder (``encoder.layers.3.self_attn``)."""
+        base = f"{self.prefix}.{self.layer}"
+        return base if self.kind == "hidden" else f"{base}.{self.kind}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.encoder}.{self.module}"
+
+
+def encoder_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP text transformer holding ``embeddings`` and ``encoder`` (``model.text_model`` when present)."""
+    return getattr(model, "text_model", model)
+
+
+def layers_prefix(model: torch.nn.Module) -> str:
+    return "text_model.encoder.layers" if hasattr(model, "text_model") else "encoder.layers"
+
+
+def text_encoders(pipe) -> list[str]:
+    """The pipeline's text-encoder attributes that are present (SD 1.x/2.x: one; SDXL: two)."""
+    return [e for e in TEXT_ENCODERS if getattr(pipe, e, None) is not None]
+
+
+def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str] = TEXT_KINDS,
+               layers: Sequence[int] | None = None) -> list[TextSite]:
+    """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices."""
+    present = text_encoders(pipe)
+    encoders = present if encoders is None else list(encoders)
+    check_names(encoders, present, "text-encoder")
+    bad = sorted(set(kinds) - set(TEXT_KINDS))
+    if bad:
+        raise LayerError(f"unknown text-encoder site kind(s) {bad}; choose from {list(TEXT_KINDS)}")
+    sites = []
+    for enc in encoders:
+        model = getattr(pipe, enc)
+        depth, prefix = model.config.num_hidden_layers, layers_prefix(model)
+        idx = range(depth) if layers is None else list(layers)
+        wrong = [i for i in idx if not 0 <= i < depth]
+        if wrong:
+            raise LayerError(f"{enc} has layers 0..{depth - 1}; got {wrong}")
+        sites += [TextSite(enc, i, k, prefix) for i in idx for k in kinds]
+    return sites
+
+
+def parse_text_site(pipe, name: str) -> TextSite:
+    """``text_encoder.encoder.layers.0.self_attn`` → ``TextSite``; unknown names raise ``LayerError``."""
+    valid = {s.name: s for s in text_sites(pipe)}
+    check_names([name], list(valid), "text-encoder")
+    return valid[name]

@@ -1,0 +1,142 @@
+"""Scoring traces: CLIP-Score rows, recovery of the clean−corrupted gap, and the causal-threshold rule.
+
+Rule. For a restored run with CLIP-Score ``s`` (against the caption), clean score ``s_clean`` and corrupted score
+``s_corr`` of the same caption × seed, the *recovery* is ``r = (s − s_corr) / (s_clean − s_corr)``; it is undefined
+(NaN, never causal) when the gap ``s_clean − s_corr`` is at most ``min_gap`` (the corruption did not lower the
+score) or when a run produced NaN. A state is causal when ``r ≥ τ``. ``τ`` is chosen on the validation split
+(``split == "val"``, 10 prompts per attribute) by ``choose_tau``: with per-row labels (e.g. "the restored image
+shows the attribute", from a classifier of the toy world) the ``τ`` of the grid with the best balanced accuracy;
+without labels, Otsu's threshold of the validation recoveries (clipped to [0, 1]): the ``τ`` that best separates
+them into two groups, since restoring a non-causal state leaves ``r`` near 0 and a causal one brings it near 1.
+``τ`` stays a parameter everywhere (``mark_causal(df, tau=...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.scoring import ClipScorer
+from lib.tracing.unet import Trace
+
+COLUMNS: tuple[str, ...] = (
+    "model", "caption", "subject", "attribute", "split", "seed", "noise_seed", "component", "kind", "layer",
+    "layer_index", "token", "token_str", "token_group", "score", "clean_score", "corrupted_score", "nan",
+)
+TAU_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+
+
+@torch.no_grad()
+def clip_scores(scorer: ClipScorer, images: torch.Tensor, caption: str, batch_size: int = 64) -> np.ndarray:
+    """CLIP-Score of each image against ``caption``; non-finite images score NaN (the others are unaffected)."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        ok = torch.isfinite(x.flatten(1)).all(1)
+        s = scorer.score(torch.where(ok.view(-1, 1, 1, 1), x, torch.zeros_like(x)), [caption] * len(x)).float()
+        out.append(torch.where(ok.to(s.device), s, torch.full_like(s, float("nan"))).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def token_group(pos: int, subject: Sequence[int], n_tokens: int) -> str:
+    """ROME-style token groups: bos, before, subject, last_subject, after, eos, pad (``-1``: UNet rows, '')."""
+    if pos < 0:
+        return ""
+    if pos == 0:
+        return "bos"
+    if pos < subject[0]:
+        return "before"
+    if pos == subject[-1]:
+        return "last_subject"
+    if pos in subject:
+        return "subject"
+    if pos == n_tokens - 1:
+        return "eos"
+    return "pad" if pos >= n_tokens else "after"
+
+
+def trace_rows(trace: Trace, scorer: ClipScorer, caption: str, *, model: str, subject: str, attribute: str,
+               split: str, seed: int, noise_seed: int, subject_tokens: Sequence[int], n_tokens: int,
+               batch_size: int = 64) -> pd.DataFrame:
+    """Tidy rows (``COLUMNS``) of one trace: one row per restored run, clean/corrupted scores repeated."""
+    if len(trace.meta) != len(trace.restored):
+        raise ValueError("the trace has no per-run metadata (single-layer UNet traces and text traces have it)")
+    ref = clip_scores(scorer, torch.cat([trace.clean, trace.corrupted]), caption, batch_size)
+    scores = clip_scores(scorer, trace.restored, caption, batch_size)
+    rows = pd.DataFrame(trace.meta)
+    rows["token_group"] = [token_group(int(t), list(subject_tokens), n_tokens) for t in rows["token"]]
+    rows = rows.assign(model=model, caption=caption, subject=subject, attribute=attribute, split=split,
+                       seed=int(seed), noise_seed=int(noise_seed), score=scores, clean_score=float(ref[0]),
+                       corrupted_score=float(ref[1]))
+    rows["nan"] = trace.nan.numpy() | trace.nan_clean | trace.nan_corrupted | ~np.isfinite(scores)
+    return rows[list(COLUMNS)]
+
+
+def recovery(df: pd.DataFrame, min_gap: float = 0.0) -> pd.Series:
+    """``(score − corrupted) / (clean − corrupted)``; NaN where the gap is ≤ ``min_gap`` or the row is flagged NaN."""
+    gap = df["clean_score"] - df["corrupted_score"]
+    r = (df["score"] - df["corrupted_score"]) / gap.where(gap > min_gap)
+    return r.where(~df["nan"].astype(bool))
+
+
+def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
+    """The grid threshold maximising the between-group variance of ``values`` (clipped to [0, 1])."""
+    v = np.clip(values[np.isfinite(values)], 0.0, 1.0)
+    if len(v) == 0:
+        raise ValueError("no finite recovery values to choose a threshold from")
+    best, best_t = -1.0, float(grid[len(grid) // 2])
+    for t in grid:
+        lo, hi = v[v < t], v[v >= t]
+        if len(lo) == 0 or len(hi) == 0:
+            continue
+        between = len(lo) * len(hi) / len(v) ** 2 * (lo.mean() - hi.mean()) ** 2
+        if between > best:
+            best, best_t = between, float(t)
+    return best_t
+
+
+def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", min_gap: float = 0.0,
+               grid: np.ndarray = TAU_GRID) -> float:
+    """``τ`` from the rows of ``split``: best balanced accuracy against bool column ``labels``, else Otsu."""
+    val = df[df["split"] == split]
+    if val.empty:
+        raise ValueError(f"no rows with split == {split!r} to choose the threshold on")
+    r = recovery(val, min_gap).to_numpy()
+    if labels is None:
+        return otsu(r, grid)
+    y = val[labels].astype(bool).to_numpy()
+    ok = np.isfinite(r)
+    if y[ok].all() or not y[ok].any():
+        raise ValueError(f"column {labels!r} needs both True and False rows among finite recoveries")
+    acc = [0.5 * (((r[ok] >= t) & y[ok]).sum() / y[ok].sum() + ((r[ok] < t) & ~y[ok]).sum() / (~y[ok]).sum())
+           for t in grid]
+    return float(grid[int(np.argmax(acc))])
+
+
+def mark_causal(df: pd.DataFrame, tau: float, min_gap: float = 0.0) -> pd.DataFrame:
+    """A copy with ``recovery``, ``causal`` (``recovery ≥ tau``; False where undefined) and ``tau`` columns."""
+    out = df.copy()
+    out["recovery"] = recovery(out, min_gap)
+    out["causal"] = (out["recovery"] >= tau).fillna(False).astype(bool)
+    out["tau"] = float(tau)
+    return out
+
+
+def summarize(df: pd.DataFrame, by: Sequence[str] = ("attribute", "component", "kind", "layer", "layer_index"),
+              z: float = 1.96) -> pd.DataFrame:
+    """Per group: n, mean recovery with a normal 95% interval, fraction causal with a Wilson 95% interval."""
+    def one(g: pd.DataFrame) -> pd.Series:
+        r = g["recovery"].dropna()
+        n, k = len(g), int(g["causal"].sum())
+        half = z * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else np.nan
+        p = k / n if n else np.nan
+        den = 1 + z**2 / n
+        mid = (p + z**2 / (2 * n)) / den
+        w = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / den
+        return pd.Series(dict(n=n, recovery=r.mean() if len(r) else np.nan, recovery_lo=r.mean() - half,
+                              recovery_hi=r.mean() + half, causal_frac=p, causal_lo=mid - w, causal_hi=mid + w))
+
+    return df.groupby(list(by), sort=False).apply(one, include_groups=False).reset_index()

@@ -1,0 +1,246 @@
+"""Sweeps: trace every probe item × seed, one parquet file per finished (caption, seed), resumable and sharded.
+
+Probe files are CSVs with columns ``caption, subject, attribute, split`` (``data/probes/sd_probes.csv``; the toy
+world writes its own). Each (probe, seed) is written atomically (temporary file, then ``os.replace``) to
+``out_dir``; a re-run skips the files that exist. Under ``accelerate launch --num_processes N`` each process takes
+every N-th item (``accelerate.PartialState`` gives its index), so processes never write the same file::
+
+    accelerate launch --num_processes 2 --cpu -m lib.tracing.sweep --model twin:sd-v1 \\
+        --probes data/probes/sd_probes.csv --seeds 0 --steps 2 --out runs/trace_smoke --limit 2
+
+``collect(out_dir)`` reads the files back, chooses ``τ`` on the validation split and marks causal rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from lib.prompts import subject_positions
+from lib.scoring import ClipScorer
+from lib.tracing.corrupt import Corruption
+from lib.tracing.layers import TEXT_KINDS, resolve_unet_layers, text_sites
+from lib.tracing.score import choose_tau, mark_causal, trace_rows
+from lib.tracing.text_encoder import trace_text
+from lib.tracing.unet import trace_unet
+
+PROBE_COLUMNS: tuple[str, ...] = ("caption", "subject", "attribute", "split")
+CONFIG_FILE = "sweep.json"
+
+
+class SweepError(ValueError):
+    """A sweep cannot start as asked (empty probe set, bad columns, a different config in the folder)."""
+
+
+def load_probes(source: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Read and check a probe set: columns ``caption, subject, attribute, split``, at least one row, subject in caption."""
+    df = source.copy() if isinstance(source, pd.DataFrame) else pd.read_csv(source, dtype=str, keep_default_na=False)
+    missing = [c for c in PROBE_COLUMNS if c not in df.columns]
+    if missing:
+        raise SweepError(f"probe set lacks column(s) {missing}; needs {list(PROBE_COLUMNS)} (has {list(df.columns)})")
+    if df.empty:
+        raise SweepError(f"the probe set {source if not isinstance(source, pd.DataFrame) else ''} is empty: "
+                         "nothing to trace")
+    for i, row in df.iterrows():
+        if not str(row["caption"]).strip() or row["subject"].lower() not in row["caption"].lower():
+            raise SweepError(f"probe row {i}: subject {row['subject']!r} is not in caption {row['caption']!r}")
+    return df.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to trace and how; stored as ``sweep.json`` in the output folder (a resume must match it)."""
+
+    model: str
+    mode: str = "unet"  # "unet" or "text"
+    steps: int = 25
+    guidance: float = 7.5
+    batch_size: int = 16
+    multiplier: float = 3.0
+    uncond: str = "restore"
+    layers: tuple[str, ...] | None = None  # UNet layer names (None: all 70/227)
+    text_kinds: tuple[str, ...] = TEXT_KINDS
+    text_layers: tuple[int, ...] | None = None
+    negative: str | None = None
+    noise_seed_offset: int = 0  # the noise seed of (caption, seed) is seed + offset
+
+    def __post_init__(self):
+        if self.mode not in ("unet", "text"):
+            raise SweepError(f"mode must be 'unet' or 'text', got {self.mode!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One (probe row, seed)."""
+
+    index: int
+    caption: str
+    subject: str
+    attribute: str
+    split: str
+    seed: int
+
+    def filename(self, mode: str) -> str:
+        h = hashlib.sha1(f"{self.caption}\0{self.subject}\0{self.seed}".encode()).hexdigest()[:8]
+        return f"{mode}_{self.index:05d}_s{self.seed}_{h}.parquet"
+
+
+def work_items(probes: pd.DataFrame, seeds: Sequence[int]) -> list[WorkItem]:
+    """Every probe row × seed, in a fixed order (rows outer, seeds inner)."""
+    if len(seeds) == 0:
+        raise SweepError("no seeds given")
+    return [WorkItem(int(i), r.caption, r.subject, r.attribute, r.split, int(s))
+            for i, r in enumerate(probes.itertuples()) for s in seeds]
+
+
+def shard(items: Sequence, index: int, count: int) -> list:
+    """Process ``index`` of ``count`` takes items ``index, index+count, ...``."""
+    if count < 1 or not 0 <= index < count:
+        raise SweepError(f"bad shard {index} of {count}")
+    return list(items[index::count])
+
+
+def _write_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
+    path = out_dir / CONFIG_FILE
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(cfg.to_json()):
+            raise SweepError(f"{path} holds a different sweep config; use another output folder or delete it")
+        return
+    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(cfg.to_json())
+    os.replace(tmp, path)
+
+
+def check_subjects(pipe, probes: pd.DataFrame) -> None:
+    """Fail before any generation when a subject's tokens are not in its caption (``PromptError`` names it)."""
+    for row in probes.itertuples():
+        subject_positions(pipe.tokenizer, row.caption, row.subject)
+
+
+def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.DataFrame:
+    """Trace and score one (caption, seed): the tidy rows of ``lib.tracing.score.COLUMNS``."""
+    corruption = Corruption(cfg.multiplier, item.seed + cfg.noise_seed_offset)
+    common = dict(steps=cfg.steps, guidance=cfg.guidance, corruption=corruption, batch_size=cfg.batch_size,
+                  negative=cfg.negative)
+    if cfg.mode == "unet":
+        trace = trace_unet(pipe, item.caption, item.subject, item.seed, cfg.layers, uncond=cfg.uncond, **common)
+    else:
+        sites = text_sites(pipe, kinds=cfg.text_kinds, layers=cfg.text_layers)
+        trace = trace_text(pipe, item.caption, item.subject, item.seed, sites, **common)
+    n_tokens = len(pipe.tokenizer(item.caption, truncation=True).input_ids)
+    return trace_rows(trace, scorer, item.caption, model=cfg.model, subject=item.subject, attribute=item.attribute,
+                      split=item.split, seed=item.seed, noise_seed=corruption.seed,
+                      subject_tokens=subject_positions(pipe.tokenizer, item.caption, item.subject),
+                      n_tokens=n_tokens)
+
+
+def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds: Sequence[int],
+              out_dir: str | Path, cfg: SweepConfig, process_index: int | None = None,
+              num_processes: int | None = None, limit: int | None = None, progress: bool = True) -> list[Path]:
+    """Trace this process's share of probe items × seeds; returns the files written now (skipped ones excluded).
+
+    ``process_index``/``num_processes`` default to ``accelerate.PartialState()``'s. ``limit`` keeps the first items.
+    """
+    probes = load_probes(probes)
+    check_subjects(pipe, probes)
+    if cfg.mode == "unet":
+        resolve_unet_layers(pipe.unet, cfg.layers)  # unknown names fail before any work
+    if process_index is None or num_processes is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        process_index, num_processes = state.process_index, state.num_processes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, cfg)
+    items = work_items(probes, seeds)[:limit]
+    mine = [it for it in shard(items, process_index, num_processes) if not (out / it.filename(cfg.mode)).exists()]
+    written = []
+    from tqdm.auto import tqdm
+
+    for item in tqdm(mine, desc=f"trace {cfg.mode} [{process_index}/{num_processes}]", disable=not progress):
+        rows = run_item(pipe, scorer, item, cfg)
+        path = out / item.filename(cfg.mode)
+        _write_atomic(rows, path)
+        written.append(path)
+    return written
+
+
+def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None,
+            min_gap: float = 0.0) -> pd.DataFrame:
+    """All finished rows of a sweep folder, with ``recovery``/``causal``/``tau`` (``τ`` chosen on ``val`` if None)."""
+    files = sorted(Path(out_dir).glob("*.parquet"))
+    if not files:
+        raise SweepError(f"no finished trace files in {out_dir}")
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return mark_causal(df, choose_tau(df, labels, min_gap=min_gap) if tau is None else tau, min_gap)
+
+
+def _scorer(spec: str, device: str) -> ClipScorer:
+    """``openclip:ViT-L-14:openai`` (weights must be cached) or ``openclip:ViT-B-32:none`` (random, for smoke tests)."""
+    from lib.scoring import openclip_scorer
+
+    kind, _, rest = spec.partition(":")
+    name, _, pretrained = rest.partition(":")
+    if kind != "openclip" or not name:
+        raise SweepError(f"unknown scorer {spec!r}; use openclip:<model>:<pretrained|none>")
+    return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="preset, hub id, local folder or twin:<family>")
+    ap.add_argument("--probes", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seeds", default="0", help="comma-separated")
+    ap.add_argument("--mode", choices=("unet", "text"), default="unet")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--multiplier", type=float, default=3.0)
+    ap.add_argument("--uncond", choices=("restore", "own"), default="restore")
+    ap.add_argument("--layers", default=None, help="comma-separated UNet layer names (default: all)")
+    ap.add_argument("--text-layers", default=None, help="comma-separated text-encoder layer indices")
+    ap.add_argument("--scorer", default="openclip:ViT-L-14:openai")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+    from accelerate import PartialState
+
+    from lib.loading import load_pipeline
+
+    state = PartialState()
+    pipe = load_pipeline(args.model, device=str(state.device), dtype=args.dtype)
+    cfg = SweepConfig(
+        model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+        multiplier=args.multiplier, uncond=args.uncond,
+        layers=tuple(args.layers.split(",")) if args.layers else None,
+        text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
+    )
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    with torch.no_grad():
+        written = run_sweep(pipe, _scorer(args.scorer, str(state.device)), args.probes, seeds, args.out, cfg,
+                            state.process_index, state.num_processes, args.limit, progress=False)
+    print(f"process {state.process_index}/{state.num_processes}: wrote {len(written)} file(s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

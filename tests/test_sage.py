@@ -1,0 +1,336 @@
+"""SAGE on the tiny SD v1 twin (64 px, 2–3 steps) with small random classifier members: shapes, gradients, errors."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lib.prompts import PromptError
+from lib.sage.latent import (
+    LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell,
+    render_latent, sample_with_residual, save_latent, search_latent, shell_bounds, signed_step,
+)
+from lib.sage.loss import (
+    ClipMember, Criteria, EdgeMember, Ensemble, FnMember, ToyMember, UnknownClassError, imagenet_groups, timm_member,
+)
+from lib.sage.metrics import ngr, normality, qq_points, recheck, renderer_check, ssr
+from lib.sage.prompt import (
+    CandidateLM, PromptSearch, categorize, encode_with_slots, render_with_slots, search_prompt, word_embedding,
+)
+from lib.sage.token import TokenAttack, evaluate_token, load_token, save_token, train_token
+from lib.sampling import decode, denoise, encode, initial_latents
+from lib.scoring import ClipScorer
+from lib.twins import build_twin
+
+LABELS = ("cat", "dog", "car")
+
+
+def small_net(n: int = len(LABELS), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, n))
+
+
+def const_member(logits, labels=LABELS, name="const") -> FnMember:
+    """Ignores the image except for a zero-weighted term (so gradients exist but are 0)."""
+    t = torch.tensor(logits, dtype=torch.float32)
+    return FnMember(lambda x: t.expand(x.shape[0], -1) + 0 * x.mean((1, 2, 3))[:, None], labels, name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads under contention run ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_twin("sd-v1")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def ens():
+    return Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
+                     EdgeMember(FnMember(small_net(seed=3), LABELS, "c"))])
+
+
+# ------------------------------------------------------------------------------------------------------------- loss
+def test_loss_formulas_and_verdicts():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.2, 0.45, 0.35]])
+    ens = Ensemble([const_member([0.0, 0.0, 0.0])] * 2, groups={"pet": ("cat", "dog")})
+    probs = [p, p]
+    assert torch.allclose(ens.loss(probs, "cat", "lose"), 2 * (2 * p[:, 0] - 1))
+    assert torch.allclose(ens.loss(probs, "cat", "uncertain"), 2 * (2 * p.max(-1).values - 1))
+    other = ((2 * p[:, 0] - 1) + (1 - 2 * p[:, 1:].max(-1).values)) / 2
+    assert torch.allclose(ens.loss(probs, "cat", "other"), 2 * other)
+    assert torch.allclose(ens.loss(probs, "cat", "become", "car"), 2 * (1 - 2 * p[:, 2]))
+    assert torch.allclose(ens.loss(probs, "pet", "lose"), 2 * (2 * (p[:, 0] + p[:, 1]) - 1))  # a group
+    assert ens.judge(probs, "cat", "lose").tolist() == [False, True, True]
+    assert ens.judge(probs, "cat", "type2").tolist() == [False, True, False]
+    assert ens.judge(probs, "cat", "type1").tolist() == [False, False, True]
+    assert ens.judge(probs, "cat", "become", "car").tolist() == [False, True, False]
+    strict = Ensemble(ens.members, criteria=Criteria(confident_above=0.8))
+    assert strict.judge(probs, "cat", "type2").tolist() == [False, False, False]
+
+
+def test_bad_classes_and_goals_raise():
+    ens = Ensemble([const_member([0.0, 0.0, 0.0])])
+    with pytest.raises(UnknownClassError, match="near matches: 'cat'"):
+        ens.indices("catt")
+    with pytest.raises(ValueError, match="equals the source"):
+        ens.loss([torch.ones(1, 3) / 3], "cat", "become", "Cat")
+    with pytest.raises(ValueError, match="unknown goal"):
+        ens.loss([torch.ones(1, 3) / 3], "cat", "win")
+    with pytest.raises(ValueError, match="at least one member"):
+        Ensemble([])
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
+        ens.probs(torch.rand(1, 1, 8, 8))
+
+
+def test_report_table(ens):
+    df = ens.report(torch.rand(2, 3, 32, 32), "cat", target="dog")
+    assert len(df) == 6 and set(df.columns) >= {"member", "p_class", "top_label", "top_prob", "p_target"}
+
+
+def test_edge_member_is_canny_forward_and_differentiable():
+    from kornia.filters import canny
+
+    seen = {}
+
+    def inner(x):
+        seen["x"] = x
+        return x.mean((2, 3))
+
+    edge = EdgeMember(FnMember(inner, LABELS, "mean"))
+    img = torch.rand(2, 3, 32, 32, requires_grad=True)
+    logits = edge(img)
+    assert logits.shape == (2, 3)
+    hard = canny(img.detach(), 0.1, 0.2)[1]
+    assert torch.allclose(seen["x"][:, :1], 1 - hard, atol=1e-5)  # forward: exactly Canny (inverted sketch)
+    logits.sum().backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0 and torch.isfinite(img.grad).all()
+
+
+def test_timm_member_preprocessing_and_groups():
+    m = timm_member("test_resnet.r160_in1k", pretrained=False)
+    img = torch.rand(1, 3, 64, 64, requires_grad=True)
+    out = m(img)
+    assert out.shape == (1, 1000) and len(m.labels) == 1000 and m.size == 160
+    out[0, 0].backward()
+    assert img.grad.abs().sum() > 0
+    ens = Ensemble([m], groups=imagenet_groups())
+    assert len(ens.indices("cat")[0]) == 5 and ens.indices("tabby") == [[281]]
+    assert len(ens.indices("crane")[0]) == 2  # a duplicated ImageNet name resolves to both classes
+
+
+def test_clip_member_zero_shot():
+    torch.manual_seed(0)
+    vis, txt = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Embedding(100, 8)
+    scorer = ClipScorer(encode_image=vis, encode_text=lambda ids: txt(ids).mean(1),
+                        tokenize=lambda ts: torch.tensor([[len(w) % 100 for w in t.split()] for t in ts]),
+                        image_size=32)
+    m = ClipMember(scorer, LABELS)
+    out = m(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 3) and out.abs().max() <= 100 + 1e-4
+    with pytest.raises(ValueError, match="label"):
+        ClipMember(scorer, LABELS, template="a photo")
+
+
+def test_toy_member_adapter():
+    class FakeToy(nn.Module):  # the lib.toy.classifiers interface
+        labels = {"object": ("circle", "cat"), "color": ("red", "blue", "green")}
+
+        def forward(self, x):
+            return {"object": x.mean((2, 3))[:, :2], "color": x.mean((2, 3))}
+
+    m = ToyMember(FakeToy(), "color")
+    assert m(torch.rand(2, 3, 8, 8)).shape == (2, 3) and m.labels == ("red", "blue", "green")
+    with pytest.raises(ValueError, match="no 'style' head"):
+        ToyMember(FakeToy(), "style")
+
+
+# --------------------------------------------------------------------------------------------------- latent search
+def test_signed_steps_decrease_a_quadratic():
+    a = torch.linspace(-0.8, 0.8, 50)
+    x = torch.zeros(50)
+    losses = []
+    for _ in range(20):
+        x.requires_grad_(True)
+        loss = ((x - a) ** 2).sum()
+        losses.append(float(loss.detach()))
+        (g,) = torch.autograd.grad(loss, x)
+        x = signed_step(x.detach(), g, 0.05, -1, 1)
+    assert all(b < a_ for a_, b in zip(losses[:10], losses[1:10]))  # strictly down while far from the optimum
+    assert losses[-1] <= 50 * 0.05**2 + 1e-6 < 0.02 * losses[0]  # then within one step of it, per entry
+    assert signed_step(torch.zeros(3), torch.tensor([-1.0, 1.0, 0.0]), 5.0, -1, 1).tolist() == [1, -1, 0]
+
+
+def test_projection_keeps_the_norm_in_the_shell():
+    torch.manual_seed(0)
+    lat = torch.cat([torch.randn(1, 4, 8, 8) * 3, torch.randn(1, 4, 8, 8) * 0.1, torch.randn(1, 4, 8, 8)])
+    out = project_to_shell(lat, 3.0)
+    lo, hi = shell_bounds(4 * 8 * 8, 3.0)
+    norms = out.flatten(1).norm(dim=1)
+    assert ((norms >= lo - 1e-4) & (norms <= hi + 1e-4)).all()
+    inside = lat[2:].flatten().norm()
+    if lo <= inside <= hi:
+        assert torch.equal(out[2], lat[2])  # non-outliers untouched
+
+
+def test_straight_through_value_is_the_plain_loop_and_gradient_reaches_the_latent(pipe, ens):
+    z = initial_latents(pipe, [3]).requires_grad_(True)
+    c = encode(pipe, ["a photo of a cat"])
+    with torch.no_grad():
+        plain = denoise(pipe, z.detach(), c, steps=3, guidance=7.5)
+    for k in (1, 3):  # an intermediate step, and the final latent (gradient through the VAE only)
+        x = sample_with_residual(pipe, z, c, 3, 7.5, Residual(step=k))
+        assert torch.allclose(x, plain, atol=1e-6)
+        (g,) = torch.autograd.grad(ens.loss(ens.probs(decode(pipe, x)), "cat").sum(), z)
+        assert g.shape == z.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+    x = sample_with_residual(pipe, z, c, 3, 7.5, Residual(step=1, weight=0.5, mode="additive"))
+    assert not torch.allclose(x, plain, atol=1e-3)  # the literal residual changes the sampler
+    with pytest.raises(ValueError, match="outside"):
+        sample_with_residual(pipe, z, c, 3, 7.5, Residual(step=4))
+
+
+def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):
+    cfg = LatentSearch(mode="lose", iterations=3, stop_on_success=False)
+    r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+    assert r.latent.shape == (1, 4, 8, 8) and len(r.history) == 4 and r.iterations == 3
+    assert r.delta.abs().max() <= 1.0 + 1e-6
+    path = save_latent(tmp_path / "z.safetensors", r, model="twin:sd-v1")
+    rec = load_latent(path)
+    assert torch.equal(rec.latent, r.latent) and rec.meta["prompt"] == "a photo of a cat" and rec.meta["seed"] == "0"
+    img = render_latent(pipe, path)
+    assert torch.equal(img, r.image)  # bit-exact re-render of what the search evaluated
+    assert torch.equal(img, render_latent(pipe, path))
+
+
+def test_wrong_shape_latent_raises(pipe, ens, tmp_path):
+    with pytest.raises(LatentShapeError, match=r"expects \(B, 4, 8, 8\)"):
+        check_latent(pipe, torch.zeros(1, 4, 16, 16))
+    with pytest.raises(LatentShapeError):
+        search_latent(pipe, ens, "a cat", "cat", latent=torch.zeros(4, 8, 8), steps=2)
+    with pytest.raises(ValueError, match="exactly one"):
+        search_latent(pipe, ens, "a cat", "cat", steps=2)
+    with pytest.raises(UnknownClassError):
+        search_latent(pipe, ens, "a cat", "zebra", seed=0, steps=2)
+    from safetensors.torch import save_file
+
+    save_file({"latent": torch.zeros(1, 4, 9, 9)}, str(tmp_path / "bad.safetensors"),
+              metadata={"prompt": "a cat", "steps": "2", "guidance": "7.5"})
+    with pytest.raises(LatentShapeError):
+        render_latent(pipe, tmp_path / "bad.safetensors")
+
+
+def test_a_search_that_cannot_succeed_reports_not_found(pipe, tmp_path):
+    stubborn = Ensemble([const_member([9.0, 0.0, 0.0], name="s1"), const_member([9.0, 0.0, 0.0], name="s2")])
+    df, results = latent_campaign(pipe, stubborn, "a photo of a cat", "cat", seeds=[0], steps=2,
+                                  config=LatentSearch(mode="type1", iterations=2), out_dir=tmp_path)
+    r = results[0]
+    assert not r.found and "not found" in r.summary() and r.best_loss == pytest.approx(2 * (2 * 0.99975 - 1), abs=1e-3)
+    assert df.loc[0, "found"] == False and df.loc[0, "path"] is None and not list(tmp_path.iterdir())  # noqa: E712
+    assert ssr(df).loc[0, "ssr"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------- prompt search
+@pytest.fixture(scope="module")
+def lm():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[EOS]", "a", "photo", "of", "cat", "dog", "red", "on", "beach", "sleeping", "car", "1"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                       bos_token_id=1, eos_token_id=1))
+    return CandidateLM(model, tok)
+
+
+def test_lm_proposes_words_and_rejects_unknown_templates(lm):
+    words = lm.propose("a photo of a cat", 5)
+    assert 0 < len(words) <= 5 and all(w.isalpha() for w in words) and len(set(words)) == len(words)
+    with pytest.raises(PromptError, match=r"cannot encode.*zebra"):
+        lm.propose("a photo of a zebra")
+
+
+def test_slots_match_the_pipeline_encoding(pipe):
+    base = encode(pipe, ["a photo of a cat"]).cond
+    assert torch.allclose(encode_with_slots(pipe, ["a photo of a cat"], None).cond, base, atol=1e-6)
+    dog = word_embedding(pipe, "dog")[None]  # one CLIP token: inserting its embedding = writing the word
+    ref = encode(pipe, ["a photo of a cat dog"]).cond
+    assert torch.allclose(encode_with_slots(pipe, ["a photo of a cat"], dog).cond, ref, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="SDXL"):
+        encode_with_slots(SimpleNamespace(text_encoder_2=object()), ["a cat"], None)
+
+
+def test_gradient_reaches_the_embeddings(pipe, ens):
+    emb = torch.zeros(2, 32, requires_grad=True)
+    img = render_with_slots(pipe, ["a photo of a cat"], emb, [0], steps=2, guidance=7.5)
+    (g,) = torch.autograd.grad(ens.loss(ens.probs(img), "cat").sum(), emb)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_prompt_search_table(pipe, ens, lm):
+    df = search_prompt(pipe, ens, lm, "cat", seeds=[0], steps=2,
+                       config=PromptSearch(n_words=2, top_k=4, iterations=2, stop_on_success=False),
+                       class_words=LABELS)
+    assert len(df) == 2 and df.prompt[1].startswith(df.prompt[0] + " ") and df.prompt[0].startswith("a photo of a cat ")
+    assert set(df.columns) >= {"word", "cosine", "fooled_fraction", "found", "category"}
+    with pytest.raises(PromptError, match="zebra"):
+        search_prompt(pipe, Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))]), lm, "zebra", [0], steps=2)
+
+
+def test_categories():
+    base = "a photo of a cat"
+    assert categorize(base + " dog on", base, "cat", LABELS) == "concept overwrite"
+    assert categorize(base + " red", base, "cat", LABELS, ["red"]) == "attribute"
+    assert categorize(base + " sleeping cat", base, "cat", LABELS, ["red"]) == "context"
+
+
+# --------------------------------------------------------------------------------------------------- token attack
+def test_token_attack_train_evaluate_save(pipe, ens, tmp_path):
+    with pytest.raises(ValueError, match="equals the source"):
+        train_token(pipe, ens, ["a photo of a cat"], "cat", "cat", [0])
+    res = train_token(pipe, ens, ["a photo of a cat", "a cat on a beach"], "cat", "car", [0, 1], steps=2,
+                      config=TokenAttack(iterations=2, batch_size=2))
+    assert res.embedding.shape == (32,) and len(res.history) == 2 and res.embedding.abs().max() <= 2.5
+    scorer = ClipScorer(encode_image=lambda x: x.mean((2, 3)), encode_text=lambda ids: ids[:, :3].float() + 1,
+                        tokenize=lambda ts: torch.tensor([[len(t), 1, 2] for t in ts]), image_size=16)
+    df = evaluate_token(pipe, ens, res, ["a photo of a cat"], [5, 6], scorer=scorer)
+    assert len(df) == 2 and set(df.columns) >= {"success", "p_target", "text_cosine", "clip_image_delta"}
+    assert (df.text_cosine <= 1 + 1e-5).all()
+    back = load_token(save_token(tmp_path / "tok.safetensors", res))
+    assert torch.equal(back.embedding, res.embedding) and back.target == "car" and back.meta["steps"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+def test_ssr_recheck_and_renderer_check(ens):
+    df = ssr([dict(mode="type1", found=True), dict(mode="type1", found=False), dict(mode="type2", found=True)])
+    assert df.set_index("mode").ssr.to_dict() == {"type1": 0.5, "type2": 1.0}
+    with pytest.raises(ValueError, match="member of the ensemble"):
+        recheck(torch.rand(1, 3, 16, 16), ens.members[0], "cat", ensemble=ens)
+    ok = recheck(torch.rand(2, 3, 16, 16), const_member([0.0, 5.0, 0.0], name="held-out"), "cat", ensemble=ens)
+    assert ok.tolist() == [True, True]
+    tab = renderer_check(["a photo of a red cat", "a photo of a cat zzz"], "cat")
+    assert tab.parsed.tolist() == [True, False] and tab.asks_for_class[0] == True  # noqa: E712
+
+
+def test_ngr_flags_non_gaussian_latents():
+    torch.manual_seed(0)
+    gauss = torch.randn(4, 4, 16, 16)
+    uniform = (torch.rand(2, 4, 16, 16) - 0.5) * 3.4
+    assert ngr(gauss) <= 0.5 and ngr(uniform) == 1.0 and ngr(uniform, test="ks") == 1.0
+    assert ngr(gauss * 2, test="ks") == 1.0 and ngr(gauss * 2) <= 0.5  # KS sees the scale, D'Agostino the shape
+    assert set(normality(gauss).columns) >= {"p_value", "non_gaussian", "norm"}
+    th, sm = qq_points(gauss[0], 50)
+    assert th.shape == sm.shape == (50,)
+    with pytest.raises(ValueError, match="unknown test"):
+        ngr(gauss, test="shapiro")

@@ -1,0 +1,137 @@
+"""Toy-world attribute classifiers: shapes, gradients, colour-blind edge member, save/load, committed accuracy."""
+
+import numpy as np
+import pytest
+import torch
+
+from lib.toy import classifiers as C
+from lib.toy import world as W
+from lib.toy.evaluate import accuracy_table, attribute_accuracy, clip_ranking_accuracy, swap_captions
+
+
+@pytest.fixture(scope="module")
+def members():
+    torch.manual_seed(0)
+    return {name: C.build_member(name).eval() for name in C.MEMBERS}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    arr, scenes, caps = W.make_dataset(4, seed=1, split="any")
+    return C.to_tensor(arr), scenes, caps
+
+
+def test_shapes_and_labels(members, batch):
+    x, scenes, _ = batch
+    for name, m in members.items():
+        out = m(x)
+        assert set(out) == set(m.families)
+        for f, v in out.items():
+            assert v.shape == (len(x), len(m.labels[f]))
+        pred = m.predict(x)
+        assert all(len(pred[f]) == len(x) and set(pred[f]) <= set(m.labels[f]) for f in m.families)
+    assert "color" not in members["edges"].families
+    assert C.LABELS["style"][-1] == "none" and "none" not in C.LABELS["color"]
+    assert members["resnet"](torch.rand(2, 3, 96, 96))["object"].shape == (2, len(W.OBJECTS))  # resized inside
+
+
+def test_sizes_fit_budget(members):
+    for m in members.values():
+        assert sum(p.numel() for p in m.parameters()) * 2 < 2.2e6  # fp16 bytes
+
+
+def test_gradients_reach_pixels(members, batch):
+    x = batch[0].clone().requires_grad_(True)
+    for m in members.values():
+        x.grad = None
+        sum(v.logsumexp(-1).sum() for v in m(x).values()).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_edge_member_is_colour_blind(members, batch):
+    x = batch[0]
+    m = members["edges"]
+    with torch.no_grad():
+        a, b = m(x), m(x[:, [2, 0, 1]])
+    for f in m.families:
+        torch.testing.assert_close(a[f], b[f], atol=1e-4, rtol=1e-4)
+
+
+def test_targets():
+    s = [W.Scene(character="nemo", action="jumping"), W.Scene(object="star")]
+    t = C.scene_targets(s)
+    assert t["object"].tolist() == [W.OBJECTS.index("fish"), W.OBJECTS.index("star")]
+    assert t["color"].tolist() == [-1, -1]
+    assert t["style"].tolist() == [len(W.STYLES), len(W.STYLES)]
+    assert t["character"].tolist() == [W.CHARACTERS.index("nemo"), len(W.CHARACTERS)]
+
+
+def test_save_load_round_trip(members, batch, tmp_path):
+    C.save_classifiers(members, tmp_path)
+    loaded = C.load_classifiers(tmp_path)
+    assert set(loaded) == set(members)
+    x = batch[0]
+    with torch.no_grad():
+        for name, m in loaded.items():
+            assert m.labels == members[name].labels
+            a, b = m(x), members[name](x)
+            for f in m.families:  # fp16 storage
+                torch.testing.assert_close(a[f], b[f], atol=0.05, rtol=0.05)
+
+
+def test_missing_and_corrupt_files(members, tmp_path):
+    with pytest.raises(C.ClassifierLoadError, match="config.json.*python -m lib.toy.classifiers"):
+        C.load_classifiers(tmp_path / "nowhere")
+    C.save_classifiers({"edges": members["edges"]}, tmp_path)
+    (tmp_path / "edges.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(C.ClassifierLoadError, match="edges.safetensors.*python -m lib.toy.classifiers"):
+        C.load_classifiers(tmp_path)
+    (tmp_path / "edges.safetensors").unlink()
+    with pytest.raises(C.ClassifierLoadError, match="missing classifier weights .*edges.safetensors"):
+        C.load_classifiers(tmp_path)
+
+
+def test_accuracy_tables(members, batch):
+    x, scenes, _ = batch
+    counts = attribute_accuracy(x, scenes, members)
+    assert list(counts.columns) == ["member", "family", "value", "correct", "n"]
+    assert (counts.correct <= counts.n).all()
+    table = accuracy_table(counts)
+    assert set(table.index) == set(members) and np.isnan(table.loc["edges", "color"])
+    assert table.equals(accuracy_table(x, scenes, members))
+
+
+def test_swap_captions_parse_to_swapped_scenes():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = W.sample_scene(rng, "any")
+        text = W.caption(scene, rng)
+        for attribute, value, cand in swap_captions(text, scene):
+            parsed = W.parse_caption(cand)
+            assert getattr(parsed, attribute) == value and parsed != scene
+
+
+def test_clip_ranking_accuracy_with_an_oracle():
+    _, scenes, caps = W.make_dataset(3, seed=2, split="any")
+    x = torch.zeros(3, 3, 8, 8)
+    x[:, 0, 0, 0] = torch.arange(3) / 10  # the image's index, for the fake scorers
+
+    class Oracle:  # 1 for the image's own caption, 0 for every other text
+        def rank(self, images, texts):
+            idx = (images[:, 0, 0, 0] * 10).round().long().tolist()
+            return torch.tensor([[float(t == caps[i]) for t in texts] for i in idx])
+
+    class Blind:  # the same score for every text: ties never count as ranked first
+        def rank(self, images, texts):
+            return torch.zeros(len(images), len(texts))
+
+    assert clip_ranking_accuracy(Oracle(), x, scenes, caps, batch_size=2) == 1.0
+    assert clip_ranking_accuracy(Blind(), x, scenes, caps) == 0.0
+
+
+@pytest.mark.skipif(not (C.DEFAULT_DIR / C.CONFIG_NAME).exists(), reason="no trained classifiers in data/toy")
+def test_committed_classifiers_reach_98_percent():
+    members = C.load_classifiers()
+    arr, scenes, _ = W.make_dataset(200, seed=12345, split="heldout")
+    table = accuracy_table(arr, scenes, members)
+    assert (table.fillna(1.0) >= 0.98).all().all(), table.round(3).to_string()

@@ -1,0 +1,61 @@
+"""Toy-world causal LM: word-level tokenizer, HF round trip, committed model speaks the grammar."""
+
+import pytest
+import torch
+
+from lib.toy import lm
+from lib.toy import world as W
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return lm.build_tokenizer()
+
+
+def test_vocabulary(tokenizer):
+    words = lm.grammar_words()
+    assert {"red", "star", "van", "gogh", "r2d2", ",", "painted"} <= set(words)
+    assert len(tokenizer) == len(words) + 3
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == [lm.EOS, lm.UNK, lm.PAD]
+
+
+def test_tokenizer_round_trip(tokenizer):
+    for text in lm.sample_captions(200, seed=0):
+        ids = tokenizer(text).input_ids
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+    assert tokenizer("A Photo of a zebra").input_ids[-1] == tokenizer.unk_token_id
+    assert len(tokenizer("a red star, in the style of van gogh").input_ids) == 11
+
+
+def test_loads_with_auto_classes(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = lm.build_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path)
+    t2 = AutoTokenizer.from_pretrained(tmp_path)
+    assert m2.config.n_embd == 64 and m2.config.n_layer == 2 and m2.config.n_positions == 32
+    text = "a photo of a red star"
+    assert t2(text).input_ids == tokenizer(text).input_ids
+    ids = t2(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.skipif(not (lm.DEFAULT_DIR / "config.json").exists(), reason="no trained LM in data/toy")
+def test_committed_lm_continues_with_grammar_words():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm.DEFAULT_DIR).eval()
+    tok = AutoTokenizer.from_pretrained(lm.DEFAULT_DIR)
+    ids = tok("a photo of a", return_tensors="pt").input_ids
+    with torch.no_grad():
+        nxt = int(model(ids).logits[0, -1].argmax())
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.convert_ids_to_tokens(nxt) in set(W.COLORS + W.OBJECTS + W.ACTIONS)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    W.parse_caption(text)  # greedy decoding produces a caption of the grammar
+    top = [w for w, _ in lm.next_words(model, tok, "a photo of a red", k=5)]
+    assert set(top) <= set(W.OBJECTS + W.ACTIONS)

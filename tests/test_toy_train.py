@@ -1,0 +1,61 @@
+"""The toy-model training path end to end: every stage for 2 steps, then an offline StableDiffusionPipeline."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lib.toy import train as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    T.run("all", "cpu", out, steps_override=2)
+    return out
+
+
+def test_pipeline_loads_and_generates(toy_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_dir, dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    img = pipe("a photo of a red star", num_inference_steps=2, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    assert pipe.unet.config.block_out_channels and len(pipe.unet.down_blocks) == 4
+
+
+def test_files_and_training_log(toy_dir):
+    for rel in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "clip_vision/model.safetensors"):
+        assert (toy_dir / rel).is_file(), rel
+    log = json.loads((toy_dir / "TRAINING.json").read_text())
+    assert set(log["stages"]) == {"clip", "vae", "unet"} and log["hardware"]["torch"]
+    assert all(st["steps"] == 2 for st in log["stages"].values())
+
+
+def test_load_toy_clip(toy_dir):
+    clip = T.load_toy_clip(toy_dir)
+    tok = T.build_clip_tokenizer()
+    ids = tok(["a red star", "a blue dog"], padding=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert T.text_features(clip, ids).shape == (2, 64)
+        assert T.image_features(clip, torch.zeros(2, 3, 64, 64)).shape == (2, 64)
+
+
+def test_missing_or_corrupt_files_name_the_rebuild_command(toy_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="lib.toy.train --stage all"):
+        T.load_toy_pipeline(tmp_path)
+    import shutil
+
+    bad = tmp_path / "toy"
+    shutil.copytree(toy_dir, bad)
+    (bad / "clip_vision/model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="clip_vision.*lib.toy.train --stage all"):
+        T.load_toy_clip(bad)

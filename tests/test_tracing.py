@@ -1,0 +1,279 @@
+"""Causal tracing on the tiny shape twins: layers, corruption, batched == unbatched restoration, scoring, sweeps."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib.paths import REPO_ROOT
+from lib.prompts import PromptError
+from lib.sampling import encode, initial_latents
+from lib.scoring import ClipScorer
+from lib.tracing.corrupt import Corruption, corrupted, embedding_std, encode_pair, token_embedding
+from lib.tracing.layers import LayerError, TextSite, resolve_unet_layers, text_sites, unet_kind, unet_layers
+from lib.tracing.score import choose_tau, mark_causal, otsu, recovery, summarize, token_group
+from lib.tracing.sweep import (SweepConfig, SweepError, collect, load_probes, run_sweep, shard, work_items)
+from lib.tracing.text_encoder import TextRestore, restored_conditionings, trace_text
+from lib.tracing.unet import restore_sets, trace_unet, trace_unet_reference
+from lib.twins import build_twin
+
+CAPTION, SUBJECT = "a photo of a red car", "red car"
+ATOL = 1e-4  # batched vs one-run-per-layer, float32 CPU images in [0, 1] (measured: ~3e-6)
+_PIPES: dict = {}
+
+
+def pipe(family: str):
+    if family not in _PIPES:
+        p = build_twin(family)
+        p.set_progress_bar_config(disable=True)
+        _PIPES[family] = p
+    return _PIPES[family]
+
+
+def toy_scorer() -> ClipScorer:
+    """Image features: mean colour; every caption's features: one fixed direction. Score checkable by hand."""
+    return ClipScorer(encode_image=lambda x: x.mean(dim=(2, 3)), encode_text=lambda ids: ids,
+                      tokenize=lambda texts: torch.tensor([[1.0, 0.5, 0.25]] * len(texts)),
+                      image_size=64, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+# --- layers -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,total,resnets", [("sd-v1", 70, 22), ("sd-v2", 70, 22), ("sdxl", 227, 17)])
+def test_candidate_layers_by_module_type(family, total, resnets):
+    names = unet_layers(pipe(family).unet)
+    kinds = [unet_kind(n) for n in names]
+    assert len(names) == len(set(names)) == total and kinds.count("resnet") == resnets
+    assert kinds.count("attn1") == kinds.count("attn2") == kinds.count("ff") == (total - resnets) // 3
+    if family != "sdxl":
+        assert "down_blocks.1.resnets.1" in names and "up_blocks.3.attentions.2.transformer_blocks.0.attn2" in names
+        assert names[:2] == ["down_blocks.0.resnets.0", "down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+    assert names[-1].startswith("up_blocks.") and names.index("mid_block.resnets.0") < names.index("up_blocks.0.resnets.0")
+
+
+def test_unknown_layer_names_are_clear_errors():
+    unet = pipe("sd-v1").unet
+    with pytest.raises(LayerError, match="did you mean down_blocks.1.resnets.1"):
+        resolve_unet_layers(unet, ["down_block.1.resnets.1"])
+    with pytest.raises(LayerError, match="valid names: down_blocks.0.resnets.0"):
+        resolve_unet_layers(unet, ["nonsense"])
+    assert len(resolve_unet_layers(unet, kinds=["attn2"])) == 16
+
+
+def test_text_sites_per_encoder():
+    assert len(text_sites(pipe("sd-v1"))) == 12 * 3
+    sites = text_sites(pipe("sdxl"))
+    assert len(sites) == (12 + 32) * 3 and {s.encoder for s in sites} == {"text_encoder", "text_encoder_2"}
+    assert TextSite("text_encoder", 0, "self_attn").name == "text_encoder.encoder.layers.0.self_attn"
+    with pytest.raises(LayerError, match="has layers 0..11"):
+        text_sites(pipe("sd-v1"), layers=[12])
+
+
+# --- corruption --------------------------------------------------------------------------------------------------
+
+def test_corruption_adds_scaled_seeded_noise_at_the_subject_only():
+    p = pipe("sd-v1")
+    ids = p.tokenizer(CAPTION, return_tensors="pt").input_ids
+    emb = token_embedding(p, "text_encoder")
+    with corrupted(p, CAPTION, SUBJECT, Corruption(multiplier=3.0, seed=5)):
+        noisy = emb(ids)
+    diff = noisy - emb(ids)
+    assert diff[0, [0, 1, 2, 3, 4, 7]].abs().max() == 0  # "<bos> a photo of a" and the end token untouched
+    expected = torch.randn(2, emb.embedding_dim, generator=torch.Generator().manual_seed(5)) * 3 * embedding_std(
+        p, "text_encoder")
+    assert torch.allclose(diff[0, [5, 6]], expected, atol=1e-6)  # "red car" at positions 5, 6
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    assert torch.equal(clean.uncond, bad.uncond) and torch.equal(clean.cond[:, :5], bad.cond[:, :5])
+    assert (clean.cond[:, 5:] - bad.cond[:, 5:]).abs().max() > 0.1  # causal mask: later positions change
+
+
+def test_corruption_reaches_both_sdxl_encoders_and_pooled_embedding():
+    p = pipe("sdxl")
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    width1 = p.text_encoder.config.hidden_size
+    for part in (slice(0, width1), slice(width1, None)):
+        assert (clean.cond[0, 5:, part] - bad.cond[0, 5:, part]).abs().max() > 0.05
+    assert not torch.allclose(clean.added["text_embeds"], bad.added["text_embeds"])
+    assert torch.equal(clean.uncond, bad.uncond)
+
+
+def test_absent_subject_names_caption_subject_and_tokens():
+    with pytest.raises(PromptError, match=r"subject 'zebra'.*a photo of a red car.*tokens"):
+        encode_pair(pipe("sd-v1"), CAPTION, "zebra")
+
+
+# --- UNet restoration --------------------------------------------------------------------------------------------
+
+SUBSET = ["down_blocks.0.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+          "mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.resnets.2",
+          "up_blocks.3.attentions.2.transformer_blocks.0.ff"]
+
+
+@pytest.mark.parametrize("uncond", ["restore", "own"])
+def test_batched_restoration_equals_one_run_per_layer(uncond):
+    p = pipe("sd-v1")
+    kw = dict(steps=3, guidance=5.0, uncond=uncond)
+    batched = trace_unet(p, CAPTION, SUBJECT, 3, SUBSET, batch_size=3, **kw)  # 3 loops: chunking is exercised
+    ref = trace_unet_reference(p, CAPTION, SUBJECT, 3, SUBSET, **kw)
+    assert batched.labels == ref.labels == SUBSET and batched.restored.shape == ref.restored.shape
+    assert torch.allclose(batched.clean, ref.clean, atol=ATOL) and torch.allclose(batched.corrupted, ref.corrupted, atol=ATOL)
+    assert (batched.restored - ref.restored).abs().max() < ATOL
+    assert (batched.clean - batched.corrupted).abs().max() > 10 * ATOL  # the comparison is not vacuous
+    assert not batched.nan.any() and [m["layer"] for m in batched.meta] == SUBSET
+
+
+@pytest.mark.parametrize("family", ["sd-v1", "sd-v2", "sdxl"])
+def test_restoring_all_layers_gives_clean_and_none_gives_corrupted(family):
+    p = pipe(family)
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    everything = set(unet_layers(p.unet))
+    for uncond in (["restore", "own"] if family == "sd-v1" else ["restore"]):
+        tr = restore_sets(p, clean, bad, initial_latents(p, [1]), [everything, set()], steps=2, uncond=uncond)
+        assert torch.allclose(tr.restored[0], tr.clean[0], atol=1e-6)
+        assert torch.allclose(tr.restored[1], tr.corrupted[0], atol=1e-6)
+        assert (tr.clean - tr.corrupted).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd-v2", "sdxl"])
+def test_batched_matches_reference_on_other_families(family):
+    p = pipe(family)
+    names = unet_layers(p.unet)
+    layers = [names[0], names[len(names) // 2], names[-1]]
+    batched = trace_unet(p, CAPTION, SUBJECT, 0, layers, steps=2, batch_size=8)
+    ref = trace_unet_reference(p, CAPTION, SUBJECT, 0, layers, steps=2)
+    assert (batched.restored - ref.restored).abs().max() < ATOL
+
+
+# --- text encoder ------------------------------------------------------------------------------------------------
+
+def test_text_restoration_semantics_sd_v1():
+    p = pipe("sd-v1")
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    every = tuple(range(77))
+    hidden3 = TextSite("text_encoder", 3, "hidden")
+    restores = [TextRestore(hidden3, every), TextRestore(hidden3, (2,)), TextRestore(hidden3, (6,)),
+                TextRestore(TextSite("text_encoder", 0, "self_attn"), every)]
+    rc = restored_conditionings(p, CAPTION, SUBJECT, restores, batch_size=3)
+    assert torch.allclose(rc.cond[0], clean.cond[0], atol=1e-5)  # the whole state restored: the clean encoding
+    assert torch.equal(rc.cond[1], bad.cond[0])  # a position before the subject was never corrupted
+    changed = (rc.cond[2] - bad.cond[0]).abs().amax(-1) > 0
+    assert changed[6] and not changed[:6].any() and changed[7:].any()  # later positions see the restored state
+    assert (rc.cond[3] - clean.cond[0]).abs().max() > 1e-3  # the residual still carries the noise
+    assert torch.equal(rc.uncond, clean.uncond.expand(4, -1, -1))
+
+
+def test_text_restoration_sdxl_touches_one_encoder():
+    p = pipe("sdxl")
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    w = p.text_encoder.config.hidden_size
+    rc = restored_conditionings(p, CAPTION, SUBJECT, [TextRestore(TextSite("text_encoder", 1), tuple(range(77)))])
+    assert torch.allclose(rc.cond[0, :, :w], clean.cond[0, :, :w], atol=1e-5)
+    assert torch.equal(rc.cond[0, :, w:], bad.cond[0, :, w:])
+
+
+def test_text_trace_images_and_metadata():
+    p = pipe("sd-v1")
+    sites = text_sites(p, layers=[0])
+    tr = trace_text(p, CAPTION, SUBJECT, 0, sites, tokens=[0, 5, 6], steps=2, batch_size=4)
+    assert tr.restored.shape == (9, 3, 64, 64) and len(tr.meta) == 9 and not tr.nan.any()
+    assert [m["token"] for m in tr.meta[:3]] == [0, 5, 6] and tr.meta[1]["token_str"] == "red</w>"
+    assert torch.allclose(tr.restored[0], tr.corrupted[0], atol=1e-5)  # restoring <bos> changes nothing
+
+
+# --- scoring and the threshold rule --------------------------------------------------------------------------------
+
+def _rows(scores, clean=30.0, corrupted=20.0, split="val", nan=None):
+    n = len(scores)
+    return pd.DataFrame(dict(score=scores, clean_score=clean, corrupted_score=corrupted, split=split,
+                             nan=np.zeros(n, bool) if nan is None else nan, attribute="color",
+                             component="unet", kind="resnet", layer=[f"l{i}" for i in range(n)],
+                             layer_index=range(n)))
+
+
+def test_recovery_threshold_and_causal_marks():
+    df = _rows([20.0, 21.0, 29.0, 30.0, 25.0], nan=np.array([0, 0, 0, 0, 1], bool))
+    assert np.allclose(recovery(df).to_numpy()[:4], [0.0, 0.1, 0.9, 1.0]) and np.isnan(recovery(df)[4])
+    tau = choose_tau(df)  # Otsu: anywhere between the two groups
+    assert 0.1 < tau <= 0.9 and otsu(np.array([0.0, 0.05, 0.95, 1.0])) > 0.05
+    marked = mark_causal(df, tau)
+    assert marked["causal"].tolist() == [False, False, True, True, False]
+    assert not mark_causal(_rows([25.0], clean=20.0, corrupted=20.0), 0.5)["causal"].any()  # no gap: undefined
+    labelled = df.assign(ok=[False, False, True, True, False])
+    assert 0.1 < choose_tau(labelled, labels="ok") <= 0.9
+    with pytest.raises(ValueError, match="no rows with split"):
+        choose_tau(df.assign(split="test"))
+    summary = summarize(marked, by=["attribute"])
+    assert summary["n"].item() == 5 and summary["causal_frac"].item() == pytest.approx(0.4)
+
+
+def test_token_groups():
+    groups = [token_group(p, [5, 6], 8) for p in [-1, 0, 3, 5, 6, 7, 9]]
+    assert groups == ["", "bos", "before", "subject", "last_subject", "eos", "pad"]
+
+
+# --- sweeps ------------------------------------------------------------------------------------------------------
+
+PROBES = pd.DataFrame(dict(caption=[CAPTION, "a photo of a dog", "a photo of a blue cup"],
+                           subject=[SUBJECT, "dog", "blue"], attribute=["objects", "objects", "color"],
+                           split=["val", "val", "test"]))
+
+
+def test_probe_loader_and_sharding(tmp_path):
+    assert len(load_probes(REPO_ROOT / "data/probes/sd_probes.csv")) >= 56
+    empty = tmp_path / "empty.csv"
+    empty.write_text("caption,subject,attribute,split\n")
+    with pytest.raises(SweepError, match="empty"):
+        load_probes(empty)
+    with pytest.raises(SweepError, match="lacks column"):
+        load_probes(PROBES.drop(columns="split"))
+    with pytest.raises(SweepError, match="'cat' is not in caption"):
+        load_probes(PROBES.assign(subject=["cat", "dog", "blue"]))
+    items = work_items(PROBES, [0, 1])
+    parts = [shard(items, i, 2) for i in range(2)]
+    assert len(items) == 6 and sorted(parts[0] + parts[1], key=items.index) == items
+    assert not set(parts[0]) & set(parts[1]) and len(shard(items, 2, 3)) == 2
+    with pytest.raises(SweepError):
+        shard(items, 2, 2)
+
+
+def test_sweep_resumes_shards_and_flags_nan(tmp_path):
+    p = pipe("sd-v1")
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:3]))
+    out = tmp_path / "sweep"
+    # a NaN in the first restored run of every loop: flagged in its rows, the sweep goes on
+    handle = p.unet.conv_out.register_forward_hook(
+        lambda m, a, o: o.index_fill(0, torch.tensor([2, o.shape[0] // 2 + 2]), float("nan")))
+    try:
+        first = run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, process_index=0, num_processes=2, progress=False)
+    finally:
+        handle.remove()
+    second = run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, process_index=1, num_processes=2, progress=False)
+    again = run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, process_index=0, num_processes=1, progress=False)
+    assert len(first) == 2 and len(second) == 1 and again == []  # resume: everything is done
+    assert not list(out.glob(".*tmp")) and (out / "sweep.json").exists()
+    df = collect(out, tau=0.5)
+    assert len(df) == 9 and set(df["caption"]) == set(PROBES["caption"])
+    nan_rows = df[df["nan"]]
+    assert set(nan_rows["layer"]) == {SUBSET[0]} and len(nan_rows) == 2 and nan_rows["score"].isna().all()
+    assert not df.loc[~df["nan"], "score"].isna().any() and not nan_rows["causal"].any()
+    with pytest.raises(SweepError, match="different sweep config"):
+        run_sweep(p, toy_scorer(), PROBES, [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1, progress=False)
+    with pytest.raises(SweepError, match="empty"):
+        run_sweep(p, toy_scorer(), PROBES.iloc[:0], [0], tmp_path / "x", cfg, 0, 1, progress=False)
+
+
+@pytest.mark.skipif(not os.environ.get("T2I_SLOW"), reason="spawns two processes (~1 min on 2 CPUs); T2I_SLOW=1")
+def test_accelerate_launch_splits_items(tmp_path):
+    probes = tmp_path / "probes.csv"
+    PROBES.to_csv(probes, index=False)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
+           "lib.tracing.sweep", "--model", "twin:sd-v1", "--probes", str(probes), "--out", str(tmp_path / "o"),
+           "--steps", "2", "--layers", ",".join(SUBSET[:2]), "--scorer", "openclip:ViT-B-32:none"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "process 0/2: wrote 2 file(s)" in proc.stdout and "process 1/2: wrote 1 file(s)" in proc.stdout
+    assert len(collect(tmp_path / "o", tau=0.5)) == 6
