@@ -59,3 +59,22 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(toy_dir, tmp_path):
     (bad / "clip_vision/model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="clip_vision.*lib.toy.train --stage all"):
         T.load_toy_clip(bad)
+
+
+def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp_path):
+    import shutil
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    te_bytes = (work / "text_encoder/model.safetensors").read_bytes()
+    vis_bytes = (work / "clip_vision/model.safetensors").read_bytes()
+    T.run("clip-vision", "cpu", work, steps_override=2)
+    T.run("unet-resume", "cpu", work, steps_override=2)
+    T.run("unet-resume", "cpu", work, steps_override=2)
+    assert (work / "text_encoder/model.safetensors").read_bytes() == te_bytes  # the UNet's encoder never moves
+    assert (work / "clip_vision/model.safetensors").read_bytes() != vis_bytes
+    stages = json.loads((work / "TRAINING.json").read_text())["stages"]
+    assert {"clip-vision", "unet-resume", "unet-resume-2"} <= set(stages)
+    assert stages["clip-vision"]["text_frozen"] and stages["unet-resume"]["resumed"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        T.run("everything", "cpu", work)

@@ -11,7 +11,7 @@ Each :class:`AttributeClassifier` maps float images (B, 3, H, W) in [0, 1] to on
 Labels: ``object`` (a character's generic object included), ``color`` (scored only where the scene names one), and
 ``style``/``action``/``character``/``background`` with ``"none"`` for absent.
 
-    python -m lib.toy.classifiers --out data/toy/classifiers --steps 700
+    python -m lib.toy.classifiers --out data/toy/classifiers --steps 3000
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ MEMBERS: dict[str, dict] = {
 }
 DEFAULT_DIR = TOY_DIR / "classifiers"
 CONFIG_NAME = "config.json"
-REBUILD = "python -m lib.toy.classifiers --out data/toy/classifiers --steps 700"
+REBUILD = "python -m lib.toy.classifiers --out data/toy/classifiers --steps 3000"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EDGE_MEAN = (0.11, 0.18)  # thinned Canny magnitude, edge map (0 / 0.5 / 1), measured on renders
@@ -311,7 +311,7 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
     return model.eval(), info
 
 
-def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int = 700, seed: int = 0, device: str = "cpu",
+def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int = 3000, seed: int = 0, device: str = "cpu",
                       members: Sequence[str] = tuple(MEMBERS), n_train: int = 20_000, n_eval: int = 1000,
                       batch_size: int = 64, threads: int | None = 1) -> dict:
     """Train every member on ``n_train`` renders of split="train", save them, and measure held-out accuracy.
@@ -347,7 +347,7 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int = 700, seed:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_DIR))
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))

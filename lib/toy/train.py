@@ -346,7 +346,13 @@ def _tokenize(tok, texts, max_length):
 
 
 # -------------------------------------------------------------------------------------------------------- stage 1
-def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = False) -> dict:
+def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = False, freeze_text: bool = False) -> dict:
+    """Contrastive CLIP training with one hard negative per image.
+
+    ``freeze_text=True`` (stage ``clip-vision``) continues the saved toy CLIP with its text tower frozen: the text tower
+    is the diffusion model's text encoder, so only the vision tower, the projections and the temperature move, and
+    ``text_encoder/`` is left untouched.
+    """
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
@@ -355,14 +361,17 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] + 1)
     tok = build_clip_tokenizer()
-    model = new_clip().to(dev).train()
+    model = (load_toy_clip(out) if freeze_text else new_clip()).to(dev).train()
+    if freeze_text:
+        model.text_model.requires_grad_(False).eval()
     caps = data["captions"]
     negs = [hard_negative(s, cp, rng) for s, cp in zip(data["scenes"], caps)]
     negs = [n if n is not None else cp for n, cp in zip(negs, caps)]
     ids = _tokenize(tok, caps, CLIP_MAX_TOKENS)
     nids = _tokenize(tok, negs, CLIP_MAX_TOKENS)
     pix = to_pixels(data["images"])
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.1, betas=(0.9, 0.98))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=0.1, betas=(0.9, 0.98))
     plan = _Plan(steps, c.get("budget_min"), override)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
     log = _Log("clip", steps, max(1, min(25, steps // 10)))
@@ -382,7 +391,7 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(b)].T, target))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -391,10 +400,8 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
         log(step, loss.item(), f"acc {acc:.3f} hardneg {hard:.3f}")
     model = model.cpu().eval()
     # text tower → text_encoder/ (a CLIPTextModel) ; vision tower + projections → clip_vision/
-    te = CLIPTextModel(model.config.text_config)
-    te.load_state_dict(model.text_model.state_dict())  # transformers 5: CLIPTextModel has no .text_model wrapper
-    te.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
-    build_clip_tokenizer().save_pretrained(out / "tokenizer")
+    if not freeze_text:
+        _save_text_encoder(model, out)
     vis = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items() if not k.startswith("text_model.")}
     (out / "clip_vision").mkdir(parents=True, exist_ok=True)
     save_file(vis, str(out / "clip_vision/model.safetensors"))
@@ -402,7 +409,18 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
         {"vision_config": model.config.vision_config.to_dict(), "projection_dim": model.config.projection_dim,
          "pixel_convention": "64x64 RGB, values image/127.5 - 1 (lib.toy.train.clip_preprocess)",
          "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1))
-    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc, final_hardneg_acc=hard)
+    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc,
+                       final_hardneg_acc=hard, text_frozen=freeze_text)
+
+
+def _save_text_encoder(model, out: Path) -> None:
+    """The CLIP text tower as a standalone ``CLIPTextModel`` in ``text_encoder/`` (+ the offline tokenizer)."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(model.config.text_config)
+    te.load_state_dict(model.text_model.state_dict())  # transformers 5: CLIPTextModel has no .text_model wrapper
+    te.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
+    build_clip_tokenizer().save_pretrained(out / "tokenizer")
 
 
 # -------------------------------------------------------------------------------------------------------- stage 2
@@ -525,7 +543,9 @@ def _save_pipeline(unet, vae, te, out: Path):
 
 
 def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
-               override: bool = False) -> dict:
+               override: bool = False, resume: bool = False) -> dict:
+    """Denoising training of the UNet on frozen VAE latents and text states; ``resume=True`` (stage ``unet-resume``)
+    continues from the UNet saved in ``out/unet`` (the EMA weights) instead of a fresh one."""
     c = cfg["unet"]
     dev = cfg["device"]
     torch.manual_seed(cfg["seed"])
@@ -547,7 +567,13 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
     print(f"[unet] encoded {len(lat)} latents (std {lat.std():.3f}) and {len(uniq)} unique captions "
           f"in {time.time() - t0:.1f} s", flush=True)
     emb = emb.to(dev)
-    unet = new_unet(c["widths"]).to(dev).train()
+    if resume:
+        from diffusers import UNet2DConditionModel
+
+        _require(out / "unet/diffusion_pytorch_model.safetensors")
+        unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).to(dev).train()
+    else:
+        unet = new_unet(c["widths"]).to(dev).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = train_scheduler()
     acp = noise_sched.alphas_cumprod.to(dev)
@@ -599,15 +625,26 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
     _save_pipeline(ema, vae, te, out)
     n_params = sum(p.numel() for p in unet.parameters())
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], ema=c["ema"], caption_dropout=0.1, params=n_params,
-                       unique_captions=len(uniq))
+                       unique_captions=len(uniq), resumed=resume)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
+STAGES = ("clip", "vae", "unet", "all", "clip-vision", "unet-resume")
+
+
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
-        samples_dir: str | Path | None = None, n_train: int | None = None) -> dict:
+        samples_dir: str | Path | None = None, n_train: int | None = None,
+        budget_min: float | None = None, threads: int | None = None) -> dict:
+    """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``unet-resume`` continue saved
+    weights) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
+    the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = copy.deepcopy(CONFIGS[config])
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--config gpu needs a CUDA device; use --config cpu on this machine")
+    if threads is not None:
+        cfg["threads"] = threads
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if n_train is not None:
@@ -624,18 +661,24 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record.setdefault("stages", {})
     data = make_training_data(cfg)
     stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
+    if budget_min is not None:
+        for st in stages:
+            cfg[st.split("-")[0]]["budget_min"] = budget_min
     t_all = time.time()
     for st in stages:
-        steps = steps_override or cfg[st]["steps"]
+        steps = steps_override or cfg[st.split("-")[0]]["steps"]
         ov = steps_override is not None
-        if st == "clip":
-            res = train_clip(cfg, data, out, steps, ov)
+        if st in ("clip", "clip-vision"):
+            res = train_clip(cfg, data, out, steps, ov, freeze_text=st == "clip-vision")
         elif st == "vae":
             res = train_vae(cfg, data, out, steps, samples, ov)
         else:
-            res = train_unet(cfg, data, out, steps, samples, ov)
+            res = train_unet(cfg, data, out, steps, samples, ov, resume=st == "unet-resume")
         res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        record["stages"][st] = res
+        key, n = st, 2
+        while key in record["stages"] and st.endswith(("-vision", "-resume")):  # keep every continuation's log
+            key, n = f"{st}-{n}", n + 1
+        record["stages"][key] = res
         log_path.write_text(json.dumps(record, indent=1))
         print(f"[{st}] done in {res['wall_s'] / 60:.1f} min", flush=True)
     record["total_wall_s_this_run"] = round(time.time() - t_all, 1)
@@ -645,7 +688,10 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("clip", "vae", "unet", "all"), required=True)
+    ap.add_argument("--stage", choices=STAGES, required=True,
+                    help="all = clip, vae, unet from scratch; clip-vision / unet-resume continue the saved weights")
+    ap.add_argument("--budget-min", type=float, default=None, help="wall-clock budget of each stage (cpu config)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's)")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="cpu")
     ap.add_argument("--out", default=str(TOY_DIR))
     ap.add_argument("--steps-override", type=int, default=None, help="tiny step count for CI smoke tests")
@@ -653,7 +699,7 @@ def main(argv=None):
     ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train)
+    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads)
 
 
 if __name__ == "__main__":
