@@ -68,13 +68,20 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     shutil.copytree(toy_dir, work)
     te_bytes = (work / "text_encoder/model.safetensors").read_bytes()
     vis_bytes = (work / "clip_vision/model.safetensors").read_bytes()
+    from diffusers import AutoencoderKL
+
+    enc_before = AutoencoderKL.from_pretrained(work / "vae").encoder.state_dict()
     T.run("clip-vision", "cpu", work, steps_override=2)
+    T.run("vae-decoder", "cpu", work, steps_override=2)
     T.run("unet-resume", "cpu", work, steps_override=2)
     T.run("unet-resume", "cpu", work, steps_override=2)
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in enc_before.items())  # latents unchanged
     assert (work / "text_encoder/model.safetensors").read_bytes() == te_bytes  # the UNet's encoder never moves
     assert (work / "clip_vision/model.safetensors").read_bytes() != vis_bytes
     stages = json.loads((work / "TRAINING.json").read_text())["stages"]
-    assert {"clip-vision", "unet-resume", "unet-resume-2"} <= set(stages)
+    assert {"clip-vision", "vae-decoder", "unet-resume", "unet-resume-2"} <= set(stages)
+    assert stages["vae-decoder"]["encoder_frozen"]
     assert stages["clip-vision"]["text_frozen"] and stages["unet-resume"]["resumed"]
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)

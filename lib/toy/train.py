@@ -470,6 +470,57 @@ def train_vae(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | 
                        recon_mse_train512=val_mse)
 
 
+def train_vae_decoder(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
+                      override: bool = False) -> dict:
+    """Continue the saved VAE's decoder only (stage ``vae-decoder``): encoder and scaling factor stay fixed, so the
+    latents the UNet was trained on do not move and a trained UNet stays valid while its images get sharper.
+
+    The decoder learns to reconstruct the image from the posterior *mean* (what the UNet's targets are made of).
+    """
+    c = cfg["vae"]
+    dev = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"] + 5)
+    vae = _load_vae(out, dev).train()
+    vae.encoder.requires_grad_(False).eval()
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    pix = to_pixels(data["images"])
+    opt = torch.optim.AdamW(params, lr=c["lr"] * 0.5, weight_decay=0.0)
+    plan = _Plan(steps, c.get("budget_min"), override)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
+    log = _Log("vae-decoder", steps, max(1, min(25, steps // 10)))
+    it = _batches(len(pix), min(c["batch"], len(pix)), rng)
+    step = -1
+    while step + 1 < plan.total:
+        step += 1
+        plan.tick(step, log)
+        x = pix[next(it)].to(dev)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        with _autocast(cfg):
+            rec = vae.decode(z).sample.float()
+            mse = F.mse_loss(rec, x)
+            loss = mse + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log(step, mse.item(), "(mse)")
+    vae.eval()
+    with torch.no_grad():
+        x = pix[:512].to(dev)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        val_mse = F.mse_loss(rec, x).item()
+    vae = vae.cpu()
+    if samples_dir is not None:
+        _save_grid(torch.cat([x[:16].cpu(), rec[:16].cpu()]), samples_dir / "vae_decoder_recon.png", cols=16)
+    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"] * 0.5, encoder_frozen=True,
+                       scaling_factor=float(vae.config.scaling_factor), recon_mse_train512=val_mse)
+
+
 def _save_grid(x: torch.Tensor, path: Path, cols: int = 8):
     from PIL import Image
 
@@ -629,14 +680,14 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
 
 
 # ----------------------------------------------------------------------------------------------------------- main
-STAGES = ("clip", "vae", "unet", "all", "clip-vision", "unet-resume")
+STAGES = ("clip", "vae", "unet", "all", "clip-vision", "vae-decoder", "unet-resume")
 
 
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
         budget_min: float | None = None, threads: int | None = None) -> dict:
-    """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``unet-resume`` continue saved
-    weights) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
+    """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``vae-decoder`` / ``unet-resume``
+    continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
     the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -670,13 +721,15 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         ov = steps_override is not None
         if st in ("clip", "clip-vision"):
             res = train_clip(cfg, data, out, steps, ov, freeze_text=st == "clip-vision")
+        elif st == "vae-decoder":
+            res = train_vae_decoder(cfg, data, out, steps, samples, ov)
         elif st == "vae":
             res = train_vae(cfg, data, out, steps, samples, ov)
         else:
             res = train_unet(cfg, data, out, steps, samples, ov, resume=st == "unet-resume")
         res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         key, n = st, 2
-        while key in record["stages"] and st.endswith(("-vision", "-resume")):  # keep every continuation's log
+        while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
         record["stages"][key] = res
         log_path.write_text(json.dumps(record, indent=1))
@@ -689,7 +742,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=STAGES, required=True,
-                    help="all = clip, vae, unet from scratch; clip-vision / unet-resume continue the saved weights")
+                    help="all = clip, vae, unet from scratch; clip-vision / vae-decoder / unet-resume continue saved weights")
     ap.add_argument("--budget-min", type=float, default=None, help="wall-clock budget of each stage (cpu config)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's)")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="cpu")

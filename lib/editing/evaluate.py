@@ -1,0 +1,271 @@
+"""Evaluating concept edits in the toy world: held-out prompts, paraphrases and misspellings, generation under an
+edit, ensemble classification against the known scene, and the toy CLIP-Score.
+
+The edit is fitted on ``TEMPLATES`` prompts ("A photo of van gogh", ...); every evaluation prompt here is a toy-world
+caption (:func:`lib.toy.world.captions`) that is *not* one of those prompts, so the edit is always scored on prompts
+it was not built from.
+"""
+
+from __future__ import annotations
+
+import difflib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.editing.quickfix import TEMPLATES, WeightEdit
+from lib.sampling import generate
+from lib.toy import world as W
+from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
+
+CONCEPT_ATTRIBUTES = ("style", "character", "object")  # where an anchor or a target phrase may live
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A toy-world phrase and the scene attribute that holds it, e.g. ``Concept("style", "van gogh")``."""
+
+    attribute: str
+    value: str
+
+
+def concept(phrase: str) -> Concept:
+    """The attribute of a toy-world phrase ("van gogh" → style, "snoopy" → character, "dog" → object)."""
+    p = " ".join(phrase.lower().split())
+    for a in CONCEPT_ATTRIBUTES:
+        if p in W.VOCAB[a]:
+            return Concept(a, p)
+    known = sorted(v for a in CONCEPT_ATTRIBUTES for v in W.VOCAB[a])
+    raise ValueError(f"{phrase!r} is not a toy-world style, character or object; known: {', '.join(known)}")
+
+
+def edit_scene(scene: W.Scene, anchor: str, target: str) -> W.Scene:
+    """The scene the edited model should draw for ``scene`` (anchor replaced by target; e.g. snoopy → a dog)."""
+    a, t = concept(anchor), concept(target)
+    if getattr(scene, a.attribute) != a.value:
+        return scene
+    d = scene.as_dict()
+    if a.attribute == "character":
+        d.update(character=None, object=None)
+    else:
+        d[a.attribute] = None
+    if t.attribute == "character":
+        d.update(character=t.value, object=None, color=None)
+    else:
+        d[t.attribute] = t.value
+    return W.Scene(**d)
+
+
+def nearest_caption(scene: W.Scene, like: str) -> str:
+    """The phrasing of ``scene`` closest (word by word) to the caption ``like``."""
+    return max(W.captions(scene), key=lambda c: difflib.SequenceMatcher(None, c.split(), like.split()).ratio())
+
+
+def edit_prompts(anchors: Iterable[str], templates: Sequence[str] = TEMPLATES) -> set[str]:
+    """The (lower-cased) prompts an edit is fitted on: excluded from every evaluation set."""
+    return {" ".join(t.format(a).lower().split()) for a in anchors for t in templates}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def concept_prompts(anchor: str, n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
+    """``n`` distinct (caption, scene) pairs from the toy world's training distribution holding ``anchor``, none of
+    them in ``exclude`` (normalised text), reproducible from ``seed``."""
+    c = concept(anchor)
+    skip = {_norm(e) for e in exclude}
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    for _ in range(200 * max(n, 1)):
+        if len(out) >= n:
+            break
+        s = W.sample_scene(rng, "train")
+        d = s.as_dict()
+        if c.attribute == "character":
+            d.update(character=c.value, object=None, color=None)
+        elif c.attribute == "object":
+            if s.character is not None:
+                continue
+            d["object"] = c.value
+        else:
+            d[c.attribute] = c.value
+        try:
+            s = W.Scene(**d)
+        except ValueError:
+            continue
+        if W.is_heldout(s):
+            continue
+        cap = W.caption(s, rng)
+        if _norm(cap) in skip or cap in seen:
+            continue
+        seen.add(cap)
+        out.append((cap, s))
+    if len(out) < n:
+        raise ValueError(f"found only {len(out)} of {n} distinct prompts holding {anchor!r}")
+    return out
+
+
+def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:
+    """``n`` distinct training-distribution (caption, scene) pairs that hold none of the phrases in ``avoid``."""
+    avoid = [concept(p) for p in avoid]
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    for _ in range(200 * max(n, 1)):
+        if len(out) >= n:
+            break
+        s = W.sample_scene(rng, "train")
+        if any(getattr(s, c.attribute) == c.value for c in avoid if c.attribute != "object") or any(
+                s.object == c.value and s.character is None for c in avoid if c.attribute == "object"):
+            continue
+        cap = W.caption(s, rng)
+        if cap not in seen:
+            seen.add(cap)
+            out.append((cap, s))
+    return out
+
+
+# A few misspellings per toy concept, as people type them (the paper's robustness demo); others are generated.
+MISSPELLINGS: dict[str, tuple[str, ...]] = {
+    "van gogh": ("van gough", "vangogh", "van goh"),
+    "monet": ("monnet", "monett", "manet"),
+    "snoopy": ("snoopi", "snopy", "snoppy"),
+    "r2d2": ("r2-d2", "r2 d2", "rd2d"),
+    "nemo": ("nemmo", "nimo", "neemo"),
+    "grumpy cat": ("grumpycat", "grumpy kat", "grumpie cat"),
+}
+
+
+def misspellings(phrase: str, n: int = 3) -> list[str]:
+    """``n`` misspellings of ``phrase``: the listed ones, else a dropped, a doubled and a swapped letter."""
+    known = list(MISSPELLINGS.get(_norm(phrase), ()))
+    p = _norm(phrase)
+    letters = [i for i, ch in enumerate(p) if ch.isalpha()]
+    mid = letters[len(letters) // 2] if letters else 0
+    made = [p[:mid] + p[mid + 1:], p[:mid] + p[mid] + p[mid:], p[:mid] + p[mid + 1:mid + 2] + p[mid] + p[mid + 2:]]
+    out = []
+    for m in known + made:
+        if m != p and m not in out:
+            out.append(m)
+    return out[:n]
+
+
+def variant_prompts(anchor: str, scene: W.Scene, n_misspellings: int = 3) -> list[tuple[str, str, str]]:
+    """(kind, variant, prompt) for one scene holding ``anchor``: every paraphrase the toy grammar has for it
+    (``kind="paraphrase"``), and the first paraphrase with the anchor misspelt (``kind="misspelling"``)."""
+    caps = W.captions(scene)
+    out = [("paraphrase", anchor, c) for c in caps]
+    base = caps[0]
+    a, b = W.subject_char_span(base, scene, concept(anchor).attribute)
+    out += [("misspelling", m, base[:a] + m + base[b:]) for m in misspellings(anchor, n_misspellings)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generate and classify
+@torch.no_grad()
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                    edit: WeightEdit | None = None, batch_size: int = 64, progress=None) -> torch.Tensor:
+    """Images for every (prompt, seed), prompt-major (``index = i_prompt * len(seeds) + i_seed``), in [0, 1], on
+    the CPU; with ``edit`` applied during generation (and reverted afterwards). ``progress``: a tqdm bar to update."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    ctx = edit.applied(pipe) if edit is not None else nullcontext()
+    out = []
+    with ctx:
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i : i + batch_size]
+            out.append(generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance).float().cpu())
+            if progress is not None:
+                progress.update(len(chunk))
+    return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
+
+
+@torch.no_grad()
+def classify(members: AttributeClassifier | Mapping[str, AttributeClassifier], images: torch.Tensor,
+             batch_size: int = 256) -> pd.DataFrame:
+    """Ensemble predictions (argmax of the members' mean log-probabilities), one column per family."""
+    members = {members.name: members} if isinstance(members, AttributeClassifier) else dict(members)
+    labels = {f: lab for m in members.values() for f, lab in m.labels.items()}
+    cols: dict[str, list[str]] = {f: [] for f in FAMILIES if f in labels}
+    for i in range(0, len(images), batch_size):
+        lp = ensemble_log_probs(members, images[i : i + batch_size])
+        for f in cols:
+            cols[f] += [labels[f][j] for j in lp[f].argmax(-1).tolist()]
+    return pd.DataFrame(cols)
+
+
+def scene_accuracy(pred: pd.DataFrame, scenes: Sequence[W.Scene]) -> pd.Series:
+    """Per image: the fraction of scored families (a scene's color only where it names one) predicted right."""
+    acc = []
+    for (_, row), s in zip(pred.iterrows(), scenes):
+        truth = {f: scene_label(s, f) for f in pred.columns}
+        scored = [f for f, v in truth.items() if v is not None]
+        acc.append(float(np.mean([row[f] == truth[f] for f in scored])))
+    return pd.Series(acc, index=pred.index, name="accuracy")
+
+
+def toy_clip_scorer(folder=None, device: str = "cpu"):
+    """A :class:`lib.scoring.ClipScorer` on the toy CLIP (64×64 inputs scaled to [-1, 1], as it was trained)."""
+    from lib.paths import TOY_DIR
+    from lib.scoring import hf_clip_scorer
+    from lib.tokenizer import build_clip_tokenizer
+    from lib.toy.train import load_toy_clip
+
+    model = load_toy_clip(folder or TOY_DIR).to(device)
+    return hf_clip_scorer(model, build_clip_tokenizer(), image_size=W.SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@torch.no_grad()
+def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], prompts: Sequence[str],
+                  scenes: Sequence[W.Scene], seeds: Sequence[int], steps: int, guidance: float,
+                  scorer=None, score_captions: Mapping[str, Sequence[str]] | None = None,
+                  batch_size: int = 64, progress=None, keep_images: bool = False):
+    """Generate ``prompts`` × ``seeds`` under each condition (name → edit, None = unedited) and classify.
+
+    Returns a tidy frame (condition, prompt index, prompt, seed, one ``pred_<family>`` column per family, ``accuracy``
+    against ``scenes``, and ``clip_<name>`` for each caption list of ``score_captions`` scored with ``scorer``), plus
+    ``{condition: images}`` when ``keep_images``.
+    """
+    if len(prompts) != len(scenes):
+        raise ValueError(f"{len(prompts)} prompts but {len(scenes)} scenes")
+    frames, images = [], {}
+    for name, edit in conditions.items():
+        imgs = generate_images(pipe, prompts, seeds, steps, guidance, edit, batch_size, progress)
+        pred = classify(members, imgs).add_prefix("pred_")
+        rep_scenes = [s for s in scenes for _ in seeds]
+        df = pd.DataFrame({
+            "condition": name,
+            "prompt_id": np.repeat(np.arange(len(prompts)), len(seeds)),
+            "prompt": np.repeat(np.asarray(prompts, dtype=object), len(seeds)),
+            "seed": np.tile(np.asarray(seeds), len(prompts)),
+        })
+        df = pd.concat([df, pred], axis=1)
+        df["accuracy"] = scene_accuracy(pred.rename(columns=lambda c: c[5:]), rep_scenes).values
+        for key, caps in (score_captions or {}).items():
+            rep = [c for c in caps for _ in seeds]
+            df[f"clip_{key}"] = scorer.score(imgs, rep).cpu().numpy() if scorer is not None else np.nan
+        frames.append(df)
+        if keep_images:
+            images[name] = imgs
+    out = pd.concat(frames, ignore_index=True)
+    return (out, images) if keep_images else out
+
+
+def concept_rate(df: pd.DataFrame, phrase: str) -> pd.Series:
+    """Per row: whether the classifier found ``phrase`` (e.g. style == "van gogh"; for an object, the generic
+    object without a character)."""
+    c = concept(phrase)
+    hit = df[f"pred_{c.attribute}"] == c.value
+    if c.attribute == "object" and "pred_character" in df:
+        hit &= df["pred_character"] == "none"
+    return hit
+
+
+__all__ = [
+    "Concept", "MISSPELLINGS", "classify", "concept", "concept_prompts", "concept_rate", "edit_prompts", "edit_scene",
+    "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy", "toy_clip_scorer",
+    "unrelated_prompts", "variant_prompts",
+]

@@ -1,0 +1,367 @@
+"""DiffQuickFix and the cross-attention baseline on the tiny shape twins (SD 1.x, 2.x, XL), and the toy-world
+evaluation helpers (prompts, misspellings, scene edits) that notebook 06 composes."""
+
+import warnings
+
+import pytest
+import torch
+
+from lib.editing import (
+    TEMPLATES,
+    CrossAttentionEdit,
+    EditError,
+    FingerprintWarning,
+    IllConditionedWarning,
+    QuickFixEdit,
+    WeightEdit,
+    align_prompts,
+    closed_form,
+    collect_keys_values,
+    cross_attention_baseline,
+    gradient_descent_gap,
+    quickfix,
+    save_edited_model,
+)
+from lib.editing import evaluate as E
+from lib.editing.baseline import collect_embeddings, cross_attention_projections
+from lib.editing.quickfix import capture_out_proj, out_proj
+from lib.prompts import PromptError
+from lib.toy import world as W
+from lib.twins import build_twin
+
+_PIPES: dict = {}
+
+
+def pipe(family: str = "sd-v1"):
+    if family not in _PIPES:
+        p = build_twin(family)
+        p.set_progress_bar_config(disable=True)
+        _PIPES[family] = p
+    return _PIPES[family]
+
+
+def _weights(p):
+    return {k: v.detach().clone() for k, v in p.text_encoder.state_dict().items()}
+
+
+# --- the closed form ----------------------------------------------------------------------------------------------
+
+def test_closed_form_matches_the_formula_and_gradient_descent():
+    g = torch.Generator().manual_seed(0)
+    k, v, w = torch.randn(50, 16, generator=g), torch.randn(50, 8, generator=g), torch.randn(8, 16, generator=g)
+    lam = 0.01
+    k64, v64, w64 = k.double(), v.double(), w.double()
+    expected = (lam * w64 + v64.T @ k64) @ torch.linalg.inv(lam * torch.eye(16, dtype=torch.float64) + k64.T @ k64)
+    got = closed_form(k, v, w, lam)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, atol=1e-10)
+    gap = gradient_descent_gap(k, v, w, lam)
+    assert gap.rel_update < 1e-6 and gap.objective_iterative >= gap.objective_closed * (1 - 1e-12)
+
+
+def test_closed_form_is_the_gradient_descent_optimum_on_real_keys():
+    kv = collect_keys_values(pipe(), "van gogh", "painting")
+    gap = gradient_descent_gap(kv.keys, kv.values, kv.weight, 0.01)
+    assert gap.rel_update < 1e-5, gap
+
+
+def test_singular_system_is_regularised_never_nan():
+    k = torch.ones(3, 16, dtype=torch.float64)  # rank 1, λ = 0: singular
+    v = torch.randn(3, 8, dtype=torch.float64)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    with pytest.warns(IllConditionedWarning, match="λ raised"):
+        out = closed_form(k, v, w, lam=0.0)
+    assert torch.isfinite(out).all()
+    with pytest.raises(EditError, match="NaN or inf"):
+        closed_form(torch.full((3, 16), float("nan")), v, w)
+    with pytest.raises(EditError, match="λ must be"):
+        closed_form(k, v, w, lam=-1.0)
+
+
+def test_quickfix_with_lambda_zero_on_a_twin_warns_and_stays_finite():
+    p = _wider_twin(hidden=128)  # 75 keys from one prompt in 128 dimensions: Σkkᵀ is singular
+    with pytest.warns(IllConditionedWarning):
+        e = quickfix(p, "van gogh", "painting", lam=0.0, templates=("{}",))
+    assert all(torch.isfinite(d).all() for d in e.deltas.values())
+
+
+# --- keys, values and positions ------------------------------------------------------------------------------------
+
+def test_positions_are_last_subject_token_onwards_over_prefixed_prompts():
+    tok = pipe().tokenizer
+    pairs = align_prompts(tok, "van gogh", "painting")
+    assert [p.anchor_prompt for p in pairs] == [t.format("van gogh") for t in TEMPLATES]
+    p = pairs[1]  # "A photo of van gogh": <s> a photo of van gogh </s> ... → "gogh" at 5
+    assert p.key_positions[0] == 5 and p.key_positions[-1] == 76 and len(p.key_positions) == 72
+    assert p.value_positions == tuple(range(4, 76))  # the target's tail is longer: paired in order
+    # an anchor shorter than its target: the extra anchor positions are paired with the target's last position
+    q = align_prompts(tok, "snoopy", "grumpy cat")[1]
+    assert q.key_positions == tuple(range(4, 77)) and q.value_positions == tuple(range(5, 77)) + (76,)
+    trunc = align_prompts(tok, "snoopy", "grumpy cat", align="truncate")[1]
+    assert len(trunc.key_positions) == len(trunc.value_positions) == 72 and trunc.key_positions[-1] == 75
+
+
+def test_keys_are_out_proj_inputs_and_values_its_outputs():
+    p = pipe()
+    kv = collect_keys_values(p, "van gogh", "painting", layer=1, templates=("A photo of {}",), subtract_bias=False)
+    ids = p.tokenizer(["A photo of van gogh", "A photo of painting"], padding="max_length", max_length=77,
+                      return_tensors="pt").input_ids
+    x, y = capture_out_proj(p.text_encoder, 1, ids)
+    assert torch.allclose(kv.keys, x[0, 5:].double()) and torch.allclose(kv.values, y[1, 4:76].double())
+    proj = out_proj(p.text_encoder, 1)
+    assert torch.allclose(y, proj(x), atol=1e-6)  # what was captured is the projection's input/output
+    assert kv.param == "text_encoder:text_model.encoder.layers.1.self_attn.out_proj.weight" or kv.param.endswith(
+        "encoder.layers.1.self_attn.out_proj.weight")
+
+
+# --- the edit: effect, several pairs, any layer, every family -------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd-v1", "sd-v2", "sdxl"])
+def test_edit_moves_anchor_outputs_to_target_on_every_encoder(family):
+    p = pipe(family)
+    e = quickfix(p, ["van gogh", "snoopy"], ["painting", "dog"], layer=0)
+    names = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    assert sorted(e.meta["encoders"]) == names and len(e.deltas) == len(names)
+    for n in names:
+        kv = collect_keys_values(p, ["van gogh", "snoopy"], ["painting", "dog"], 0, n)
+        before = float(((kv.keys @ kv.weight.T - kv.values) ** 2).sum())
+        te = getattr(p, n)
+        with e.applied(p):
+            w = out_proj(te, 0).weight.detach().double()
+        after = float(((kv.keys @ w.T - kv.values) ** 2).sum())
+        assert after < 0.25 * before, (n, before, after)  # 586 keys in 32 dimensions: least squares, not exact
+
+
+def test_edit_at_any_layer_and_out_of_range():
+    p = pipe()
+    n = len(p.text_encoder.text_model.encoder.layers) if hasattr(p.text_encoder, "text_model") else 12
+    for layer in (0, 5, n - 1):
+        e = quickfix(p, "van gogh", "painting", layer=layer)
+        (path,) = e.deltas
+        assert f"layers.{layer}.self_attn.out_proj.weight" in path and e.deltas[path].abs().sum() > 0
+    for bad in (n, -1, 1.5, True):
+        with pytest.raises(EditError, match="out of range"):
+            quickfix(p, "van gogh", "painting", layer=bad)
+
+
+def test_fit_at_one_layer_equals_a_single_ridge_solve():
+    p = pipe()
+    e = quickfix(p, ["van gogh", "snoopy"], ["painting", "dog"], layer=2)
+    kv = collect_keys_values(p, ["van gogh", "snoopy"], ["painting", "dog"], 2)
+    (delta,) = e.deltas.values()
+    assert torch.allclose(delta.double(), closed_form(kv.keys, kv.values, kv.weight) - kv.weight, atol=1e-6)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_are_clear_errors():
+    p = pipe()
+    with pytest.raises(EditError, match="no anchor"):
+        quickfix(p, [], "painting")
+    with pytest.raises(EditError, match="empty anchor"):
+        quickfix(p, "  ", "painting")
+    with pytest.raises(EditError, match="empty target"):
+        quickfix(p, "van gogh", "")
+    with pytest.raises(EditError, match="same phrase"):
+        quickfix(p, "Van Gogh", "van  gogh")
+    with pytest.raises(EditError, match="2 anchors but 3 targets"):
+        quickfix(p, ["a", "b"], ["c", "d", "e"])
+    with pytest.raises(PromptError, match="anchor 'van gogh' is absent from its own prompt"):
+        quickfix(p, "van gogh", "painting", prompts={"van gogh": ["a photo of monet"], "painting": ["a painting"]})
+    with pytest.raises(EditError, match="unknown encoder"):
+        quickfix(p, "van gogh", "painting", encoders=["text_encoder_2"])
+    with pytest.raises(EditError, match="needs a '\\{\\}'"):
+        quickfix(p, "van gogh", "painting", templates=("no slot",))
+
+
+# --- apply / revert / save / load ------------------------------------------------------------------------------------
+
+def test_apply_revert_is_bit_exact_and_exclusive():
+    p = pipe()
+    before = _weights(p)
+    e = quickfix(p, "van gogh", "painting")
+    e.apply(p)
+    assert e.is_applied(p)
+    changed = [k for k, v in _weights(p).items() if not torch.equal(v, before[k])]
+    assert len(changed) == 1 and changed[0].endswith("layers.0.self_attn.out_proj.weight")
+    with pytest.raises(EditError, match="already applied"):
+        e.apply(p)
+    other = quickfix(p, "snoopy", "dog")
+    with pytest.raises(EditError, match="another edit is applied"):
+        other.apply(p)
+    e.revert(p)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+    with pytest.raises(EditError, match="not applied"):
+        e.revert(p)
+    with pytest.raises(RuntimeError), e.applied(p):
+        raise RuntimeError("boom")
+    assert not e.is_applied(p) and all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+
+
+def test_save_load_round_trip_is_a_small_delta(tmp_path):
+    p = pipe()
+    e = quickfix(p, ["van gogh", "snoopy"], ["painting", "dog"])
+    path = e.save(tmp_path / "vg")
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    assert path.stat().st_size < e.nbytes + 20_000  # the delta plus a header, not a model
+    with pytest.raises(FileExistsError):
+        e.save(path)
+    back = WeightEdit.load(path)
+    assert isinstance(back, QuickFixEdit) and back.meta["anchors"] == ["van gogh", "snoopy"]
+    assert all(torch.equal(back.deltas[k], e.deltas[k]) for k in e.deltas)
+    with back.applied(p):
+        w1 = out_proj(p.text_encoder, 0).weight.detach().clone()
+    with e.applied(p):
+        assert torch.equal(out_proj(p.text_encoder, 0).weight, w1)
+    with pytest.raises(EditError, match="not a 'cross-attention'"):
+        CrossAttentionEdit.load(path)
+    with pytest.raises(FileNotFoundError):
+        WeightEdit.load(tmp_path / "missing.safetensors")
+
+
+def test_delta_for_another_model_shape_is_a_clear_error():
+    e = quickfix(pipe("sd-v1"), "van gogh", "painting")
+    with pytest.raises(EditError, match=r"does not fit the model.*model weight \(64, 64\) vs edit \(32, 32\)"):
+        e.apply(_wider_twin())
+    xl = quickfix(pipe("sdxl"), "van gogh", "painting")
+    with pytest.raises(EditError, match="text_encoder_2.*no such weight"):
+        xl.apply(pipe("sd-v1"))
+
+
+def _wider_twin(hidden: int = 64):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    p = build_twin("sd-v1")
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77)
+    p.text_encoder = CLIPTextModel(cfg)
+    return p
+
+
+def test_same_shape_other_weights_warns():
+    e = quickfix(pipe("sd-v1"), "van gogh", "painting")
+    other = build_twin("sd-v1", seed=7)
+    with pytest.warns(FingerprintWarning):
+        e.apply(other)
+    e.revert(other)
+
+
+def test_save_edited_model_writes_a_new_folder_only(tmp_path):
+    p = pipe()
+    before = _weights(p)
+    e = quickfix(p, "van gogh", "painting")
+    out = save_edited_model(p, e, tmp_path / "edited")
+    assert (out / "model_index.json").is_file() and (out / "quickfix_edit.safetensors").is_file()
+    assert not e.is_applied(p) and all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        save_edited_model(p, e, out)
+    from diffusers import StableDiffusionPipeline
+
+    re = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    w = re.text_encoder.state_dict()
+    key = [k for k in w if k.endswith("layers.0.self_attn.out_proj.weight")][0]
+    (delta,) = e.deltas.values()
+    assert torch.allclose(w[key], before[key] + delta, atol=1e-6)
+    src = tmp_path / "src"
+    p.save_pretrained(src)
+    from lib.loading import load_pipeline
+
+    loaded = load_pipeline(str(src), device="cpu")
+    with pytest.raises(EditError, match="source folder"):
+        save_edited_model(loaded, e, src / "inside")
+
+
+# --- the cross-attention baseline --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd-v1", "sdxl"])
+def test_baseline_maps_anchor_embeddings_to_target_projections(family):
+    p = pipe(family)
+    e = cross_attention_baseline(p, ["van gogh", "snoopy"], ["painting", "dog"], lam=0.1)
+    layers = cross_attention_projections(p.unet)
+    assert set(e.deltas) == set(layers) and all(k.startswith("unet:") for k in e.deltas)
+    keys, tgts = collect_embeddings(p, ["van gogh", "snoopy"], ["painting", "dog"])
+    path = next(iter(layers))
+    w0 = layers[path].weight.detach().double()
+    before = float(((keys @ w0.T - tgts @ w0.T) ** 2).sum())
+    with e.applied(p):
+        w = layers[path].weight.detach().double()
+    after = float(((keys @ w.T - tgts @ w0.T) ** 2).sum())
+    assert after < 0.2 * before
+    gap = gradient_descent_gap(keys, tgts @ w0.T, w0, 0.1)
+    assert gap.rel_update < 1e-5
+    with pytest.raises(EditError, match="projections"):
+        cross_attention_baseline(p, "van gogh", "painting", projections=["to_q"])
+
+
+# --- toy-world evaluation helpers ---------------------------------------------------------------------------------------
+
+def test_concepts_and_scene_edits():
+    assert E.concept("Van  Gogh") == E.Concept("style", "van gogh") and E.concept("snoopy").attribute == "character"
+    with pytest.raises(ValueError, match="not a toy-world"):
+        E.concept("picachu")
+    s = W.Scene(character="snoopy", action="jumping", style="van gogh")
+    assert E.edit_scene(s, "snoopy", "dog") == W.Scene(object="dog", action="jumping", style="van gogh")
+    assert E.edit_scene(s, "van gogh", "painting") == W.Scene(character="snoopy", action="jumping", style="painting")
+    assert E.edit_scene(s, "monet", "painting") == s
+    assert E.nearest_caption(W.Scene(object="dog", style="painting"), "a van gogh painting of snoopy") == \
+        "a painting of a dog"
+
+
+def test_evaluation_prompts_exclude_edit_prompts_and_hold_the_concept():
+    ex = E.edit_prompts(["snoopy"])
+    assert "a photo of snoopy" in ex and "snoopy" in ex
+    got = E.concept_prompts("snoopy", 12, seed=0, exclude=ex)
+    assert len({c for c, _ in got}) == 12 and all(c.lower() not in ex for c, _ in got)
+    assert all(s.character == "snoopy" and W.parse_caption(c) == s for c, s in got)
+    assert E.concept_prompts("snoopy", 3, seed=0, exclude=ex) == got[:3]
+    un = E.unrelated_prompts(["snoopy", "van gogh"], 10, seed=1)
+    assert all(s.character != "snoopy" and s.style != "van gogh" for _, s in un)
+
+
+def test_variants_and_misspellings():
+    assert E.misspellings("van gogh") == ["van gough", "vangogh", "van goh"]
+    made = E.misspellings("painting", 3)
+    assert len(made) == 3 and "painting" not in made and len(set(made)) == 3
+    s = W.Scene(object="star", color="red", style="van gogh")
+    v = E.variant_prompts("van gogh", s)
+    assert [k for k, _, _ in v].count("paraphrase") == len(W.captions(s))
+    assert ("misspelling", "vangogh", W.captions(s)[0].replace("van gogh", "vangogh")) in v
+
+
+def test_concept_rate_and_scene_accuracy():
+    import pandas as pd
+
+    df = pd.DataFrame({"pred_style": ["van gogh", "painting"], "pred_character": ["none", "snoopy"],
+                       "pred_object": ["dog", "dog"]})
+    assert E.concept_rate(df, "van gogh").tolist() == [True, False]
+    assert E.concept_rate(df, "dog").tolist() == [True, False]  # a generic dog, not snoopy
+    pred = pd.DataFrame({"object": ["dog"], "color": ["red"], "style": ["none"], "action": ["none"],
+                         "character": ["snoopy"], "background": ["none"]})
+    acc = E.scene_accuracy(pred, [W.Scene(character="snoopy")])
+    assert acc.tolist() == [1.0]  # color not scored for a character
+
+
+def test_generate_images_applies_and_reverts_the_edit():
+    p = pipe()
+    before = _weights(p)
+    e = quickfix(p, "van gogh", "painting")
+    a = E.generate_images(p, ["a van gogh painting"], [0, 1], steps=2, guidance=3.0)
+    b = E.generate_images(p, ["a van gogh painting"], [0, 1], steps=2, guidance=3.0, edit=e, batch_size=1)
+    assert a.shape == b.shape == (2, 3, 64, 64) and not torch.equal(a, b)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+    warnings.simplefilter("default")
+
+
+def test_benchmark_cases_time_the_edit(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from lib.paths import REPO_ROOT
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--device", "cpu", "--cases",
+           "quickfix_sd14,quickfix_sdxl", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    res = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+    assert res["quickfix_sd14"]["median_s"] > 0 and res["quickfix_sd14"]["extra"]["n_keys"] == {"text_encoder": 586}
+    assert len(res["quickfix_sdxl"]["extra"]["weights"]) == 2

@@ -1,0 +1,99 @@
+"""The toy-world quality measurement: held-out prompt set, tidy predictions, the quality table, the CLI's errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib.toy import classifiers as C
+from lib.toy import evaluate as E
+from lib.toy import world as W
+
+
+@pytest.fixture(scope="module")
+def members():
+    torch.manual_seed(0)
+    return {name: C.build_member(name).eval() for name in C.MEMBERS}
+
+
+class _Oracle:
+    """A CLIP-like scorer that knows the truth: image i matches exactly the caption it was rendered from."""
+
+    def __init__(self, captions):
+        self.captions = list(captions)
+
+    def rank(self, images, candidates):
+        return torch.tensor([[1.0 if c == self.captions[i] else 0.0 for c in candidates] for i in range(len(images))])
+
+
+def test_heldout_prompts_cover_every_pair_and_are_held_out():
+    ps = E.heldout_prompts(per_pair=2, seed=0)
+    n_pairs = sum(len(v) for v in W.HELDOUT.values())
+    assert len(ps) == 2 * n_pairs and len({p.scene for p in ps}) == len(ps)
+    assert [p.prompt_id for p in ps] == list(range(len(ps)))
+    for p in ps:
+        assert W.is_heldout(p.scene) and W.parse_caption(p.caption) == p.scene
+        a, b = (kv.split("=") for kv in p.pair.split(" + "))
+        assert getattr(p.scene, a[0]) == a[1] and getattr(p.scene, b[0]) == b[1]
+    assert E.heldout_prompts(2, 0) == ps and E.heldout_prompts(2, 1) != ps
+    assert set(E.prompts_frame(ps).columns) >= {"prompt_id", "caption", "pair", *W.ATTRIBUTES}
+    with pytest.raises(ValueError, match="per_pair"):
+        E.heldout_prompts(0)
+
+
+def test_ensemble_predicts_every_family(members):
+    ens = E.EnsembleClassifier(members)
+    x = torch.rand(3, 3, 64, 64)
+    pred = ens.predict(x, batch_size=2)
+    assert ens.families == C.FAMILIES and all(len(v) == 3 for v in pred.values())
+    assert all(set(pred[f]) <= set(C.LABELS[f]) for f in ens.families)
+
+
+def test_render_predictions_and_quality_table(members):
+    ps = E.heldout_prompts(1, 0)[:3]
+    seeds = [0, 1]
+    caps = [p.caption for p in ps for _ in seeds]
+    df = E.evaluate_renders(E.with_ensemble(members), ps, seeds, _Oracle(caps))
+    n_img = len(ps) * len(seeds)
+    assert df["image"].nunique() == n_img and set(df["member"]) == {*C.MEMBERS, "ensemble", "clip"}
+    clip = df[df["member"] == "clip"]
+    assert len(clip) == n_img and clip["correct"].all()  # the oracle ranks the true caption first
+    assert (df["named"] == (df["truth"] != C.NONE)).all()
+    gen = df.assign(source="generated")
+    table = E.quality_table(pd.concat([df, gen], ignore_index=True))
+    assert table.loc[E.CLIP_FAMILY, "renders"] == 1.0 and table.loc[E.CLIP_FAMILY, "generated"] == 1.0
+    assert table.loc["object", "bar generated"] == 0.9 and table.loc["object", "bar renders"] == E.RENDER_BAR
+    md = E.to_markdown(table)
+    assert md.splitlines()[0].startswith("| metric | renders") and len(md.splitlines()) == len(table) + 2
+    acc = E.family_accuracy(df)
+    assert ("render", "ensemble") in acc.index and E.CLIP_FAMILY in acc.columns
+
+
+def test_generation_is_batched_and_ordered(members):
+    from lib.sampling import generate
+    from lib.twins import build_twin
+
+    pipe = build_twin("sd-v1")
+    pipe.set_progress_bar_config(disable=True)
+    ps = E.heldout_prompts(1, 0)[:2]
+    imgs = E.generate_prompts(pipe, ps, [3, 4], steps=2, batch_size=3, progress=False)
+    assert imgs.shape[0] == 4
+    ref = generate(pipe, [ps[1].caption], [3], steps=2, guidance=4.0)
+    torch.testing.assert_close(imgs[2:3], ref, atol=1e-4, rtol=1e-4)
+    df, _ = E.evaluate_generations(pipe, {"resnet": members["resnet"]}, ps, [3], steps=2, progress=False)
+    assert set(df["source"]) == {"generated"} and (df["steps"] == 2).all() and df["image"].nunique() == 2
+
+
+def test_showcase_scenes_vary_one_attribute():
+    sc = E.showcase_scenes()
+    assert list(sc) == list(W.ATTRIBUTES)
+    for fam, items in sc.items():
+        vals = [getattr(s, fam) for _, s in items]
+        assert len(set(vals)) == len(vals) and set(vals) - {None} == set(W.VOCAB[fam])
+    fig = E.showcase_figure({f: np.zeros((len(v), 64, 64, 3), np.uint8) for f, v in sc.items()})
+    assert len(fig.axes) == len(sc) * max(len(v) for v in sc.values())
+
+
+def test_missing_files_name_the_file_and_the_rebuild_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json.*lib\.toy\.train --stage all"):
+        E.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
