@@ -257,6 +257,7 @@ def lm():
 def test_lm_proposes_words_and_rejects_unknown_templates(lm):
     words = lm.propose("a photo of a cat", 5)
     assert 0 < len(words) <= 5 and all(w.isalpha() for w in words) and len(set(words)) == len(words)
+    assert lm.propose("a photo of a cat", 5, min_prob=1.0) == []  # no next word is certain
     with pytest.raises(PromptError, match=r"cannot encode.*zebra"):
         lm.propose("a photo of a zebra")
 
@@ -334,3 +335,46 @@ def test_ngr_flags_non_gaussian_latents():
     assert th.shape == sm.shape == (50,)
     with pytest.raises(ValueError, match="unknown test"):
         ngr(gauss, test="shapiro")
+
+
+# ----------------------------------------------------------------------------------------- notebook helpers (build)
+def test_build_specs_and_captions():
+    from lib.sage.build import build_ensemble, class_captions, make_member, vocabulary
+
+    with pytest.raises(ValueError, match="also an ensemble member"):
+        build_ensemble(["resnet", "edges"], checker="edges")
+    with pytest.raises(ValueError, match="unknown member spec"):
+        make_member("nonsense")
+    with pytest.raises(ValueError, match="toy world's edge member"):
+        make_member("edge:resnet")
+    train = class_captions("toy", "cat", 8, seed=0)
+    test = class_captions("toy", "cat", 6, seed=1, exclude=train)
+    assert len(set(train)) == 8 and not set(train) & set(test)
+    assert renderer_check(train + test, "cat").asks_for_class.all()
+    assert class_captions("toy", "cat", 8, seed=0) == train  # reproducible
+    with pytest.raises(ValueError, match="not a toy-world object"):
+        class_captions("toy", "zebra", 2)
+    assert class_captions("sd-v1-4", "cat", 3)[0].count("cat") == 1
+    words, attrs = vocabulary("toy")
+    assert "fish" in words and "red" in attrs and "gogh" in attrs
+
+
+def test_judge_images_and_before_after(ens):
+    from lib.sage.report import before_after, judge_images
+
+    imgs = torch.rand(3, 3, 32, 32)
+    df = judge_images(imgs, ens, "cat", "lose", checker=const_member([0.0, 5.0, 0.0], name="held-out"))
+    assert len(df) == 3 and {"fooled", "p_class", "checker_confirms", "checker_top"} <= set(df.columns)
+    assert (df.checker_top == "dog").all() and df.checker_confirms.all()
+    fig = before_after(imgs, imgs.flip(0), ["a", "b", "c"])
+    assert len(fig.axes) == 6
+    with pytest.raises(ValueError, match="'before' images"):
+        before_after(imgs, imgs[:2])
+
+
+def test_evaluate_token_returns_images(pipe, ens):
+    from lib.sage.token import TokenResult
+
+    res = TokenResult(torch.zeros(32), "cat", "car", meta=dict(steps=2, guidance=7.5))
+    df, with_tok, plain = evaluate_token(pipe, ens, res, ["a photo of a cat"], [0, 1], return_images=True)
+    assert len(df) == 2 and with_tok.shape == plain.shape == (2, 3, 64, 64)

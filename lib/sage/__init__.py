@@ -4,7 +4,10 @@
 * :mod:`lib.sage.latent` — latent search (residual-gradient trick, Gaussian-shell projection), save / re-render;
 * :mod:`lib.sage.prompt` — natural prompt search guided by a causal LM and embedding gradients;
 * :mod:`lib.sage.token` — universal adversarial token embedding towards a target object;
-* :mod:`lib.sage.metrics` — SSR(A), independent re-check, NGR.
+* :mod:`lib.sage.metrics` — SSR(A), independent re-check, NGR;
+* :mod:`lib.sage.build` — what notebooks 01–03 share: ensemble/checker from short specs, proposer LM, CLIP scorer,
+  failure-category vocabularies, captions of a class;
+* :mod:`lib.sage.report` — judged-image tables (ensemble + held-out checker) and before/after grids.
 
 No official code was released; every choice where the paper is silent is documented in the module docstrings and
 exposed as a parameter.

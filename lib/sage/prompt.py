@@ -3,7 +3,8 @@
 Each round (seed pseudo-code, one word per round):
 1. a causal LM (any ``AutoModelForCausalLM`` id or folder; the toy one is ``data/toy/lm``) proposes the ``top_k``
    most probable next *words* after the current prompt (a token counts when it starts a new word and is
-   alphabetic; BPE pieces that continue the last word are skipped);
+   alphabetic; BPE pieces that continue the last word are skipped; ``min_prob`` drops unlikely words, so that
+   with the toy LM the prompt stays inside the world's grammar; a single proposal is taken without optimisation);
 2. continuous embeddings ``[x]`` (the next word) and ``[y]`` (``lookahead`` future words) in the diffusion text
    encoder's token-embedding space are inserted after the last word (before EOS) and optimised against the surrogate
    loss (goal ``lose``, mean over the search seeds) with signed steps ``e ← clamp(e − lr·sign(∇), −2.5, 2.5)`` from 0;
@@ -150,15 +151,19 @@ class CandidateLM:
         return ids
 
     @torch.no_grad()
-    def propose(self, prefix: str, k: int = 20, scan: int = 2000) -> list[str]:
-        """The ``k`` most probable next words (alphabetic, lower case, each once), best first."""
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
+        """The ``k`` most probable next words (alphabetic, lower case, each once), best first; only tokens with
+        next-token probability ``>= min_prob`` (keeps the prompt natural: with the toy LM, inside the grammar)."""
         ids = self.encode(prefix)
         dev = next(self.model.parameters()).device
-        logits = self.model(torch.tensor([ids], device=dev)).logits[0, -1]
+        probs = self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)
         base = self.tokenizer.decode(ids, skip_special_tokens=True)
         special = set(self.tokenizer.all_special_ids)
         words: list[str] = []
-        for i in logits.topk(min(scan, logits.numel())).indices.tolist():
+        top = probs.topk(min(scan, probs.numel()))
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            if p < min_prob:
+                break
             if i in special:
                 continue
             text = self.tokenizer.decode(ids + [i], skip_special_tokens=True)
@@ -179,6 +184,7 @@ class PromptSearch:
     template: str = "a photo of a {cls}"
     n_words: int = 3
     top_k: int = 20
+    min_prob: float = 0.0  # LM proposals below this next-token probability are dropped (ours)
     lookahead: int = 1  # future-word embeddings [y] optimised with [x]
     lr: float = 0.05
     iterations: int = 100
@@ -190,8 +196,11 @@ class PromptSearch:
 
 def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
                   guidance: float = 7.5, config: PromptSearch = PromptSearch(),
-                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = ()):
-    """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added)."""
+                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool = False):
+    """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
+
+    ``progress``: a tqdm bar (stderr) over the embedding iterations of each round.
+    """
     import pandas as pd
 
     _check_pipe(pipe)
@@ -204,12 +213,17 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     d = token_table(pipe).shape[1]
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
-        cands = lm.propose(prompt, config.top_k)
+        cands = lm.propose(prompt, config.top_k, min_prob=config.min_prob)
         if not cands:
             break
         emb = torch.zeros(1 + config.lookahead, d)
         history = []
-        for _ in range(config.iterations):
+        its = range(config.iterations if len(cands) > 1 else 0)  # one candidate: the choice is forced
+        if progress:
+            from tqdm import tqdm
+
+            its = tqdm(its, desc=f"{cls} word {rnd + 1}", leave=False)
+        for _ in its:
             emb.requires_grad_(True)
             img = render_with_slots(pipe, [prompt] * len(seeds), emb, seeds, steps, guidance, config.grad_from_step)
             loss = ensemble.loss(ensemble.probs(img), cls, "lose").mean()
@@ -227,6 +241,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
             p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(cls))]).mean().item()
         found = fooled >= config.success_fraction
         rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=float(cos[pick]), candidates=len(cands),
+                         proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
                          p_class=p_cls, fooled_fraction=fooled, found=found,
                          category=categorize(prompt, base, cls, class_words, attribute_words) if found else None))

@@ -47,8 +47,12 @@ class TokenResult:
 
 
 def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
-                steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack()) -> TokenResult:
-    """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``."""
+                steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack(),
+                progress: bool = False) -> TokenResult:
+    """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``.
+
+    ``progress``: a tqdm bar on stderr.
+    """
     _check_pipe(pipe)
     _check_distinct(source, target)
     ensemble.indices(source), ensemble.indices(target)
@@ -59,7 +63,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     v = torch.zeros(1, d)
     lo, hi = config.emb_range
     history = []
-    for _ in range(config.iterations):
+    for _ in _progress(range(config.iterations), progress, f"token {source}->{target}"):
         pi = rng.integers(len(prompts), size=config.batch_size)
         si = rng.integers(len(seeds), size=config.batch_size)
         v.requires_grad_(True)
@@ -72,6 +76,14 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
                 iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step)
     return TokenResult(v[0].detach(), source, target, history, meta)
+
+
+def _progress(it, on: bool, desc: str):
+    if not on:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
 
 
 @torch.no_grad()
@@ -91,8 +103,11 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
 
 @torch.no_grad()
 def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
-                   steps: int | None = None, guidance: float | None = None, scorer=None):
-    """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine."""
+                   steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False):
+    """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
+
+    ``return_images``: return ``(table, images with the token, images without)`` instead of the table.
+    """
     import pandas as pd
 
     steps = int(steps or result.meta.get("steps", 25))
@@ -106,14 +121,15 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     p_t = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.target))]).mean(0)
     p_s = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.source))]).mean(0)
     text_cos = F.cosine_similarity(pooled_text(pipe, ps, None), pooled_text(pipe, ps, result.embedding), dim=-1)
-    df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=p_t.cpu().numpy(),
-                           p_source=p_s.cpu().numpy(), text_cosine=text_cos.cpu().numpy()))
+    f64 = lambda t: t.detach().double().cpu().numpy()  # noqa: E731 - float64 columns round and print cleanly
+    df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
+                           p_source=f64(p_s), text_cosine=f64(text_cos)))
+    plain = render_with_slots(pipe, ps, None, ss, steps, guidance, grad=False) if scorer or return_images else None
     if scorer is not None:
-        plain = render_with_slots(pipe, ps, None, ss, steps, guidance, grad=False)
-        df["clip_with"] = scorer.score(with_tok, ps).cpu().numpy()
-        df["clip_without"] = scorer.score(plain, ps).cpu().numpy()
+        df["clip_with"] = f64(scorer.score(with_tok, ps))
+        df["clip_without"] = f64(scorer.score(plain, ps))
         df["clip_image_delta"] = df["clip_with"] - df["clip_without"]
-    return df
+    return (df, with_tok, plain) if return_images else df
 
 
 def save_token(path: str | Path, result: TokenResult) -> Path:

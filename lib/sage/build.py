@@ -1,0 +1,183 @@
+"""What the SAGE notebooks (01–03) share: ensemble and checker from short specs, the proposer LM, the CLIP scorer,
+vocabularies for failure categories, and captions of a class for the token attack.
+
+Member specs (strings, as notebook parameters):
+
+* toy world: ``"resnet"``, ``"mobilenet"``, ``"edges"`` (``lib.toy.classifiers``; ``edges`` sees only Canny edges:
+  the edge-based member) — the head is ``attribute`` (default ``"object"``); ``"toy:resnet"`` works too;
+* ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config);
+* ``"edge:timm:<name>"`` (or ``"edge:<any spec>"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
+* ``"clip:<open_clip model>"``: open_clip zero-shot over the ImageNet label names (OpenAI weights).
+
+Real classifiers need their weights in the local caches (no downloads here); the toy ones are committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
+
+TOY_MEMBERS: tuple[str, ...] = ("resnet", "mobilenet", "edges")
+_CAPTION_TEMPLATES: tuple[str, ...] = (  # non-toy captions of a class for the token attack (ours)
+    "a photo of a {cls}", "a picture of a {cls}", "an image of a {cls}", "a close-up photo of a {cls}",
+    "a photo of a {cls} on a sofa", "a photo of a {cls} in a garden", "a {cls} sitting on the grass",
+    "a {cls} lying on a bed", "a photo of a small {cls}", "a photo of a large {cls}", "a {cls} in the snow",
+    "a {cls} on a beach", "a black and white photo of a {cls}", "a photo of a {cls} at night",
+    "a blurry photo of a {cls}", "a {cls} next to a window",
+)
+ATTRIBUTE_WORDS_REAL: tuple[str, ...] = (  # failure-category heuristic for real models (ours)
+    "red", "green", "blue", "yellow", "purple", "orange", "pink", "white", "black", "brown", "grey", "gray",
+    "golden", "wooden", "metal", "glass", "plastic", "painted", "cartoon", "sketch", "painting", "drawing",
+)
+
+
+def is_toy(model: str) -> bool:
+    return model == "toy"
+
+
+def freeze(*modules) -> None:
+    """No weight gradients: the searches differentiate only w.r.t. latents or embeddings."""
+    for m in modules:
+        if m is not None and hasattr(m, "requires_grad_"):
+            m.requires_grad_(False)
+
+
+def freeze_pipeline(pipe) -> None:
+    freeze(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+
+
+def make_member(spec: str, device: str = "cpu", attribute: str = "object", _toy_cache: dict | None = None):
+    """One ensemble member from its spec (see the module docstring)."""
+    spec = spec.strip()
+    if spec.startswith("edge:"):
+        inner = spec[len("edge:"):]
+        if inner in TOY_MEMBERS or inner.startswith("toy:"):
+            raise ValueError(f"{spec!r}: the toy world's edge member is 'edges' (it computes Canny itself)")
+        return EdgeMember(make_member(inner, device, attribute, _toy_cache), name=f"edge-{inner}")
+    if spec.startswith("timm:"):
+        return timm_member(spec[len("timm:"):], pretrained=True, device=device)
+    if spec.startswith("clip:"):
+        from lib.scoring import openclip_scorer
+
+        return ClipMember(openclip_scorer(spec[len("clip:"):], "openai", device), imagenet_labels(), name=spec)
+    name = spec[len("toy:"):] if spec.startswith("toy:") else spec
+    if name in TOY_MEMBERS:
+        from lib.sage.loss import ToyMember
+        from lib.toy.classifiers import load_classifiers
+
+        cache = _toy_cache if _toy_cache is not None else {}
+        if "clfs" not in cache:
+            cache["clfs"] = load_classifiers(device=device)
+        if name not in cache["clfs"]:
+            raise ValueError(f"toy classifier {name!r} is not in data/toy/classifiers (have {sorted(cache['clfs'])})")
+        clf = cache["clfs"][name]
+        freeze(clf)
+        return ToyMember(clf, attribute, name=f"toy-{name}")
+    raise ValueError(f"unknown member spec {spec!r}: use one of {', '.join(TOY_MEMBERS)} (toy world), "
+                     "'timm:<model>', 'edge:<spec>' or 'clip:<open_clip model>'")
+
+
+def build_ensemble(specs: Sequence[str], checker: str | None = None, device: str = "cpu", attribute: str = "object",
+                   criteria: Criteria = Criteria()):
+    """(ensemble, checker member or None). The checker is the independent re-check: it must not be in the ensemble."""
+    specs = [s.strip() for s in specs]
+    if checker is not None and checker.strip() in specs:
+        raise ValueError(f"checker {checker!r} is also an ensemble member: the re-check needs a held-out classifier")
+    cache: dict = {}
+    members = [make_member(s, device, attribute, cache) for s in specs]
+    toy = all(_is_toy_spec(s) for s in specs)
+    groups = None if toy else imagenet_groups()
+    ens = Ensemble(members, groups, criteria)
+    chk = make_member(checker, device, attribute, cache) if checker else None
+    return ens, chk
+
+
+def _is_toy_spec(spec: str) -> bool:
+    return spec in TOY_MEMBERS or spec.startswith("toy:")
+
+
+def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> None:
+    """Fail early (``UnknownClassError`` with near matches) for a class the ensemble or the checker cannot judge."""
+    for c in classes:
+        ensemble.indices(c)
+        if checker is not None:
+            Ensemble([checker], ensemble.groups).indices(c)
+
+
+def load_lm(lm: str = "toy", device: str = "cpu"):
+    """The proposer LM of the prompt search: ``"toy"`` (``data/toy/lm``), a local folder, or a hub id."""
+    from lib.paths import TOY_DIR
+    from lib.sage.prompt import CandidateLM
+
+    return CandidateLM(TOY_DIR / "lm" if lm == "toy" else lm, device=device)
+
+
+def clip_scorer(model: str, pipe=None, device: str = "cpu"):
+    """CLIP-Score model: the toy CLIP for ``model="toy"``, else open_clip ViT-L/14 (OpenAI weights, local cache)."""
+    from lib.scoring import hf_clip_scorer, openclip_scorer
+
+    if is_toy(model):
+        from lib.toy.train import load_toy_clip
+
+        clip = load_toy_clip().to(device)
+        freeze(clip)
+        tok = pipe.tokenizer if pipe is not None else None
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            from lib.paths import TOY_DIR
+
+            tok = AutoTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"), local_files_only=True)
+        return hf_clip_scorer(clip, tok, image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return openclip_scorer("ViT-L-14", "openai", device)
+
+
+def vocabulary(model: str, ensemble: Ensemble | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(class words, attribute words) for :func:`lib.sage.prompt.categorize`."""
+    if is_toy(model):
+        from lib.toy import world as W
+
+        styles = tuple(w for s in W.STYLES for w in s.split())
+        return W.OBJECTS + W.CHARACTERS, W.COLORS + styles + W.ACTIONS
+    classes = set(ensemble.groups) if ensemble is not None else set()
+    if ensemble is not None:
+        for m in ensemble.members:
+            classes |= {str(l).lower() for l in m.labels}
+    return tuple(sorted(classes)), ATTRIBUTE_WORDS_REAL
+
+
+def class_captions(model: str, cls: str, n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
+    """``n`` distinct captions that ask for ``cls`` (toy world: drawn from the grammar, generic objects, no style, no
+    held-out pair; otherwise from fixed templates), none of them in ``exclude``, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    skip = set(exclude)
+    if is_toy(model):
+        from lib.toy import world as W
+
+        if cls not in W.OBJECTS:
+            raise ValueError(f"{cls!r} is not a toy-world object ({', '.join(W.OBJECTS)})")
+        pool = []
+        for color in (None,) + W.COLORS:
+            for action in (None,) + W.ACTIONS:
+                for bg in (None,) + W.BACKGROUNDS:
+                    s = W.Scene(object=cls, color=color, action=action, background=bg)
+                    if not W.is_heldout(s):
+                        pool += [c for c in W.captions(s) if c not in skip]
+    else:
+        pool = [t.format(cls=cls) for t in _CAPTION_TEMPLATES if t.format(cls=cls) not in skip]
+    pool = sorted(set(pool))
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} captions of {cls!r} available, {n} asked")
+    return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
+
+
+def save_json(path: str | Path, data: dict) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
