@@ -289,6 +289,18 @@ def test_prompt_search_table(pipe, ens, lm):
         search_prompt(pipe, Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))]), lm, "zebra", [0], steps=2)
 
 
+def test_found_prompts_must_be_complete_sentences_for_the_lm(pipe, lm):
+    fooled = Ensemble([const_member([-9.0, 9.0, 0.0])])  # always "dog": every prompt loses "cat"
+    end = lm.end_prob("a photo of a cat")
+    assert 0.0 <= end <= 1.0
+    cfg = dict(n_words=2, top_k=3, iterations=1)
+    df = search_prompt(pipe, fooled, lm, "cat", [0], steps=2, config=PromptSearch(min_end_prob=0.0, **cfg))
+    assert len(df) == 1 and df.found[0]  # check off: the first word already counts
+    df = search_prompt(pipe, fooled, lm, "cat", [0], steps=2, config=PromptSearch(min_end_prob=1.01, **cfg))
+    assert len(df) == 2 and not df.found.any()  # never complete: fooled, but grown on and not reported
+    assert (df.fooled_fraction == 1.0).all() and df.end_prob.between(0, 1).all()
+
+
 def test_categories():
     base = "a photo of a cat"
     assert categorize(base + " dog on", base, "cat", LABELS) == "concept overwrite"

@@ -12,7 +12,9 @@ Each round (seed pseudo-code, one word per round):
    to ``[x]`` is appended, and the new prompt is rendered on the seeds and judged.
 
 A prompt is a found failure when the ensemble is fooled (``lose``) on at least ``success_fraction`` of the seeds
-(ours: 0.5; the paper does not say). Gradients reach the embeddings through every denoising step from
+(ours: 0.5; the paper does not say) *and* it is a complete sentence for the LM: the LM's probability of ending the text
+there (its EOS token) is at least ``min_end_prob`` (ours: 0.1; 0 turns the check off), so that "a photo of a cat on"
+is grown further instead of being reported. Gradients reach the embeddings through every denoising step from
 ``grad_from_step`` on (0: full backpropagation; later: truncated, cheaper). SD 1.x/2.x pipelines only (one text
 encoder); SDXL is not supported here. :func:`categorize` is a rough, documented stand-in for the paper's ten
 hand-made failure categories.
@@ -151,6 +153,16 @@ class CandidateLM:
         return ids
 
     @torch.no_grad()
+    def end_prob(self, prompt: str) -> float:
+        """The LM's probability that the text ends after ``prompt`` (1.0 for an LM without an EOS token)."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return 1.0
+        ids = self.encode(prompt)
+        dev = next(self.model.parameters()).device
+        return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos])
+
+    @torch.no_grad()
     def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
         """The ``k`` most probable next words (alphabetic, lower case, each once), best first; only tokens with
         next-token probability ``>= min_prob`` (keeps the prompt natural: with the toy LM, inside the grammar)."""
@@ -191,6 +203,7 @@ class PromptSearch:
     emb_range: tuple[float, float] = (-2.5, 2.5)
     grad_from_step: int = 0
     success_fraction: float = 0.5
+    min_end_prob: float = 0.1  # a found prompt must be one the LM would end there (ours; 0: off)
     stop_on_success: bool = True
 
 
@@ -239,11 +252,12 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                                                      grad=False))
             fooled = ensemble.judge(probs, cls, "lose").float().mean().item()
             p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(cls))]).mean().item()
-        found = fooled >= config.success_fraction
+        end = lm.end_prob(prompt)
+        found = fooled >= config.success_fraction and end >= config.min_end_prob
         rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=float(cos[pick]), candidates=len(cands),
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
-                         p_class=p_cls, fooled_fraction=fooled, found=found,
+                         p_class=p_cls, fooled_fraction=fooled, end_prob=end, found=found,
                          category=categorize(prompt, base, cls, class_words, attribute_words) if found else None))
         if found and config.stop_on_success:
             break
