@@ -3,12 +3,19 @@
 Probe files are CSVs with columns ``caption, subject, attribute, split`` (``data/probes/sd_probes.csv``; the toy
 world writes its own). Each (probe, seed) is written atomically (temporary file, then ``os.replace``) to
 ``out_dir``; a re-run skips the files that exist. Under ``accelerate launch --num_processes N`` each process takes
-every N-th item (``accelerate.PartialState`` gives its index), so processes never write the same file::
+every N-th item (``process_share``: ``accelerate.PartialState``, or torchrun's ``RANK``/``WORLD_SIZE``), so processes
+never write the same file. ``--multi_gpu`` makes accelerate start N processes through torchrun; on a CPU-only machine
+too (``--cpu`` would start a single process)::
 
-    accelerate launch --num_processes 2 --cpu -m lib.tracing.sweep --model twin:sd-v1 \\
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        -m lib.tracing.sweep --model twin:sd-v1 \\
         --probes data/probes/sd_probes.csv --seeds 0 --steps 2 --out runs/trace_smoke --limit 2
 
 ``collect(out_dir)`` reads the files back, chooses ``τ`` on the validation split and marks causal rows.
+
+Notebooks keep each configuration in its own folder, ``sweep_dir(root, cfg)`` = ``root/<mode>-<hash of the config>``,
+where the config includes ``model_fingerprint(pipe)`` (a hash of the weights): re-running with other weights or
+settings starts a new folder instead of silently resuming stale results.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class SweepConfig:
     text_layers: tuple[int, ...] | None = None
     negative: str | None = None
     noise_seed_offset: int = 0  # the noise seed of (caption, seed) is seed + offset
+    fingerprint: str | None = None  # model_fingerprint(pipe): results of other weights are never resumed
+    scorer: str | None = None  # which CLIP scored the images (lib.tracing.score.scorer_for spec)
 
     def __post_init__(self):
         if self.mode not in ("unet", "text"):
@@ -78,6 +87,29 @@ class SweepConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    def key(self) -> str:
+        """A short hash of the whole config (folder names)."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@torch.no_grad()
+def model_fingerprint(pipe) -> str:
+    """A cheap hash of the UNet's and text encoders' weights (per tensor: name, shape, sum, sum of squares)."""
+    h = hashlib.sha1()
+    for attr in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
+            h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
+    """``root/<mode>-<config hash>``: one folder per distinct configuration (model weights included)."""
+    return Path(root) / f"{cfg.mode}-{cfg.key()}"
 
 
 @dataclass(frozen=True)
@@ -129,9 +161,17 @@ def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
 
 
 def check_subjects(pipe, probes: pd.DataFrame) -> None:
-    """Fail before any generation when a subject's tokens are not in its caption (``PromptError`` names it)."""
+    """Fail before any generation when a caption is over the encoders' context (77 tokens) or a subject's tokens
+    are not in its caption (``PromptError`` names caption, subject and tokens)."""
+    from lib.prompts import check_length
+    from lib.tracing.corrupt import tokenizer_for
+    from lib.tracing.layers import text_encoders
+
     for row in probes.itertuples():
-        subject_positions(pipe.tokenizer, row.caption, row.subject)
+        for enc in text_encoders(pipe):
+            tok = tokenizer_for(pipe, enc)
+            check_length(tok, [row.caption])
+            subject_positions(tok, row.caption, row.subject)
 
 
 def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.DataFrame:
@@ -151,6 +191,22 @@ def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.D
                       n_tokens=n_tokens)
 
 
+def process_share() -> tuple[int, int]:
+    """(index, count) of this process: ``accelerate.PartialState``'s, or the launcher's environment (``RANK`` /
+    ``WORLD_SIZE`` of torchrun, which ``accelerate launch --multi_gpu`` uses even on a CPU-only machine, where
+    ``PartialState`` reports a single process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        return state.process_index, state.num_processes
+    for rank, size in (("RANK", "WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                       ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if int(os.environ.get(size, "1")) > 1:
+            return int(os.environ[rank]), int(os.environ[size])
+    return 0, 1
+
+
 def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds: Sequence[int],
               out_dir: str | Path, cfg: SweepConfig, process_index: int | None = None,
               num_processes: int | None = None, limit: int | None = None, progress: bool = True) -> list[Path]:
@@ -163,10 +219,7 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     if cfg.mode == "unet":
         resolve_unet_layers(pipe.unet, cfg.layers)  # unknown names fail before any work
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
-
-        state = PartialState()
-        process_index, num_processes = state.process_index, state.num_processes
+        process_index, num_processes = process_share()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg)
@@ -193,15 +246,14 @@ def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = 
     return mark_causal(df, choose_tau(df, labels, min_gap=min_gap) if tau is None else tau, min_gap)
 
 
-def _scorer(spec: str, device: str) -> ClipScorer:
-    """``openclip:ViT-L-14:openai`` (weights must be cached) or ``openclip:ViT-B-32:none`` (random, for smoke tests)."""
-    from lib.scoring import openclip_scorer
+def _scorer(model: str, spec: str, device: str) -> ClipScorer:
+    """``lib.tracing.score.scorer_for``: ``auto``, ``toy[:<folder>]``, ``random``, ``openclip:<model>:<pretrained|none>``."""
+    from lib.tracing.score import scorer_for
 
-    kind, _, rest = spec.partition(":")
-    name, _, pretrained = rest.partition(":")
-    if kind != "openclip" or not name:
-        raise SweepError(f"unknown scorer {spec!r}; use openclip:<model>:<pretrained|none>")
-    return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
+    try:
+        return scorer_for(model, spec, device)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,27 +270,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uncond", choices=("restore", "own"), default="restore")
     ap.add_argument("--layers", default=None, help="comma-separated UNet layer names (default: all)")
     ap.add_argument("--text-layers", default=None, help="comma-separated text-encoder layer indices")
-    ap.add_argument("--scorer", default="openclip:ViT-L-14:openai")
+    ap.add_argument("--scorer", default="auto", help="auto (toy CLIP for toy folders, random toy CLIP for twins, "
+                    "open_clip ViT-L-14/openai otherwise), toy[:<folder>], random, openclip:<model>:<pretrained|none>")
     ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--nested", action="store_true",
+                    help="write to OUT/<mode>-<config hash> (the folder notebooks 04/05 use under OUTPUT_DIR/sweeps "
+                         "when given the same settings), so a notebook resumes from this sweep")
     args = ap.parse_args(argv)
     from accelerate import PartialState
 
     from lib.loading import load_pipeline
 
     state = PartialState()
+    index, count = process_share()
     pipe = load_pipeline(args.model, device=str(state.device), dtype=args.dtype)
     cfg = SweepConfig(
         model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
         multiplier=args.multiplier, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
+        fingerprint=model_fingerprint(pipe), scorer=args.scorer,
     )
+    out = sweep_dir(args.out, cfg) if args.nested else args.out
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     with torch.no_grad():
-        written = run_sweep(pipe, _scorer(args.scorer, str(state.device)), args.probes, seeds, args.out, cfg,
-                            state.process_index, state.num_processes, args.limit, progress=False)
-    print(f"process {state.process_index}/{state.num_processes}: wrote {len(written)} file(s)", flush=True)
+        written = run_sweep(pipe, _scorer(args.model, args.scorer, str(state.device)), args.probes, seeds, out, cfg,
+                            index, count, args.limit, progress=False)
+    print(f"process {index}/{count}: wrote {len(written)} file(s)", flush=True)
     return 0
 
 

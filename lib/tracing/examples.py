@@ -1,0 +1,107 @@
+"""Restored-image examples for the notebooks' grids: re-trace one caption per attribute at a few chosen states
+(the sweep itself keeps only scores), with the CLIP-Score of every image attached as ``trace.scores``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from lib.prompts import subject_positions
+from lib.scoring import ClipScorer
+from lib.tracing.corrupt import Corruption
+from lib.tracing.layers import TextSite, text_sites
+from lib.tracing.report import top_layers
+from lib.tracing.score import clip_scores
+from lib.tracing.sweep import SweepConfig
+from lib.tracing.text_encoder import trace_text
+from lib.tracing.unet import Trace, trace_unet
+
+
+def one_per_attribute(probes: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """The first probe row of each attribute in ``split`` (or in any split when the attribute has none there)."""
+    rows = []
+    for attr, g in probes.groupby("attribute", sort=True):
+        pick = g[g["split"] == split]
+        rows.append((pick if len(pick) else g).iloc[0])
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def largest_gap_per_attribute(df: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute, the probe row whose traced (caption, seed) had the largest clean − corrupted CLIP-Score gap
+    (the clearest example of what the corruption removes)."""
+    items = df.drop_duplicates(["caption", "subject", "seed"]).assign(gap=lambda d: d["clean_score"] - d["corrupted_score"])
+    best = items.sort_values(["gap", "caption"], ascending=[False, True]).drop_duplicates("attribute")
+    keys = best.sort_values("attribute")[["caption", "subject"]]
+    return keys.merge(probes, on=["caption", "subject"], how="left")[["caption", "subject", "attribute", "split"]]
+
+
+def largest_gap_item(df: pd.DataFrame) -> pd.Series:
+    """The traced (caption, subject, seed) with the largest clean − corrupted CLIP-Score gap over all attributes."""
+    items = df.drop_duplicates(["caption", "subject", "seed"]).assign(gap=lambda d: d["clean_score"] - d["corrupted_score"])
+    return items.sort_values(["gap", "caption"], ascending=[False, True]).iloc[0]
+
+
+def attach_scores(trace: Trace, scorer: ClipScorer, caption: str) -> Trace:
+    """``trace.scores``: CLIP-Score of [clean, corrupted, *restored] against ``caption``."""
+    trace.scores = clip_scores(scorer, torch.cat([trace.clean, trace.corrupted, trace.restored]), caption)
+    return trace
+
+
+def _corruption(cfg: SweepConfig, seed: int) -> Corruption:
+    return Corruption(cfg.multiplier, seed + cfg.noise_seed_offset)  # the sweep's noise for this (caption, seed)
+
+
+@torch.no_grad()
+def unet_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, table: pd.DataFrame, cfg: SweepConfig, seed: int,
+                  k: int = 3) -> list[Trace]:
+    """Per item: the ``k`` most causal layers of its attribute (``table``: ``report.unet_layer_table``) and the best
+    cross-attention layer, restored one at a time."""
+    out = []
+    for row in items.itertuples():
+        layers = top_layers(table, row.attribute, k)
+        tr = trace_unet(pipe, row.caption, row.subject, seed, layers, steps=cfg.steps, guidance=cfg.guidance,
+                        corruption=_corruption(cfg, seed), batch_size=max(2, min(cfg.batch_size, len(layers) + 2)),
+                        uncond=cfg.uncond, negative=cfg.negative)
+        out.append(attach_scores(tr, scorer, row.caption))
+    return out
+
+
+def text_example_sites(pipe, encoder: str = "text_encoder") -> list[TextSite]:
+    """Layer-0 self-attention, MLP and hidden state, and the last layer's self-attention, of ``encoder``."""
+    depth = getattr(pipe, encoder).config.num_hidden_layers
+    sites = text_sites(pipe, [encoder], kinds=("self_attn", "mlp", "hidden"), layers=[0])
+    return sites + text_sites(pipe, [encoder], kinds=("self_attn",), layers=[depth - 1])
+
+
+@torch.no_grad()
+def text_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, cfg: SweepConfig, seed: int,
+                  sites: Sequence[TextSite] | None = None) -> list[Trace]:
+    """Per item: each of ``sites`` (default ``text_example_sites``) restored at the last subject token."""
+    sites = text_example_sites(pipe) if sites is None else list(sites)
+    out = []
+    for row in items.itertuples():
+        last = subject_positions(pipe.tokenizer, row.caption, row.subject)[-1]
+        tr = trace_text(pipe, row.caption, row.subject, seed, sites, tokens=[last], steps=cfg.steps,
+                        guidance=cfg.guidance, corruption=_corruption(cfg, seed), batch_size=cfg.batch_size,
+                        negative=cfg.negative)
+        tr.labels = [label.split("@")[0] + "@last" for label in tr.labels]  # same columns for every caption
+        out.append(attach_scores(tr, scorer, row.caption))
+    return out
+
+
+def example_scores(traces: Sequence[Trace], items: pd.DataFrame) -> pd.DataFrame:
+    """Tidy CLIP-Scores of the example images (attribute, image, score), rounded to 3 decimals."""
+    from lib.tracing.report import short_layer
+
+    rows = []
+    for tr, row in zip(traces, items.itertuples()):
+        names = ["clean", "corrupted", *[short_layer(x.split("@")[0]) + ("@" + x.split("@")[1] if "@" in x else "")
+                                         for x in tr.labels]]
+        rows += [dict(attribute=row.attribute, image=n, score=round(float(s), 3)) for n, s in zip(names, tr.scores)]
+    return pd.DataFrame(rows)
+
+
+__all__ = ["one_per_attribute", "attach_scores", "unet_examples", "text_examples", "text_example_sites",
+           "example_scores"]

@@ -1,0 +1,136 @@
+"""Figures of notebooks 04 and 05: attribute × layer maps of the UNet, token × layer maps of the text encoder
+(ROME style), and restored-image grids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+from lib.plotting import image_grid
+from lib.tracing.report import GROUP_ORDER, pick_split, short_layer
+from lib.tracing.unet import Trace
+
+KIND_COLORS = {"resnet": "#444444", "attn1": "#1f77b4", "attn2": "#d62728", "ff": "#2ca02c"}
+
+
+def unet_layer_map(table: pd.DataFrame, value: str = "recovery", title: str | None = None, vmin: float = 0.0,
+                   vmax: float = 1.0):
+    """Heatmap attribute × UNet layer (forward order) of ``value`` from ``lib.tracing.report.unet_layer_table``.
+
+    Tick labels are short layer names coloured by kind (resnet grey, attn1 blue, attn2 red, ff green); layers that
+    pass the threshold are marked with a dot.
+    """
+    piv = table.pivot(index="attribute", columns="layer_index", values=value).sort_index(axis=1)
+    causal = table.pivot(index="attribute", columns="layer_index", values="causal").reindex_like(piv)
+    names = table.drop_duplicates("layer_index").set_index("layer_index").reindex(piv.columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * piv.shape[1] + 2), 0.45 * piv.shape[0] + 1.9))
+    sns.heatmap(piv, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar_kws={"label": value, "pad": 0.01},
+                xticklabels=list(names["short"]), yticklabels=True)
+    ys, xs = np.nonzero(causal.fillna(False).to_numpy(bool))
+    ax.scatter(xs + 0.5, ys + 0.5, s=6, c="white", marker="o", linewidths=0)
+    ax.tick_params(axis="x", labelsize=5, rotation=90)
+    ax.tick_params(axis="y", rotation=0)
+    for tick, kind in zip(ax.get_xticklabels(), names["kind"]):
+        tick.set_color(KIND_COLORS.get(kind, "black"))
+    ax.set_xlabel("UNet layer (forward order; grey resnet, blue self-attn, red cross-attn, green ff)")
+    ax.set_ylabel("")
+    ax.set_title(title or f"UNet causal tracing: {value} per attribute (dots: causal, τ = {table_tau(table)})",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def table_tau(table: pd.DataFrame) -> str:
+    return f"{table['tau'].iloc[0]:.2f}" if "tau" in table and len(table) else "?"
+
+
+def kind_bars(table: pd.DataFrame):
+    """Mean recovery per attribute and UNet layer kind (the "distributed / cross-attention not causal" view)."""
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    sns.barplot(table, x="attribute", y="recovery", hue="kind", palette=KIND_COLORS, ax=ax, errorbar=("ci", 95),
+                hue_order=[k for k in KIND_COLORS if k in set(table["kind"])])
+    ax.axhline(float(table["tau"].iloc[0]), color="black", lw=0.8, ls="--", label="τ")
+    ax.set_ylabel("mean recovery")
+    ax.set_xlabel("")
+    ax.legend(fontsize=7, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.tight_layout()
+    return fig
+
+
+def token_group_maps(df: pd.DataFrame, component: str = "text_encoder", split: str | None = "test",
+                     kinds: Sequence[str] = ("hidden", "self_attn", "mlp"), value: str = "recovery"):
+    """ROME-style panels, one per site kind: token group (rows) × text-encoder layer (columns), mean ``value``."""
+    d = pick_split(df[df["component"] == component], split)
+    tau = float(d["tau"].iloc[0])
+    groups = [g for g in GROUP_ORDER if g in set(d["token_group"])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 0.38 * len(groups) + 1.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        piv = d[d["kind"] == kind].pivot_table(index="token_group", columns="layer_index", values=value,
+                                               aggfunc="mean").reindex(groups)
+        sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
+                    vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6}, cbar=False)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("")
+    fig.suptitle(f"{component}: restoring one state at one token group ({value}; τ = {tau:.2f})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def token_layer_maps(df: pd.DataFrame, caption: str, seed: int | None = None, component: str = "text_encoder",
+                     kinds: Sequence[str] = ("hidden", "self_attn", "mlp"), value: str = "recovery",
+                     subject: str | None = None):
+    """ROME's per-prompt figure: token (rows, the caption's tokens) × layer (columns), one panel per kind."""
+    d = df[(df["component"] == component) & (df["caption"] == caption)]
+    if subject is not None:
+        d = d[d["subject"] == subject]
+    if seed is not None:
+        d = d[d["seed"] == seed]
+    if d.empty:
+        raise ValueError(f"no {component} rows for caption {caption!r}")
+    toks = d.drop_duplicates("token").sort_values("token")
+    labels = [f"{s.replace('</w>', '')}{'*' if g in ('subject', 'last_subject') else ''}"
+              for s, g in zip(toks["token_str"], toks["token_group"])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds) + 1, 0.26 * len(toks) + 1.3), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        piv = d[d["kind"] == kind].pivot_table(index="token", columns="layer_index", values=value, aggfunc="mean")
+        piv = piv.reindex(toks["token"])
+        sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
+                    vmin=0, vmax=1, cbar=kind == kinds[-1], yticklabels=labels if kind == kinds[0] else False)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("")
+        ax.tick_params(axis="y", labelsize=7, rotation=0)
+    fig.suptitle(f"{caption!r} (* subject tokens; {value})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def restored_grid(traces: Sequence[Trace], row_labels: Sequence[str], col_labels: Sequence[str] | None = None,
+                  title: str | None = None, scale: float = 1.25, cell_labels: bool = True):
+    """One row per trace: clean, corrupted, then its restored images; each cell titled by what it restored
+    (``short_layer`` of the trace's label) and its CLIP-Score when the trace carries ``scores``."""
+    n = 2 + max(len(t.restored) for t in traces)
+    imgs = []
+    for t in traces:
+        row = [t.clean[0], t.corrupted[0], *t.restored]
+        row += [torch.ones_like(t.clean[0])] * (n - len(row))
+        imgs += row
+    fig = image_grid(torch.stack(imgs), len(traces), n, row_labels=row_labels, col_labels=col_labels, title=title,
+                     scale=scale)
+    if cell_labels and col_labels is None:
+        axes = np.asarray(fig.axes).reshape(len(traces), n)
+        for r, t in enumerate(traces):
+            scores = getattr(t, "scores", None)
+            names = ["clean", "corrupted", *[short_layer(x.split("@")[0]) + ("@" + x.split("@")[1] if "@" in x else "")
+                                             for x in t.labels]]
+            for c, name in enumerate(names):
+                s = f"\n{scores[c]:.1f}" if scores is not None and c < len(scores) else ""
+                axes[r, c].set_title(f"{name}{s}", fontsize=5)
+        fig.tight_layout()
+    return fig

@@ -1,0 +1,178 @@
+"""Tables that notebooks 04 and 05 print: score gaps, per-layer summaries, and the paper's findings checked.
+
+All functions take the tidy rows of ``lib.tracing.sweep.collect`` (with ``recovery``, ``causal`` and ``tau``).
+Layer-level rule: a (attribute, layer) — or (kind, layer, token group) in the text encoder — is *causal* when the
+mean recovery of its rows (on ``split``) is at least ``τ``, the same threshold the row-level ``causal`` flag uses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lib.tracing.layers import unet_kind
+
+GROUP_ORDER: tuple[str, ...] = ("bos", "before", "subject", "last_subject", "after", "eos")
+
+
+def short_layer(name: str) -> str:
+    """``down_blocks.1.attentions.0.transformer_blocks.0.attn1`` → ``d1.a0.attn1``; ``mid_block.resnets.0`` → ``m.r0``;
+    ``text_encoder.encoder.layers.0.self_attn`` → ``L0.self_attn`` (``te2.`` for SDXL's second encoder)."""
+    t = re.match(r"(text_encoder(?:_2)?)\.(?:text_model\.)?encoder\.layers\.(\d+)(?:\.(self_attn|mlp))?$", name)
+    if t is not None:
+        return f"{'te2.' if t.group(1).endswith('_2') else ''}L{t.group(2)}.{t.group(3) or 'hidden'}"
+    m = re.match(r"(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.(resnets|attentions)\.(\d+)"
+                 r"(?:\.transformer_blocks\.(\d+)\.(attn1|attn2|ff))?$", name)
+    if m is None:
+        return name
+    group, block, part, j, t, sub = m.groups()
+    head = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}[group] + (block or "")
+    s = f"{head}.{'r' if part == 'resnets' else 'a'}{j}"
+    if t not in (None, "0"):
+        s += f".t{t}"
+    return f"{s}.{sub}" if sub else s
+
+
+def unet_block(name: str) -> str:
+    """``down``, ``mid`` or ``up``."""
+    return name.split("_", 1)[0]
+
+
+def pick_split(df: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    """Rows of ``split`` (``None``: all rows); falls back to all rows when the split is absent."""
+    if split is None or split not in set(df["split"]):
+        return df
+    return df[df["split"] == split]
+
+
+def clip_gap(df: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute: mean clean and corrupted CLIP-Score over the (caption, seed) items, and the gap."""
+    items = df.drop_duplicates(["caption", "subject", "seed"])
+    g = items.groupby("attribute", sort=True).agg(items=("caption", "size"), clean=("clean_score", "mean"),
+                                                  corrupted=("corrupted_score", "mean"))
+    g["gap"] = g["clean"] - g["corrupted"]
+    g["gap_positive"] = items.assign(pos=items["clean_score"] > items["corrupted_score"]).groupby(
+        "attribute", sort=True)["pos"].mean()
+    return g.reset_index()
+
+
+def nan_report(df: pd.DataFrame) -> pd.DataFrame:
+    """Items with NaN/inf runs: caption, seed, component and how many restored runs were non-finite."""
+    bad = df[df["nan"].astype(bool)]
+    cols = ["caption", "subject", "seed", "component"]
+    if bad.empty:
+        return pd.DataFrame(columns=[*cols, "nan_runs"])
+    return bad.groupby(cols, sort=True).size().rename("nan_runs").reset_index()
+
+
+def unet_layer_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
+    """Per (attribute, layer): kind, block, mean recovery, fraction of causal rows, and the layer-level ``causal``."""
+    d = pick_split(df[df["component"] == "unet"], split)
+    tau = float(d["tau"].iloc[0])
+    t = d.groupby(["attribute", "layer", "layer_index"], sort=True).agg(
+        recovery=("recovery", "mean"), causal_frac=("causal", "mean"), n=("score", "size")).reset_index()
+    t["kind"] = t["layer"].map(unet_kind)
+    t["block"] = t["layer"].map(unet_block)
+    t["short"] = t["layer"].map(short_layer)
+    t["causal"] = t["recovery"] >= tau
+    t["tau"] = tau
+    return t.sort_values(["attribute", "layer_index"]).reset_index(drop=True)
+
+
+def unet_causal_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute: causal layers in total, by kind and by block (the "distributed" finding)."""
+    c = table[table["causal"]]
+    rows = []
+    for attr in sorted(table["attribute"].unique()):
+        a = c[c["attribute"] == attr]
+        row = {"attribute": attr, "causal_layers": len(a), "of": int((table["attribute"] == attr).sum())}
+        row.update({k: int((a["kind"] == k).sum()) for k in ("resnet", "attn1", "attn2", "ff")})
+        row.update({b: int((a["block"] == b).sum()) for b in ("down", "mid", "up")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def text_token_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
+    """Per (component, kind, layer, token group): mean recovery, fraction causal, n, and the cell-level ``causal``."""
+    d = pick_split(df[df["component"] != "unet"], split)
+    tau = float(d["tau"].iloc[0])
+    t = d.groupby(["component", "kind", "layer_index", "token_group"], sort=True).agg(
+        recovery=("recovery", "mean"), causal_frac=("causal", "mean"), n=("score", "size")).reset_index()
+    t["causal"] = t["recovery"] >= tau
+    t["tau"] = tau
+    return t
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not np.isfinite(x) else f"{x:.3f}"
+
+
+def _verdict(ok: bool, defined: bool) -> str:
+    return "undetermined (no finite recovery)" if not defined else ("reproduced" if ok else "not reproduced")
+
+
+def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's UNet findings against ``unet_layer_table`` (one row each: finding, measured, verdict).
+
+    ``verdict`` is ``reproduced``, ``not reproduced``, or ``undetermined`` when no layer has a finite recovery (the
+    corruption did not lower the CLIP-Score of any item).
+    """
+    counts = unet_causal_counts(table).set_index("attribute")
+    defined = bool(table["recovery"].notna().any())
+    rows = []
+    spread = {a: int((counts.loc[a, ["down", "mid", "up"]] > 0).sum()) for a in counts.index}
+    dist = all(counts.loc[a, "causal_layers"] >= 2 and spread[a] >= 2 for a in counts.index)
+    rows.append(dict(
+        finding="UNet knowledge is distributed (several causal layers, in more than one of down/mid/up)",
+        measured="; ".join(f"{a}: {counts.loc[a, 'causal_layers']}/{counts.loc[a, 'of']} causal in {spread[a]} "
+                           f"block group(s)" for a in counts.index),
+        verdict=_verdict(dist, defined)))
+    x = table[table["kind"] == "attn2"]
+    n_x = x.groupby("attribute")["causal"].sum()
+    rows.append(dict(
+        finding="cross-attention (attn2) layers are not causal",
+        measured="; ".join(f"{a}: {int(n_x[a])}/16 causal, max recovery {_fmt(x[x['attribute'] == a]['recovery'].max())}"
+                           for a in n_x.index),
+        verdict=_verdict(bool(n_x.sum() == 0), defined)))
+    first = table[table["kind"] == "attn1"]["layer_index"].min()
+    f = table[table["layer_index"] == first].set_index("attribute")
+    style_only = bool(f["causal"].get("style", False)) and not f.drop(index="style", errors="ignore")["causal"].any()
+    rows.append(dict(
+        finding=f"the first self-attention ({short_layer(f['layer'].iloc[0]) if len(f) else '-'}) is causal for style only",
+        measured="; ".join(f"{a}: recovery {_fmt(f.loc[a, 'recovery'])}{' (causal)' if f.loc[a, 'causal'] else ''}"
+                           for a in f.index),
+        verdict=_verdict(style_only, defined)))
+    return pd.DataFrame(rows)
+
+
+def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp")) -> pd.DataFrame:
+    """The paper's text-encoder finding: one causal state, layer-0 self-attention at the last subject token."""
+    rows = []
+    for enc, t in table.groupby("component", sort=True):
+        t = t[t["kind"].isin(kinds)]
+        causal = t[t["causal"]].sort_values("recovery", ascending=False)
+        cells = [f"{r.kind} L{r.layer_index} @{r.token_group} ({_fmt(r.recovery)})" for r in causal.itertuples()]
+        target = t[(t["kind"] == "self_attn") & (t["layer_index"] == 0) & (t["token_group"] == "last_subject")]
+        best = t.sort_values("recovery", ascending=False).head(1)
+        ok = len(causal) == 1 and len(target) == 1 and bool(target["causal"].iloc[0])
+        rows.append(dict(
+            finding=f"{enc}: a single causal {'/'.join(kinds)} state, layer-0 self-attention at the last subject token",
+            measured=(f"causal cells: {', '.join(cells) if cells else 'none'}; self_attn L0 @last_subject recovery "
+                      f"{_fmt(target['recovery'].iloc[0]) if len(target) else 'n/a'}; best cell "
+                      + (f"{best['kind'].iloc[0]} L{best['layer_index'].iloc[0]} @{best['token_group'].iloc[0]}"
+                         if len(best) else "n/a")),
+            verdict=_verdict(ok, bool(t["recovery"].notna().any()))))
+    return pd.DataFrame(rows)
+
+
+def top_layers(table: pd.DataFrame, attribute: str, k: int = 3, extra_kinds: Sequence[str] = ("attn2",)) -> list[str]:
+    """The ``k`` layers with the highest mean recovery for ``attribute``, plus the best layer of each ``extra_kinds``."""
+    t = table[table["attribute"] == attribute].sort_values(["recovery", "layer_index"], ascending=[False, True])
+    names = list(t["layer"].head(k))
+    for kind in extra_kinds:
+        best = t[t["kind"] == kind]["layer"].head(1).tolist()
+        names += [n for n in best if n not in names]
+    return names
