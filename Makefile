@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PYTHONHASHSEED := 0
+# Notebook outputs are checked by nbval: the same thread count everywhere keeps CPU reductions in the same order.
+export OMP_NUM_THREADS ?= 2
 
 .PHONY: help install test unit nbval figures notebooks-update bench clean
 

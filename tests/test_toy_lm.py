@@ -25,7 +25,8 @@ def test_tokenizer_round_trip(tokenizer):
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text
     assert tokenizer("A Photo of a zebra").input_ids[-1] == tokenizer.unk_token_id
-    assert len(tokenizer("a red star, in the style of van gogh").input_ids) == 11
+    ids = tokenizer("a red star, in the style of van gogh").input_ids  # one id per word and comma, no specials
+    assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "star", ",", "in", "the", "style", "of", "van", "gogh"]
 
 
 def test_loads_with_auto_classes(tokenizer, tmp_path):
