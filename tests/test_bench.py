@@ -20,3 +20,12 @@ def test_unknown_case_is_a_clear_error():
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--cases", "nope"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown case(s) nope" in proc.stderr
+
+
+def test_trace_case_runs_on_the_tiny_twin(tmp_path):
+    out = tmp_path / "trace.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
+           "trace_sd14_unet70", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["params"]["layers"] == 70 and res["params"]["steps"] == 4 and res["median_s"] > 0
