@@ -36,8 +36,9 @@ unit: $(STAMP)
 
 nbval: $(STAMP)
 	@if [ -n "$(NOTEBOOKS)" ]; then \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
-	    --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	  tmp=$$(mktemp -d) && T2I_RUNS_DIR=$$tmp $(BIN)/python -m pytest -q -p no:cacheprovider --nbval \
+	    --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	  rc=$$?; rm -rf $$tmp; exit $$rc; \
 	else echo "no numbered notebooks yet"; fi
 
 figures: $(STAMP)
@@ -50,10 +51,10 @@ figures: $(STAMP)
 	done
 
 notebooks-update: $(STAMP)
-	@for nb in $(NOTEBOOKS); do \
+	@tmp=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
-	  $(BIN)/papermill --cwd notebooks $$nb $$nb || exit 1; \
-	done
+	  T2I_RUNS_DIR=$$tmp $(BIN)/papermill --cwd notebooks $$nb $$nb || { rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --help

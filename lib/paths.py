@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 TOY_DIR = DATA_DIR / "toy"
 FIGURES_DIR = REPO_ROOT / "figures"
-RUNS_DIR = REPO_ROOT / "runs"
+# Default output root of the notebooks; `make test`/`make notebooks-update` point it at a fresh temporary folder so
+# that checked outputs never depend on (or resume from) earlier runs.
+RUNS_DIR = Path(os.environ.get("T2I_RUNS_DIR") or REPO_ROOT / "runs")
 
 
 def output_dir(path: str | Path | None, default_name: str) -> Path:

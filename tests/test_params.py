@@ -32,3 +32,16 @@ def test_extra_specs():
     assert p.NOISE == 3.0
     with pytest.raises(ParameterError, match="NOISE"):
         validate(dict(NOISE=-1.0), NOISE=Param(float, low=0))
+
+
+def test_runs_root_can_be_redirected(tmp_path):
+    import subprocess
+    import sys
+
+    from lib.paths import REPO_ROOT
+
+    code = "from lib.paths import output_dir; print(output_dir(None, 'nb'))"
+    env = {"T2I_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(tmp_path / "nb") and (tmp_path / "nb").is_dir()  # make test never resumes from runs/
