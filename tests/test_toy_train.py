@@ -85,3 +85,28 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     assert stages["clip-vision"]["text_frozen"] and stages["unet-resume"]["resumed"]
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)
+
+
+def test_committed_toy_world_fits_30_mb_and_logs_its_training():
+    from lib.paths import TOY_DIR
+
+    total = sum(p.stat().st_size for p in TOY_DIR.rglob("*") if p.is_file())
+    assert total <= 30_000_000, f"data/toy holds {total / 1e6:.1f} MB (> 30 MB)"
+    rec = json.loads((TOY_DIR / "TRAINING.json").read_text())
+    for stage in ("clip", "vae", "unet"):
+        s = rec["stages"][stage]
+        assert s["steps"] > 0 and s["wall_s"] > 0 and s["loss_curve"], stage
+    assert rec["hardware"]["device"] == rec["config"]["device"]
+
+
+def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):
+    """Slow warm-up steps (a cold GPU) must not shrink the run: the recheck at step 200 uses steps 20..200 only."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(T.time, "time", lambda: clock["t"])
+    plan, log = T._Plan(100_000, budget_min=1.0, override=False), T._Log("x", 100_000, 10_000)
+    for step in range(201):
+        clock["t"] += 1.0 if step <= 20 else 0.01  # 20 slow steps (1 it/s), then 100 it/s
+        plan.tick(step, log)
+    assert plan.measured_its == pytest.approx(100.0)
+    elapsed = clock["t"] - 1.0  # step 0 is excluded
+    assert plan.total == int(200 + (60.0 - elapsed) * 100.0) and log.steps == plan.total

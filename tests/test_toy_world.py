@@ -111,3 +111,14 @@ def test_bad_inputs():
         W.sample_scene(0, "test")
     with pytest.raises(TypeError):
         W.render(Scene(object="star"), "seed")
+
+
+def test_parallel_dataset_is_independent_of_workers_and_matches_its_chunks():
+    a_img, a_sc, a_cap = W.make_dataset_parallel(10, seed=3, workers=1, chunk=4)
+    b_img, b_sc, b_cap = W.make_dataset_parallel(10, seed=3, workers=2, chunk=4)
+    assert a_img.shape == (10, W.SIZE, W.SIZE, 3) and len(a_sc) == len(a_cap) == 10
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_sc == b_sc
+    c_img, _, c_cap = W.make_dataset(2, seed=[3, 2], split="train")  # the last chunk
+    assert np.array_equal(a_img[8:], c_img) and a_cap[8:] == c_cap
+    with pytest.raises(ValueError, match="n must be"):
+        W.make_dataset_parallel(-1, seed=0)

@@ -129,7 +129,7 @@ def timm_member(model_name: str, pretrained: bool = True, device: str = "cpu", l
     labels = tuple(labels) if labels is not None else (imagenet_labels() if n == 1000 else tuple(map(str, range(n))))
     if len(labels) != n:
         raise ValueError(f"{model_name} has {n} outputs but {len(labels)} labels were given")
-    return TimmMember(model, labels, name=model_name)
+    return TimmMember(model, labels, name=model_name).to(device)  # the normalisation buffers too
 
 
 class ClipMember(nn.Module):

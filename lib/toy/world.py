@@ -703,6 +703,30 @@ def make_dataset(n: int, seed: int, split: str = "train") -> tuple[np.ndarray, l
     return images, scenes, caps
 
 
+def _dataset_chunk(args: tuple[int, int, int, str]):
+    n, seed, k, split = args
+    return make_dataset(n, seed=[seed, k], split=split)
+
+
+def make_dataset_parallel(n: int, seed: int, split: str = "train", workers: int = 8,
+                          chunk: int = 4096) -> tuple[np.ndarray, list[Scene], list[str]]:
+    """Like :func:`make_dataset`, rendered in chunks of ``chunk`` on ``workers`` processes (chunk ``k`` draws from the
+    seed ``[seed, k]``, so the result depends on ``n``, ``seed`` and ``chunk``, never on ``workers``)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    jobs = [(min(chunk, n - i), seed, k, split) for k, i in enumerate(range(0, n, chunk))]
+    if workers <= 1 or len(jobs) <= 1:
+        parts = [_dataset_chunk(j) for j in jobs]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_dataset_chunk, jobs)
+    if not parts:
+        return np.empty((0, SIZE, SIZE, 3), np.uint8), [], []
+    return (np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]], [c for p in parts for c in p[2]])
+
+
 def label_indices(scenes: list[Scene], attribute: str) -> np.ndarray:
     """Integer labels of ``attribute`` (index into ``VOCAB[attribute]``; -1 where absent)."""
     vocab = VOCAB[attribute]
@@ -712,6 +736,6 @@ def label_indices(scenes: list[Scene], attribute: str) -> np.ndarray:
 __all__ = [
     "OBJECTS", "COLORS", "STYLES", "NAMED_STYLES", "ACTIONS", "CHARACTERS", "BACKGROUNDS", "CHARACTER_OBJECT",
     "PREFIXES", "ATTRIBUTES", "VOCAB", "HELDOUT", "Scene", "render", "caption", "captions", "parse_caption",
-    "subject_span", "subject_char_span", "sample_scene", "make_dataset", "is_heldout", "heldout_pairs",
+    "subject_span", "subject_char_span", "sample_scene", "make_dataset", "make_dataset_parallel", "is_heldout", "heldout_pairs",
     "label_indices", "SIZE",
 ]
