@@ -1,0 +1,28 @@
+#!/bin/bash
+# One call on the lent GPU box (benchmarks/README.md): retrain part of the toy world and/or time the issues' GPU targets.
+#   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min)
+#   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's outputs in data/toy
+#   bash benchmarks/device_session.sh targets    # the six GPU target cases only (~5 min)
+# Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
+set -o pipefail
+case "$1" in clip-vae|unet|targets) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|unet|targets}" >&2; exit 2 ;; esac
+: "${OUT:?run this on the device machine, where OUT is set}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT/samples"
+targets() {
+  timeout "$1" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --out "$OUT/targets.json" \
+    --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,sage_latent_iter,trace_sd14_unet70,generate_sd14_b32 \
+    2>&1 | tee "$OUT/bench.log"
+}
+case "$1" in
+  clip-vae)
+    rm -f data/toy/TRAINING.json  # a from-scratch GPU run starts a fresh training log
+    timeout 240 python3 -m lib.toy.train --stage clip --config gpu 2>&1 | tee "$OUT/train_clip.log"
+    timeout 300 python3 -m lib.toy.train --stage vae --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log"
+    tar czf "$OUT/toy_clip_vae.tgz" data/toy/text_encoder data/toy/clip_vision data/toy/vae data/toy/TRAINING.json ;;
+  unet)
+    timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
+    tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
+  targets) targets 560 ;;
+esac
