@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,37 +74,49 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def concept_prompts(anchor: str, n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
-    """``n`` distinct (caption, scene) pairs from the toy world's training distribution holding ``anchor``, none of
-    them in ``exclude`` (normalised text), reproducible from ``seed``."""
-    c = concept(anchor)
-    skip = {_norm(e) for e in exclude}
+def _distinct_prompts(n: int, seed: int, pick: Callable[[W.Scene], W.Scene | None],
+                      skip: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
+    """Up to ``n`` distinct (caption, scene) pairs: training-distribution scenes mapped by ``pick`` (``None`` rejects
+    one), captioned from the same generator, minus captions in ``skip`` (normalised text); reproducible from ``seed``."""
+    skip = {_norm(e) for e in skip}
     rng = np.random.default_rng(seed)
     out, seen = [], set()
     for _ in range(200 * max(n, 1)):
         if len(out) >= n:
             break
-        s = W.sample_scene(rng, "train")
+        scene = pick(W.sample_scene(rng, "train"))
+        if scene is None:
+            continue
+        cap = W.caption(scene, rng)
+        if _norm(cap) in skip or cap in seen:
+            continue
+        seen.add(cap)
+        out.append((cap, scene))
+    return out
+
+
+def concept_prompts(anchor: str, n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
+    """``n`` distinct (caption, scene) pairs from the toy world's training distribution holding ``anchor``, none of
+    them in ``exclude`` (normalised text), reproducible from ``seed``."""
+    c = concept(anchor)
+
+    def holding(s: W.Scene) -> W.Scene | None:
         d = s.as_dict()
         if c.attribute == "character":
             d.update(character=c.value, object=None, color=None)
         elif c.attribute == "object":
             if s.character is not None:
-                continue
+                return None
             d["object"] = c.value
         else:
             d[c.attribute] = c.value
         try:
             s = W.Scene(**d)
         except ValueError:
-            continue
-        if W.is_heldout(s):
-            continue
-        cap = W.caption(s, rng)
-        if _norm(cap) in skip or cap in seen:
-            continue
-        seen.add(cap)
-        out.append((cap, s))
+            return None
+        return None if W.is_heldout(s) else s
+
+    out = _distinct_prompts(n, seed, holding, exclude)
     if len(out) < n:
         raise ValueError(f"found only {len(out)} of {n} distinct prompts holding {anchor!r}")
     return out
@@ -113,20 +125,14 @@ def concept_prompts(anchor: str, n: int, seed: int = 0, exclude: Iterable[str] =
 def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:
     """``n`` distinct training-distribution (caption, scene) pairs that hold none of the phrases in ``avoid``."""
     avoid = [concept(p) for p in avoid]
-    rng = np.random.default_rng(seed)
-    out, seen = [], set()
-    for _ in range(200 * max(n, 1)):
-        if len(out) >= n:
-            break
-        s = W.sample_scene(rng, "train")
+
+    def free(s: W.Scene) -> W.Scene | None:
         if any(getattr(s, c.attribute) == c.value for c in avoid if c.attribute != "object") or any(
                 s.object == c.value and s.character is None for c in avoid if c.attribute == "object"):
-            continue
-        cap = W.caption(s, rng)
-        if cap not in seen:
-            seen.add(cap)
-            out.append((cap, s))
-    return out
+            return None
+        return s
+
+    return _distinct_prompts(n, seed, free)
 
 
 # A few misspellings per toy concept, as people type them (the paper's robustness demo); others are generated.

@@ -319,6 +319,31 @@ def _fused(dev: str) -> dict:
     return {"fused": True} if dev.startswith("cuda") else {}
 
 
+def _optimize(stage: str, cfg: dict, params: list, lr: float, n: int, rng: np.random.Generator, steps: int,
+              override: bool, step_loss) -> tuple["_Plan", "_Log"]:
+    """The VAE stages' loop: AdamW (no weight decay; fused on CUDA), warm-up + cosine LR sized by the wall-clock plan,
+    shuffled batches of ``cfg[stage]["batch"]`` indices into ``n`` items, gradient clipping at 1.
+    ``step_loss(indices)`` returns (loss to minimise, value to log)."""
+    c = cfg[stage.split("-")[0]]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **_fused(cfg["device"]))
+    plan = _Plan(steps, c.get("budget_min"), override)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
+    log = _Log(stage, steps, max(1, min(25, steps // 10)))
+    it = _batches(n, min(c["batch"], n), rng)
+    step = -1
+    while step + 1 < plan.total:
+        step += 1
+        plan.tick(step, log)
+        loss, shown = step_loss(next(it))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log(step, shown, "(mse)")
+    return plan, log
+
+
 def _autocast(cfg):
     if cfg["amp"] and cfg["device"].startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -468,27 +493,16 @@ def train_vae(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | 
     rng = np.random.default_rng(cfg["seed"] + 2)
     vae = new_vae(c["widths"]).to(dev).train()
     pix = _resident(to_pixels(data["images"]), dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=c["lr"], weight_decay=0.0, **_fused(dev))
-    plan = _Plan(steps, c.get("budget_min"), override)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
-    log = _Log("vae", steps, max(1, min(25, steps // 10)))
-    it = _batches(len(pix), min(c["batch"], len(pix)), rng)
-    step = -1
-    while step + 1 < plan.total:
-        step += 1
-        plan.tick(step, log)
-        x = pix[_index(next(it), pix)].to(dev)
+
+    def step_loss(idx: np.ndarray):
+        x = pix[_index(idx, pix)].to(dev)
         with _autocast(cfg):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             mse = F.mse_loss(rec.float(), x)
-            loss = mse + 0.5 * F.l1_loss(rec.float(), x) + c["kl"] * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        log(step, mse, "(mse)")
+            return mse + 0.5 * F.l1_loss(rec.float(), x) + c["kl"] * post.kl().mean(), mse
+
+    plan, log = _optimize("vae", cfg, list(vae.parameters()), c["lr"], len(pix), rng, steps, override, step_loss)
     vae.eval()
     with torch.no_grad():  # SD's scaling factor: 1 / std of the latents
         lat = torch.cat([vae.encode(pix[i : i + 256].to(dev)).latent_dist.mean.float().cpu()
@@ -522,28 +536,17 @@ def train_vae_decoder(cfg: dict, data: dict, out: Path, steps: int, samples_dir:
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     pix = _resident(to_pixels(data["images"]), dev)
-    opt = torch.optim.AdamW(params, lr=c["lr"] * 0.5, weight_decay=0.0, **_fused(dev))
-    plan = _Plan(steps, c.get("budget_min"), override)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c["warmup"], plan))
-    log = _Log("vae-decoder", steps, max(1, min(25, steps // 10)))
-    it = _batches(len(pix), min(c["batch"], len(pix)), rng)
-    step = -1
-    while step + 1 < plan.total:
-        step += 1
-        plan.tick(step, log)
-        x = pix[_index(next(it), pix)].to(dev)
+
+    def step_loss(idx: np.ndarray):
+        x = pix[_index(idx, pix)].to(dev)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         with _autocast(cfg):
             rec = vae.decode(z).sample.float()
             mse = F.mse_loss(rec, x)
-            loss = mse + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        log(step, mse, "(mse)")
+            return mse + 0.5 * F.l1_loss(rec, x), mse
+
+    plan, log = _optimize("vae-decoder", cfg, params, c["lr"] * 0.5, len(pix), rng, steps, override, step_loss)
     vae.eval()
     with torch.no_grad():
         x = pix[:512].to(dev)
