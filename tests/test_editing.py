@@ -100,6 +100,21 @@ def test_positions_are_last_subject_token_onwards_over_prefixed_prompts():
     assert len(trunc.key_positions) == len(trunc.value_positions) == 72 and trunc.key_positions[-1] == 75
 
 
+def test_target_prompts_follow_the_anchor_prompts_by_substitution():
+    tok = pipe().tokenizer
+    caps = ["a red cat, in the style of Van Gogh", "a van gogh painting of a dog"]
+    pairs = align_prompts(tok, ["van gogh", "monet"], "painting",
+                          prompts={"van gogh": caps, "monet": ["a monet painting of a cat"]})
+    assert [p.target_prompt for p in pairs] == ["a red cat, in the style of painting", "a painting painting of a dog",
+                                                "a painting painting of a cat"]
+    # aligned from the last subject token on: the tails are the same words
+    assert pairs[0].key_positions[:2] == (10, 11) and pairs[0].value_positions[:2] == (9, 10)
+    given = align_prompts(tok, "van gogh", "painting", prompts={"van gogh": caps[:1], "painting": ["a painting"]})
+    assert given[0].target_prompt == "a painting"  # explicit target prompts win
+    with pytest.raises(PromptError, match="absent from its own prompt"):
+        align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["a vangogh cat"]})
+
+
 def test_keys_are_out_proj_inputs_and_values_its_outputs():
     p = pipe()
     kv = collect_keys_values(p, "van gogh", "painting", layer=1, templates=("A photo of {}",), subtract_bias=False)
@@ -315,6 +330,18 @@ def test_evaluation_prompts_exclude_edit_prompts_and_hold_the_concept():
     assert E.concept_prompts("snoopy", 3, seed=0, exclude=ex) == got[:3]
     un = E.unrelated_prompts(["snoopy", "van gogh"], 10, seed=1)
     assert all(s.character != "snoopy" and s.style != "van gogh" for _, s in un)
+
+
+def test_caption_prompts_are_in_distribution_and_avoid_the_evaluation():
+    held = {c for c, _ in E.concept_prompts("van gogh", 6, seed=0)}
+    got = E.caption_prompts(["van gogh", "snoopy"], 10, seed=3, exclude=held)
+    assert set(got) == {"van gogh", "snoopy"} and all(len(v) == len(set(v)) == 10 for v in got.values())
+    assert not held & set(got["van gogh"])
+    assert all(W.parse_caption(c).style == "van gogh" for c in got["van gogh"])
+    assert all(W.parse_caption(c).character == "snoopy" for c in got["snoopy"])
+    assert got == E.caption_prompts(["van gogh", "snoopy"], 10, seed=3, exclude=held)
+    edit = quickfix(pipe(), ["van gogh", "snoopy"], ["painting", "dog"], prompts=got)
+    assert edit.meta["prompts"] == got and edit.meta["solve"]["text_encoder"]["n_keys"] > 20 * 60
 
 
 def test_variants_and_misspellings():

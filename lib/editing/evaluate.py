@@ -122,6 +122,19 @@ def concept_prompts(anchor: str, n: int, seed: int = 0, exclude: Iterable[str] =
     return out
 
 
+def caption_prompts(anchors: Iterable[str], n: int, seed: int = 0,
+                    exclude: Iterable[str] = ()) -> dict[str, list[str]]:
+    """Fitting prompts in the model's own prompt distribution: ``n`` toy-world captions per anchor (training
+    distribution, none in ``exclude``), for ``QuickFixEdit.fit(..., prompts=...)``; the target prompts follow by
+    substitution ("a red cat painted by van gogh" → "a red cat painted by painting").
+
+    The paper's templates ("A photo of van gogh") are bare phrases, which the toy text encoder never saw: every toy
+    caption names an object. Pass every evaluation caption in ``exclude``.
+    """
+    exclude = list(exclude)
+    return {a: [c for c, _ in concept_prompts(a, n, seed=seed + i, exclude=exclude)] for i, a in enumerate(anchors)}
+
+
 def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:
     """``n`` distinct training-distribution (caption, scene) pairs that hold none of the phrases in ``avoid``."""
     avoid = [concept(p) for p in avoid]

@@ -24,6 +24,7 @@ share: the ridge solve, its check against gradient descent, and :class:`WeightEd
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 import warnings
@@ -247,7 +248,9 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     """Anchor and target prompts with the positions whose keys and values enter the edit (see the module doc).
 
     Prompts are ``template.format(phrase)`` for each template, or ``prompts[phrase]`` when given (anchor and target
-    lists are paired in order). A phrase absent from its own prompt raises :class:`~lib.prompts.PromptError`.
+    lists are paired in order). When ``prompts`` holds an anchor but not its target, the target prompts are the
+    anchor's with the phrase replaced ("a dog, in the style of van gogh" → "a dog, in the style of painting"), so
+    several anchors may share one target. A phrase absent from its own prompt raises :class:`~lib.prompts.PromptError`.
     """
     if align not in ("pad", "truncate"):
         raise EditError(f"align must be 'pad' or 'truncate', got {align!r}")
@@ -259,7 +262,12 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     out = []
     for anchor, target in concept_pairs(anchors, targets):
         a_prompts = list(prompts.get(anchor) or [t.format(anchor) for t in templates])
-        t_prompts = list(prompts.get(target) or [t.format(target) for t in templates])
+        if prompts.get(target):
+            t_prompts = list(prompts[target])
+        elif prompts.get(anchor):
+            t_prompts = [substitute(p, anchor, target) for p in a_prompts]
+        else:
+            t_prompts = [t.format(target) for t in templates]
         if len(a_prompts) != len(t_prompts):
             raise EditError(f"{len(a_prompts)} prompts for anchor {anchor!r} but {len(t_prompts)} for target "
                             f"{target!r}; they are paired in order")
@@ -274,6 +282,15 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
                 n = min(length - a_last, length - t_last)
                 keys, vals = keys[:n], list(range(t_last, t_last + n))
             out.append(PromptPair(anchor, target, ap, tp, tuple(keys), tuple(vals)))
+    return out
+
+
+def substitute(prompt: str, phrase: str, replacement: str) -> str:
+    """``prompt`` with every occurrence of ``phrase`` (case-insensitive, whole words) replaced."""
+    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
+    out, n = re.subn(pattern, replacement, prompt, flags=re.IGNORECASE)
+    if n == 0:
+        raise PromptError(f"anchor {phrase!r} is absent from its own prompt {prompt!r}")
     return out
 
 
