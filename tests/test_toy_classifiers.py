@@ -138,3 +138,20 @@ def test_committed_classifiers_reach_98_percent():
     arr, scenes, _ = W.make_dataset(200, seed=12345, split="heldout")
     table = accuracy_table(arr, scenes, members)
     assert (table.fillna(1.0) >= 0.98).all().all(), table.round(3).to_string()
+
+
+def test_retraining_one_member_keeps_the_others(tmp_path, members):
+    C.save_classifiers(members, tmp_path, {"training": {"resnet": {"steps": 7}}, "hardware": {"device": "cpu"}})
+    before = {k: v.clone() for k, v in C.load_classifiers(tmp_path)["resnet"].state_dict().items()}
+    meta = C.train_classifiers(tmp_path, steps={"edges": 2}, members=["edges"], n_train=16, n_eval=8, batch_size=4)
+    assert meta["training"]["edges"]["steps"] == 2 and meta["training"]["resnet"]["steps"] == 7
+    assert meta["training"]["resnet"]["hardware"] == {"device": "cpu"}  # the kept member's record travels with it
+    loaded = C.load_classifiers(tmp_path)
+    assert set(loaded) == set(C.MEMBERS) and set(meta["heldout_accuracy"]) == set(C.MEMBERS)
+    assert all(torch.equal(v, before[k]) for k, v in loaded["resnet"].state_dict().items())
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="unknown members"):
+        C.train_classifiers(tmp_path, members=["vgg"])
+    assert C._parse_steps(["5"]) == 5 and C._parse_steps(["edges=9", "resnet=3"]) == {"edges": 9, "resnet": 3}
+    with pytest.raises(SystemExit, match="MEMBER=INT"):
+        C._parse_steps(["vgg=3"])
