@@ -50,9 +50,9 @@ MEMBERS: dict[str, dict] = {
     "mobilenet": {"arch": "mobilenetv3_small_050", "arch_kwargs": {}, "input": "rgb", "families": FAMILIES},
     "edges": {"arch": "lcnet_050", "arch_kwargs": {}, "input": "edges", "families": tuple(f for f in FAMILIES if f != "color")},
 }
-# Default training steps per member (batch 64), those of the committed weights. The two small members underfit at
-# 3,000 (final loss 0.66 / 0.89): in a 9,000-step run, mobilenet's held-out object accuracy was 0.88 at step 4,500.
-MEMBER_STEPS: dict[str, int] = {"resnet": 3000, "mobilenet": 3000, "edges": 3000}
+# Default training steps of every member (batch 64), those of the committed weights. The two small members underfit
+# at 3,000 (final loss 0.66 / 0.89): in a 9,000-step run, mobilenet's held-out object accuracy was 0.88 at step 4,500.
+DEFAULT_STEPS = 3000
 DEFAULT_DIR = TOY_DIR / "classifiers"
 CONFIG_NAME = "config.json"
 REBUILD = "python -m lib.toy.classifiers --out data/toy/classifiers"
@@ -321,13 +321,13 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
     return model.eval(), info
 
 
-def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] | None = None, seed: int = 0,
+def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] = DEFAULT_STEPS, seed: int = 0,
                       device: str = "cpu", members: Sequence[str] = tuple(MEMBERS), n_train: int = 20_000,
                       n_eval: int = 1000, batch_size: int = 64, threads: int | None = 1, train_split: str = "any",
                       eval_every: int = 0) -> dict:
     """Train ``members`` on ``n_train`` renders of ``train_split``, save them, and measure held-out accuracy.
 
-    ``steps``: one count for every member, a dict per member, or ``None`` for :data:`MEMBER_STEPS`. Members of
+    ``steps``: one count for every member, or a dict per member (:data:`DEFAULT_STEPS` for the others). Members of
     :data:`MEMBERS` not in ``members`` are kept from ``out_dir`` (weights and training record) when it holds them, so
     one member can be retrained alone; every member trains independently from ``seed`` on the same data, so this equals
     one run that trains them all.
@@ -343,8 +343,7 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     unknown = sorted(set(members) - set(MEMBERS))
     if unknown:
         raise ValueError(f"unknown members {unknown}; choose from {sorted(MEMBERS)}")
-    per_member = ({n: int(steps) for n in members} if isinstance(steps, int)
-                  else {n: int((steps or {}).get(n, MEMBER_STEPS[n])) for n in members})
+    per_member = {n: int(steps.get(n, DEFAULT_STEPS) if isinstance(steps, dict) else steps) for n in members}
     if threads and str(device) == "cpu":
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -364,30 +363,31 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     trained = dict(kept)
     training = {n: {**({"hardware": old["hardware"]} if "hardware" in old else {}), **old.get("training", {}).get(n, {})}
                 for n in kept}
+    data = {"n_train": n_train, "train_seed": seed, "train_split": train_split, "n_eval": n_eval,
+            "eval_seed": seed + 10_000, "eval_split": "heldout"}
+
+    def ordered(d: dict) -> dict:
+        return {n: d[n] for n in MEMBERS if n in d}
+
     for name in members:
         trained[name], training[name] = train_member(name, images, targets, per_member[name], seed, device, batch_size,
                                                      val=val, eval_every=eval_every)
         training[name]["hardware"] = {"device": str(device), "threads": torch.get_num_threads(),
                                       "torch": torch.__version__, "machine": platform.machine()}
         # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members)
-        trained = {n: trained[n] for n in MEMBERS if n in trained}
-        meta = {"data": {"n_train": n_train, "train_seed": seed, "train_split": train_split, "n_eval": n_eval,
-                         "eval_seed": seed + 10_000, "eval_split": "heldout"},
-                "training": {n: training[n] for n in trained}}
-        save_classifiers(trained, out_dir, meta)
+        save_classifiers(ordered(trained), out_dir, {"data": data, "training": ordered(training)})
+    meta = {"data": data, "training": ordered(training)}
     loaded = load_classifiers(out_dir, device)
     ev = to_tensor(ev_arr)
     meta["heldout_accuracy"] = {n: {f: round(a, 4) for f, a in heldout_accuracy(m, ev, ev_scenes).items()}
                                 for n, m in loaded.items()}
     meta["wall_s_this_run"] = round(time.time() - t0, 1)
-    save_classifiers(trained, out_dir, meta)
+    save_classifiers(ordered(trained), out_dir, meta)
     return meta
 
 
-def _parse_steps(values: Sequence[str] | None) -> int | dict[str, int] | None:
+def _parse_steps(values: Sequence[str]) -> int | dict[str, int]:
     """``--steps 5000`` (every member) or ``--steps mobilenet=9000 edges=12000``."""
-    if not values:
-        return None
     if len(values) == 1 and "=" not in values[0]:
         return int(values[0])
     out = {}
@@ -402,8 +402,8 @@ def _parse_steps(values: Sequence[str] | None) -> int | dict[str, int] | None:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_DIR))
-    ap.add_argument("--steps", nargs="+", default=None,
-                    help=f"an integer for every member, or MEMBER=INT pairs (default per member: {MEMBER_STEPS})")
+    ap.add_argument("--steps", nargs="+", default=[str(DEFAULT_STEPS)],
+                    help=f"an integer for every member, or MEMBER=INT pairs (others: {DEFAULT_STEPS})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS),
