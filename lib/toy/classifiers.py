@@ -172,17 +172,29 @@ def build_member(name: str) -> AttributeClassifier:
 def save_classifiers(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None) -> Path:
     """Write ``<name>.safetensors`` (fp16) per member and ``config.json`` (architectures, labels, ``extra``); each file
     is written to a temporary name and renamed, so an interrupted save leaves the previous files intact."""
+    for name, m in members.items():
+        _save_weights(name, m, folder)
+    return _write_config(members, folder, extra)
+
+
+def _save_weights(name: str, member: AttributeClassifier, folder: str | Path) -> None:
+    """``<folder>/<name>.safetensors`` (fp16), written to a temporary name and renamed."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"members": {}, "rebuild": REBUILD, **(extra or {})}
-    for name, m in members.items():
-        state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in m.state_dict().items()}
-        tmp = folder / f".{name}.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, folder / f"{name}.safetensors")
-        config["members"][name] = {**m.config(), "weights": f"{name}.safetensors"}
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in member.state_dict().items()}
+    tmp = folder / f".{name}.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / f"{name}.safetensors")
+
+
+def _write_config(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None) -> Path:
+    """``config.json`` for ``members`` whose weights are in ``folder`` (written to a temporary name and renamed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"members": {n: {**m.config(), "weights": f"{n}.safetensors"} for n, m in members.items()},
+              "rebuild": REBUILD, **(extra or {})}
     tmp = folder / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, folder / CONFIG_NAME)
@@ -383,15 +395,17 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
                                                      val=val, eval_every=eval_every)
         training[name]["hardware"] = {"device": str(device), "threads": torch.get_num_threads(),
                                       "torch": torch.__version__, "machine": platform.machine()}
-        # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members)
-        save_classifiers(ordered(trained), out_dir, {"data": data, "training": ordered(training)})
+        # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members);
+        # the kept members' weights are already in out_dir
+        _save_weights(name, trained[name], out_dir)
+        _write_config(ordered(trained), out_dir, {"data": data, "training": ordered(training)})
     meta = {"data": data, "training": ordered(training)}
     loaded = load_classifiers(out_dir, device)
     ev = to_tensor(ev_arr)
     meta["heldout_accuracy"] = {n: {f: round(a, 4) for f, a in heldout_accuracy(m, ev, ev_scenes).items()}
                                 for n, m in loaded.items()}
     meta["wall_s_this_run"] = round(time.time() - t0, 1)
-    save_classifiers(ordered(trained), out_dir, meta)
+    _write_config(ordered(trained), out_dir, meta)
     return meta
 
 
