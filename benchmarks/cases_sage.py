@@ -65,10 +65,12 @@ def _memory_setup(pipe, gradient_checkpointing: bool, vae_slicing: bool) -> None
 
 
 def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step: int | None = None,
-                        guidance: float = 7.5, seed: int = 0):
-    """A closure running one latent-search iteration (state kept across calls, like the search)."""
-    z = initial_latents(pipe, [seed])
-    cond = encode(pipe, [PROMPT], None)
+                        guidance: float = 7.5, seed: int = 0, batch: int = 1):
+    """A closure running one latent-search iteration (state kept across calls, like the search) of ``batch``
+    independent searches run together (:func:`lib.sage.latent.search_latents`: the per-search losses are summed,
+    so each δ gets its own search's gradient)."""
+    z = initial_latents(pipe, list(range(seed, seed + batch)))
+    cond = encode(pipe, [PROMPT] * batch, None)
     state = {"delta": torch.zeros_like(z, dtype=torch.float32)}
     residual = Residual(step=residual_step)
 
@@ -142,19 +144,25 @@ def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: s
 
 
 # ---------------------------------------------------------------------------------------------- bench.py integration
-def _case(ctx):
-    pipe = ctx.pipe("sd-v1")
-    full = ctx.size == "full"
-    steps = 50 if full else 4
-    _memory_setup(pipe, full and ctx.device.type == "cuda", True)
-    ens = make_members("imagenet" if full else "small", ctx.device)
-    run = latent_iteration_fn(pipe, ens, steps)
-    params = dict(steps=steps, residual_step=steps // 2, members="imagenet" if full else "small",
-                  gradient_checkpointing=full and ctx.device.type == "cuda", vae_slicing=True)
-    return run, params, {}
+def _case(batch: int):
+    def build(ctx):
+        pipe = ctx.pipe("sd-v1")
+        full = ctx.size == "full"
+        steps = 50 if full else 4
+        _memory_setup(pipe, full and ctx.device.type == "cuda", True)
+        ens = make_members("imagenet" if full else "small", ctx.device)
+        run = latent_iteration_fn(pipe, ens, steps, batch=batch)
+        params = dict(steps=steps, residual_step=steps // 2, members="imagenet" if full else "small",
+                      gradient_checkpointing=full and ctx.device.type == "cuda", vae_slicing=True)
+        if batch > 1:
+            params["batch"] = batch  # bench.py then also reports s_per_image: one iteration of one search
+        return run, params, {}
+
+    return build
 
 
-CASES = {"sage_latent_iter": _case}
+# one search; eight independent searches as one batch (notebook 01's BATCH_SIZE)
+CASES = {"sage_latent_iter": _case(1), "sage_latent_iter_b8": _case(8)}
 
 
 def main(argv: list[str] | None = None) -> int:

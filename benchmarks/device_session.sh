@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT/samples"
 targets() {
   timeout "$1" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --out "$OUT/targets.json" \
-    --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,sage_latent_iter,trace_sd14_unet70,generate_sd14_b32 \
+    --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,sage_latent_iter,sage_latent_iter_b8,trace_sd14_unet70,generate_sd14_b32 \
     2>&1 | tee "$OUT/bench.log"
 }
 case "$1" in

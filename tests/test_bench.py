@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -29,3 +30,12 @@ def test_trace_case_runs_on_the_tiny_twin(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     (res,) = json.loads(out.read_text())["results"]
     assert res["params"]["layers"] == 70 and res["params"]["steps"] == 4 and res["median_s"] > 0
+
+
+def test_batched_sage_case_reports_the_time_per_search(tmp_path):
+    out = tmp_path / "sage.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
+           "sage_latent_iter_b8", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["params"]["batch"] == 8 and res["extra"]["s_per_image"] == res["median_s"] / 8

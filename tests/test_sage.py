@@ -9,7 +9,7 @@ from torch import nn
 from lib.prompts import PromptError
 from lib.sage.latent import (
     LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell,
-    render_latent, sample_with_residual, save_latent, search_latent, shell_bounds, signed_step,
+    render_latent, sample_with_residual, save_latent, search_latent, search_latents, shell_bounds, signed_step,
 )
 from lib.sage.loss import (
     ClipMember, Criteria, EdgeMember, Ensemble, FnMember, ToyMember, UnknownClassError, imagenet_groups, timm_member,
@@ -209,6 +209,46 @@ def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):
     img = render_latent(pipe, path)
     assert torch.equal(img, r.image)  # bit-exact re-render of what the search evaluated
     assert torch.equal(img, render_latent(pipe, path))
+
+
+def _alone(pipe, ens, seeds, cfg):
+    return [search_latent(pipe, ens, "a photo of a cat", "cat", seed=s, steps=2, config=cfg) for s in seeds]
+
+
+def test_batched_searches_equal_searches_one_at_a_time(pipe, ens):
+    seeds = [0, 1, 2, 3]
+    cfg = LatentSearch(mode="lose", iterations=4, stop_on_success=False)
+    batched = search_latents(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg)
+    for s, a, b in zip(seeds, batched, _alone(pipe, ens, seeds, cfg)):
+        assert a.meta["seed"] == s and a.iterations == b.iterations == 4
+        assert a.history == pytest.approx(b.history, abs=1e-5)  # batched kernels: last-bit differences only
+        assert torch.equal(a.delta, b.delta) and torch.equal(a.latent, b.latent)
+        assert torch.equal(a.image, b.image)  # the image as re-rendered alone
+
+
+def test_a_successful_search_leaves_the_batch(pipe):
+    """A brightness 'classifier': seeds brighter than the median already lose the class; the others must search."""
+    x0 = decode(pipe, denoise(pipe, initial_latents(pipe, [0, 1, 2, 3]), encode(pipe, ["a photo of a cat"] * 4), 2))
+    m0 = float(x0.detach().mean((1, 2, 3)).median())
+
+    def member(name):
+        return FnMember(lambda x: torch.stack([40 * (m0 - x.mean((1, 2, 3)))] + [0 * x.mean((1, 2, 3))] * 2, 1),
+                        LABELS, name)
+
+    bright = Ensemble([member("b1"), member("b2")])
+    cfg = LatentSearch(mode="lose", iterations=6, lr=0.2)
+    batched = search_latents(pipe, bright, "a photo of a cat", "cat", seeds=[0, 1, 2, 3], steps=2, config=cfg)
+    alone = _alone(pipe, bright, [0, 1, 2, 3], cfg)
+    assert [r.iterations for r in batched] == [r.iterations for r in alone]
+    assert [r.found for r in batched] == [r.found for r in alone]
+    its = {r.iterations for r in batched if r.found}
+    assert 0 in its and len(its) > 1, its  # some found at once, others later: the batch shrank mid-search
+    for a, b in zip(batched, alone):
+        assert torch.equal(a.latent, b.latent) and torch.equal(a.image, b.image)
+    with pytest.raises(ValueError, match="seeds is empty"):
+        search_latents(pipe, bright, "a cat", "cat", seeds=[], steps=2)
+    with pytest.raises(LatentShapeError, match="search_latents"):
+        search_latent(pipe, bright, "a cat", "cat", latent=initial_latents(pipe, [0, 1]), steps=2)
 
 
 def test_wrong_shape_latent_raises(pipe, ens, tmp_path):

@@ -156,72 +156,120 @@ class LatentResult:
 def search_latent(pipe, ensemble: Ensemble, prompt: str, cls: str, seed: int | None = None,
                   latent: torch.Tensor | None = None, steps: int = 25, guidance: float = 7.5,
                   negative: str | None = None, config: LatentSearch = LatentSearch()) -> LatentResult:
-    """Search a perturbation of the seed's initial latent (or of ``latent``) that makes ``prompt``'s image a failure.
+    """Search a perturbation of the seed's initial latent (or of ``latent``, shape (1, C, S, S)) that makes
+    ``prompt``'s image a failure: every member of the ensemble fooled in the sense of ``config.mode``
+    (:meth:`Ensemble.judge`). One search of :func:`search_latents`.
+    """
+    if (seed is None) == (latent is None):
+        raise ValueError("give exactly one of seed= or latent=")
+    if latent is not None:
+        check_latent(pipe, latent)
+        if len(latent) != 1:
+            raise LatentShapeError(f"search_latent takes one latent (1, C, S, S), got a batch of {len(latent)}; "
+                                   "use search_latents for independent searches")
+    return search_latents(pipe, ensemble, prompt, cls, None if seed is None else [seed], latent, steps, guidance,
+                          negative, config)[0]
 
-    A failure (``config.mode``): every member of the ensemble fooled in that sense (:meth:`Ensemble.judge`).
+
+def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int] | None = None,
+                   latents: torch.Tensor | None = None, steps: int = 25, guidance: float = 7.5,
+                   negative: str | None = None, config: LatentSearch = LatentSearch()) -> list[LatentResult]:
+    """Independent searches, one per seed (or per row of ``latents``), run as one batch: one sampling loop, decode
+    and ensemble pass per iteration for all of them (far fewer, larger kernels than one search after another).
+
+    Each search keeps its own δ, loss history, best and first success; with ``stop_on_success`` a search leaves the
+    batch once it succeeds, so each result equals that of the search run alone (the members and the sampler treat
+    images independently; batched kernels may differ in the last bits, which a signed step can amplify only where
+    a gradient entry is ≈ 0).
     """
     if config.mode not in MODE_GOAL:
         raise ValueError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_GOAL)}")
-    if (seed is None) == (latent is None):
-        raise ValueError("give exactly one of seed= or latent=")
+    if (seeds is None) == (latents is None):
+        raise ValueError("give exactly one of seed(s)= or latent(s)=")
+    if seeds is not None and len(seeds) == 0:
+        raise ValueError("seeds is empty")
     lo, hi = config.delta_range
     if not lo <= 0 <= hi:
         raise ValueError(f"delta_range must contain 0, got {config.delta_range}")
     goal = config.goal or MODE_GOAL[config.mode]
     ensemble.indices(cls)  # unknown class: fail before any sampling
-    z = initial_latents(pipe, [seed]) if latent is None else latent.to(pipe.unet.device, pipe.unet.dtype)
+    z = initial_latents(pipe, list(seeds)) if latents is None else latents.to(pipe.unet.device, pipe.unet.dtype)
     check_latent(pipe, z)
-    cond = encode(pipe, [prompt] * len(z), negative)
+    n = len(z)
+    cond_all = encode(pipe, [prompt] * n, negative)
     delta = torch.zeros_like(z, dtype=torch.float32)
-    history: list[float] = []
-    best = (math.inf, None, None, None)
-    found = None
+    history: list[list[float]] = [[] for _ in range(n)]
+    best: list[tuple | None] = [None] * n
+    found: list[tuple | None] = [None] * n
+    active = list(range(n))
     for it in range(config.iterations + 1):
-        delta.requires_grad_(True)
-        zp = (z.float() + delta).to(z.dtype)
+        d = delta[active].clone().requires_grad_(True)
+        z_act = z[active]
+        zp = (z_act.float() + d).to(z.dtype)
+        cond = cond_all if len(active) == n else cond_all.select(active)
         image = decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, config.residual))
         probs = ensemble.probs(image)
-        loss = ensemble.loss(probs, cls, goal).sum()
-        history.append(float(loss.detach()))
-        state = (history[-1], zp.detach().clone(), delta.detach().clone(), image.detach().clone())
-        if history[-1] < best[0] or best[1] is None:
-            best = state
-        if found is None and bool(ensemble.judge(probs, cls, config.mode).all()):
-            found = state
-            if config.stop_on_success:
-                break
-        if it == config.iterations:
+        losses = ensemble.loss(probs, cls, goal)
+        ok = ensemble.judge(probs, cls, config.mode).tolist()
+        for j, b in enumerate(active):
+            history[b].append(float(losses[j].detach()))
+            state = (history[b][-1], zp[j : j + 1].detach().clone(), d[j : j + 1].detach().clone(),
+                     image[j : j + 1].detach().clone())
+            if best[b] is None or history[b][-1] < best[b][0]:
+                best[b] = state
+            if found[b] is None and ok[j]:
+                found[b] = state
+        keep = [j for j, b in enumerate(active) if not (config.stop_on_success and found[b] is not None)]
+        if it == config.iterations or not keep:
             break
-        (g,) = torch.autograd.grad(loss, delta)
+        (g,) = torch.autograd.grad(losses[keep].sum(), d)
         with torch.no_grad():
-            delta = signed_step(delta, g, config.lr, lo, hi)
+            step = signed_step(d[keep], g[keep], config.lr, lo, hi)
             if config.shell_sigmas is not None:
-                delta = project_to_shell(z.float() + delta, config.shell_sigmas) - z.float()
-    loss_v, zp, d, img = found if found is not None else best
-    meta = dict(seed=seed, prompt=prompt, negative=negative, steps=steps, guidance=guidance, cls=cls,
-                mode=config.mode, goal=goal, lr=config.lr, residual_mode=config.residual.mode,
-                residual_step=config.residual.step, residual_weight=config.residual.weight)
-    return LatentResult(found is not None, zp, d, loss_v, best[0], len(history) - 1, history, img, meta)
+                base = z_act[keep].float()
+                step = project_to_shell(base + step, config.shell_sigmas) - base
+            active = [active[j] for j in keep]
+            delta[active] = step
+    results = []
+    for b in range(n):
+        loss_v, zp, d, img = found[b] if found[b] is not None else best[b]
+        if n > 1:  # the image exactly as render_latent re-renders it (alone, not in a batch)
+            with torch.no_grad():
+                img = decode(pipe, sample_with_residual(pipe, zp, cond_all.select([b]), steps, guidance,
+                                                        config.residual, grad=False))
+        meta = dict(seed=None if seeds is None else seeds[b], prompt=prompt, negative=negative, steps=steps,
+                    guidance=guidance, cls=cls, mode=config.mode, goal=goal, lr=config.lr,
+                    residual_mode=config.residual.mode, residual_step=config.residual.step,
+                    residual_weight=config.residual.weight)
+        results.append(LatentResult(found[b] is not None, zp, d, loss_v, best[b][0], len(history[b]) - 1, history[b],
+                                    img, meta))
+    return results
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
                     guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
-                    model: str = ""):
-    """One search per seed; saves every found latent to ``out_dir``; returns (tidy table, results)."""
+                    model: str = "", batch_size: int = 8):
+    """One search per seed, ``batch_size`` seeds at a time (:func:`search_latents`); saves every found latent to
+    ``out_dir``; returns (tidy table, results)."""
     import pandas as pd
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seeds = list(seeds)
     rows, results = [], []
-    for s in seeds:
-        r = search_latent(pipe, ensemble, prompt, cls, seed=s, steps=steps, guidance=guidance, config=config)
-        path = None
-        if r.found and out_dir is not None:
-            path = save_latent(Path(out_dir) / f"latent_{config.mode}_{cls}_{s}.safetensors".replace(" ", "-"),
-                               r, model=model)
-        rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
-                         best_loss=r.best_loss, iterations=r.iterations,
-                         delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
-                         path=str(path) if path else None))
-        results.append(r)
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i : i + batch_size]
+        for s, r in zip(chunk, search_latents(pipe, ensemble, prompt, cls, seeds=chunk, steps=steps,
+                                              guidance=guidance, config=config)):
+            path = None
+            if r.found and out_dir is not None:
+                path = save_latent(Path(out_dir) / f"latent_{config.mode}_{cls}_{s}.safetensors".replace(" ", "-"),
+                                   r, model=model)
+            rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
+                             best_loss=r.best_loss, iterations=r.iterations,
+                             delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
+                             path=str(path) if path else None))
+            results.append(r)
     return pd.DataFrame(rows), results
 
 
