@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -125,3 +126,16 @@ def _has_safety_checker(kind: str, where: str) -> bool:
     if kind == "local":
         return "safety_checker" in json.loads((Path(where) / "model_index.json").read_text())
     return "xl" not in where.lower()
+
+
+def model_fingerprint(pipe) -> str:
+    """A cheap hash of the UNet's and text encoders' weights (per tensor: name, shape, sum, sum of squares)."""
+    h = hashlib.sha1()
+    for attr in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
+            h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())
+    return h.hexdigest()[:16]

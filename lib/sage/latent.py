@@ -246,30 +246,60 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     return results
 
 
+def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
+                 config: LatentSearch) -> str:
+    """A hash of everything a search's result depends on (weights, members, criteria, prompt, settings)."""
+    import hashlib
+    import json
+
+    from lib.loading import model_fingerprint
+
+    what = dict(model=model_fingerprint(pipe), members=ensemble.names, groups=sorted(ensemble.groups.items()),
+                criteria=asdict(ensemble.criteria), prompt=prompt, cls=cls, steps=steps, guidance=guidance,
+                config=config_dict(config))
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
                     guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
-                    model: str = "", batch_size: int = 8):
-    """One search per seed, ``batch_size`` seeds at a time (:func:`search_latents`); saves every found latent to
-    ``out_dir``; returns (tidy table, results)."""
+                    model: str = "", batch_size: int = 8, resume: bool = True):
+    """One search per seed, ``batch_size`` seeds at a time (:func:`search_latents`); returns (tidy table, results).
+
+    With ``out_dir`` every finished search is written at once (atomically) to
+    ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
+    (:func:`campaign_key`) hashes the weights, the ensemble and every setting; with ``resume`` a search whose file
+    exists is loaded (its image re-rendered exactly) instead of run again, so an interrupted campaign loses nothing
+    and other settings never reuse stale results.
+    """
     import pandas as pd
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = list(seeds)
-    rows, results = [], []
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
+    paths: dict[int, Path] = {}
+    done: dict[int, LatentResult] = {}
+    if out_dir is not None:
+        key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config)
+        paths = {s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
+                 for s in seeds}
+        if resume:
+            done = {s: load_result(pipe, p) for s, p in paths.items() if p.is_file()}
+    todo = [s for s in seeds if s not in done]
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
         for s, r in zip(chunk, search_latents(pipe, ensemble, prompt, cls, seeds=chunk, steps=steps,
                                               guidance=guidance, config=config)):
-            path = None
-            if r.found and out_dir is not None:
-                path = save_latent(Path(out_dir) / f"latent_{config.mode}_{cls}_{s}.safetensors".replace(" ", "-"),
-                                   r, model=model)
-            rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
-                             best_loss=r.best_loss, iterations=r.iterations,
-                             delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
-                             path=str(path) if path else None))
-            results.append(r)
+            if out_dir is not None:
+                save_latent(paths[s], r, model=model)
+            done[s] = r
+    rows, results = [], []
+    for s in seeds:
+        r = done[s]
+        rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
+                         best_loss=r.best_loss, iterations=r.iterations,
+                         delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
+                         path=str(paths[s]) if s in paths else None, resumed=s not in todo))
+        results.append(r)
     return pd.DataFrame(rows), results
 
 
@@ -281,15 +311,23 @@ class LatentRecord:
 
 
 def save_latent(path: str | Path, result: LatentResult, model: str = "") -> Path:
-    """Write the latent (exact dtype), its δ and the metadata needed to re-render it (safetensors)."""
+    """Write the latent (exact dtype), its δ, the metadata needed to re-render it and the search's outcome
+    (found, losses, iterations, history) as safetensors; written to a temporary name and renamed (atomic)."""
+    import json
+    import os
+
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: "" if v is None else str(v) for k, v in {**result.meta, "found": result.found,
-                                                        "loss": result.loss, "model": model}.items()}
+    meta = {k: "" if v is None else str(v) for k, v in {**result.meta, "found": result.found, "loss": result.loss,
+                                                        "best_loss": result.best_loss, "iterations": result.iterations,
+                                                        "model": model}.items()}
+    meta["history"] = json.dumps(result.history)
+    tmp = path.with_name(f".{path.name}.tmp")
     save_file({"latent": result.latent.detach().cpu().contiguous(),
-               "delta": result.delta.detach().cpu().contiguous()}, str(path), metadata=meta)
+               "delta": result.delta.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
     return path
 
 
@@ -299,6 +337,29 @@ def load_latent(path: str | Path) -> LatentRecord:
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         return LatentRecord(f.get_tensor("latent"), meta)
+
+
+def load_result(pipe, path: str | Path) -> LatentResult:
+    """A finished search written by :func:`save_latent`, its image re-rendered (exactly what the search saw)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        latent, delta = f.get_tensor("latent"), f.get_tensor("delta")
+    missing = [k for k in ("found", "loss", "best_loss", "iterations", "history") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the search outcome {missing}; delete it to search again")
+    image = render_latent(pipe, LatentRecord(latent, meta))
+    keys = ("seed", "prompt", "negative", "steps", "guidance", "cls", "mode", "goal", "lr", "residual_mode",
+            "residual_step", "residual_weight")
+    info = {k: meta.get(k) or None for k in keys}
+    if info["seed"] is not None:
+        info["seed"] = int(info["seed"])
+    return LatentResult(meta["found"] == "True", latent.to(pipe.unet.device), delta.to(pipe.unet.device),
+                        float(meta["loss"]), float(meta["best_loss"]), int(meta["iterations"]),
+                        json.loads(meta["history"]), image, info)
 
 
 def render_latent(pipe, record: LatentRecord | str | Path, prompt: str | None = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.prompts import subject_positions
 from lib.scoring import ClipScorer
 from lib.tracing.corrupt import Corruption
@@ -94,19 +95,6 @@ class SweepConfig:
 
 
 @torch.no_grad()
-def model_fingerprint(pipe) -> str:
-    """A cheap hash of the UNet's and text encoders' weights (per tensor: name, shape, sum, sum of squares)."""
-    h = hashlib.sha1()
-    for attr in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(pipe, attr, None)
-        if module is None:
-            continue
-        for name, t in module.state_dict().items():
-            x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
-            h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())
-    return h.hexdigest()[:16]
-
-
 def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
     """``root/<mode>-<config hash>``: one folder per distinct configuration (model weights included)."""
     return Path(root) / f"{cfg.mode}-{cfg.key()}"
