@@ -129,13 +129,21 @@ def _has_safety_checker(kind: str, where: str) -> bool:
 
 
 def model_fingerprint(pipe) -> str:
-    """A cheap hash of the UNet's and text encoders' weights (per tensor: name, shape, sum, sum of squares)."""
+    """A cheap hash of the UNet's, text encoders' and VAE's weights (per tensor: name, shape, sum, sum of squares)."""
+    return weights_fingerprint({attr: getattr(pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2",
+                                                                              "vae")})
+
+
+def weights_fingerprint(modules: dict[str, torch.nn.Module | None]) -> str:
+    """A cheap hash of the parameters and buffers of named modules (per tensor: name, shape, sum, sum of squares)."""
     h = hashlib.sha1()
-    for attr in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(pipe, attr, None)
+    for attr, module in modules.items():
         if module is None:
             continue
-        for name, t in module.state_dict().items():
+        tensors = module.state_dict() if hasattr(module, "state_dict") else {}
+        if isinstance(module, torch.nn.Module):  # non-persistent buffers too (e.g. cached text features)
+            tensors = {**dict(module.named_buffers()), **tensors}
+        for name, t in tensors.items():
             x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
             h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())
     return h.hexdigest()[:16]

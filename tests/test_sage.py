@@ -304,6 +304,11 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     df3, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=other, out_dir=tmp_path)
     assert searched == [[0]] and not df3.resumed.any() and df3.loc[0, "path"] != df.loc[0, "path"]
     assert not list(tmp_path.glob(".*.tmp"))
+    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg)
+    retrained = Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
+                          EdgeMember(FnMember(small_net(seed=4), LABELS, "c"))])  # same names, other weights
+    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg) != key
+    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg) == key
 
 
 # --------------------------------------------------------------------------------------------------- prompt search
