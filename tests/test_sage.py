@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -360,6 +361,30 @@ def test_prompt_search_table(pipe, ens, lm):
     assert set(df.columns) >= {"word", "cosine", "fooled_fraction", "found", "category"}
     with pytest.raises(PromptError, match="zebra"):
         search_prompt(pipe, Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))]), lm, "zebra", [0], steps=2)
+
+
+def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, monkeypatch):
+    import lib.sage.prompt as SP
+
+    cfg = PromptSearch(n_words=2, top_k=4, iterations=1, stop_on_success=False)
+    first = SP.prompt_campaign(pipe, ens, lm, ["cat", "dog"], [0], steps=2, config=cfg, class_words=LABELS,
+                               out_dir=tmp_path)
+    files = sorted(tmp_path.glob("prompt_rounds_*.parquet"))
+    assert [f.name.split("_")[2] for f in files] == ["cat", "dog"] and not first.resumed.any()
+    assert first.cls.tolist() == ["cat", "cat", "dog", "dog"]
+    files[1].unlink()  # dog unfinished
+    searched = []
+    real = SP.search_prompt
+    monkeypatch.setattr(SP, "search_prompt", lambda *a, **k: searched.append(a[3]) or real(*a, **k))
+    again = SP.prompt_campaign(pipe, ens, lm, ["cat", "dog"], [0], steps=2, config=cfg, class_words=LABELS,
+                               out_dir=tmp_path)
+    assert searched == ["dog"] and again.resumed.tolist() == [True, True, False, False]
+    pd.testing.assert_frame_equal(again.drop(columns="resumed"), first.drop(columns="resumed"))
+    SP.prompt_campaign(pipe, ens, lm, ["cat"], [0, 1], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path)
+    assert searched == ["dog", "cat"]  # other seeds: searched, not loaded
+    with pytest.raises(UnknownClassError):  # every class checked before any search
+        SP.prompt_campaign(pipe, ens, lm, ["cat", "zebra"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    assert searched == ["dog", "cat"]
 
 
 def test_found_prompts_must_be_complete_sentences_for_the_lm(pipe, lm):

@@ -248,24 +248,10 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
 
 def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
                  config: LatentSearch) -> str:
-    """A hash of everything a search's result depends on (the pipeline's and the members' weights, the members,
-    criteria, prompt and settings)."""
-    import hashlib
-    import json
+    """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign."""
+    from lib.sage.resume import campaign_key as key
 
-    from lib.loading import model_fingerprint, weights_fingerprint
-
-    scorers = {}  # a CLIP member's scorer that is not itself a module holds its models as attributes
-    for n, m in zip(ensemble.names, ensemble.members):
-        scorer = getattr(m, "scorer", None)
-        if scorer is not None and not isinstance(scorer, torch.nn.Module):
-            scorers.update({f"{n}.scorer.{k}": v for k, v in vars(scorer).items() if isinstance(v, torch.nn.Module)})
-    what = dict(model=model_fingerprint(pipe), members=ensemble.names,
-                member_weights=weights_fingerprint({"ensemble": ensemble, **scorers}),
-                groups=sorted(ensemble.groups.items()),
-                criteria=asdict(ensemble.criteria), prompt=prompt, cls=cls, steps=steps, guidance=guidance,
-                config=config_dict(config))
-    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config))
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -262,6 +262,47 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         if found and config.stop_on_success:
             break
     return pd.DataFrame(rows)
+
+
+def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
+                    steps: int = 25, guidance: float = 7.5, config: PromptSearch = PromptSearch(),
+                    class_words: Sequence[str] = (), attribute_words: Sequence[str] = (),
+                    out_dir: str | Path | None = None, resume: bool = True, progress: bool = False):
+    """:func:`search_prompt` for each class; returns the rounds of all classes (column ``cls``).
+
+    With ``out_dir`` each finished class is written at once (atomically) to
+    ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
+    and every setting; with ``resume`` a finished class is loaded instead of searched again. ``progress``: tqdm bars
+    over the classes and each round's iterations.
+    """
+    import pandas as pd
+
+    from lib.sage.resume import campaign_key, write_parquet_atomic
+
+    for c in classes:  # every class checked before the first search
+        ensemble.indices(c)
+    parts = []
+    if progress:
+        from tqdm import tqdm
+
+        classes = tqdm(classes, desc="prompt searches")
+    for c in classes:
+        path = None
+        if out_dir is not None:
+            key = campaign_key(pipe, ensemble, {"lm": lm.model}, cls=c, seeds=list(seeds), steps=steps,
+                               guidance=guidance, config=asdict(config), class_words=list(class_words),
+                               attribute_words=list(attribute_words))
+            path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
+        if path is not None and resume and path.is_file():
+            df = pd.read_parquet(path).assign(resumed=True)
+        else:
+            df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
+                               progress).assign(cls=c)
+            if path is not None:
+                write_parquet_atomic(df, path)
+            df = df.assign(resumed=False)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------------ failure categories
