@@ -6,6 +6,7 @@ projection — exactly :func:`lib.sage.latent.search_latent`'s inner loop.
 
     python benchmarks/bench.py --cases sage_latent_iter --size full --device cuda --dtype float16
     python benchmarks/cases_sage.py --size tiny --iterations 100 --steps 10       # a whole search, CPU
+    python benchmarks/cases_sage.py --model toy --steps 10 --batch 1 8 --threads 2  # batched searches, toy world
 
 Members: ``"small"`` (three tiny random conv nets, one behind Canny edges: CPU smoke) or ``"imagenet"`` (random-weight
 timm ResNet-50 and ViT-B/16, plus a ResNet-50 behind Canny edges: the cost of a realistic ensemble, no download).
@@ -95,7 +96,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = None, members: str | Ensemble = "small",
                            repeats: int = 3, warmup: int = 1, gradient_checkpointing: bool = True,
-                           vae_slicing: bool = True, guidance: float = 7.5) -> dict:
+                           vae_slicing: bool = True, guidance: float = 7.5, batch: int = 1) -> dict:
     """Time one latent-search iteration (forward + backward through the residual path, decode, classifiers).
 
     Returns seconds per iteration (median/min over ``repeats``) and peak memory: CUDA ``max_memory_allocated`` on
@@ -104,7 +105,7 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
     device = pipe.unet.device
     _memory_setup(pipe, gradient_checkpointing and device.type == "cuda", vae_slicing)
     ens = make_members(members, device) if isinstance(members, str) else members
-    run = latent_iteration_fn(pipe, ens, steps, residual_step, guidance)
+    run = latent_iteration_fn(pipe, ens, steps, residual_step, guidance, batch=batch)
     for _ in range(warmup):
         run()
     _sync(device)
@@ -121,7 +122,8 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
     out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=str(members),
                dtype=str(pipe.unet.dtype), device=str(device), resolution=int(pipe.unet.config.sample_size * 8),
                gradient_checkpointing=bool(gradient_checkpointing and device.type == "cuda"),
-               times_s=times, median_s=statistics.median(times), min_s=min(times))
+               times_s=times, median_s=statistics.median(times), min_s=min(times), batch=batch,
+               s_per_search_iteration=statistics.median(times) / batch)
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -129,16 +131,18 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
     return out
 
 
-def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: str = "small", seed: int = 0) -> dict:
+def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: str | Ensemble = "small",
+                        seed: int = 0) -> dict:
     """Wall time of a whole search of ``iterations`` updates (no early stop)."""
-    ens = make_members(members, pipe.unet.device)
+    ens = make_members(members, pipe.unet.device) if isinstance(members, str) else members
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     t0 = time.perf_counter()
     r = search_latent(pipe, ens, PROMPT, "cat", seed=seed, steps=steps,
                       config=LatentSearch(mode="type1", iterations=iterations, stop_on_success=False))
     wall = time.perf_counter() - t0
-    return dict(iterations=iterations, steps=steps, members=members, wall_s=wall,
+    return dict(iterations=iterations, steps=steps, members=str(members if isinstance(members, str) else ens.names),
+                wall_s=wall,
                 s_per_iteration=wall / (iterations + 1), found=r.found, loss_first=r.history[0],
                 loss_last=r.history[-1], best_loss=r.best_loss)
 
@@ -180,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1],
+                    help="independent searches per iteration (one timing per value: per-search time = time / batch)")
+    ap.add_argument("--model", default=None,
+                    help="time this pipeline (e.g. 'toy', with its classifiers resnet + edges) instead of a twin")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -187,11 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     members = a.members or ("imagenet" if a.size == "full" else "small")
-    report = dict(size=a.size, threads=torch.get_num_threads())
-    pipe = build_twin("sd-v1", a.size, dtype=dtype).to(device)
-    report["iteration"] = bench_latent_iteration(pipe, a.steps, a.residual_step, members, a.repeats,
-                                                 gradient_checkpointing=not a.no_checkpointing)
-    print(json.dumps(report["iteration"]), flush=True)
+    report = dict(size=a.size, threads=torch.get_num_threads(), model=a.model or f"twin:sd-v1:{a.size}")
+    if a.model:
+        from lib.loading import load_pipeline
+        from lib.sage.build import build_ensemble, freeze_pipeline
+
+        pipe = load_pipeline(a.model, device=str(device), dtype=str(dtype).replace("torch.", ""))
+        freeze_pipeline(pipe)
+        members = build_ensemble(["resnet", "edges"], None, device=str(device))[0]
+    else:
+        pipe = build_twin("sd-v1", a.size, dtype=dtype).to(device)
+    report["iteration"] = []
+    for b in a.batch:
+        r = bench_latent_iteration(pipe, a.steps, a.residual_step, members, a.repeats,
+                                   gradient_checkpointing=not a.no_checkpointing, batch=b)
+        r["members"] = str(a.members or ("toy resnet + edges" if a.model else members))
+        report["iteration"].append(r)
+        print(json.dumps(r), flush=True)
     if a.iterations:
         report["search"] = bench_latent_search(pipe, a.iterations, a.search_steps, members)
         print(json.dumps(report["search"]), flush=True)
