@@ -259,7 +259,7 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
                     model: str = "", batch_size: int = 8, resume: bool = True):
     """One search per seed, ``batch_size`` seeds at a time (:func:`search_latents`); returns (tidy table, results).
 
-    With ``out_dir`` every finished search is written at once (atomically) to
+    With ``out_dir`` every search is written (atomically) as soon as its batch finishes, to
     ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
     (:func:`campaign_key`) hashes the weights, the ensemble and every setting; with ``resume`` a search whose file
     exists is loaded (its image re-rendered exactly) instead of run again, so an interrupted campaign loses nothing
