@@ -134,15 +134,16 @@ def model_fingerprint(pipe) -> str:
                                                                               "vae")})
 
 
-def weights_fingerprint(modules: dict[str, torch.nn.Module | None]) -> str:
-    """A cheap hash of the parameters and buffers of named modules (per tensor: name, shape, sum, sum of squares)."""
+def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persistent: bool = False) -> str:
+    """A cheap hash of the state dicts of named modules (per tensor: name, shape, sum, sum of squares);
+    ``non_persistent`` adds the buffers a state dict leaves out (e.g. cached text features)."""
     h = hashlib.sha1()
     for attr, module in modules.items():
         if module is None:
             continue
-        tensors = module.state_dict() if hasattr(module, "state_dict") else {}
-        if isinstance(module, torch.nn.Module):  # non-persistent buffers too (e.g. cached text features)
-            tensors = {**dict(module.named_buffers()), **tensors}
+        tensors = dict(module.state_dict())
+        if non_persistent:
+            tensors.update({k: v for k, v in module.named_buffers() if k not in tensors})
         for name, t in tensors.items():
             x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
             h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())

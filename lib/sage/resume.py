@@ -26,7 +26,8 @@ def campaign_key(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = No
         if scorer is not None and not isinstance(scorer, torch.nn.Module):
             scorers.update({f"{n}.scorer.{k}": v for k, v in vars(scorer).items() if isinstance(v, torch.nn.Module)})
     what = dict(model=model_fingerprint(pipe), members=ensemble.names,
-                member_weights=weights_fingerprint({"ensemble": ensemble, **scorers, **(modules or {})}),
+                member_weights=weights_fingerprint({"ensemble": ensemble, **scorers, **(modules or {})},
+                                                   non_persistent=True),
                 groups=sorted(ensemble.groups.items()), criteria=vars(ensemble.criteria), settings=settings)
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
