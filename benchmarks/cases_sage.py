@@ -89,6 +89,11 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
     return run
 
 
+def _members_name(members: str | Ensemble, ens: Ensemble) -> str:
+    """``members`` as given ("small", "imagenet"), or the names of a ready ensemble."""
+    return members if isinstance(members, str) else " + ".join(ens.names)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,7 +124,7 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
         _sync(device)
         times.append(time.perf_counter() - t0)
     k = steps // 2 if residual_step is None else residual_step
-    out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=str(members),
+    out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=_members_name(members, ens),
                dtype=str(pipe.unet.dtype), device=str(device), resolution=int(pipe.unet.config.sample_size * 8),
                gradient_checkpointing=bool(gradient_checkpointing and device.type == "cuda"),
                times_s=times, median_s=statistics.median(times), min_s=min(times), batch=batch,
@@ -141,8 +146,7 @@ def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: s
     r = search_latent(pipe, ens, PROMPT, "cat", seed=seed, steps=steps,
                       config=LatentSearch(mode="type1", iterations=iterations, stop_on_success=False))
     wall = time.perf_counter() - t0
-    return dict(iterations=iterations, steps=steps, members=str(members if isinstance(members, str) else ens.names),
-                wall_s=wall,
+    return dict(iterations=iterations, steps=steps, members=_members_name(members, ens), wall_s=wall,
                 s_per_iteration=wall / (iterations + 1), found=r.found, loss_first=r.history[0],
                 loss_last=r.history[-1], best_loss=r.best_loss)
 
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="independent searches per iteration (one timing per value: per-search time = time / batch)")
     ap.add_argument("--model", default=None,
-                    help="time this pipeline (e.g. 'toy', with its classifiers resnet + edges) instead of a twin")
+                    help="time this pipeline (e.g. 'toy', with its classifiers resnet + edges; --members is ignored) "
+                         "instead of a twin")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -209,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     for b in a.batch:
         r = bench_latent_iteration(pipe, a.steps, a.residual_step, members, a.repeats,
                                    gradient_checkpointing=not a.no_checkpointing, batch=b)
-        r["members"] = str(a.members or ("toy resnet + edges" if a.model else members))
         report["iteration"].append(r)
         print(json.dumps(r), flush=True)
     if a.iterations:

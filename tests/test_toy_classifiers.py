@@ -148,6 +148,8 @@ def test_rebuild_command_reproduces_the_committed_recipe():
     """The default steps and architectures are those the committed weights were trained with."""
     config = json.loads((C.DEFAULT_DIR / C.CONFIG_NAME).read_text())
     assert {n: r["steps"] for n, r in config["training"].items()} == C.DEFAULT_STEPS
+    assert config["data"]["n_train"] == C.DEFAULT_N_TRAIN
+    assert {r["n_train"] for r in config["training"].values()} == {C.DEFAULT_N_TRAIN}
     for name, spec in config["members"].items():
         built = C.build_member(name).config()
         assert {k: spec[k] for k in built} == built, name

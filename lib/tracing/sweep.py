@@ -94,7 +94,6 @@ class SweepConfig:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-@torch.no_grad()
 def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
     """``root/<mode>-<config hash>``: one folder per distinct configuration (model weights included)."""
     return Path(root) / f"{cfg.mode}-{cfg.key()}"
