@@ -422,6 +422,51 @@ def test_token_attack_train_evaluate_save(pipe, ens, tmp_path):
     assert torch.equal(back.embedding, res.embedding) and back.target == "car" and back.meta["steps"] == 2
 
 
+def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path, monkeypatch):
+    import lib.sage.token as T
+
+    prompts, seeds = ["a photo of a cat", "a cat on a beach", "a small cat"], [0, 1, 2]
+    kw = dict(steps=2, guidance=7.5)
+    cfg = lambda n: TokenAttack(iterations=n, batch_size=2, lr=0.1)  # noqa: E731
+    ref = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), **kw)
+    ckpt = tmp_path / "tok.ckpt.safetensors"
+    calls, real = [], T.render_with_slots
+
+    def dies_at_the_fourth_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as if the kernel were interrupted during iteration 4
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "render_with_slots", dies_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint=ckpt, checkpoint_every=2, **kw)
+    monkeypatch.setattr(T, "render_with_slots", real)
+    assert ckpt.is_file() and not list(tmp_path.glob(".*.tmp"))
+    again = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint=ckpt, checkpoint_every=2,
+                        **kw)
+    assert again.meta["resumed_from"] == 2 and again.history == ref.history
+    assert torch.equal(again.embedding, ref.embedding) and ref.meta["resumed_from"] == 0
+    assert len(set(ref.history)) > 1  # the steps moved the loss: the comparison is not vacuous
+    # a finished run is extended by a longer one, and equals that longer run from scratch
+    longer = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(7), checkpoint=ckpt, **kw)
+    assert longer.meta["resumed_from"] == 5 and longer.history[:5] == ref.history
+    assert torch.equal(longer.embedding, train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(7),
+                                                     **kw).embedding)
+    # a shorter run of the same settings starts fresh and leaves the longer run's checkpoint as it is
+    short = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(3), checkpoint=ckpt, **kw)
+    assert short.meta["resumed_from"] == 0 and short.history == ref.history[:3]
+    key = T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(7))
+    assert len(T._load_checkpoint(ckpt, key)[1]) == 7
+    # other settings never reuse it
+    other = train_token(pipe, ens, prompts, "cat", "car", seeds, config=TokenAttack(iterations=3, batch_size=2),
+                        checkpoint=ckpt, **kw)
+    assert other.meta["resumed_from"] == 0 and other.history != short.history
+    assert T._load_checkpoint(ckpt, "not-the-key") is None
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(1), checkpoint=ckpt, checkpoint_every=0)
+
+
 # --------------------------------------------------------------------------------------------------------- metrics
 def test_ssr_recheck_and_renderer_check(ens):
     df = ssr([dict(mode="type1", found=True), dict(mode="type1", found=False), dict(mode="type2", found=True)])

@@ -8,11 +8,19 @@ target group; the CLIP-Score change is reported two ways (the paper does not say
 ``clip_image_delta`` = CLIP-Score(image with token, original caption) − CLIP-Score(image without, caption), with any
 :class:`lib.scoring.ClipScorer`; ``text_cosine`` = cosine between the diffusion text encoder's pooled outputs of the
 caption with and without the token (how little the prompt's representation moves).
+
+Resume: with ``checkpoint=`` the embedding, the loss history and the minibatch generator's state are written
+atomically every ``checkpoint_every`` iterations and at the end, under a key that hashes the weights, the ensemble,
+the prompts, seeds and every setting except ``iterations``. A rerun continues from the checkpoint and gives exactly
+the uninterrupted result; a run with more iterations extends a finished one (one with fewer starts fresh and leaves
+the longer run's checkpoint as it is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -48,22 +56,36 @@ class TokenResult:
 
 def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
                 steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack(),
-                progress: bool = False) -> TokenResult:
+                progress: bool = False, checkpoint: str | Path | None = None,
+                checkpoint_every: int = 10) -> TokenResult:
     """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``.
 
-    ``progress``: a tqdm bar on stderr.
+    ``progress``: a tqdm bar on stderr. ``checkpoint``: a file to resume from and save to (module docstring);
+    ``meta["resumed_from"]`` is the iteration the run continued from (0: a fresh start).
     """
     _check_pipe(pipe)
     _check_distinct(source, target)
     ensemble.indices(source), ensemble.indices(target)
     if not prompts or not seeds:
         raise ValueError("need at least one training prompt and one seed")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     rng = np.random.default_rng(config.seed)
     d = token_table(pipe).shape[1]
     v = torch.zeros(1, d)
     lo, hi = config.emb_range
-    history = []
-    for _ in _progress(range(config.iterations), progress, f"token {source}->{target}"):
+    history: list[float] = []
+    key = None
+    if checkpoint is not None:
+        key = token_key(pipe, ensemble, prompts, source, target, seeds, steps, guidance, config)
+        state = _load_checkpoint(checkpoint, key)
+        if state is not None and len(state[1]) <= config.iterations:
+            v, history, rng.bit_generator.state = state
+        elif state is not None:  # a longer run of these settings: start fresh, leave its checkpoint alone
+            key = None
+    start = len(history)
+    for it in _progress(range(start, config.iterations), progress, f"token {source}->{target}", start,
+                        config.iterations):
         pi = rng.integers(len(prompts), size=config.batch_size)
         si = rng.integers(len(seeds), size=config.batch_size)
         v.requires_grad_(True)
@@ -73,17 +95,54 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         history.append(float(loss.detach()))
         (g,) = torch.autograd.grad(loss, v)
         v = signed_step(v.detach(), g, config.lr, lo, hi)
+        if key is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
+            _save_checkpoint(checkpoint, key, v, history, rng)
     meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
-                iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step)
+                iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step,
+                resumed_from=start)
     return TokenResult(v[0].detach(), source, target, history, meta)
 
 
-def _progress(it, on: bool, desc: str):
+def token_key(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
+              steps: int, guidance: float, config: TokenAttack) -> str:
+    """:func:`lib.sage.resume.campaign_key` of a token training, every setting but ``config.iterations``."""
+    from lib.sage.resume import campaign_key
+
+    return campaign_key(pipe, ensemble, prompts=list(prompts), source=source, target=target, seeds=list(seeds),
+                        steps=steps, guidance=guidance, config={**asdict(config), "iterations": None})
+
+
+def _save_checkpoint(path: str | Path, key: str, v: torch.Tensor, history: list[float], rng) -> None:
+    """Write the training state through a temporary file and a rename (an interrupted write leaves the old one)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"embedding": v.detach().cpu().contiguous()}, str(tmp),
+              metadata=dict(key=key, history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str | Path, key: str):
+    """(v, history, rng state) from a checkpoint written with these settings, else None."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        return f.get_tensor("embedding"), json.loads(meta["history"]), json.loads(meta["rng"])
+
+
+def _progress(it, on: bool, desc: str, initial: int = 0, total: int | None = None):
     if not on:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, desc=desc, leave=False)
+    return tqdm(it, desc=desc, leave=False, initial=initial, total=total)
 
 
 @torch.no_grad()
@@ -148,6 +207,6 @@ def load_token(path: str | Path) -> TokenResult:
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         emb = f.get_tensor("embedding")
-    meta = {k: (int(v) if k in ("steps", "iterations", "batch_size", "grad_from_step") else
+    meta = {k: (int(v) if k in ("steps", "iterations", "batch_size", "grad_from_step", "resumed_from") else
                 float(v) if k in ("guidance", "lr") else v) for k, v in meta.items()}
     return TokenResult(emb, meta["source"], meta["target"], [], meta)
