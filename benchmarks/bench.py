@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lib.sampling import decode, denoise, encode, initial_latents  # noqa: E402
+from lib.speed import COMPILE_MODES, check_compile, speed_up  # noqa: E402
 from lib.twins import build_twin  # noqa: E402
 
 
@@ -45,11 +46,14 @@ class Context:
     device: torch.device
     dtype: torch.dtype
     size: str
+    speed: dict = field(default_factory=dict)  # lib.speed.speed_up keyword arguments (channels_last, compile, mode)
     _pipes: dict = field(default_factory=dict)
 
     def pipe(self, family: str = "sd-v1"):
         if family not in self._pipes:
             self._pipes[family] = build_twin(family, self.size, dtype=self.dtype).to(self.device)
+            if self.speed:
+                speed_up(self._pipes[family], **self.speed)
         return self._pipes[family]
 
     def sync(self) -> None:
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write (appends nothing: one run per file)")
+    ap.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the UNet in place (the warm-up run compiles; keep --warmup >= 1)")
+    ap.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m])
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -154,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(sorted(CASES))}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    ctx = Context(device, dtype, args.size)
-    report = dict(environment=environment(device), size=args.size, dtype=str(dtype), results=[])
+    speed = dict(channels_last=True) if args.channels_last else {}
+    if args.compile:
+        check_compile("inductor", args.compile_mode, device)  # fail now, not after building the first twin
+        speed.update(compile=True, mode=args.compile_mode)
+    ctx = Context(device, dtype, args.size, speed)
+    report = dict(environment=environment(device), size=args.size, dtype=str(dtype), speed=speed, results=[])
     for name in names:
         res = time_case(name, ctx, args.warmup, args.repeats)
         report["results"].append(asdict(res))

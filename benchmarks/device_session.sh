@@ -2,10 +2,11 @@
 # One call on the lent GPU box (benchmarks/README.md): retrain part of the toy world and/or time the issues' GPU targets.
 #   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min)
 #   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's outputs in data/toy
-#   bash benchmarks/device_session.sh targets    # the six GPU target cases only (~5 min)
+#   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
+#   bash benchmarks/device_session.sh speed      # the two missed targets again with --compile --channels-last (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
-case "$1" in clip-vae|unet|targets) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|unet|targets}" >&2; exit 2 ;; esac
+case "$1" in clip-vae|unet|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|unet|targets|speed}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -14,6 +15,13 @@ targets() {
   timeout "$1" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --out "$OUT/targets.json" \
     --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,sage_latent_iter,sage_latent_iter_b8,trace_sd14_unet70,generate_sd14_b32 \
     2>&1 | tee "$OUT/bench.log"
+}
+speed() {  # one process per case: a case that fails to compile does not cost the others; each compiles in its warm-up
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+  for spec in trace_sd14_unet70:230 sage_latent_iter_b8:200 sage_latent_iter:120; do
+    timeout "${spec#*:}" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
+      --warmup 1 --repeats 2 --cases "${spec%%:*}" --out "$OUT/speed_${spec%%:*}.json" 2>&1 | tee -a "$OUT/speed.log"
+  done
 }
 case "$1" in
   clip-vae)
@@ -25,4 +33,5 @@ case "$1" in
     timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets 560 ;;
+  speed) speed ;;
 esac
