@@ -3,7 +3,7 @@
 #   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min)
 #   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's outputs in data/toy
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
-#   bash benchmarks/device_session.sh speed      # the two missed targets again with --compile --channels-last (~9 min)
+#   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
 case "$1" in clip-vae|unet|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|unet|targets|speed}" >&2; exit 2 ;; esac
@@ -18,7 +18,9 @@ targets() {
 }
 speed() {  # one process per case: a case that fails to compile does not cost the others; each compiles in its warm-up
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  for spec in trace_sd14_unet70:230 sage_latent_iter_b8:200 sage_latent_iter:120; do
+  timeout 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --cases sage_latent_iter_b8 --repeats 2 \
+    --out "$OUT/speed_eager_sage_latent_iter_b8.json" 2>&1 | tee -a "$OUT/speed.log"  # the eager baseline, unmeasured yet
+  for spec in trace_sd14_unet70:230 sage_latent_iter_b8:210; do
     timeout "${spec#*:}" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
       --warmup 1 --repeats 2 --cases "${spec%%:*}" --out "$OUT/speed_${spec%%:*}.json" 2>&1 | tee -a "$OUT/speed.log"
   done
