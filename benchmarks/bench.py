@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -126,6 +127,17 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
     return Result(name, params, times, statistics.median(times), min(times), peak, extra)
 
 
+def machine_facts() -> dict:
+    """What a CPU timing depends on: threads, cores, load, platform, torch."""
+    return dict(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), load_avg=os.getloadavg(),
+                platform=platform.platform(), torch=torch.__version__)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
 def environment(device: torch.device) -> dict:
     import diffusers
     import transformers
@@ -174,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = f", peak {res.peak_mem_gib:.1f} GiB" if res.peak_mem_gib is not None else ""
         print(f"{name}: median {res.median_s:.3f} s (min {res.min_s:.3f}){mem} {res.extra}", flush=True)
         if args.out:  # rewrite after every case, so a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2))
+            write_json(args.out, report)
     return 0
 
 

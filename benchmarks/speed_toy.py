@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import machine_facts, write_json  # noqa: E402
 
 from lib.loading import load_pipeline  # noqa: E402
 from lib.speed import check_compile, speed_up  # noqa: E402
@@ -77,12 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run(*args.other, seed=1)
     res["compiled_other_caption_s"] = time.perf_counter() - t0
-    res.update(layers=len(ref.labels), torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-               load_avg=os.getloadavg(), platform=platform.platform(), torch=torch.__version__)
+    res.update(layers=len(ref.labels), **machine_facts())
     print(json.dumps(res, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
     return 0
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import machine_facts, write_json  # noqa: E402
 
 from lib.loading import load_pipeline  # noqa: E402
 from lib.tracing.layers import resolve_unet_layers  # noqa: E402
@@ -56,12 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             diff = max(diff, float((a.restored - b.restored).abs().max()))
     res = dict(model=args.model, device=args.device, layers=len(layers), steps=args.steps, batch_size=args.batch_size,
                batched_s=statistics.median(batched), reference_s=statistics.median(reference),
-               speedup=statistics.median(reference) / statistics.median(batched), max_abs_diff=diff,
-               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), load_avg=os.getloadavg(),
-               platform=platform.platform(), torch=torch.__version__)
+               speedup=statistics.median(reference) / statistics.median(batched), max_abs_diff=diff, **machine_facts())
     print(json.dumps(res, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
     return 0
 
 
