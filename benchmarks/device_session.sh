@@ -20,9 +20,10 @@ speed() {  # one process per case: a case that fails to compile does not cost th
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
   timeout 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --cases sage_latent_iter_b8 --repeats 2 \
     --out "$OUT/speed_eager_sage_latent_iter_b8.json" 2>&1 | tee -a "$OUT/speed.log"  # the eager baseline, unmeasured yet
-  for spec in trace_sd14_unet70:230 sage_latent_iter_b8:210; do
-    timeout "${spec#*:}" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
-      --warmup 1 --repeats 2 --cases "${spec%%:*}" --out "$OUT/speed_${spec%%:*}.json" 2>&1 | tee -a "$OUT/speed.log"
+  for spec in trace_sd14_unet70:230:2 sage_latent_iter_b8:210:1; do  # case:timeout:repeats (a killed case writes no JSON)
+    IFS=: read -r name limit repeats <<< "$spec"
+    timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
+      --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
   done
 }
 case "$1" in

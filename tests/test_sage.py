@@ -426,10 +426,9 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
     import lib.sage.token as T
 
     prompts, seeds = ["a photo of a cat", "a cat on a beach", "a small cat"], [0, 1, 2]
-    kw = dict(steps=2, guidance=7.5)
+    kw = dict(steps=2, guidance=7.5, checkpoint_dir=tmp_path)
     cfg = lambda n: TokenAttack(iterations=n, batch_size=2, lr=0.1)  # noqa: E731
-    ref = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), **kw)
-    ckpt = tmp_path / "tok.ckpt.safetensors"
+    ref = train_token(pipe, ens, prompts, "cat", "car", seeds, steps=2, config=cfg(5))
     calls, real = [], T.render_with_slots
 
     def dies_at_the_fourth_step(*a, **k):
@@ -440,31 +439,38 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
 
     monkeypatch.setattr(T, "render_with_slots", dies_at_the_fourth_step)
     with pytest.raises(KeyboardInterrupt):
-        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint=ckpt, checkpoint_every=2, **kw)
+        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint_every=2, **kw)
     monkeypatch.setattr(T, "render_with_slots", real)
-    assert ckpt.is_file() and not list(tmp_path.glob(".*.tmp"))
-    again = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint=ckpt, checkpoint_every=2,
-                        **kw)
+    key = T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(5))
+    ckpt = tmp_path / f"token_cat_to_car_{key}.ckpt.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # no temporary file left behind
+    again = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint_every=2, **kw)
     assert again.meta["resumed_from"] == 2 and again.history == ref.history
     assert torch.equal(again.embedding, ref.embedding) and ref.meta["resumed_from"] == 0
     assert len(set(ref.history)) > 1  # the steps moved the loss: the comparison is not vacuous
+    fresh = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), resume=False, **kw)
+    assert fresh.meta["resumed_from"] == 0 and fresh.history == ref.history
     # a finished run is extended by a longer one, and equals that longer run from scratch
-    longer = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(7), checkpoint=ckpt, **kw)
+    longer = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(7), **kw)
     assert longer.meta["resumed_from"] == 5 and longer.history[:5] == ref.history
-    assert torch.equal(longer.embedding, train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(7),
-                                                     **kw).embedding)
+    assert torch.equal(longer.embedding, train_token(pipe, ens, prompts, "cat", "car", seeds, steps=2,
+                                                     config=cfg(7)).embedding)
     # a shorter run of the same settings starts fresh and leaves the longer run's checkpoint as it is
-    short = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(3), checkpoint=ckpt, **kw)
+    short = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(3), **kw)
     assert short.meta["resumed_from"] == 0 and short.history == ref.history[:3]
-    key = T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(7))
-    assert len(T._load_checkpoint(ckpt, key)[1]) == 7
-    # other settings never reuse it
-    other = train_token(pipe, ens, prompts, "cat", "car", seeds, config=TokenAttack(iterations=3, batch_size=2),
-                        checkpoint=ckpt, **kw)
-    assert other.meta["resumed_from"] == 0 and other.history != short.history
-    assert T._load_checkpoint(ckpt, "not-the-key") is None
+    assert len(T._load_checkpoint(ckpt)[1]) == 7
+    # other settings or weights have other keys: never a stale checkpoint
+    assert T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, TokenAttack(iterations=5, batch_size=2)) != key
+    assert T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(9)) == key  # iterations are not in it
+    retrained = Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
+                          EdgeMember(FnMember(small_net(seed=5), LABELS, "c"))])
+    assert T.token_key(pipe, retrained, prompts, "cat", "car", seeds, 2, 7.5, cfg(5)) != key
+    ckpt.write_bytes(b"not a safetensors file")  # unreadable: a warning and a fresh start
+    with pytest.warns(UserWarning, match="unreadable token checkpoint"):
+        broken = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), **kw)
+    assert broken.meta["resumed_from"] == 0 and torch.equal(broken.embedding, ref.embedding)
     with pytest.raises(ValueError, match="checkpoint_every"):
-        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(1), checkpoint=ckpt, checkpoint_every=0)
+        train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(1), checkpoint_every=0, **kw)
 
 
 # --------------------------------------------------------------------------------------------------------- metrics

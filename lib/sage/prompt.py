@@ -51,11 +51,12 @@ def token_table(pipe) -> torch.Tensor:
 
 
 def word_embedding(pipe, word: str) -> torch.Tensor:
-    """Mean token embedding of ``word`` under the diffusion tokenizer (most words are one CLIP token)."""
+    """Mean token embedding of ``word`` under the diffusion tokenizer (most words are one CLIP token), float32 on the
+    CPU like the optimised slot embeddings."""
     ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise PromptError(f"word {word!r} has no tokens")
-    return token_table(pipe)[ids].detach().float().mean(0)
+    return token_table(pipe)[ids].detach().float().mean(0).cpu()
 
 
 def slot_ids(tokenizer, prompt: str, n_slots: int) -> tuple[list[int], list[int]]:
@@ -71,11 +72,15 @@ def slot_ids(tokenizer, prompt: str, n_slots: int) -> tuple[list[int], list[int]
 
 @contextmanager
 def _replaced_embeddings(pipe, mask: torch.Tensor, values: torch.Tensor):
-    """Forward hook: token-embedding outputs at ``mask`` (B, L) become ``values`` (n_slots, D), tiled per row."""
+    """Forward hook: token-embedding outputs at ``mask`` (B, L) become ``values`` (n_slots, D), tiled per row.
+
+    ``values`` may live on the CPU in float32 (the optimised slots do) while the encoder runs on a GPU in fp16: they
+    are moved and cast inside the graph, so gradients still reach them.
+    """
     emb = pipe.text_encoder.get_input_embeddings()
 
     def hook(_module, _inputs, out):
-        fill = values.to(out.dtype).repeat(out.shape[0], 1)
+        fill = values.to(device=out.device, dtype=out.dtype).repeat(out.shape[0], 1)
         out = out.clone()
         out[mask] = fill
         return out

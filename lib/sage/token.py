@@ -9,17 +9,20 @@ target group; the CLIP-Score change is reported two ways (the paper does not say
 :class:`lib.scoring.ClipScorer`; ``text_cosine`` = cosine between the diffusion text encoder's pooled outputs of the
 caption with and without the token (how little the prompt's representation moves).
 
-Resume: with ``checkpoint=`` the embedding, the loss history and the minibatch generator's state are written
-atomically every ``checkpoint_every`` iterations and at the end, under a key that hashes the weights, the ensemble,
-the prompts, seeds and every setting except ``iterations``. A rerun continues from the checkpoint and gives exactly
-the uninterrupted result; a run with more iterations extends a finished one (one with fewer starts fresh and leaves
-the longer run's checkpoint as it is).
+Resume: with ``checkpoint_dir=`` the embedding, the loss history and the minibatch generator's state are written
+atomically every ``checkpoint_every`` iterations and at the end, to
+``token_<source>_to_<target>_<key>.ckpt.safetensors``; the key (:func:`token_key`) hashes the weights, the ensemble,
+the prompts, seeds, device, dtype and every setting except ``iterations``. A rerun continues from its checkpoint and,
+on the same device, gives exactly the uninterrupted result; a run with more iterations extends a finished one (one
+with fewer starts fresh and leaves the longer run's checkpoint as it is). An unreadable checkpoint is ignored (a fresh
+start overwrites it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -56,12 +59,12 @@ class TokenResult:
 
 def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
                 steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack(),
-                progress: bool = False, checkpoint: str | Path | None = None,
-                checkpoint_every: int = 10) -> TokenResult:
+                progress: bool = False, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10,
+                resume: bool = True) -> TokenResult:
     """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``.
 
-    ``progress``: a tqdm bar on stderr. ``checkpoint``: a file to resume from and save to (module docstring);
-    ``meta["resumed_from"]`` is the iteration the run continued from (0: a fresh start).
+    ``progress``: a tqdm bar on stderr. ``checkpoint_dir``: where the training state is saved and, with ``resume``,
+    resumed from (module docstring); ``meta["resumed_from"]`` is the iteration the run continued from (0: fresh).
     """
     _check_pipe(pipe)
     _check_distinct(source, target)
@@ -75,14 +78,15 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     v = torch.zeros(1, d)
     lo, hi = config.emb_range
     history: list[float] = []
-    key = None
-    if checkpoint is not None:
+    checkpoint = None
+    if checkpoint_dir is not None:
         key = token_key(pipe, ensemble, prompts, source, target, seeds, steps, guidance, config)
-        state = _load_checkpoint(checkpoint, key)
+        checkpoint = Path(checkpoint_dir) / f"token_{source}_to_{target}_{key}.ckpt.safetensors"
+        state = _load_checkpoint(checkpoint) if resume else None
         if state is not None and len(state[1]) <= config.iterations:
             v, history, rng.bit_generator.state = state
         elif state is not None:  # a longer run of these settings: start fresh, leave its checkpoint alone
-            key = None
+            checkpoint = None
     start = len(history)
     for it in _progress(range(start, config.iterations), progress, f"token {source}->{target}", start,
                         config.iterations):
@@ -95,8 +99,8 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         history.append(float(loss.detach()))
         (g,) = torch.autograd.grad(loss, v)
         v = signed_step(v.detach(), g, config.lr, lo, hi)
-        if key is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
-            _save_checkpoint(checkpoint, key, v, history, rng)
+        if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
+            _save_checkpoint(checkpoint, v, history, rng)
     meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
                 iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step,
                 resumed_from=start)
@@ -105,36 +109,39 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
 
 def token_key(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
               steps: int, guidance: float, config: TokenAttack) -> str:
-    """:func:`lib.sage.resume.campaign_key` of a token training, every setting but ``config.iterations``."""
+    """:func:`lib.sage.resume.campaign_key` of a token training: weights, device, dtype and every setting but
+    ``config.iterations``."""
     from lib.sage.resume import campaign_key
 
     return campaign_key(pipe, ensemble, prompts=list(prompts), source=source, target=target, seeds=list(seeds),
-                        steps=steps, guidance=guidance, config={**asdict(config), "iterations": None})
+                        steps=steps, guidance=guidance, config={**asdict(config), "iterations": None},
+                        device=str(pipe.unet.device), dtype=str(pipe.unet.dtype))
 
 
-def _save_checkpoint(path: str | Path, key: str, v: torch.Tensor, history: list[float], rng) -> None:
+def _save_checkpoint(path: Path, v: torch.Tensor, history: list[float], rng) -> None:
     """Write the training state through a temporary file and a rename (an interrupted write leaves the old one)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"embedding": v.detach().cpu().contiguous()}, str(tmp),
-              metadata=dict(key=key, history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
+              metadata=dict(history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: str | Path, key: str):
-    """(v, history, rng state) from a checkpoint written with these settings, else None."""
+def _load_checkpoint(path: Path):
+    """(v, history, rng state) from ``path``; None when it is missing or unreadable."""
     from safetensors import safe_open
 
-    if not Path(path).is_file():
+    if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("key") != key:
-            return None
-        return f.get_tensor("embedding"), json.loads(meta["history"]), json.loads(meta["rng"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return f.get_tensor("embedding"), json.loads(meta["history"]), json.loads(meta["rng"])
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start fresh, say so
+        warnings.warn(f"ignoring unreadable token checkpoint {path.name}: {err}", stacklevel=3)
+        return None
 
 
 def _progress(it, on: bool, desc: str, initial: int = 0, total: int | None = None):
