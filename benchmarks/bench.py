@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the UNet in place (the warm-up run compiles; keep --warmup >= 1)")
     ap.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m])
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         check_compile("inductor", args.compile_mode, device)  # fail now, not after building the first twin
         speed.update(compile=True, mode=args.compile_mode)
+    if args.cudnn_benchmark:
+        speed["cudnn_benchmark"] = True
     ctx = Context(device, dtype, args.size, speed)
     report = dict(environment=environment(device), size=args.size, dtype=str(dtype), speed=speed, results=[])
     for name in names:

@@ -23,7 +23,7 @@ speed() {  # one process per case: a case that fails to compile does not cost th
   for spec in trace_sd14_unet70:230:2 sage_latent_iter_b8:210:1; do  # case:timeout:repeats (a killed case writes no JSON)
     IFS=: read -r name limit repeats <<< "$spec"
     timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
-      --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
+      --cudnn-benchmark --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
   done
 }
 case "$1" in

@@ -11,6 +11,9 @@ takes minutes for the toy UNet), and so does each new batch shape and each new s
 on the hooks: a trace split into several loops compiles once per loop's layer set; later traces with other prompts
 or seeds reuse them). Past dynamo's recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default) a
 function runs eager: prefer a tracing ``batch_size`` that holds all layers in one loop, or raise the limit.
+
+``cudnn_benchmark=True`` sets the process-wide ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution
+algorithms once per shape and keeps the fastest): it pays off in loops that repeat one shape many times.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ def check_compile(backend: str, mode: str | None, device: torch.device | str) ->
 
 
 def speed_up(pipe, channels_last: bool = False, compile: bool = False, mode: str | None = None,
-             backend: str = "inductor") -> dict:
-    """Put the UNet and VAE in channels-last memory format and/or compile the UNet in place; returns the settings.
+             backend: str = "inductor", cudnn_benchmark: bool = False) -> dict:
+    """Put the UNet and VAE in channels-last memory format, compile the UNet in place and/or let cuDNN pick its
+    fastest convolutions; returns the settings.
 
     Call it after moving the pipeline to its device and dtype; gradient checkpointing or VAE slicing may be enabled
     before or after (nothing is compiled before the first call).
@@ -47,6 +51,9 @@ def speed_up(pipe, channels_last: bool = False, compile: bool = False, mode: str
     if compile:
         check_compile(backend, mode, pipe.unet.device)
     applied: dict = {"channels_last": bool(channels_last), "compile": bool(compile)}
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        applied["cudnn_benchmark"] = True
     if channels_last:
         for module in (pipe.unet, getattr(pipe, "vae", None)):
             if module is not None:

@@ -66,10 +66,19 @@ def test_bad_compile_requests_are_one_line_errors():
     assert p.unet._compiled_call_impl is None  # nothing was applied
 
 
+def test_cudnn_benchmark_is_the_global_flag(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    applied = speed_up(_pipe(), cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark and applied == {"channels_last": False, "compile": False,
+                                                          "cudnn_benchmark": True}
+
+
 def test_bench_records_the_speed_settings(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
-           "generate_sd14_b1", "--warmup", "0", "--repeats", "1", "--channels-last", "--out", str(out)]
+           "generate_sd14_b1", "--warmup", "0", "--repeats", "1", "--channels-last", "--cudnn-benchmark",
+           "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
-    assert report["speed"] == {"channels_last": True} and report["results"][0]["median_s"] > 0
+    assert report["speed"] == {"channels_last": True, "cudnn_benchmark": True}
+    assert report["results"][0]["median_s"] > 0
