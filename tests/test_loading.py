@@ -75,6 +75,13 @@ def test_shape_twins_load_through_the_user_loader(twin_dirs, family, pipe_cls, n
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
 
 
+@pytest.mark.parametrize("family, vae_dtype", [("sdxl", torch.float32), ("sd-v1", torch.float16)])
+def test_fp16_keeps_the_sdxl_vae_in_float32(twin_dirs, family, vae_dtype):
+    pipe = load_pipeline(str(twin_dirs[family]), device="cpu", dtype="float16")
+    assert pipe.vae.config.force_upcast  # both twins ask for it; diffusers honours it for SDXL only
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == vae_dtype
+
+
 def test_sd_v1_twin_has_the_paper_layer_names():
     res, blocks = _traceable(build_twin("sd-v1").unet)
     assert len(res) + 3 * len(blocks) == 70
