@@ -308,21 +308,14 @@ def save_latent(path: str | Path, result: LatentResult, model: str = "") -> Path
     """Write the latent (exact dtype), its δ, the metadata needed to re-render it and the search's outcome
     (found, losses, iterations, history) as safetensors; written to a temporary name and renamed (atomic)."""
     import json
-    import os
 
-    from safetensors.torch import save_file
+    from lib.sage.resume import write_safetensors_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: "" if v is None else str(v) for k, v in {**result.meta, "found": result.found, "loss": result.loss,
                                                         "best_loss": result.best_loss, "iterations": result.iterations,
                                                         "model": model}.items()}
     meta["history"] = json.dumps(result.history)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"latent": result.latent.detach().cpu().contiguous(),
-               "delta": result.delta.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors_atomic({"latent": result.latent, "delta": result.delta}, path, meta)
 
 
 def load_latent(path: str | Path) -> LatentRecord:

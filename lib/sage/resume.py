@@ -1,6 +1,6 @@
 """Resumable SAGE campaigns: a key hashing everything a result depends on, and atomic table writes.
 
-A campaign writes each finished item under a name that carries :func:`campaign_key`, so a rerun with the same
+A campaign writes each finished item (:func:`write_parquet_atomic`, :func:`write_safetensors_atomic`) under a name that carries :func:`campaign_key`, so a rerun with the same
 weights and settings loads it, and any other weights or settings (a retrained classifier with the same name
 included) start fresh instead of reusing a stale result.
 """
@@ -38,5 +38,17 @@ def write_parquet_atomic(df, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """``tensors`` (moved to the CPU) and string ``metadata`` to ``path`` through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path

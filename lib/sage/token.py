@@ -21,7 +21,6 @@ start overwrites it).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from lib.sage.latent import signed_step
 from lib.sage.loss import Ensemble, _check_distinct
 from lib.sage.prompt import _check_pipe, _replaced_embeddings, render_with_slots, slot_ids, token_table
+from lib.sage.resume import campaign_key, write_safetensors_atomic
 
 
 @dataclass(frozen=True)
@@ -111,22 +111,15 @@ def token_key(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, tar
               steps: int, guidance: float, config: TokenAttack) -> str:
     """:func:`lib.sage.resume.campaign_key` of a token training: weights, device, dtype and every setting but
     ``config.iterations``."""
-    from lib.sage.resume import campaign_key
-
     return campaign_key(pipe, ensemble, prompts=list(prompts), source=source, target=target, seeds=list(seeds),
                         steps=steps, guidance=guidance, config={**asdict(config), "iterations": None},
                         device=str(pipe.unet.device), dtype=str(pipe.unet.dtype))
 
 
 def _save_checkpoint(path: Path, v: torch.Tensor, history: list[float], rng) -> None:
-    """Write the training state through a temporary file and a rename (an interrupted write leaves the old one)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"embedding": v.detach().cpu().contiguous()}, str(tmp),
-              metadata=dict(history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
-    os.replace(tmp, path)
+    """Write the training state atomically (an interrupted write leaves the previous checkpoint)."""
+    write_safetensors_atomic({"embedding": v}, path,
+                             dict(history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
 
 
 def _load_checkpoint(path: Path):
@@ -199,13 +192,7 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
 
 
 def save_token(path: str | Path, result: TokenResult) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embedding": result.embedding.detach().cpu().contiguous()}, str(path),
-              metadata={k: str(v) for k, v in result.meta.items()})
-    return path
+    return write_safetensors_atomic({"embedding": result.embedding}, path, {k: str(v) for k, v in result.meta.items()})
 
 
 def load_token(path: str | Path) -> TokenResult:
