@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -17,7 +18,9 @@ class ClipScorer:
     """Wraps a CLIP-like model: ``encode_image`` on normalised pixels, ``encode_text`` on token ids.
 
     ``images`` given to the methods are float tensors in [0, 1], shape (B, 3, H, W); they are resized to
-    ``image_size`` and normalised here, so gradients flow back to the pixels (SAGE uses that).
+    ``image_size`` and normalised here, so gradients flow back to the pixels (SAGE uses that). ``module``: the model
+    behind the two functions, when there is one: :meth:`to` moves it, its dtype is the one the pixels are cast to,
+    and :func:`lib.sage.resume.campaign_key` hashes its weights.
     """
 
     encode_image: Callable[[torch.Tensor], torch.Tensor]
@@ -27,6 +30,22 @@ class ClipScorer:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     device: torch.device = torch.device("cpu")
+    module: nn.Module | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of ``module``'s floating-point weights (float32 without a module)."""
+        p = next((p for p in self.module.parameters() if p.is_floating_point()), None) if self.module is not None else None
+        return torch.float32 if p is None else p.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ClipScorer":
+        """Move (and/or cast) ``module``; in place, returns ``self``."""
+        if self.module is None:
+            raise ValueError("this ClipScorer wraps functions, not a module; build it on the device you need")
+        self.module.to(device=device, dtype=dtype)
+        if device is not None:
+            self.device = torch.device(device)
+        return self
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
@@ -34,7 +53,7 @@ class ClipScorer:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return F.normalize(self.encode_image((x - mean) / std).float(), dim=-1)
+        return F.normalize(self.encode_image(((x - mean) / std).to(self.dtype)).float(), dim=-1)
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         return F.normalize(self.encode_text(self.tokenize(list(texts)).to(self.device)).float(), dim=-1)
@@ -66,6 +85,7 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
         mean=tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN),
         std=tuple(getattr(model.visual, "image_std", None) or OPENAI_STD),
         device=torch.device(device),
+        module=model,
     )
 
 
@@ -80,6 +100,7 @@ def hf_clip_scorer(model, tokenizer, image_size: int | None = None, mean=OPENAI_
         mean=tuple(mean),
         std=tuple(std),
         device=device,
+        module=model,
     )
 
 

@@ -12,6 +12,7 @@ from lib.editing import (
     EditError,
     FingerprintWarning,
     IllConditionedWarning,
+    PrecisionWarning,
     QuickFixEdit,
     WeightEdit,
     align_prompts,
@@ -258,6 +259,27 @@ def test_same_shape_other_weights_warns():
     with pytest.warns(FingerprintWarning):
         e.apply(other)
     e.revert(other)
+
+
+def test_an_edit_rounded_away_by_float16_weights_warns():
+    half = build_twin("sd-v1", dtype=torch.float16)
+    e = quickfix(pipe("sd-v1"), "van gogh", "painting")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real edit survives float16 rounding: no warning
+        with e.applied(half):
+            pass
+    assert 0 < max(e.rounding_error.values()) < 0.01
+    tiny = WeightEdit({k: v * 1e-5 for k, v in e.deltas.items()}, {})  # below half a float16 ulp of the weights
+    before = _weights(half)
+    with pytest.warns(PrecisionWarning, match="lost to torch.float16 rounding; load text_encoder in float32"):
+        tiny.apply(half)
+    assert max(tiny.rounding_error.values()) > 0.5
+    tiny.revert(half)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(half).items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with tiny.applied(pipe("sd-v1")):  # the same small delta in float32 is kept
+            assert max(tiny.rounding_error.values()) < 0.01
 
 
 def test_save_edited_model_writes_a_new_folder_only(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lib.prompts import PromptError
+from lib.sage.gradient import FP16_LOSS_SCALE, grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import (
     LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell,
     render_latent, sample_with_residual, save_latent, search_latent, search_latents, shell_bounds, signed_step,
@@ -141,6 +142,31 @@ def test_clip_member_zero_shot():
     assert out.shape == (2, 3) and out.abs().max() <= 100 + 1e-4
     with pytest.raises(ValueError, match="label"):
         ClipMember(scorer, LABELS, template="a photo")
+    with pytest.raises(ValueError, match="wraps functions"):
+        scorer.to("cpu")
+
+
+def test_moving_an_ensemble_moves_its_clip_members_model(pipe):
+    from lib.sage.resume import campaign_key
+
+    def member(seed):
+        torch.manual_seed(seed)
+        vis, txt = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Embedding(100, 8)
+        scorer = ClipScorer(encode_image=lambda x: vis(x), encode_text=lambda ids: txt(ids).mean(1), module=vis,
+                            tokenize=lambda ts: torch.tensor([[len(w) % 100 for w in t.split()] for t in ts]),
+                            image_size=32)
+        return ClipMember(scorer, LABELS, name="clip"), vis
+
+    m, vis = member(0)
+    ens = Ensemble([m])
+    before = ens.probs(torch.rand(2, 3, 64, 64))[0]
+    ens.double()  # what .to("cuda") does to the device, with a dtype (observable on a CPU-only machine)
+    assert vis[0].weight.dtype == torch.float64 and m.scorer.dtype == torch.float64
+    assert ens.probs(torch.rand(2, 3, 64, 64))[0].shape == before.shape
+    # the image tower is part of the campaign key (the text features alone do not identify the CLIP)
+    other, _ = member(1)
+    other.text = m.text.clone()  # same text side, other image weights
+    assert campaign_key(pipe, Ensemble([other.double()])) != campaign_key(pipe, ens)
 
 
 def test_toy_member_adapter():
@@ -278,6 +304,79 @@ def test_a_search_that_cannot_succeed_reports_not_found(pipe, tmp_path):
     assert not r.found and "not found" in r.summary() and r.best_loss == pytest.approx(2 * (2 * 0.99975 - 1), abs=1e-3)
     assert df.loc[0, "found"] == False and ssr(df).loc[0, "ssr"] == 0.0  # noqa: E712
     assert load_latent(df.loc[0, "path"]).meta["found"] == "False"  # the best latent is kept, marked not found
+
+
+def nan_grad_member(name: str) -> FnMember:
+    """Finite logits whose gradient is NaN (0 · d√u at u = 0)."""
+    def fn(x):
+        u = x.mean((1, 2, 3)) - x.mean((1, 2, 3)).detach()
+        return torch.stack([9.0 + 0 * u.sqrt(), 0 * u, 0 * u], 1)
+    return FnMember(fn, LABELS, name)
+
+
+def test_loss_scaling_recovers_float16_underflow_and_backs_off_on_overflow():
+    x = torch.ones(3, requires_grad=True)
+    tiny = lambda: (((x.half() * 1e-4).float()) * 1e-4).sum()  # noqa: E731 - true gradient 1e-8: below float16
+    g1, s1 = scaled_grad(tiny(), x, 1.0)
+    assert s1 == 1.0 and (g1 == 0).all() and grad_problem(g1[None]) == ["zero gradient"]
+    g2, s2 = scaled_grad(tiny(), x, FP16_LOSS_SCALE)
+    assert s2 == FP16_LOSS_SCALE and (g2 > 0).all() and grad_problem(g2[None]) == [None]
+    huge = lambda: ((x.half() * 1000).float()).sum()  # noqa: E731 - 2**16 · 1000 overflows float16
+    g3, s3 = scaled_grad(huge(), x, FP16_LOSS_SCALE)
+    assert s3 == FP16_LOSS_SCALE / 16**3 and torch.isfinite(g3).all() and (g3 > 0).all()  # backed off 2**16 → 16
+    nan = lambda: (0 * (x - x.detach()).sqrt()).sum()  # noqa: E731 - NaN at every scale
+    g4, s4 = scaled_grad(nan(), x, FP16_LOSS_SCALE)
+    assert s4 == 1.0 and grad_problem(g4[None]) == ["non-finite gradient"]
+    assert grad_problem(torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("inf"), 1.0]])) == [
+        None, "zero gradient", "non-finite gradient"]
+
+
+def test_loss_scale_follows_the_pipeline_dtype(pipe):
+    assert loss_scale_for(pipe) == 1.0  # float32 twin
+    half = SimpleNamespace(unet=SimpleNamespace(dtype=torch.float32), vae=SimpleNamespace(dtype=torch.float16))
+    assert loss_scale_for(half) == FP16_LOSS_SCALE
+    assert loss_scale_for(SimpleNamespace(unet=SimpleNamespace(dtype=torch.bfloat16))) == 1.0
+
+
+def test_a_float16_search_moves_every_latent_entry(monkeypatch):
+    """On the float16 twin ~4% of the unscaled gradient entries underflow to 0 (a signed step leaves them);
+    with the loss scale every entry moves."""
+    import lib.sage.latent as L
+
+    half = build_twin("sd-v1", dtype=torch.float16)
+    half.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    net = small_net()
+    one = Ensemble([FnMember(lambda x: net(x.float()), LABELS, "a")])
+    cfg = LatentSearch(mode="lose", iterations=1, shell_sigmas=None, stop_on_success=False)
+    grads, real = [], L.signed_step
+    monkeypatch.setattr(L, "signed_step", lambda p, g, *a: grads.append(g) or real(p, g, *a))
+    r = search_latent(half, one, "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+    assert len(grads) == 1 and grads[0].ne(0).all() and torch.isfinite(grads[0]).all() and r.meta["stopped"] is None
+    monkeypatch.setattr(L, "loss_scale_for", lambda pipe: 1.0)
+    search_latent(half, one, "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+    assert grads[1].eq(0).any()  # what the scale prevents (the check is not vacuous)
+
+
+def test_searches_without_a_usable_gradient_stop_and_say_why(pipe, lm, tmp_path):
+    for members, why in (([const_member([9.0, 0.0, 0.0], name="s1")], "zero gradient"),
+                         ([nan_grad_member("n1")], "non-finite gradient")):
+        stuck = Ensemble(members)
+        df, (r,) = latent_campaign(pipe, stuck, "a photo of a cat", "cat", seeds=[0], steps=2,
+                                   config=LatentSearch(mode="lose", iterations=3), out_dir=tmp_path)
+        assert not r.found and r.iterations == 0 and len(r.history) == 1 and torch.equal(r.delta, torch.zeros_like(r.delta))
+        assert r.meta["stopped"] == f"{why} at iteration 0" and why in r.summary()
+        assert df.loc[0, "stopped"] == r.meta["stopped"] and load_latent(df.loc[0, "path"]).meta["stopped"] == r.meta["stopped"]
+        rounds = search_prompt(pipe, stuck, lm, "cat", [0], steps=2,
+                               config=PromptSearch(n_words=1, top_k=3, iterations=3))
+        assert rounds.stopped.tolist() == [f"{why} at iteration 0"] and rounds.loss_end[0] == rounds.loss_start[0]
+        tok = train_token(pipe, stuck, ["a photo of a cat"], "cat", "car", [0], steps=2,
+                          config=TokenAttack(iterations=3, batch_size=1), checkpoint_dir=tmp_path)
+        assert tok.meta["stopped"] == f"{why} at iteration 0" and tok.history == [] and not tok.embedding.any()
+        assert load_token(save_token(tmp_path / "t.safetensors", tok)).meta["stopped"] == tok.meta["stopped"]
+    fine = search_prompt(pipe, Ensemble([FnMember(small_net(seed=1), LABELS, "a")]), lm, "cat", [0], steps=2,
+                         config=PromptSearch(n_words=1, top_k=3, iterations=2))
+    assert fine.stopped.isna().all()  # a usable gradient: no reason recorded
 
 
 def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_path, monkeypatch):

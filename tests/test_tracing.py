@@ -335,6 +335,17 @@ def test_scorer_for_twins_and_bad_specs():
         scorer_for("twin:sd-v1", "clip-l")
 
 
+def test_the_seeded_random_scorer_leaves_the_callers_random_stream_alone():
+    from lib.tracing.score import random_toy_clip_scorer
+
+    torch.manual_seed(123)
+    scorer = random_toy_clip_scorer(seed=0)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # as if no scorer had been built
+    assert scorer.module is not None and scorer.to("cpu").device == torch.device("cpu")
+
+
 def _synthetic_rows():
     """UNet rows where resnets and self-attention recover, cross-attention never does; text rows where only layer-0
     self-attention at the last subject token recovers."""

@@ -7,6 +7,7 @@ from lib.editing.quickfix import (
     FingerprintWarning,
     GapReport,
     IllConditionedWarning,
+    PrecisionWarning,
     QuickFixEdit,
     RidgeProblem,
     WeightEdit,
@@ -20,6 +21,6 @@ from lib.editing.quickfix import (
 
 __all__ = [
     "TEMPLATES", "CrossAttentionEdit", "EditError", "FingerprintWarning", "GapReport", "IllConditionedWarning",
-    "QuickFixEdit", "RidgeProblem", "WeightEdit", "align_prompts", "closed_form", "collect_keys_values",
-    "cross_attention_baseline", "gradient_descent_gap", "quickfix", "save_edited_model",
+    "PrecisionWarning", "QuickFixEdit", "RidgeProblem", "WeightEdit", "align_prompts", "closed_form",
+    "collect_keys_values", "cross_attention_baseline", "gradient_descent_gap", "quickfix", "save_edited_model",
 ]

@@ -59,6 +59,13 @@ class FingerprintWarning(UserWarning):
     """An edit is applied to a weight that differs from the one it was fitted on (same shape, other values)."""
 
 
+class PrecisionWarning(UserWarning):
+    """Rounding to the weight's dtype (float16, bfloat16) lost a sizeable part of an edit's delta."""
+
+
+ROUNDING_TOLERANCE = 0.05  # relative error ‖applied change − Δ‖ / ‖Δ‖ above which apply() warns
+
+
 # ------------------------------------------------------------------------------------------------- closed form
 @dataclass
 class RidgeProblem:
@@ -342,6 +349,7 @@ class WeightEdit:
 
     def __post_init__(self) -> None:
         self.uid = uuid.uuid4().hex
+        self.rounding_error: dict[str, float] = {}  # set by apply()
         self.meta.setdefault("kind", self.KIND)
 
     def __init_subclass__(cls, **kw) -> None:
@@ -373,7 +381,12 @@ class WeightEdit:
         return all(state.get(p, (None,))[0] == self.uid for p in self.deltas)
 
     def apply(self, pipe) -> "WeightEdit":
-        """Add the deltas to the pipeline's weights (in place, in their dtype); returns ``self``."""
+        """Add the deltas to the pipeline's weights (in place, in their dtype); returns ``self``.
+
+        ``W_old + Δ`` is formed in float64 and rounded once to the weight's dtype. ``self.rounding_error`` holds, per
+        weight, ``‖applied change − Δ‖ / ‖Δ‖``; above :data:`ROUNDING_TOLERANCE` a :class:`PrecisionWarning` says to
+        load that component in float32 (a small Δ on float16 weights is partly rounded away).
+        """
         params = self._params(pipe)
         state: dict = pipe.__dict__.setdefault(_STATE_ATTR, {})
         busy = [p for p in params if p in state]
@@ -387,12 +400,19 @@ class WeightEdit:
                                                       rtol=1e-2, atol=1e-3):
                 warnings.warn(f"{path} differs from the weight this edit was fitted on", FingerprintWarning,
                               stacklevel=2)
+        self.rounding_error = {}
         with torch.no_grad():
             for path, p in params.items():
                 orig = p.detach().clone()
-                new = orig.double() + self.deltas[path].to(p.device, torch.float64)
+                delta = self.deltas[path].to(p.device, torch.float64)
                 state[path] = (self.uid, orig)
-                p.copy_(new.to(p.dtype))
+                p.copy_((orig.double() + delta).to(p.dtype))
+                lost = float((p.double() - orig.double() - delta).norm() / delta.norm().clamp_min(1e-300))
+                self.rounding_error[path] = lost
+                if lost > ROUNDING_TOLERANCE:
+                    warnings.warn(f"{path}: {lost:.0%} of this edit's delta is lost to {p.dtype} rounding; load "
+                                  f"{path.split(':')[0]} in float32 for the edit as fitted", PrecisionWarning,
+                                  stacklevel=2)
         return self
 
     def revert(self, pipe) -> "WeightEdit":

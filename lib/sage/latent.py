@@ -34,6 +34,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
 
@@ -150,7 +151,8 @@ class LatentResult:
 
     def summary(self) -> str:
         what = "found" if self.found else "not found"
-        return f"{what} after {self.iterations} iterations (loss {self.loss:.3f}, best {self.best_loss:.3f})"
+        why = f"; stopped: {self.meta['stopped']}" if self.meta.get("stopped") else ""
+        return f"{what} after {self.iterations} iterations (loss {self.loss:.3f}, best {self.best_loss:.3f}{why})"
 
 
 def search_latent(pipe, ensemble: Ensemble, prompt: str, cls: str, seed: int | None = None,
@@ -201,7 +203,9 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     history: list[list[float]] = [[] for _ in range(n)]
     best: list[tuple | None] = [None] * n
     found: list[tuple | None] = [None] * n
+    stopped: list[str | None] = [None] * n
     active = list(range(n))
+    scale = loss_scale_for(pipe)
     for it in range(config.iterations + 1):
         d = delta[active].clone().requires_grad_(True)
         z_act = z[active]
@@ -222,7 +226,13 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         keep = [j for j, b in enumerate(active) if not (config.stop_on_success and found[b] is not None)]
         if it == config.iterations or not keep:
             break
-        (g,) = torch.autograd.grad(losses[keep].sum(), d)
+        g, scale = scaled_grad(losses[keep].sum(), d, scale)
+        for j, problem in zip(list(keep), grad_problem(g[keep])):
+            if problem is not None:  # a signed step cannot go on: this search ends with what it has
+                stopped[active[j]] = f"{problem} at iteration {it}"
+                keep.remove(j)
+        if not keep:
+            break
         with torch.no_grad():
             step = signed_step(d[keep], g[keep], config.lr, lo, hi)
             if config.shell_sigmas is not None:
@@ -240,7 +250,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         meta = dict(seed=None if seeds is None else seeds[b], prompt=prompt, negative=negative, steps=steps,
                     guidance=guidance, cls=cls, mode=config.mode, goal=goal, lr=config.lr,
                     residual_mode=config.residual.mode, residual_step=config.residual.step,
-                    residual_weight=config.residual.weight)
+                    residual_weight=config.residual.weight, stopped=stopped[b])
         results.append(LatentResult(found[b] is not None, zp, d, loss_v, best[b][0], len(history[b]) - 1, history[b],
                                     img, meta))
     return results
@@ -292,7 +302,8 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
         rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
                          best_loss=r.best_loss, iterations=r.iterations,
                          delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
-                         path=str(paths[s]) if s in paths else None, resumed=s not in todo))
+                         stopped=r.meta.get("stopped"), path=str(paths[s]) if s in paths else None,
+                         resumed=s not in todo))
         results.append(r)
     return pd.DataFrame(rows), results
 
@@ -340,7 +351,7 @@ def load_result(pipe, path: str | Path) -> LatentResult:
         raise ValueError(f"{path} lacks the search outcome {missing}; delete it to search again")
     image = render_latent(pipe, LatentRecord(latent, meta))
     keys = ("seed", "prompt", "negative", "steps", "guidance", "cls", "mode", "goal", "lr", "residual_mode",
-            "residual_step", "residual_weight")
+            "residual_step", "residual_weight", "stopped")
     info = {k: meta.get(k) or None for k in keys}
     if info["seed"] is not None:
         info["seed"] = int(info["seed"])

@@ -145,8 +145,18 @@ class ClipMember(nn.Module):
             self.register_buffer("text", scorer.text_features([template.format(label=l) for l in labels]),
                                  persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cuda()`` / ``.half()`` of this member (or of its ensemble) also move the scorer's CLIP."""
+        super()._apply(fn, *args, **kwargs)
+        module = getattr(self.scorer, "module", None)
+        if module is not None:
+            module._apply(fn, *args, **kwargs)
+            self.scorer.device = self.text.device
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.scorer.image_features(images) @ self.text.T
+        feats = self.scorer.image_features(images)
+        return self.logit_scale * feats @ self.text.to(feats).T
 
 
 def openclip_member(labels: Sequence[str], model_name: str = "ViT-L-14", pretrained: str | None = "openai",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.prompts import PromptError
+from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import Residual, sample_with_residual, signed_step
 from lib.sage.loss import Ensemble
 from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl
@@ -228,6 +229,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     base = config.template.format(cls=cls)
     lm.encode(base)  # fails early with the unknown words
     prompt, rows = base, []
+    scale = loss_scale_for(pipe)
     d = token_table(pipe).shape[1]
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
@@ -235,18 +237,23 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         if not cands:
             break
         emb = torch.zeros(1 + config.lookahead, d)
-        history = []
+        history, stopped = [], None
         its = range(config.iterations if len(cands) > 1 else 0)  # one candidate: the choice is forced
         if progress:
             from tqdm import tqdm
 
             its = tqdm(its, desc=f"{cls} word {rnd + 1}", leave=False)
-        for _ in its:
+        for it in its:
             emb.requires_grad_(True)
             img = render_with_slots(pipe, [prompt] * len(seeds), emb, seeds, steps, guidance, config.grad_from_step)
             loss = ensemble.loss(ensemble.probs(img), cls, "lose").mean()
             history.append(float(loss.detach()))
-            (g,) = torch.autograd.grad(loss, emb)
+            g, scale = scaled_grad(loss, emb, scale)
+            problem = grad_problem(g[None])[0]
+            if problem is not None:  # the word is chosen from the embedding reached so far
+                stopped = f"{problem} at iteration {it}"
+                emb = emb.detach()
+                break
             emb = signed_step(emb.detach(), g, config.lr, lo, hi)
         table = torch.stack([word_embedding(pipe, w) for w in cands])
         cos = F.cosine_similarity(table, emb[0].detach().float()[None], dim=-1)
@@ -263,7 +270,8 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
                          p_class=p_cls, fooled_fraction=fooled, end_prob=end, found=found,
-                         category=categorize(prompt, base, cls, class_words, attribute_words) if found else None))
+                         category=categorize(prompt, base, cls, class_words, attribute_words) if found else None,
+                         stopped=stopped))
         if found and config.stop_on_success:
             break
     return pd.DataFrame(rows)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import signed_step
 from lib.sage.loss import Ensemble, _check_distinct
 from lib.sage.prompt import _check_pipe, _replaced_embeddings, render_with_slots, slot_ids, token_table
@@ -87,7 +88,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
             v, history, rng.bit_generator.state = state
         elif state is not None:  # a longer run of these settings: start fresh, leave its checkpoint alone
             checkpoint = None
-    start = len(history)
+    start, stopped, scale = len(history), None, loss_scale_for(pipe)
     for it in _progress(range(start, config.iterations), progress, f"token {source}->{target}", start,
                         config.iterations):
         pi = rng.integers(len(prompts), size=config.batch_size)
@@ -96,14 +97,18 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         img = render_with_slots(pipe, [prompts[i] for i in pi], v, [seeds[i] for i in si], steps, guidance,
                                 config.grad_from_step)
         loss = ensemble.loss(ensemble.probs(img), source, "become", target).mean()
+        g, scale = scaled_grad(loss, v, scale)
+        problem = grad_problem(g[None])[0]
+        if problem is not None:  # v stays the last good embedding; not checkpointed, so a rerun retries from there
+            stopped, v = f"{problem} at iteration {it}", v.detach()
+            break
         history.append(float(loss.detach()))
-        (g,) = torch.autograd.grad(loss, v)
         v = signed_step(v.detach(), g, config.lr, lo, hi)
         if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
             _save_checkpoint(checkpoint, v, history, rng)
     meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
                 iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step,
-                resumed_from=start)
+                resumed_from=start, stopped=stopped)
     return TokenResult(v[0].detach(), source, target, history, meta)
 
 
@@ -192,7 +197,8 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
 
 
 def save_token(path: str | Path, result: TokenResult) -> Path:
-    return write_safetensors_atomic({"embedding": result.embedding}, path, {k: str(v) for k, v in result.meta.items()})
+    return write_safetensors_atomic({"embedding": result.embedding}, path,
+                                    {k: "" if v is None else str(v) for k, v in result.meta.items()})
 
 
 def load_token(path: str | Path) -> TokenResult:
@@ -202,5 +208,5 @@ def load_token(path: str | Path) -> TokenResult:
         meta = dict(f.metadata() or {})
         emb = f.get_tensor("embedding")
     meta = {k: (int(v) if k in ("steps", "iterations", "batch_size", "grad_from_step", "resumed_from") else
-                float(v) if k in ("guidance", "lr") else v) for k, v in meta.items()}
+                float(v) if k in ("guidance", "lr") else v or None) for k, v in meta.items()}
     return TokenResult(emb, meta["source"], meta["target"], [], meta)

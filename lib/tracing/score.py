@@ -162,12 +162,10 @@ def random_toy_clip_scorer(seed: int = 0, device: str = "cpu") -> ClipScorer:
     from lib.tokenizer import build_clip_tokenizer
     from lib.toy.train import new_clip
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = new_clip().eval().to(device)
-    finally:
-        torch.random.set_rng_state(state)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the caller's CPU and CUDA streams
+        torch.manual_seed(seed)
+        model = new_clip().eval()
+    model = model.to(device)
     return hf_clip_scorer(model, build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
 
 
