@@ -35,7 +35,9 @@ class ClipScorer:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of ``module``'s floating-point weights (float32 without a module)."""
-        p = next((p for p in self.module.parameters() if p.is_floating_point()), None) if self.module is not None else None
+        if self.module is None:
+            return torch.float32
+        p = next((p for p in self.module.parameters() if p.is_floating_point()), None)
         return torch.float32 if p is None else p.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ClipScorer":
