@@ -25,7 +25,8 @@ def loss_scale_for(pipe) -> float:
 def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, float]:
     """``∇_wrt (scale · loss)`` and the scale used: while the gradient has inf/NaN entries and ``scale`` > 1, the
     scale is divided by :data:`BACKOFF` (at least to 1) and the graph differentiated again. Keep the returned scale
-    for the next iteration."""
+    for the next iteration. With ``scale`` > 1 the graph is retained for that retry: drop the references to its
+    outputs (``del loss, ...``) before the next forward pass, or two graphs live at once."""
     while True:
         retry = scale > 1.0
         (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, retain_graph=retry)

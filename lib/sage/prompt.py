@@ -249,6 +249,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
             loss = ensemble.loss(ensemble.probs(img), cls, "lose").mean()
             history.append(float(loss.detach()))
             g, scale = scaled_grad(loss, emb, scale)
+            del img, loss  # frees the graph (kept for a retry while the loss is scaled)
             problem = grad_problem(g[None])[0]
             if problem is not None:  # the word is chosen from the embedding reached so far
                 stopped = f"{problem} at iteration {it}"

@@ -97,12 +97,14 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         img = render_with_slots(pipe, [prompts[i] for i in pi], v, [seeds[i] for i in si], steps, guidance,
                                 config.grad_from_step)
         loss = ensemble.loss(ensemble.probs(img), source, "become", target).mean()
+        value = float(loss.detach())
         g, scale = scaled_grad(loss, v, scale)
+        del img, loss  # frees the graph (kept for a retry while the loss is scaled)
         problem = grad_problem(g[None])[0]
         if problem is not None:  # v stays the last good embedding; not checkpointed, so a rerun retries from there
             stopped, v = f"{problem} at iteration {it}", v.detach()
             break
-        history.append(float(loss.detach()))
+        history.append(value)
         v = signed_step(v.detach(), g, config.lr, lo, hi)
         if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
             _save_checkpoint(checkpoint, v, history, rng)
