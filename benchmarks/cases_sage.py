@@ -27,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.sage.gradient import loss_scale_for, scaled_grad  # noqa: E402
 from lib.sage.latent import LatentSearch, Residual, project_to_shell, sample_with_residual, search_latent, signed_step  # noqa: E402
 from lib.sage.loss import EdgeMember, Ensemble, FnMember, timm_member  # noqa: E402
 from lib.sampling import decode, encode, initial_latents  # noqa: E402
@@ -72,7 +73,7 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
     so each δ gets its own search's gradient)."""
     z = initial_latents(pipe, list(range(seed, seed + batch)))
     cond = encode(pipe, [PROMPT] * batch, None)
-    state = {"delta": torch.zeros_like(z, dtype=torch.float32)}
+    state = {"delta": torch.zeros_like(z, dtype=torch.float32), "scale": loss_scale_for(pipe)}
     residual = Residual(step=residual_step)
 
     def run() -> float:
@@ -80,11 +81,13 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
         zp = (z.float() + delta).to(z.dtype)
         probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
         loss = ensemble.loss(probs, "cat", "uncertain").sum()
-        (g,) = torch.autograd.grad(loss, delta)
+        value = float(loss.detach())
+        g, state["scale"] = scaled_grad(loss, delta, state["scale"])  # float16: loss-scaled, graph kept for a retry
+        del zp, probs, loss
         with torch.no_grad():
             d = signed_step(delta, g, 0.05, -1.0, 1.0)
             state["delta"] = project_to_shell(z.float() + d, 3.0) - z.float()
-        return float(loss.detach())
+        return value
 
     return run
 
