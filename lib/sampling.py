@@ -39,12 +39,18 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-@torch.no_grad()
-def encode(pipe, prompts: Sequence[str], negative: str | None = None, truncate: bool = False) -> Conditioning:
+def encode(pipe, prompts: Sequence[str], negative: str | None = None, truncate: bool = False,
+           grad: bool = False) -> Conditioning:
     """Encode prompts (and the negative prompt for CFG) exactly as the pipeline would.
 
-    ``negative=None`` is the pipelines' default: the empty prompt (SD 1.x/2.x) or zeros (SDXL).
+    ``negative=None`` is the pipelines' default: the empty prompt (SD 1.x/2.x) or zeros (SDXL). Without gradient
+    unless ``grad`` (and gradients are enabled by the caller): SAGE's slot embeddings on SDXL need it.
     """
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _encode(pipe, prompts, negative, truncate)
+
+
+def _encode(pipe, prompts: Sequence[str], negative: str | None, truncate: bool) -> Conditioning:
     prompts = list(prompts)
     check_length(pipe.tokenizer, prompts, truncate=truncate)
     device = pipe.unet.device

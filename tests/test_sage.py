@@ -19,7 +19,8 @@ from lib.sage.loss import (
 )
 from lib.sage.metrics import ngr, normality, qq_points, recheck, renderer_check, ssr
 from lib.sage.prompt import (
-    CandidateLM, PromptSearch, categorize, encode_with_slots, render_with_slots, search_prompt, word_embedding,
+    CandidateLM, PromptSearch, categorize, encode_with_slots, render_with_slots, search_prompt, token_table,
+    word_embedding,
 )
 from lib.sage.token import TokenAttack, evaluate_token, load_token, save_token, train_token
 from lib.sampling import decode, denoise, encode, initial_latents
@@ -441,8 +442,46 @@ def test_slots_match_the_pipeline_encoding(pipe):
     dog = word_embedding(pipe, "dog")[None]  # one CLIP token: inserting its embedding = writing the word
     ref = encode(pipe, ["a photo of a cat dog"]).cond
     assert torch.allclose(encode_with_slots(pipe, ["a photo of a cat"], dog).cond, ref, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        encode_with_slots(SimpleNamespace(text_encoder_2=object()), ["a cat"], None)
+    with pytest.raises(NotImplementedError, match="first text encoder"):
+        encode_with_slots(SimpleNamespace(text_encoder=None, text_encoder_2=object()), ["a cat"], None)
+
+
+@pytest.fixture(scope="module")
+def xl():
+    p = build_twin("sdxl")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_sdxl_slots_go_into_both_encoders_and_the_pooled_embedding(xl):
+    base = encode(xl, ["a photo of a cat"])
+    same = encode_with_slots(xl, ["a photo of a cat"], None)
+    assert torch.equal(same.cond, base.cond) and torch.equal(same.added["text_embeds"], base.added["text_embeds"])
+    d1 = xl.text_encoder.get_input_embeddings().embedding_dim
+    dog = word_embedding(xl, "dog")[None]  # one CLIP token in both vocabularies: inserting it = writing the word
+    assert dog.shape == (1, d1 + xl.text_encoder_2.get_input_embeddings().embedding_dim) == (1, token_table(xl).shape[1])
+    ref, got = encode(xl, ["a photo of a cat dog"]), encode_with_slots(xl, ["a photo of a cat"], dog)
+    assert torch.allclose(got.cond, ref.cond, atol=1e-5)
+    assert torch.allclose(got.added["text_embeds"], ref.added["text_embeds"], atol=1e-5)
+    assert torch.equal(got.uncond, base.uncond)  # the unconditional half is the plain one
+    only_first = torch.cat([dog[:, :d1], torch.zeros(1, dog.shape[1] - d1)], 1)  # each encoder gets its own part
+    assert not torch.allclose(encode_with_slots(xl, ["a photo of a cat"], only_first).cond[..., d1:], ref.cond[..., d1:])
+    with pytest.raises(ValueError, match="dimensions"):
+        encode_with_slots(xl, ["a cat"], torch.zeros(1, d1))
+
+
+def test_sdxl_prompt_and_token_search_run(xl, ens, lm):
+    emb = torch.zeros(2, token_table(xl).shape[1], requires_grad=True)
+    (g,) = torch.autograd.grad(ens.loss(ens.probs(render_with_slots(xl, ["a photo of a cat"], emb, [0], 2, 7.5)),
+                                        "cat").sum(), emb)
+    assert torch.isfinite(g).all() and g[:, :32].abs().sum() > 0 and g[:, 32:].abs().sum() > 0  # both encoders
+    df = search_prompt(xl, ens, lm, "cat", seeds=[0], steps=2, config=PromptSearch(n_words=1, top_k=3, iterations=2))
+    assert len(df) == 1 and df.prompt[0].startswith("a photo of a cat ")
+    tok = train_token(xl, ens, ["a photo of a cat"], "cat", "car", [0], steps=2,
+                      config=TokenAttack(iterations=2, batch_size=1))
+    assert tok.embedding.shape == (token_table(xl).shape[1],) and len(tok.history) == 2
+    table = evaluate_token(xl, ens, tok, ["a cat on a beach"], [1])
+    assert len(table) == 1 and table.text_cosine.between(-1 - 1e-5, 1 + 1e-5).all()
 
 
 def test_gradient_reaches_the_embeddings(pipe, ens):

@@ -117,23 +117,15 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
 
 
 def clip_scorer(model: str, pipe=None, device: str = "cpu"):
-    """CLIP-Score model: the toy CLIP for ``model="toy"``, else open_clip ViT-L/14 (OpenAI weights, local cache)."""
-    from lib.scoring import hf_clip_scorer, openclip_scorer
+    """CLIP-Score model, frozen: :func:`lib.tracing.score.scorer_for` (``auto``): the toy CLIP for the toy world, a
+    random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache). ``pipe`` is unused
+    (kept for callers)."""
+    from lib.tracing.score import scorer_for
 
-    if is_toy(model):
-        from lib.toy.train import load_toy_clip
-
-        clip = load_toy_clip().to(device)
-        freeze(clip)
-        tok = pipe.tokenizer if pipe is not None else None
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            from lib.paths import TOY_DIR
-
-            tok = AutoTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"), local_files_only=True)
-        return hf_clip_scorer(clip, tok, image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return openclip_scorer("ViT-L-14", "openai", device)
+    scorer = scorer_for(model, "auto", device)
+    if scorer.module is not None:
+        freeze(scorer.module)
+    return scorer
 
 
 def vocabulary(model: str, ensemble: Ensemble | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:

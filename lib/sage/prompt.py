@@ -15,9 +15,10 @@ A prompt is a found failure when the ensemble is fooled (``lose``) on at least `
 (ours: 0.5; the paper does not say) *and* it is a complete sentence for the LM: the LM's probability of ending the text
 there (its EOS token) is at least ``min_end_prob`` (ours: 0.1; 0 turns the check off), so that "a photo of a cat on"
 is grown further instead of being reported. Gradients reach the embeddings through every denoising step from
-``grad_from_step`` on (0: full backpropagation; later: truncated, cheaper). SD 1.x/2.x pipelines only (one text
-encoder); SDXL is not supported here. :func:`categorize` is a rough, documented stand-in for the paper's ten
-hand-made failure categories.
+``grad_from_step`` on (0: full backpropagation; later: truncated, cheaper). On SDXL a slot embedding is the
+concatenation of one embedding per text encoder (768 + 1280 dimensions), each inserted into its own encoder, and word
+embeddings (the nearest-candidate choice) are concatenated the same way (the two CLIP tokenizers share their
+vocabulary). :func:`categorize` is a rough, documented stand-in for the paper's ten hand-made failure categories.
 """
 
 from __future__ import annotations
@@ -40,24 +41,40 @@ from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl
 PLACEHOLDER_ID = 0  # any id other than EOS: its embedding is overwritten
 
 
+SLOT_WORD = "!"  # SDXL: one CLIP token per slot, written into the prompt text, its embedding overwritten
+
+
 def _check_pipe(pipe) -> None:
-    if is_sdxl(pipe):
-        raise NotImplementedError("prompt/token search supports SD 1.x/2.x pipelines (one text encoder), not SDXL")
+    if getattr(pipe, "text_encoder", None) is None:
+        raise NotImplementedError("prompt/token search needs a pipeline with its first text encoder")
+    if is_sdxl(pipe) and (pipe.text_encoder.get_input_embeddings().num_embeddings
+                          != pipe.text_encoder_2.get_input_embeddings().num_embeddings):
+        raise NotImplementedError("SDXL prompt/token search needs two text encoders with the same vocabulary")
+
+
+def _encoders(pipe) -> list:
+    return [pipe.text_encoder, pipe.text_encoder_2] if is_sdxl(pipe) else [pipe.text_encoder]
 
 
 # -------------------------------------------------------------------------------------------- embeddings in prompts
 def token_table(pipe) -> torch.Tensor:
-    """The text encoder's token-embedding table (vocab, D)."""
-    return pipe.text_encoder.get_input_embeddings().weight
+    """The token-embedding table (vocab, D); on SDXL both encoders' tables side by side (vocab, D₁ + D₂)."""
+    tables = [te.get_input_embeddings().weight for te in _encoders(pipe)]
+    return tables[0] if len(tables) == 1 else torch.cat([t.to(tables[0].device) for t in tables], dim=1)
+
+
+def slot_dim(pipe) -> int:
+    """Dimensions of one slot embedding: the token-embedding width (summed over SDXL's two encoders)."""
+    return sum(te.get_input_embeddings().embedding_dim for te in _encoders(pipe))
 
 
 def word_embedding(pipe, word: str) -> torch.Tensor:
     """Mean token embedding of ``word`` under the diffusion tokenizer (most words are one CLIP token), float32 on the
-    CPU like the optimised slot embeddings."""
+    CPU like the optimised slot embeddings (on SDXL both encoders' side by side, as :func:`token_table`)."""
     ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise PromptError(f"word {word!r} has no tokens")
-    return token_table(pipe)[ids].detach().float().mean(0).cpu()
+    return torch.cat([te.get_input_embeddings().weight[ids].detach().float().mean(0).cpu() for te in _encoders(pipe)])
 
 
 def slot_ids(tokenizer, prompt: str, n_slots: int) -> tuple[list[int], list[int]]:
@@ -106,6 +123,8 @@ def encode_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for b, (_, pos) in enumerate(rows):
         mask[b, pos] = True
+    if is_sdxl(pipe):
+        return _encode_with_slots_xl(pipe, prompts, slots, negative)
     uncond = encode(pipe, list(prompts), negative).uncond
     if n == 0:
         with torch.no_grad():
@@ -114,6 +133,55 @@ def encode_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
         with _replaced_embeddings(pipe, mask, slots):
             cond = pipe.text_encoder(ids)[0]
     return Conditioning(cond.to(pipe.text_encoder.dtype), uncond)
+
+
+@contextmanager
+def _slots_before_eos(pipe, n: int, values: torch.Tensor):
+    """Forward hooks on every text encoder's token embedding: the ``n`` positions before each row's first EOS get
+    ``values`` (n, D₁ + D₂), split between the encoders (SDXL; the text carries ``n`` :data:`SLOT_WORD` there)."""
+    handles, start = [], 0
+    for te, tok in zip(_encoders(pipe), (pipe.tokenizer, pipe.tokenizer_2)):
+        emb = te.get_input_embeddings()
+        part = values[:, start : start + emb.embedding_dim]
+        start += emb.embedding_dim
+        eos = tok.eos_token_id  # not te.config.eos_token_id (2 in the original CLIP configs)
+
+        def hook(_module, inputs, out, part=part, eos=eos):
+            ids = inputs[0]
+            first_eos = (ids == eos).int().argmax(1, keepdim=True)
+            pos = torch.arange(ids.shape[1], device=ids.device)[None]
+            mask = (pos >= first_eos - n) & (pos < first_eos)
+            out = out.clone()
+            out[mask] = part.to(device=out.device, dtype=out.dtype).repeat(out.shape[0], 1)
+            return out
+
+        handles.append(emb.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _encode_with_slots_xl(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
+                          negative: str | None) -> Conditioning:
+    """SDXL: the pipeline's own encoding of ``prompt + n × SLOT_WORD`` with the slot embeddings written in by hooks
+    (both encoders' hidden states and the pooled embedding follow them); the unconditional half is the plain one."""
+    plain = encode(pipe, list(prompts), negative)
+    n = 0 if slots is None else int(slots.shape[0])
+    if n == 0:
+        return plain
+    if slots.shape[1] != slot_dim(pipe):
+        raise ValueError(f"SDXL slot embeddings have {slot_dim(pipe)} dimensions (both encoders), got {slots.shape[1]}")
+    texts = [f"{p}{f' {SLOT_WORD}' * n}" for p in prompts]
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        for p, t in zip(prompts, texts):
+            a, b = tok(p).input_ids, tok(t).input_ids
+            if len(b) != len(a) + n or b[: len(a) - 1] != a[:-1]:
+                raise PromptError(f"{p!r} followed by {n} slot(s) does not tokenise as the prompt plus {n} tokens")
+    with _slots_before_eos(pipe, n, slots):
+        c = encode(pipe, texts, negative, grad=True)
+    return Conditioning(c.cond, plain.uncond, c.added, plain.added_uncond)
 
 
 def render_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None, seeds: Sequence[int], steps: int,
@@ -230,7 +298,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     lm.encode(base)  # fails early with the unknown words
     prompt, rows = base, []
     scale = loss_scale_for(pipe)
-    d = token_table(pipe).shape[1]
+    d = slot_dim(pipe)
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
         cands = lm.propose(prompt, config.top_k, min_prob=config.min_prob)

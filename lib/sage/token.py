@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import signed_step
 from lib.sage.loss import Ensemble, _check_distinct
-from lib.sage.prompt import _check_pipe, _replaced_embeddings, render_with_slots, slot_ids, token_table
+from lib.sage.prompt import (
+    _check_pipe, _replaced_embeddings, encode_with_slots, render_with_slots, slot_dim, slot_ids,
+)
+from lib.sampling import is_sdxl
 from lib.sage.resume import campaign_key, write_safetensors_atomic
 
 
@@ -75,7 +78,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     rng = np.random.default_rng(config.seed)
-    d = token_table(pipe).shape[1]
+    d = slot_dim(pipe)
     v = torch.zeros(1, d)
     lo, hi = config.emb_range
     history: list[float] = []
@@ -154,7 +157,10 @@ def _progress(it, on: bool, desc: str, initial: int = 0, total: int | None = Non
 
 @torch.no_grad()
 def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> torch.Tensor:
-    """The text encoder's pooled output (at EOS) of ``prompts``, with ``token`` appended when given."""
+    """The text encoder's pooled output (at EOS) of ``prompts``, with ``token`` appended when given (SDXL: the second
+    encoder's projected pooled output, the one the UNet is conditioned on)."""
+    if is_sdxl(pipe):
+        return encode_with_slots(pipe, prompts, None if token is None else token.view(1, -1)).added["text_embeds"].float()
     n = 0 if token is None else 1
     rows = [slot_ids(pipe.tokenizer, p, n) for p in prompts]
     ids = torch.tensor([r[0] for r in rows], device=pipe.text_encoder.device)
