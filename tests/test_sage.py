@@ -470,7 +470,11 @@ def test_sdxl_slots_go_into_both_encoders_and_the_pooled_embedding(xl):
         encode_with_slots(xl, ["a cat"], torch.zeros(1, d1))
 
 
-def test_sdxl_prompt_and_token_search_run(xl, ens, lm):
+def test_sdxl_latent_prompt_and_token_search_run(xl, ens, lm, tmp_path):
+    r = search_latent(xl, ens, "a photo of a cat", "cat", seed=0, steps=2,
+                      config=LatentSearch(mode="lose", iterations=1, stop_on_success=False))
+    assert r.latent.shape == initial_latents(xl, [0]).shape and r.iterations == 1 and r.delta.abs().max() > 0
+    assert torch.equal(render_latent(xl, save_latent(tmp_path / "xl.safetensors", r)), r.image)
     emb = torch.zeros(2, token_table(xl).shape[1], requires_grad=True)
     (g,) = torch.autograd.grad(ens.loss(ens.probs(render_with_slots(xl, ["a photo of a cat"], emb, [0], 2, 7.5)),
                                         "cat").sum(), emb)
