@@ -109,3 +109,63 @@ def hf_clip_scorer(model, tokenizer, image_size: int | None = None, mean=OPENAI_
 def _features(out) -> torch.Tensor:
     """transformers 5 may return a model output instead of a tensor from ``get_*_features``."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+# ------------------------------------------------------------------------------------------ which CLIP scores a model
+TOY_PIXEL_MEAN = (0.5, 0.5, 0.5)  # the toy CLIP takes pixels in [-1, 1] (lib.toy.train.clip_preprocess)
+TOY_PIXEL_STD = (0.5, 0.5, 0.5)
+
+
+def toy_clip_scorer(folder=None, device: str | torch.device = "cpu", tokenizer=None) -> ClipScorer:
+    """CLIP-Score with the toy world's CLIP (``folder``, default ``data/toy``, holds ``text_encoder/`` and
+    ``clip_vision/``; 64 px inputs scaled to [-1, 1], as it was trained)."""
+    from lib.paths import TOY_DIR
+    from lib.tokenizer import build_clip_tokenizer
+    from lib.toy.train import load_toy_clip
+
+    model = load_toy_clip(TOY_DIR if folder is None else folder).to(device)
+    return hf_clip_scorer(model, tokenizer or build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
+
+
+def random_toy_clip_scorer(seed: int = 0, device: str = "cpu") -> ClipScorer:
+    """A randomly initialised toy-size CLIP (seeded): meaningless scores at toy cost, for twins and smoke tests."""
+    from lib.tokenizer import build_clip_tokenizer
+    from lib.toy.train import new_clip
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the caller's CPU and CUDA streams
+        torch.manual_seed(seed)
+        model = new_clip().eval()
+    model = model.to(device)
+    return hf_clip_scorer(model, build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
+
+
+def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScorer:
+    """The CLIP-Score model for ``model`` (tracing, the token attack, DiffQuickFix).
+
+    ``spec``: ``auto`` (a folder with the toy CLIP, e.g. ``toy`` → that CLIP; a shape twin → a random toy-size
+    CLIP; anything else → open_clip ViT-L/14 with OpenAI weights, as in the paper), ``toy`` / ``toy:<folder>``,
+    ``random`` (random toy-size CLIP), or ``openclip:<model>:<pretrained|none>``.
+    """
+    from pathlib import Path
+
+    from lib.loading import describe_source
+
+    if spec == "auto":
+        kind, where = describe_source(model)
+        if kind == "local" and (Path(where) / "clip_vision").is_dir():
+            return toy_clip_scorer(where, device=device)
+        if kind == "twin":
+            return random_toy_clip_scorer(device=device)
+        return openclip_scorer("ViT-L-14", "openai", device=device)
+    kind, _, rest = spec.partition(":")
+    if kind == "toy":
+        from lib.paths import TOY_DIR
+
+        return toy_clip_scorer(rest or TOY_DIR, device=device)
+    if kind == "random":
+        return random_toy_clip_scorer(device=device)
+    if kind == "openclip":
+        name, _, pretrained = rest.partition(":")
+        if name:
+            return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
+    raise ValueError(f"unknown scorer {spec!r}; use auto, toy[:<folder>], random or openclip:<model>:<pretrained|none>")

@@ -205,6 +205,8 @@ def test_recovery_threshold_and_causal_marks():
     assert 0.1 < choose_tau(labelled, labels="ok") <= 0.9
     with pytest.raises(ValueError, match="no rows with split"):
         choose_tau(df.assign(split="test"))
+    with pytest.raises(ValueError, match="gap above min_gap=1.*numeric τ"):  # random weights: nothing to trace
+        choose_tau(_rows([20.0, 20.3], clean=20.5, corrupted=20.0), min_gap=1.0)
     summary = summarize(marked, by=["attribute"])
     assert summary["n"].item() == 5 and summary["causal_frac"].item() == pytest.approx(0.4)
 

@@ -226,17 +226,6 @@ def scene_accuracy(pred: pd.DataFrame, scenes: Sequence[W.Scene]) -> pd.Series:
     return pd.Series(acc, index=pred.index, name="accuracy")
 
 
-def toy_clip_scorer(folder=None, device: str = "cpu"):
-    """A :class:`lib.scoring.ClipScorer` on the toy CLIP (64×64 inputs scaled to [-1, 1], as it was trained)."""
-    from lib.paths import TOY_DIR
-    from lib.scoring import hf_clip_scorer
-    from lib.tokenizer import build_clip_tokenizer
-    from lib.toy.train import load_toy_clip
-
-    model = load_toy_clip(folder or TOY_DIR).to(device)
-    return hf_clip_scorer(model, build_clip_tokenizer(), image_size=W.SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
 @torch.no_grad()
 def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], prompts: Sequence[str],
                   scenes: Sequence[W.Scene], seeds: Sequence[int], steps: int, guidance: float,
@@ -285,6 +274,6 @@ def concept_rate(df: pd.DataFrame, phrase: str) -> pd.Series:
 
 __all__ = [
     "Concept", "MISSPELLINGS", "classify", "concept", "concept_prompts", "concept_rate", "edit_prompts", "edit_scene",
-    "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy", "toy_clip_scorer",
+    "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy",
     "unrelated_prompts", "variant_prompts",
 ]

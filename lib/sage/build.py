@@ -117,10 +117,10 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
 
 
 def clip_scorer(model: str, pipe=None, device: str = "cpu"):
-    """CLIP-Score model, frozen: :func:`lib.tracing.score.scorer_for` (``auto``): the toy CLIP for the toy world, a
+    """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` (``auto``): the toy CLIP for the toy world, a
     random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache). ``pipe`` is unused
     (kept for callers)."""
-    from lib.tracing.score import scorer_for
+    from lib.scoring import scorer_for
 
     scorer = scorer_for(model, "auto", device)
     if scorer.module is not None:

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from lib.paths import TOY_DIR
+from lib.scoring import toy_clip_scorer
 from lib.toy import world as W
 from lib.toy.classifiers import (FAMILIES, LABELS, NONE, AttributeClassifier, ensemble_log_probs, scene_label,
                                  to_tensor)
@@ -336,16 +337,6 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- loading and grids
-def toy_clip_scorer(folder: str | Path = TOY_DIR, device: str | torch.device = "cpu"):
-    """The toy CLIP (:func:`lib.toy.train.load_toy_clip`) as a :class:`lib.scoring.ClipScorer` (64 px, [-1, 1])."""
-    from lib.scoring import hf_clip_scorer
-    from lib.tokenizer import build_clip_tokenizer
-    from lib.toy.train import load_toy_clip
-
-    clip = load_toy_clip(folder).to(device)
-    return hf_clip_scorer(clip, build_clip_tokenizer(), image_size=W.SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
 def load_toy_world(folder: str | Path = TOY_DIR, device: str = "cpu", classifiers: str | Path | None = None):
     """(pipeline, classifier members, toy-CLIP scorer) of a toy-world folder; missing or corrupt files raise an error
     that names the file and the command that rebuilds it."""

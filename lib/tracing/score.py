@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.scoring import ClipScorer
+from lib.scoring import (  # noqa: F401 - the CLIP-Score models, re-exported for the tracing API
+    TOY_PIXEL_MEAN, TOY_PIXEL_STD, ClipScorer, random_toy_clip_scorer, scorer_for, toy_clip_scorer,
+)
 from lib.tracing.unet import Trace
 
 COLUMNS: tuple[str, ...] = (
@@ -105,6 +107,10 @@ def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", 
     if val.empty:
         raise ValueError(f"no rows with split == {split!r} to choose the threshold on")
     r = recovery(val, min_gap).to_numpy()
+    if not np.isfinite(r).any():
+        raise ValueError(f"no {split} item has a clean − corrupted CLIP-Score gap above min_gap={min_gap:g} (the "
+                         "corruption did not lower the score, e.g. random weights): nothing to choose τ from; "
+                         "pass a numeric τ (TAU) or a lower min_gap (MIN_GAP)")
     if labels is None:
         return otsu(r, grid)
     y = val[labels].astype(bool).to_numpy()
@@ -140,63 +146,3 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("attribute", "component", "
                               recovery_hi=r.mean() + half, causal_frac=p, causal_lo=mid - w, causal_hi=mid + w))
 
     return df.groupby(list(by), sort=False).apply(one, include_groups=False).reset_index()
-
-
-TOY_PIXEL_MEAN = (0.5, 0.5, 0.5)  # the toy CLIP takes pixels in [-1, 1] (lib.toy.train.clip_preprocess)
-TOY_PIXEL_STD = (0.5, 0.5, 0.5)
-
-
-def toy_clip_scorer(folder, tokenizer=None, device: str = "cpu") -> ClipScorer:
-    """CLIP-Score with the toy world's CLIP (``folder`` holds ``text_encoder/`` and ``clip_vision/``)."""
-    from lib.scoring import hf_clip_scorer
-    from lib.tokenizer import build_clip_tokenizer
-    from lib.toy.train import load_toy_clip
-
-    model = load_toy_clip(folder).to(device)
-    return hf_clip_scorer(model, tokenizer or build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
-
-
-def random_toy_clip_scorer(seed: int = 0, device: str = "cpu") -> ClipScorer:
-    """A randomly initialised toy-size CLIP (seeded): meaningless scores at toy cost, for twins and smoke tests."""
-    from lib.scoring import hf_clip_scorer
-    from lib.tokenizer import build_clip_tokenizer
-    from lib.toy.train import new_clip
-
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the caller's CPU and CUDA streams
-        torch.manual_seed(seed)
-        model = new_clip().eval()
-    model = model.to(device)
-    return hf_clip_scorer(model, build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
-
-
-def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScorer:
-    """The CLIP-Score model for tracing ``model``.
-
-    ``spec``: ``auto`` (a folder with the toy CLIP, e.g. ``toy`` → that CLIP; a shape twin → a random toy-size
-    CLIP; anything else → open_clip ViT-L/14 with OpenAI weights, as in the paper), ``toy`` / ``toy:<folder>``,
-    ``random`` (random toy-size CLIP), or ``openclip:<model>:<pretrained|none>``.
-    """
-    from pathlib import Path
-
-    from lib.loading import describe_source
-    from lib.scoring import openclip_scorer
-
-    if spec == "auto":
-        kind, where = describe_source(model)
-        if kind == "local" and (Path(where) / "clip_vision").is_dir():
-            return toy_clip_scorer(where, device=device)
-        if kind == "twin":
-            return random_toy_clip_scorer(device=device)
-        return openclip_scorer("ViT-L-14", "openai", device=device)
-    kind, _, rest = spec.partition(":")
-    if kind == "toy":
-        from lib.paths import TOY_DIR
-
-        return toy_clip_scorer(rest or TOY_DIR, device=device)
-    if kind == "random":
-        return random_toy_clip_scorer(device=device)
-    if kind == "openclip":
-        name, _, pretrained = rest.partition(":")
-        if name:
-            return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
-    raise ValueError(f"unknown scorer {spec!r}; use auto, toy[:<folder>], random or openclip:<model>:<pretrained|none>")
