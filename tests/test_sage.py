@@ -468,6 +468,10 @@ def test_sdxl_slots_go_into_both_encoders_and_the_pooled_embedding(xl):
     assert not torch.allclose(encode_with_slots(xl, ["a photo of a cat"], only_first).cond[..., d1:], ref.cond[..., d1:])
     with pytest.raises(ValueError, match="dimensions"):
         encode_with_slots(xl, ["a cat"], torch.zeros(1, d1))
+    neg = encode_with_slots(xl, ["a photo of a cat"], dog, negative="blurry")  # the negative prompt is left alone
+    assert torch.allclose(neg.cond, ref.cond, atol=1e-5) and torch.equal(neg.uncond, encode(xl, ["a cat"], "blurry").uncond)
+    two = encode_with_slots(xl, ["a photo of a cat"], torch.zeros(2, dog.shape[1]), negative="")  # 2 slots > 1 token
+    assert two.cond.shape == ref.cond.shape and torch.isfinite(two.cond).all()
 
 
 def test_sdxl_latent_prompt_and_token_search_run(xl, ens, lm, tmp_path):
@@ -524,6 +528,9 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     pd.testing.assert_frame_equal(again.drop(columns="resumed"), first.drop(columns="resumed"))
     SP.prompt_campaign(pipe, ens, lm, ["cat"], [0, 1], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path)
     assert searched == ["dog", "cat"]  # other seeds: searched, not loaded
+    pd.read_parquet(files[0]).drop(columns="stopped").to_parquet(files[0])  # a file from before the column existed
+    old = SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path)
+    assert searched == ["dog", "cat"] and old.resumed.all() and old.stopped.isna().all()
     with pytest.raises(UnknownClassError):  # every class checked before any search
         SP.prompt_campaign(pipe, ens, lm, ["cat", "zebra"], [0], steps=2, config=cfg, out_dir=tmp_path)
     assert searched == ["dog", "cat"]

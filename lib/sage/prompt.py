@@ -117,14 +117,14 @@ def encode_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
     ``slots=None`` (or 0 rows) equals :func:`lib.sampling.encode`.
     """
     _check_pipe(pipe)
+    if is_sdxl(pipe):
+        return _encode_with_slots_xl(pipe, prompts, slots, negative)
     n = 0 if slots is None else int(slots.shape[0])
     rows = [slot_ids(pipe.tokenizer, p, n) for p in prompts]
     ids = torch.tensor([r[0] for r in rows], device=pipe.text_encoder.device)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for b, (_, pos) in enumerate(rows):
         mask[b, pos] = True
-    if is_sdxl(pipe):
-        return _encode_with_slots_xl(pipe, prompts, slots, negative)
     uncond = encode(pipe, list(prompts), negative).uncond
     if n == 0:
         with torch.no_grad():
@@ -137,22 +137,25 @@ def encode_with_slots(pipe, prompts: Sequence[str], slots: torch.Tensor | None,
 
 @contextmanager
 def _slots_before_eos(pipe, n: int, values: torch.Tensor):
-    """Forward hooks on every text encoder's token embedding: the ``n`` positions before each row's first EOS get
-    ``values`` (n, D₁ + D₂), split between the encoders (SDXL; the text carries ``n`` :data:`SLOT_WORD` there)."""
+    """Forward hooks on every text encoder's token embedding: in each row whose ``n`` tokens before the first EOS are
+    :data:`SLOT_WORD` (the prompts, not a negative prompt), they get ``values`` (n, D₁ + D₂), split between the
+    encoders (SDXL)."""
     handles, start = [], 0
     for te, tok in zip(_encoders(pipe), (pipe.tokenizer, pipe.tokenizer_2)):
         emb = te.get_input_embeddings()
         part = values[:, start : start + emb.embedding_dim]
         start += emb.embedding_dim
         eos = tok.eos_token_id  # not te.config.eos_token_id (2 in the original CLIP configs)
+        slot = tok(f"a {SLOT_WORD}", add_special_tokens=False).input_ids[-1]
 
-        def hook(_module, inputs, out, part=part, eos=eos):
+        def hook(_module, inputs, out, part=part, eos=eos, slot=slot):
             ids = inputs[0]
             first_eos = (ids == eos).int().argmax(1, keepdim=True)
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
             mask = (pos >= first_eos - n) & (pos < first_eos)
+            mask &= ((ids == slot) | ~mask).all(1, keepdim=True)  # rows carrying the n slot words
             out = out.clone()
-            out[mask] = part.to(device=out.device, dtype=out.dtype).repeat(out.shape[0], 1)
+            out[mask] = part.to(device=out.device, dtype=out.dtype).repeat(int(mask.any(1).sum()), 1)
             return out
 
         handles.append(emb.register_forward_hook(hook))
@@ -377,6 +380,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
             path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
         if path is not None and resume and path.is_file():
             df = pd.read_parquet(path).assign(resumed=True)
+            if "stopped" not in df:  # written before searches recorded why they stopped
+                df["stopped"] = None
         else:
             df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
                                progress).assign(cls=c)
