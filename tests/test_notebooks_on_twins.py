@@ -14,9 +14,8 @@ CASES = {
     "03_sage_token_attack": dict(SEEDS=[0], TEST_SEEDS=[1], ITERATIONS=2, N_TRAIN_PROMPTS=2, N_TEST_PROMPTS=1,
                                  BATCH_SIZE=1),
     # random weights: the corruption does not lower CLIP-Score, so no Otsu threshold exists; a numeric τ is used
-    "04_causal_tracing_unet": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0,  # 3 of SDXL's 227 layers
-                                   LAYERS=["down_blocks.0.resnets.0", "mid_block.attentions.0.transformer_blocks.0.attn2",
-                                           "up_blocks.2.resnets.2"]),
+    "04_causal_tracing_unet": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0, LAYERS=[  # 3 of SDXL's 227 layers
+        "down_blocks.0.resnets.0", "mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.resnets.2"]),
     "05_causal_tracing_text_encoder": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0, TEXT_LAYERS=[0]),
     "06_diffquickfix": dict(SEEDS=[0], N_PROMPTS=1, N_UNRELATED=1, N_PARAPHRASES=1, N_MISSPELLINGS=1,
                             TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[0]),

@@ -459,17 +459,20 @@ def test_sdxl_slots_go_into_both_encoders_and_the_pooled_embedding(xl):
     assert torch.equal(same.cond, base.cond) and torch.equal(same.added["text_embeds"], base.added["text_embeds"])
     d1 = xl.text_encoder.get_input_embeddings().embedding_dim
     dog = word_embedding(xl, "dog")[None]  # one CLIP token in both vocabularies: inserting it = writing the word
-    assert dog.shape == (1, d1 + xl.text_encoder_2.get_input_embeddings().embedding_dim) == (1, token_table(xl).shape[1])
+    d2 = xl.text_encoder_2.get_input_embeddings().embedding_dim
+    assert dog.shape == (1, d1 + d2) == (1, token_table(xl).shape[1])
     ref, got = encode(xl, ["a photo of a cat dog"]), encode_with_slots(xl, ["a photo of a cat"], dog)
     assert torch.allclose(got.cond, ref.cond, atol=1e-5)
     assert torch.allclose(got.added["text_embeds"], ref.added["text_embeds"], atol=1e-5)
     assert torch.equal(got.uncond, base.uncond)  # the unconditional half is the plain one
     only_first = torch.cat([dog[:, :d1], torch.zeros(1, dog.shape[1] - d1)], 1)  # each encoder gets its own part
-    assert not torch.allclose(encode_with_slots(xl, ["a photo of a cat"], only_first).cond[..., d1:], ref.cond[..., d1:])
+    partial = encode_with_slots(xl, ["a photo of a cat"], only_first)
+    assert not torch.allclose(partial.cond[..., d1:], ref.cond[..., d1:])
     with pytest.raises(ValueError, match="dimensions"):
         encode_with_slots(xl, ["a cat"], torch.zeros(1, d1))
     neg = encode_with_slots(xl, ["a photo of a cat"], dog, negative="blurry")  # the negative prompt is left alone
-    assert torch.allclose(neg.cond, ref.cond, atol=1e-5) and torch.equal(neg.uncond, encode(xl, ["a cat"], "blurry").uncond)
+    assert torch.allclose(neg.cond, ref.cond, atol=1e-5)
+    assert torch.equal(neg.uncond, encode(xl, ["a cat"], "blurry").uncond)
     two = encode_with_slots(xl, ["a photo of a cat"], torch.zeros(2, dog.shape[1]), negative="")  # 2 slots > 1 token
     assert two.cond.shape == ref.cond.shape and torch.isfinite(two.cond).all()
 

@@ -327,7 +327,7 @@ def test_config_folders_follow_weights_and_settings():
 
 
 def test_scorer_for_twins_and_bad_specs():
-    from lib.tracing.score import scorer_for
+    from lib.scoring import scorer_for
 
     x, caps = torch.rand(2, 3, 64, 64), ["a red circle", "a dog"]
     s = scorer_for("twin:sd-v1").score(x, caps)
@@ -338,7 +338,7 @@ def test_scorer_for_twins_and_bad_specs():
 
 
 def test_the_seeded_random_scorer_leaves_the_callers_random_stream_alone():
-    from lib.tracing.score import random_toy_clip_scorer
+    from lib.scoring import random_toy_clip_scorer
 
     torch.manual_seed(123)
     scorer = random_toy_clip_scorer(seed=0)

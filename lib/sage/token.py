@@ -160,7 +160,8 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
     """The text encoder's pooled output (at EOS) of ``prompts``, with ``token`` appended when given (SDXL: the second
     encoder's projected pooled output, the one the UNet is conditioned on)."""
     if is_sdxl(pipe):
-        return encode_with_slots(pipe, prompts, None if token is None else token.view(1, -1)).added["text_embeds"].float()
+        slots = None if token is None else token.view(1, -1)
+        return encode_with_slots(pipe, prompts, slots).added["text_embeds"].float()
     n = 0 if token is None else 1
     rows = [slot_ids(pipe.tokenizer, p, n) for p in prompts]
     ids = torch.tensor([r[0] for r in rows], device=pipe.text_encoder.device)

@@ -52,7 +52,7 @@ def table_tau(table: pd.DataFrame) -> str:
 def kind_bars(table: pd.DataFrame):
     """Mean recovery per attribute and UNet layer kind (the "distributed / cross-attention not causal" view)."""
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    sns.barplot(table, x="attribute", y="recovery", hue="kind", palette=KIND_COLORS, ax=ax, errorbar=("ci", 95),
+    sns.barplot(table, x="attribute", y="recovery", hue="kind", palette=KIND_COLORS, ax=ax, errorbar=("ci", 95), seed=0,
                 hue_order=[k for k in KIND_COLORS if k in set(table["kind"])])
     ax.axhline(float(table["tau"].iloc[0]), color="black", lw=0.8, ls="--", label="τ")
     ax.set_ylabel("mean recovery")

@@ -80,7 +80,7 @@ class SweepConfig:
     negative: str | None = None
     noise_seed_offset: int = 0  # the noise seed of (caption, seed) is seed + offset
     fingerprint: str | None = None  # model_fingerprint(pipe): results of other weights are never resumed
-    scorer: str | None = None  # which CLIP scored the images (lib.tracing.score.scorer_for spec)
+    scorer: str | None = None  # which CLIP scored the images (lib.scoring.scorer_for spec)
 
     def __post_init__(self):
         if self.mode not in ("unet", "text"):
@@ -234,8 +234,8 @@ def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = 
 
 
 def _scorer(model: str, spec: str, device: str) -> ClipScorer:
-    """``lib.tracing.score.scorer_for``: ``auto``, ``toy[:<folder>]``, ``random``, ``openclip:<model>:<pretrained|none>``."""
-    from lib.tracing.score import scorer_for
+    """``lib.scoring.scorer_for``: ``auto``, ``toy[:<folder>]``, ``random``, ``openclip:<model>:<pretrained|none>``."""
+    from lib.scoring import scorer_for
 
     try:
         return scorer_for(model, spec, device)
