@@ -275,6 +275,12 @@ def test_an_edit_rounded_away_by_float16_weights_warns():
         tiny.apply(half)
     assert max(tiny.rounding_error.values()) > 0.5
     tiny.revert(half)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning raised as an error still leaves the edit whole, and revertible
+        with pytest.raises(PrecisionWarning):
+            tiny.apply(half)
+    assert tiny.is_applied(half)
+    tiny.revert(half)
     assert all(torch.equal(v, before[k]) for k, v in _weights(half).items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")

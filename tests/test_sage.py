@@ -327,7 +327,12 @@ def test_loss_scaling_recovers_float16_underflow_and_backs_off_on_overflow():
     assert s3 == FP16_LOSS_SCALE / 16**3 and torch.isfinite(g3).all() and (g3 > 0).all()  # backed off 2**16 → 16
     nan = lambda: (0 * (x - x.detach()).sqrt()).sum()  # noqa: E731 - NaN at every scale
     g4, s4 = scaled_grad(nan(), x, FP16_LOSS_SCALE)
-    assert s4 == 1.0 and grad_problem(g4[None]) == ["non-finite gradient"]
+    assert s4 == FP16_LOSS_SCALE and grad_problem(g4[None]) == ["non-finite gradient"]  # the search stops; scale kept
+    # a batch: one broken row must not drag the healthy row down to scale 1 (where its float16 gradient is 0)
+    xb = torch.ones(2, 3, requires_grad=True)
+    both = (((xb[0].half() * 1e-4).float()) * 1e-4).sum() + (0 * (xb[1] - xb[1].detach()).sqrt()).sum()
+    g5, s5 = scaled_grad(both, xb, FP16_LOSS_SCALE, per_row=True)
+    assert s5 == FP16_LOSS_SCALE and grad_problem(g5) == [None, "non-finite gradient"] and (g5[0] > 0).all()
     assert grad_problem(torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("inf"), 1.0]])) == [
         None, "zero gradient", "non-finite gradient"]
 
@@ -610,7 +615,7 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
     # a shorter run of the same settings starts fresh and leaves the longer run's checkpoint as it is
     short = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(3), **kw)
     assert short.meta["resumed_from"] == 0 and short.history == ref.history[:3]
-    assert len(T._load_checkpoint(ckpt)[1]) == 7
+    assert len(T._load_checkpoint(ckpt)[1]) == 7 and T._load_checkpoint(ckpt)[3] == 1.0  # float32: loss scale 1
     # other settings or weights have other keys: never a stale checkpoint
     assert T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, TokenAttack(iterations=5, batch_size=2)) != key
     assert T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(9)) == key  # iterations are not in it

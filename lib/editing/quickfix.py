@@ -407,12 +407,13 @@ class WeightEdit:
                 delta = self.deltas[path].to(p.device, torch.float64)
                 state[path] = (self.uid, orig)
                 p.copy_((orig.double() + delta).to(p.dtype))
-                lost = float((p.double() - orig.double() - delta).norm() / delta.norm().clamp_min(1e-300))
-                self.rounding_error[path] = lost
-                if lost > ROUNDING_TOLERANCE:
-                    warnings.warn(f"{path}: {lost:.0%} of this edit's delta is lost to {p.dtype} rounding; load "
-                                  f"{path.split(':')[0]} in float32 for the edit as fitted", PrecisionWarning,
-                                  stacklevel=2)
+                self.rounding_error[path] = float((p.double() - orig.double() - delta).norm()
+                                                  / delta.norm().clamp_min(1e-300))
+        for path, lost in self.rounding_error.items():  # after every weight is applied (warnings may be errors)
+            if lost > ROUNDING_TOLERANCE:
+                warnings.warn(f"{path}: {lost:.0%} of this edit's delta is lost to {params[path].dtype} rounding; "
+                              f"load {path.split(':')[0]} in float32 for the edit as fitted", PrecisionWarning,
+                              stacklevel=2)
         return self
 
     def revert(self, pipe) -> "WeightEdit":

@@ -22,16 +22,34 @@ def loss_scale_for(pipe) -> float:
     return FP16_LOSS_SCALE if any(getattr(p, "dtype", None) == torch.float16 for p in parts) else 1.0
 
 
-def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, float]:
-    """``∇_wrt (scale · loss)`` and the scale used: while the gradient has inf/NaN entries and ``scale`` > 1, the
-    scale is divided by :data:`BACKOFF` (at least to 1) and the graph differentiated again. Keep the returned scale
-    for the next iteration. With ``scale`` > 1 the graph is retained for that retry: drop the references to its
-    outputs (``del loss, ...``) before the next forward pass, or two graphs live at once."""
+def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0,
+                per_row: bool = False) -> tuple[torch.Tensor, float]:
+    """``∇_wrt (scale · loss)`` and the scale to start the next iteration with. While the gradient has inf/NaN entries
+    and ``scale`` > 1, the scale is divided by :data:`BACKOFF` (at least to 1) and the graph differentiated again.
+
+    ``per_row``: the rows of ``wrt`` are independent searches (a batched latent search): each row keeps the gradient of
+    the largest scale at which it is finite, so one broken row does not push the others into float16 underflow, and
+    the returned scale is the smallest of those (rows never finite are left to :func:`grad_problem`). A gradient that
+    is never finite returns the scale it started with. With ``scale`` > 1 the graph is retained for the retries: drop
+    the references to its outputs (``del loss, ...``) before the next forward pass, or two graphs live at once."""
+    start, out, done, used = scale, None, None, []
     while True:
         retry = scale > 1.0
         (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, retain_graph=retry)
-        if not retry or bool(torch.isfinite(g).all()):
-            return g, scale
+        finite = torch.isfinite(g.reshape(len(g), -1)).all(1) if per_row else torch.isfinite(g).all().reshape(1)
+        new = finite if done is None else finite & ~done
+        if out is None:
+            out, done = g, finite.clone()
+        elif bool(new.any()):
+            if per_row:
+                out[new] = g[new]
+            else:
+                out = g
+            done |= new
+        if bool(new.any()):
+            used.append(scale)  # the largest scale at which these rows are finite
+        if not retry or bool(done.all()):
+            return out, (min(used) if used else start)
         scale = max(1.0, scale / BACKOFF)
 
 

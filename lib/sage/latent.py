@@ -226,7 +226,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         keep = [j for j, b in enumerate(active) if not (config.stop_on_success and found[b] is not None)]
         if it == config.iterations or not keep:
             break
-        g, scale = scaled_grad(losses[keep].sum(), d, scale)
+        g, scale = scaled_grad(losses[keep].sum(), d, scale, per_row=True)
         del zp, image, probs, losses  # frees the graph (kept for a retry while the loss is scaled)
         for j, problem in zip(list(keep), grad_problem(g[keep])):
             if problem is not None:  # a signed step cannot go on: this search ends with what it has

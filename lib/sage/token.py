@@ -82,16 +82,17 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     v = torch.zeros(1, d)
     lo, hi = config.emb_range
     history: list[float] = []
-    checkpoint = None
+    checkpoint, saved_scale = None, None
     if checkpoint_dir is not None:
         key = token_key(pipe, ensemble, prompts, source, target, seeds, steps, guidance, config)
         checkpoint = Path(checkpoint_dir) / f"token_{source}_to_{target}_{key}.ckpt.safetensors"
         state = _load_checkpoint(checkpoint) if resume else None
         if state is not None and len(state[1]) <= config.iterations:
-            v, history, rng.bit_generator.state = state
+            v, history, rng.bit_generator.state, saved_scale = state
         elif state is not None:  # a longer run of these settings: start fresh, leave its checkpoint alone
             checkpoint = None
-    start, stopped, scale = len(history), None, loss_scale_for(pipe)
+    start, stopped = len(history), None
+    scale = saved_scale if saved_scale is not None else loss_scale_for(pipe)  # a resumed run keeps its loss scale
     for it in _progress(range(start, config.iterations), progress, f"token {source}->{target}", start,
                         config.iterations):
         pi = rng.integers(len(prompts), size=config.batch_size)
@@ -110,7 +111,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         history.append(value)
         v = signed_step(v.detach(), g, config.lr, lo, hi)
         if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iterations):
-            _save_checkpoint(checkpoint, v, history, rng)
+            _save_checkpoint(checkpoint, v, history, rng, scale)
     meta = dict(source=source, target=target, steps=steps, guidance=guidance, lr=config.lr,
                 iterations=config.iterations, batch_size=config.batch_size, grad_from_step=config.grad_from_step,
                 resumed_from=start, stopped=stopped)
@@ -126,14 +127,14 @@ def token_key(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, tar
                         device=str(pipe.unet.device), dtype=str(pipe.unet.dtype))
 
 
-def _save_checkpoint(path: Path, v: torch.Tensor, history: list[float], rng) -> None:
+def _save_checkpoint(path: Path, v: torch.Tensor, history: list[float], rng, scale: float) -> None:
     """Write the training state atomically (an interrupted write leaves the previous checkpoint)."""
-    write_safetensors_atomic({"embedding": v}, path,
-                             dict(history=json.dumps(history), rng=json.dumps(rng.bit_generator.state)))
+    write_safetensors_atomic({"embedding": v}, path, dict(history=json.dumps(history),
+                                                          rng=json.dumps(rng.bit_generator.state), scale=str(scale)))
 
 
 def _load_checkpoint(path: Path):
-    """(v, history, rng state) from ``path``; None when it is missing or unreadable."""
+    """(v, history, rng state, loss scale or None) from ``path``; None when it is missing or unreadable."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -141,7 +142,8 @@ def _load_checkpoint(path: Path):
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            return f.get_tensor("embedding"), json.loads(meta["history"]), json.loads(meta["rng"])
+            scale = float(meta["scale"]) if "scale" in meta else None
+            return f.get_tensor("embedding"), json.loads(meta["history"]), json.loads(meta["rng"]), scale
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start fresh, say so
         warnings.warn(f"ignoring unreadable token checkpoint {path.name}: {err}", stacklevel=3)
         return None
