@@ -116,10 +116,9 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
     return CandidateLM(TOY_DIR / "lm" if lm == "toy" else lm, device=device)
 
 
-def clip_scorer(model: str, pipe=None, device: str = "cpu"):
+def clip_scorer(model: str, device: str = "cpu"):
     """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` (``auto``): the toy CLIP for the toy world, a
-    random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache). ``pipe`` is unused
-    (kept for callers)."""
+    random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache)."""
     from lib.scoring import scorer_for
 
     scorer = scorer_for(model, "auto", device)

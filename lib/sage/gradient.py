@@ -32,7 +32,7 @@ def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0,
     the returned scale is the smallest of those (rows never finite are left to :func:`grad_problem`). A gradient that
     is never finite returns the scale it started with. With ``scale`` > 1 the graph is retained for the retries: drop
     the references to its outputs (``del loss, ...``) before the next forward pass, or two graphs live at once."""
-    start, out, done, used = scale, None, None, []
+    out, done, next_scale = None, None, scale
     while True:
         retry = scale > 1.0
         (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, retain_graph=retry)
@@ -47,9 +47,9 @@ def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0,
                 out = g
             done |= new
         if bool(new.any()):
-            used.append(scale)  # the largest scale at which these rows are finite
+            next_scale = scale  # the scales only go down: the smallest one that some row needed
         if not retry or bool(done.all()):
-            return out, (min(used) if used else start)
+            return out, next_scale
         scale = max(1.0, scale / BACKOFF)
 
 

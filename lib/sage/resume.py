@@ -1,8 +1,8 @@
 """Resumable SAGE campaigns: a key hashing everything a result depends on, and atomic table writes.
 
-A campaign writes each finished item (:func:`write_parquet_atomic`, :func:`write_safetensors_atomic`) under a name that carries :func:`campaign_key`, so a rerun with the same
-weights and settings loads it, and any other weights or settings (a retrained classifier with the same name
-included) start fresh instead of reusing a stale result.
+A campaign writes each finished item (:func:`write_parquet_atomic`, :func:`write_safetensors_atomic`) under a name
+that carries :func:`campaign_key`, so a rerun with the same weights and settings loads it, and any other weights or
+settings (a retrained classifier with the same name included) start fresh instead of reusing a stale result.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from lib.sage.loss import Ensemble, _check_distinct
 from lib.sage.prompt import (
     _check_pipe, _replaced_embeddings, encode_with_slots, render_with_slots, slot_dim, slot_ids,
 )
-from lib.sampling import is_sdxl
 from lib.sage.resume import campaign_key, write_safetensors_atomic
+from lib.sampling import is_sdxl
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.scoring import (  # noqa: F401 - the CLIP-Score models, re-exported for the tracing API
-    TOY_PIXEL_MEAN, TOY_PIXEL_STD, ClipScorer, random_toy_clip_scorer, scorer_for, toy_clip_scorer,
-)
+from lib.scoring import ClipScorer
 from lib.tracing.unet import Trace
 
 COLUMNS: tuple[str, ...] = (
