@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,6 +49,16 @@ class ClipScorer:
         if device is not None:
             self.device = torch.device(device)
         return self
+
+    def fingerprint(self) -> str | None:
+        """A cheap hash of ``module``'s weights and the preprocessing: results scored by another CLIP (e.g. a
+        retrained toy CLIP behind the same ``"auto"`` spec) never pass for these. None without a module."""
+        if self.module is None:
+            return None
+        from lib.loading import weights_fingerprint
+
+        prep = f"{self.image_size}|{tuple(self.mean)}|{tuple(self.std)}"
+        return weights_fingerprint({"clip": self.module}) + "-" + hashlib.sha1(prep.encode()).hexdigest()[:6]
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32)

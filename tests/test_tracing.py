@@ -326,6 +326,24 @@ def test_config_folders_follow_weights_and_settings():
     assert model_fingerprint(p) != fp
 
 
+def test_sweep_folders_follow_the_scorer_weights(tmp_path):
+    """A retrained CLIP behind the same spec ("auto") gets its own folder; a config names the scorer it was made for."""
+    from lib.scoring import random_toy_clip_scorer
+    from lib.tracing.sweep import sweep_dir
+
+    s = random_toy_clip_scorer()
+    fp = s.fingerprint()
+    assert fp == s.fingerprint() and toy_scorer().fingerprint() is None
+    a = SweepConfig(model="x", scorer="auto", scorer_fingerprint=fp)
+    with torch.no_grad():
+        next(s.module.vision_model.parameters()).add_(1e-3)  # the image tower alone changes
+    b = SweepConfig(model="x", scorer="auto", scorer_fingerprint=s.fingerprint())
+    assert s.fingerprint() != fp and sweep_dir("r", a) != sweep_dir("r", b)
+    with pytest.raises(SweepError, match="scorer's weights differ"):
+        run_sweep(pipe("sd-v1"), s, PROBES, [0], tmp_path, a, 0, 1, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
 def test_scorer_for_twins_and_bad_specs():
     from lib.scoring import scorer_for
 

@@ -81,6 +81,7 @@ class SweepConfig:
     noise_seed_offset: int = 0  # the noise seed of (caption, seed) is seed + offset
     fingerprint: str | None = None  # model_fingerprint(pipe): results of other weights are never resumed
     scorer: str | None = None  # which CLIP scored the images (lib.scoring.scorer_for spec)
+    scorer_fingerprint: str | None = None  # ClipScorer.fingerprint(): rows of another CLIP's weights are never resumed
 
     def __post_init__(self):
         if self.mode not in ("unet", "text"):
@@ -95,7 +96,7 @@ class SweepConfig:
 
 
 def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
-    """``root/<mode>-<config hash>``: one folder per distinct configuration (model weights included)."""
+    """``root/<mode>-<config hash>``: one folder per distinct configuration (model and CLIP weights included)."""
     return Path(root) / f"{cfg.mode}-{cfg.key()}"
 
 
@@ -202,6 +203,9 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     ``process_index``/``num_processes`` default to ``accelerate.PartialState()``'s. ``limit`` keeps the first items.
     """
     probes = load_probes(probes)
+    if cfg.scorer_fingerprint is not None and scorer.fingerprint() != cfg.scorer_fingerprint:
+        raise SweepError("the scorer's weights differ from those the sweep config names (scorer_fingerprint); "
+                         "build the config with scorer_fingerprint=scorer.fingerprint()")
     check_subjects(pipe, probes)
     if cfg.mode == "unet":
         resolve_unet_layers(pipe.unet, cfg.layers)  # unknown names fail before any work
@@ -272,17 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState()
     index, count = process_share()
     pipe = load_pipeline(args.model, device=str(state.device), dtype=args.dtype)
+    scorer = _scorer(args.model, args.scorer, str(state.device))
     cfg = SweepConfig(
         model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
         multiplier=args.multiplier, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
-        fingerprint=model_fingerprint(pipe), scorer=args.scorer,
+        fingerprint=model_fingerprint(pipe), scorer=args.scorer, scorer_fingerprint=scorer.fingerprint(),
     )
     out = sweep_dir(args.out, cfg) if args.nested else args.out
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     with torch.no_grad():
-        written = run_sweep(pipe, _scorer(args.model, args.scorer, str(state.device)), args.probes, seeds, out, cfg,
+        written = run_sweep(pipe, scorer, args.probes, seeds, out, cfg,
                             index, count, args.limit, progress=False)
     print(f"process {index}/{count}: wrote {len(written)} file(s)", flush=True)
     return 0
