@@ -773,6 +773,9 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         else:
             res = train_unet(cfg, data, out, steps, samples, ov, resume=st == "unet-resume")
         res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        # the top-level config/hardware are those of the latest run; each stage keeps its own (stages of one folder may
+        # come from different machines, e.g. a GPU-trained UNet and a CPU-continued CLIP vision tower)
+        res["config_name"], res["hardware"] = config, _hardware(cfg["device"])
         key, n = st, 2
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
@@ -792,7 +795,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's)")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="cpu")
     ap.add_argument("--out", default=str(TOY_DIR))
-    ap.add_argument("--steps-override", type=int, default=None, help="tiny step count for CI smoke tests")
+    ap.add_argument("--steps-override", type=int, default=None,
+                    help="a fixed step count, no wall-clock budget (CI uses a tiny one)")
     ap.add_argument("--n-train", type=int, default=None, help="override the number of rendered training images")
     ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
     a = ap.parse_args(argv)
