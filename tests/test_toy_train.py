@@ -84,7 +84,8 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     assert stages["vae-decoder"]["encoder_frozen"]
     assert stages["clip-vision"]["text_frozen"] and stages["unet-resume"]["resumed"]
     # each stage records where it ran (stages of one folder may come from different machines)
-    assert all(st["hardware"]["device"] == "cpu" and st["config_name"] == "cpu" for st in stages.values())
+    assert all(st["hardware"]["device"] == "cpu" and st["config_name"] == "cpu" and st["steps_override"] == 2
+               for st in stages.values())
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)
 
@@ -100,7 +101,7 @@ def test_committed_toy_world_fits_30_mb_and_logs_its_training():
         assert s["steps"] > 0 and s["wall_s"] > 0 and s["loss_curve"], stage
     assert rec["hardware"]["device"] == rec["config"]["device"]
     for name, s in rec["stages"].items():  # every stage says on which machine and with which recipe it ran
-        assert s["hardware"]["device"] and s["config_name"] in T.CONFIGS, name
+        assert s["hardware"]["device"] == T.CONFIGS[s["config_name"]]["device"] and s["n_train"] > 0, name
 
 
 def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):

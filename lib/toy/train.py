@@ -776,6 +776,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         # the top-level config/hardware are those of the latest run; each stage keeps its own (stages of one folder may
         # come from different machines, e.g. a GPU-trained UNet and a CPU-continued CLIP vision tower)
         res["config_name"], res["hardware"] = config, _hardware(cfg["device"])
+        res["n_train"], res["steps_override"] = cfg["n_train"], steps_override
         key, n = st, 2
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
