@@ -82,7 +82,8 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
         probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
         loss = ensemble.loss(probs, "cat", "uncertain").sum()
         value = float(loss.detach())
-        g, state["scale"] = scaled_grad(loss, delta, state["scale"], per_row=True)  # float16: loss-scaled (retained graph)
+        # float16: loss-scaled, the graph retained for a retry
+        g, state["scale"] = scaled_grad(loss, delta, state["scale"], per_row=True)
         del zp, probs, loss
         with torch.no_grad():
             d = signed_step(delta, g, 0.05, -1.0, 1.0)

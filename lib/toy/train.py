@@ -752,7 +752,8 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     samples = Path(samples_dir) if samples_dir else None
     log_path = out / "TRAINING.json"
     record = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    record.update({"config_name": config, "config": cfg, "hardware": _hardware(cfg["device"]),
+    hardware = _hardware(cfg["device"])
+    record.update({"config_name": config, "config": cfg, "hardware": hardware,
                    "steps_override": steps_override})
     record.setdefault("stages", {})
     data = make_training_data(cfg)
@@ -775,7 +776,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         # the top-level config/hardware are those of the latest run; each stage keeps its own (stages of one folder may
         # come from different machines, e.g. a GPU-trained UNet and a CPU-continued CLIP vision tower)
-        res["config_name"], res["hardware"] = config, _hardware(cfg["device"])
+        res["config_name"], res["hardware"] = config, hardware
         res["n_train"], res["steps_override"] = cfg["n_train"], steps_override
         key, n = st, 2
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
