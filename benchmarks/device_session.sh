@@ -1,6 +1,7 @@
 #!/bin/bash
 # One call on the lent GPU box (benchmarks/README.md): retrain part of the toy world and/or time the issues' GPU targets.
-#   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min)
+#   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min); afterwards continue the CLIP vision
+#                                                # tower on every combination (README: clip-vision --train-split any)
 #   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's outputs in data/toy
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)

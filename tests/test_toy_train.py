@@ -90,6 +90,33 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
         T.run("everything", "cpu", work)
 
 
+def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path):
+    import shutil
+
+    from lib.toy import world as W
+
+    for stage in ("clip", "vae", "unet", "all", "vae-decoder", "unet-resume"):  # refused before any rendering
+        with pytest.raises(ValueError, match="clip-vision only"):
+            T.run(stage, "cpu", tmp_path / "never", steps_override=1, train_split="any")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="train_split"):
+        T.run("clip-vision", "cpu", tmp_path / "never", train_split="heldout")
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    te_bytes = (work / "text_encoder/model.safetensors").read_bytes()
+    T.run("clip-vision", "cpu", work, steps_override=2, n_train=64, train_split="any")
+    assert (work / "text_encoder/model.safetensors").read_bytes() == te_bytes
+    assert json.loads((work / "TRAINING.json").read_text())["stages"]["clip-vision"]["train_split"] == "any"
+    # hard negatives may name a held-out combination only when asked to
+    rng = np.random.default_rng(0)
+    scenes = [W.sample_scene(rng, "any") for _ in range(300)]
+    caps = [W.captions(s)[0] for s in scenes]
+    negs = [[T.hard_negative(s, c, np.random.default_rng(i), allow_heldout=a) for i, (s, c) in enumerate(zip(scenes, caps))]
+            for a in (False, True)]
+    assert not any(W.is_heldout(W.parse_caption(n)) for n in negs[0] if n)
+    assert any(W.is_heldout(W.parse_caption(n)) for n in negs[1] if n)
+
+
 def test_committed_toy_world_fits_30_mb_and_logs_its_training():
     from lib.paths import TOY_DIR
 
@@ -102,6 +129,8 @@ def test_committed_toy_world_fits_30_mb_and_logs_its_training():
     assert rec["hardware"]["device"] == rec["config"]["device"]
     for name, s in rec["stages"].items():  # every stage says on which machine and with which recipe it ran
         assert s["hardware"]["device"] == T.CONFIGS[s["config_name"]]["device"] and s["n_train"] > 0, name
+        # the T2I model (text encoder, VAE, UNet) never saw a held-out combination; only the CLIP vision tower may have
+        assert s["train_split"] == "train" or name.startswith("clip-vision"), name
 
 
 def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):

@@ -359,16 +359,17 @@ def _batches(n: int, batch: int, rng: np.random.Generator):
 
 def make_training_data(cfg: dict) -> dict:
     t = time.time()
+    split = cfg.get("train_split", "train")
     if cfg.get("render_workers"):
-        images, scenes, caps = W.make_dataset_parallel(cfg["n_train"], cfg["seed"], "train", cfg["render_workers"])
+        images, scenes, caps = W.make_dataset_parallel(cfg["n_train"], cfg["seed"], split, cfg["render_workers"])
     else:
-        images, scenes, caps = W.make_dataset(cfg["n_train"], seed=cfg["seed"], split="train")
-    print(f"[data] rendered {len(images)} training images in {time.time() - t:.1f} s", flush=True)
+        images, scenes, caps = W.make_dataset(cfg["n_train"], seed=cfg["seed"], split=split)
+    print(f"[data] rendered {len(images)} {split}-split images in {time.time() - t:.1f} s", flush=True)
     return {"images": images, "scenes": scenes, "captions": caps}
 
 
-def hard_negative(scene: W.Scene, cap: str, rng: np.random.Generator) -> str | None:
-    """The same template with exactly one attribute word changed (never a held-out combination)."""
+def hard_negative(scene: W.Scene, cap: str, rng: np.random.Generator, allow_heldout: bool = False) -> str | None:
+    """The same template with exactly one attribute word changed (a held-out combination only if ``allow_heldout``)."""
     opts = W.captions(scene)
     k = opts.index(cap)
     attrs = [a for a in ("object", "color", "style", "action", "character", "background") if getattr(scene, a)]
@@ -391,7 +392,7 @@ def hard_negative(scene: W.Scene, cap: str, rng: np.random.Generator) -> str | N
             neg = W.Scene(**kw)
         except ValueError:
             continue
-        if W.is_heldout(neg):
+        if W.is_heldout(neg) and not allow_heldout:
             continue
         nopts = W.captions(neg)
         if len(nopts) == len(opts):
@@ -410,7 +411,9 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
 
     ``freeze_text=True`` (stage ``clip-vision``) continues the saved toy CLIP with its text tower frozen: the text tower
     is the diffusion model's text encoder, so only the vision tower, the projections and the temperature move, and
-    ``text_encoder/`` is left untouched.
+    ``text_encoder/`` is left untouched. With ``cfg["train_split"] == "any"`` (allowed for ``clip-vision`` only) the
+    vision tower also sees renders, and hard negatives, of the held-out combinations, as the classifiers do: it is a
+    measuring instrument, while the text encoder, VAE and UNet never see a held-out combination.
     """
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
@@ -424,7 +427,8 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
     if freeze_text:
         model.text_model.requires_grad_(False).eval()
     caps = data["captions"]
-    negs = [hard_negative(s, cp, rng) for s, cp in zip(data["scenes"], caps)]
+    any_split = cfg.get("train_split", "train") == "any"
+    negs = [hard_negative(s, cp, rng, allow_heldout=any_split) for s, cp in zip(data["scenes"], caps)]
     negs = [n if n is not None else cp for n, cp in zip(negs, caps)]
     ids = _tokenize(tok, caps, CLIP_MAX_TOKENS)
     nids = _tokenize(tok, negs, CLIP_MAX_TOKENS)
@@ -471,7 +475,7 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
          "pixel_convention": "64x64 RGB, values image/127.5 - 1 (lib.toy.train.clip_preprocess)",
          "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1))
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc,
-                       final_hardneg_acc=hard, text_frozen=freeze_text)
+                       final_hardneg_acc=hard, text_frozen=freeze_text, train_split=cfg.get("train_split", "train"))
 
 
 def _save_text_encoder(model, out: Path) -> None:
@@ -726,12 +730,18 @@ STAGES = ("clip", "vae", "unet", "all", "clip-vision", "vae-decoder", "unet-resu
 
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
-        budget_min: float | None = None, threads: int | None = None) -> dict:
+        budget_min: float | None = None, threads: int | None = None, train_split: str = "train") -> dict:
     """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``vae-decoder`` / ``unet-resume``
     continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
-    the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed)."""
+    the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed);
+    ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if train_split not in ("train", "any"):
+        raise ValueError(f"train_split must be 'train' or 'any', got {train_split!r}")
+    if train_split == "any" and stage != "clip-vision":
+        raise ValueError(f"--train-split any is for --stage clip-vision only: the text encoder, VAE and UNet of "
+                         f"stage {stage!r} must never see a held-out combination")
     cfg = copy.deepcopy(CONFIGS[config])
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--config gpu needs a CUDA device; use --config cpu on this machine")
@@ -743,6 +753,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         # fixed shapes: let cuDNN pick the fastest conv kernels (the 2026-11-24 UNet run, without it, reached only
         # 5.8 it/s at batch 512 on an H100 — launch- and kernel-choice-bound for a 5.5 M-parameter UNet on 8×8 latents)
         torch.backends.cudnn.benchmark = True
+    cfg["train_split"] = train_split
     if n_train is not None:
         cfg["n_train"] = n_train
     elif steps_override is not None:
@@ -777,7 +788,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         # the top-level config/hardware are those of the latest run; each stage keeps its own (stages of one folder may
         # come from different machines, e.g. a GPU-trained UNet and a CPU-continued CLIP vision tower)
         res["config_name"], res["hardware"] = config, hardware
-        res["n_train"], res["steps_override"] = cfg["n_train"], steps_override
+        res["n_train"], res["steps_override"], res["train_split"] = cfg["n_train"], steps_override, train_split
         key, n = st, 2
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
@@ -801,9 +812,11 @@ def main(argv=None):
                     help="a fixed step count, no wall-clock budget (CI uses a tiny one)")
     ap.add_argument("--n-train", type=int, default=None, help="override the number of rendered training images")
     ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
+    ap.add_argument("--train-split", choices=("train", "any"), default="train",
+                    help="any: the clip-vision stage also sees held-out combinations (an instrument, like the classifiers)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads)
+    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads, a.train_split)
 
 
 if __name__ == "__main__":
