@@ -90,10 +90,20 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
         T.run("everything", "cpu", work)
 
 
-def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path):
+def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path, monkeypatch):
     import shutil
 
     from lib.toy import world as W
+
+    rendered = []  # (split, held-out scenes) of every training set the stages render
+    make_dataset = W.make_dataset
+
+    def spy(n, seed, split="train"):
+        images, scenes, caps = make_dataset(n, seed=seed, split=split)
+        rendered.append((split, sum(W.is_heldout(sc) for sc in scenes)))
+        return images, scenes, caps
+
+    monkeypatch.setattr(W, "make_dataset", spy)
 
     for stage in ("clip", "vae", "unet", "all", "vae-decoder", "unet-resume"):  # refused before any rendering
         with pytest.raises(ValueError, match="clip-vision only"):
@@ -104,9 +114,14 @@ def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_pa
     work = tmp_path / "toy"
     shutil.copytree(toy_dir, work)
     te_bytes = (work / "text_encoder/model.safetensors").read_bytes()
-    T.run("clip-vision", "cpu", work, steps_override=2, n_train=64, train_split="any")
+    assert not rendered
+    T.run("clip-vision", "cpu", work, steps_override=2, n_train=64)
+    T.train_instrument_vision("cpu", work, smoke_steps=2)  # the recipe notebook 00 and the GPU call use
+    assert rendered[0] == ("train", 0) and rendered[1][0] == "any" and rendered[1][1] > 0, rendered
     assert (work / "text_encoder/model.safetensors").read_bytes() == te_bytes
-    assert json.loads((work / "TRAINING.json").read_text())["stages"]["clip-vision"]["train_split"] == "any"
+    stages = json.loads((work / "TRAINING.json").read_text())["stages"]
+    assert (stages["clip-vision"]["train_split"], stages["clip-vision-2"]["train_split"]) == ("train", "any")
+    assert stages["clip-vision-2"]["steps"] == 2 and stages["clip-vision-2"]["n_train"] == 64
     # hard negatives may name a held-out combination only when asked to
     rng = np.random.default_rng(0)
     scenes = [W.sample_scene(rng, "any") for _ in range(300)]

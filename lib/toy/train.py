@@ -475,7 +475,7 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
          "pixel_convention": "64x64 RGB, values image/127.5 - 1 (lib.toy.train.clip_preprocess)",
          "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1))
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc,
-                       final_hardneg_acc=hard, text_frozen=freeze_text, train_split=cfg.get("train_split", "train"))
+                       final_hardneg_acc=hard, text_frozen=freeze_text)
 
 
 def _save_text_encoder(model, out: Path) -> None:
@@ -798,6 +798,20 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record["total_wall_s_this_run"] = round(time.time() - t_all, 1)
     log_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+INSTRUMENT_VISION = {"cpu": {"steps_override": 7000, "n_train": 100_000}, "gpu": {"steps_override": None, "n_train": 100_000}}
+
+
+def train_instrument_vision(config: str, out: str | Path, smoke_steps: int | None = None,
+                            threads: int | None = None) -> dict:
+    """Continue the toy CLIP's vision tower on renders of every combination (``clip-vision``, ``train_split="any"``),
+    the step after every new ``clip`` stage: the recipe of the committed weights (cpu: 7,000 steps on 100,000 renders,
+    ~23 min on 2 threads; gpu: the CLIP stage's wall-clock budget). ``smoke_steps`` runs that many steps on 64 renders."""
+    kw = dict(INSTRUMENT_VISION[config])
+    if smoke_steps is not None:
+        kw = {"steps_override": smoke_steps, "n_train": 64}
+    return run("clip-vision", config, out, threads=threads, train_split="any", **kw)
 
 
 def main(argv=None):
