@@ -726,6 +726,7 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
 
 # ----------------------------------------------------------------------------------------------------------- main
 STAGES = ("clip", "vae", "unet", "all", "clip-vision", "vae-decoder", "unet-resume")
+TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for the clip-vision stage
 
 
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
@@ -737,8 +738,8 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if train_split not in ("train", "any"):
-        raise ValueError(f"train_split must be 'train' or 'any', got {train_split!r}")
+    if train_split not in TRAIN_SPLITS:
+        raise ValueError(f"train_split must be one of {TRAIN_SPLITS}, got {train_split!r}")
     if train_split == "any" and stage != "clip-vision":
         raise ValueError(f"--train-split any is for --stage clip-vision only: the text encoder, VAE and UNet of "
                          f"stage {stage!r} must never see a held-out combination")
@@ -800,7 +801,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     return record
 
 
-INSTRUMENT_VISION = {"cpu": {"steps_override": 7000, "n_train": 100_000}, "gpu": {"steps_override": None, "n_train": 100_000}}
+INSTRUMENT_VISION_STEPS = {"cpu": 7000, "gpu": None}  # None: the CLIP stage's wall-clock budget
 
 
 def train_instrument_vision(config: str, out: str | Path, smoke_steps: int | None = None,
@@ -808,10 +809,10 @@ def train_instrument_vision(config: str, out: str | Path, smoke_steps: int | Non
     """Continue the toy CLIP's vision tower on renders of every combination (``clip-vision``, ``train_split="any"``),
     the step after every new ``clip`` stage: the recipe of the committed weights (cpu: 7,000 steps on 100,000 renders,
     ~23 min on 2 threads; gpu: the CLIP stage's wall-clock budget). ``smoke_steps`` runs that many steps on 64 renders."""
-    kw = dict(INSTRUMENT_VISION[config])
     if smoke_steps is not None:
-        kw = {"steps_override": smoke_steps, "n_train": 64}
-    return run("clip-vision", config, out, threads=threads, train_split="any", **kw)
+        return run("clip-vision", config, out, smoke_steps, n_train=64, threads=threads, train_split="any")
+    return run("clip-vision", config, out, INSTRUMENT_VISION_STEPS[config], n_train=100_000, threads=threads,
+               train_split="any")
 
 
 def main(argv=None):
@@ -826,7 +827,7 @@ def main(argv=None):
                     help="a fixed step count, no wall-clock budget (CI uses a tiny one)")
     ap.add_argument("--n-train", type=int, default=None, help="override the number of rendered training images")
     ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
-    ap.add_argument("--train-split", choices=("train", "any"), default="train",
+    ap.add_argument("--train-split", choices=TRAIN_SPLITS, default="train",
                     help="any: the clip-vision stage also sees held-out combinations (an instrument, like the classifiers)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
