@@ -56,7 +56,8 @@ MEMBERS: dict[str, dict] = {
     "edges": {"arch": "resnet10t", "arch_kwargs": {"channels": [24, 48, 96, 192]}, "input": "edges",
               "families": tuple(f for f in FAMILIES if f != "color")},
 }
-# Default training steps per member (batch 64): the first stage of the committed weights (from scratch, peak lr 3e-3).
+# Default training steps per member (batch 64): the first stage of the committed weights (from scratch, DEFAULT_LR).
+DEFAULT_LR = 3e-3  # peak learning rate (linear warm-up, cosine decay)
 DEFAULT_STEPS: dict[str, int] = {"resnet": 4500, "mobilenet": 9000, "edges": 6000}
 # The committed weights' second stage: every member continued (fresh optimiser, peak lr 1e-3, cosine decay) on
 # 100,000 new renders (seed 1): held-out object accuracy (1,000 renders, seed 10000) resnet 0.975 -> 0.980, mobilenet
@@ -302,7 +303,7 @@ def heldout_accuracy(member: AttributeClassifier, images: torch.Tensor, scenes: 
 
 
 def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tensor], steps: int, seed: int,
-                 device: str = "cpu", batch_size: int = 32, lr: float = 3e-3, p_permute: float = 0.5,
+                 device: str = "cpu", batch_size: int = 32, lr: float = DEFAULT_LR, p_permute: float = 0.5,
                  val: tuple[torch.Tensor, Sequence[W.Scene]] | None = None, log_every: int = 50,
                  eval_every: int = 0, init: AttributeClassifier | None = None) -> tuple[AttributeClassifier, dict]:
     """AdamW with linear warm-up and cosine decay; the loss is the sum of the per-family cross-entropies.
@@ -358,7 +359,7 @@ def member_steps(steps: int | dict[str, int], members: Sequence[str]) -> dict[st
 def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] = DEFAULT_STEPS, seed: int = 0,
                       device: str = "cpu", members: Sequence[str] = tuple(MEMBERS), n_train: int = DEFAULT_N_TRAIN,
                       n_eval: int = 1000, batch_size: int = 64, threads: int | None = 1, train_split: str = "any",
-                      eval_every: int = 0, lr: float = 3e-3, init_from: str | Path | None = None) -> dict:
+                      eval_every: int = 0, lr: float = DEFAULT_LR, init_from: str | Path | None = None) -> dict:
     """Train ``members`` on ``n_train`` renders of ``train_split``, save them, and measure held-out accuracy.
 
     ``steps``: one count for every member, or a dict per member (:data:`DEFAULT_STEPS` for the others). Members of
@@ -480,13 +481,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=0, help="print held-out accuracy every N steps (monitoring)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (linear warm-up, cosine decay)")
     ap.add_argument("--init-from", default=None,
                     help="continue the --members saved in this classifier folder instead of training from scratch")
     ap.add_argument("--train-split", choices=("any", "train"), default="any",
                     help="renders to train on: every combination (default) or the T2I model's training split only")
     a = ap.parse_args(argv)
-    if a.recipe and (a.steps or a.init_from or a.lr != 3e-3 or a.seed or a.members != list(MEMBERS)):
+    if a.recipe and (a.steps or a.init_from or a.lr != DEFAULT_LR or a.seed or a.members != list(MEMBERS)):
         ap.error("--recipe committed fixes members, steps, lr, seeds and initialisation; drop those options")
     if a.recipe == "committed":
         meta = rebuild_committed(a.out, a.device, a.threads)
