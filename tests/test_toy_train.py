@@ -159,3 +159,61 @@ def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):
     assert plan.measured_its == pytest.approx(100.0)
     elapsed = clock["t"] - 1.0  # step 0 is excluded
     assert plan.total == int(200 + (60.0 - elapsed) * 100.0) and log.steps == plan.total
+
+
+def test_adaptive_weight_balances_the_gradient_norms():
+    last = torch.randn(4, 3, requires_grad=True)
+    rec = (last ** 2).sum()
+    assert float(T._adaptive_weight(rec, 2 * rec, last)) == pytest.approx(0.5, rel=1e-4)
+    assert float(T._adaptive_weight(rec, -rec / 4, last)) == pytest.approx(4.0, rel=1e-4)
+
+
+def test_adversarial_decoder_stage_trains_the_decoder_against_a_patch_discriminator(toy_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    before = AutoencoderKL.from_pretrained(work / "vae").state_dict()
+    monkeypatch.setitem(T.CONFIGS["cpu"]["vae"], "adv", 0.5)
+    monkeypatch.setitem(T.CONFIGS["cpu"]["vae"], "disc_start", 1)  # step 0: discriminator only; step 1: both
+    T.run("vae-decoder", "cpu", work, steps_override=2)
+    after = AutoencoderKL.from_pretrained(work / "vae").state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith("decoder.")]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    rec = json.loads((work / "TRAINING.json").read_text())["stages"]["vae-decoder"]
+    assert rec["adv"] == 0.5 and rec["disc_start"] == 1
+    assert np.isfinite(rec["final_d_loss"]) and rec["final_adv_weight"] > 0
+    assert T.PatchDiscriminator()(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 14, 14)
+
+
+def test_notebook_00_retrains_the_toy_world_in_a_smoke_run(tmp_path, monkeypatch):
+    """``TRAIN=True`` with ``TRAIN_STEPS=2``: every stage of the committed recipe (T2I model, CLIP vision tower, VAE
+    decoder, classifiers, LM) for 2 steps, then the notebook evaluates what it trained."""
+    import papermill as pm
+
+    from lib.paths import REPO_ROOT
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    pm.execute_notebook(str(REPO_ROOT / "notebooks/00_toy_world.ipynb"), str(tmp_path / "00.ipynb"),
+                        parameters={"TRAIN": True, "TRAIN_STEPS": 2, "SEEDS": [0], "STEPS": 2, "RENDER_SEEDS": [0],
+                                    "OUTPUT_DIR": str(out)},
+                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    stages = json.loads((out / "toy/TRAINING.json").read_text())["stages"]
+    assert {"clip", "vae", "unet", "clip-vision", "vae-decoder"} <= set(stages), sorted(stages)
+    assert stages["vae-decoder"]["adv"] > 0 and stages["clip-vision"]["train_split"] == "any"
+    assert (out / "toy/classifiers/config.json").is_file() and (out / "toy/lm/config.json").is_file()
+
+
+def test_the_committed_decoder_continuation_is_the_recipe():
+    from lib.paths import TOY_DIR
+
+    rec = json.loads((TOY_DIR / "TRAINING.json").read_text())["stages"]["vae-decoder"]
+    recipe, vae = T.DECODER_RECIPE[rec["config_name"]], T.CONFIGS[rec["config_name"]]["vae"]
+    assert (rec["n_train"], rec["budget_min"], rec["train_split"]) == (recipe["n_train"], recipe["budget_min"], "train")
+    assert (rec["adv"], rec["disc_start"], rec["batch"], rec["encoder_frozen"]) == (vae["adv"], vae["disc_start"],
+                                                                                   vae["batch"], True)

@@ -395,6 +395,41 @@ def showcase_figure(images: Mapping[str, Sequence], title: str | None = None, sc
     return fig
 
 
+# --------------------------------------------------------------------------------------- the VAE's ceiling
+@torch.no_grad()
+def vae_roundtrip(vae, images: np.ndarray | torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Images (uint8 or float in [0, 1]) encoded to the posterior mean and decoded, rounded to uint8 levels as a
+    generated image is: the best picture the UNet could produce for that scene."""
+    x = to_tensor(images)
+    p = next(vae.parameters())
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = (x[i : i + batch_size] * 2 - 1).to(p.device, p.dtype)
+        rec = vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu()
+        out.append(((rec + 1) / 2).clamp(0, 1))
+    return (torch.cat(out) * 255).round() / 255
+
+
+def reconstruction_table(vae, classifiers: Mapping[str, AttributeClassifier], n: int = 1000,
+                         seed: int = 10_000) -> pd.DataFrame:
+    """Accuracy per member (ensemble included) and family on ``n`` held-out renders and on their VAE round trips:
+    what the classifiers can read in an image that has passed through the latent space (generated images always
+    have). Columns: member, family, n, render, roundtrip, mse (the round trip's pixel MSE in [0, 1] units)."""
+    from lib.toy.classifiers import heldout_accuracy
+
+    arr, scenes, _ = W.make_dataset(n, seed, "heldout")
+    x = to_tensor(arr)
+    rec = vae_roundtrip(vae, x)
+    mse = float(((rec - x) ** 2).mean())
+    rows = []
+    for name, m in with_ensemble(classifiers).items():
+        a, b = heldout_accuracy(m, x, scenes), heldout_accuracy(m, rec, scenes)
+        for f in m.families:
+            scored = sum(scene_label(s, f) is not None for s in scenes)
+            rows.append({"member": name, "family": f, "n": scored, "render": a[f], "roundtrip": b[f], "mse": mse})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------------------------- the CLI
 def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[int] = tuple(range(8)),
                 per_pair: int = 2, render_seeds: Sequence[int] = tuple(range(8)), steps: int = 25,
@@ -454,12 +489,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--roundtrip", type=int, default=0, metavar="N",
+                    help="also measure the classifiers on N held-out renders and their VAE round trips "
+                         "(roundtrip.csv; the ceiling of generated-image accuracy that the VAE sets)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     table = run_quality(a.out, a.model, range(a.seeds), a.per_pair, range(a.render_seeds), a.steps, a.guidance,
                         a.device, a.batch_size, a.prompt_seed, a.classifiers)
     print(to_markdown(table))
+    if a.roundtrip:
+        pipe, members, _ = load_toy_world(a.model, a.device, a.classifiers)
+        rt = reconstruction_table(pipe.vae, members, a.roundtrip)
+        rt.to_csv(Path(a.out) / "roundtrip.csv", index=False)
+        print(rt[rt.member == "ensemble"].to_string(index=False))
 
 
 if __name__ == "__main__":
