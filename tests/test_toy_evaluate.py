@@ -1,5 +1,7 @@
 """The toy-world quality measurement: held-out prompt set, tidy predictions, the quality table, the CLI's errors."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,20 +109,14 @@ class _IdentityVAE(torch.nn.Module):
         self.p = torch.nn.Parameter(torch.zeros(1))
 
     def encode(self, x):
-        from types import SimpleNamespace
-
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
 
     def decode(self, z):
-        from types import SimpleNamespace
-
         return SimpleNamespace(sample=z)
 
 
 class _BlurVAE(_IdentityVAE):
     def decode(self, z):
-        from types import SimpleNamespace
-
         return SimpleNamespace(sample=torch.nn.functional.avg_pool2d(z, 8).repeat_interleave(8, -1).repeat_interleave(8, -2))
 
 

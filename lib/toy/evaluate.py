@@ -421,12 +421,12 @@ def reconstruction_table(vae, classifiers: Mapping[str, AttributeClassifier], n:
     x = to_tensor(arr)
     rec = vae_roundtrip(vae, x)
     mse = float(((rec - x) ** 2).mean())
+    scored = {f: sum(scene_label(s, f) is not None for s in scenes) for f in FAMILIES}
     rows = []
     for name, m in with_ensemble(classifiers).items():
         a, b = heldout_accuracy(m, x, scenes), heldout_accuracy(m, rec, scenes)
-        for f in m.families:
-            scored = sum(scene_label(s, f) is not None for s in scenes)
-            rows.append({"member": name, "family": f, "n": scored, "render": a[f], "roundtrip": b[f], "mse": mse})
+        rows += [{"member": name, "family": f, "n": scored[f], "render": a[f], "roundtrip": b[f], "mse": mse}
+                 for f in m.families]
     return pd.DataFrame(rows)
 
 
@@ -434,9 +434,10 @@ def reconstruction_table(vae, classifiers: Mapping[str, AttributeClassifier], n:
 def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[int] = tuple(range(8)),
                 per_pair: int = 2, render_seeds: Sequence[int] = tuple(range(8)), steps: int = 25,
                 guidance: float = 4.0, device: str = "cpu", batch_size: int = 64, prompt_seed: int = 0,
-                classifiers: str | Path | None = None) -> pd.DataFrame:
+                classifiers: str | Path | None = None, roundtrip: int = 0) -> pd.DataFrame:
     """Measure the quality table on held-out prompts and write ``predictions.csv`` (tidy), ``prompts.csv``,
-    ``quality.csv``, ``quality.md`` and ``run.json`` (settings, wall time, hardware) to ``out``; returns the table."""
+    ``quality.csv``, ``quality.md`` and ``run.json`` (settings, wall time, hardware) to ``out``; returns the table.
+    ``roundtrip`` > 0 also writes ``roundtrip.csv`` (:func:`reconstruction_table` on that many held-out renders)."""
     import json
     import platform
     import time
@@ -458,12 +459,14 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
     members_table.to_csv(out / "accuracy_by_member.csv")
     settings = {"model": str(model), "seeds": list(map(int, seeds)), "per_pair": per_pair, "n_prompts": len(prompts),
                 "render_seeds": list(map(int, render_seeds)), "steps": steps, "guidance": guidance,
-                "prompt_seed": prompt_seed, "device": device}
+                "prompt_seed": prompt_seed, "device": device, "roundtrip": roundtrip}
     md = (f"Held-out prompts: {len(prompts)} ({per_pair} per held-out pair), {len(seeds)} seeds each; "
           f"renders: {len(render_seeds)} seeds each; DDIM {steps} steps, guidance {guidance}.\n\n"
           + to_markdown(table) + "\n\nAll images, \"none\" truths included, per member:\n\n"
           + to_markdown(members_table) + "\n")
     (out / "quality.md").write_text(md)
+    if roundtrip:
+        reconstruction_table(pipe.vae, members, roundtrip).to_csv(out / "roundtrip.csv", index=False)
     (out / "run.json").write_text(json.dumps({**settings, "wall_s": round(time.time() - t0, 1),
                                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                               "machine": platform.platform()}, indent=1) + "\n")
@@ -496,12 +499,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     table = run_quality(a.out, a.model, range(a.seeds), a.per_pair, range(a.render_seeds), a.steps, a.guidance,
-                        a.device, a.batch_size, a.prompt_seed, a.classifiers)
+                        a.device, a.batch_size, a.prompt_seed, a.classifiers, a.roundtrip)
     print(to_markdown(table))
     if a.roundtrip:
-        pipe, members, _ = load_toy_world(a.model, a.device, a.classifiers)
-        rt = reconstruction_table(pipe.vae, members, a.roundtrip)
-        rt.to_csv(Path(a.out) / "roundtrip.csv", index=False)
+        rt = pd.read_csv(Path(a.out) / "roundtrip.csv")
         print(rt[rt.member == "ensemble"].to_string(index=False))
 
 
