@@ -130,3 +130,44 @@ def test_vae_roundtrip_table_compares_renders_with_their_reconstructions(members
     blurred = E.reconstruction_table(_BlurVAE(), members, n=12, seed=3)
     assert (blurred.mse > 0.001).all()
     assert blurred.render.tolist() == same.render.tolist()  # the renders' column does not depend on the VAE
+
+
+def test_pair_grid_reads_every_cell_on_renders_round_trips_and_generations(members, monkeypatch):
+    import lib.sampling
+
+    calls = []
+
+    def fake_generate(pipe, captions, seeds, steps, guidance):  # draws exactly what each caption says
+        calls.append((list(captions), list(seeds)))
+        return C.to_tensor(np.stack([np.asarray(W.render(W.parse_caption(c), np.random.default_rng(s)))
+                                     for c, s in zip(captions, seeds)]))
+
+    monkeypatch.setattr(lib.sampling, "generate", fake_generate)
+    pipe = SimpleNamespace(vae=_IdentityVAE())
+    grid = E.pair_grid(pipe, members, "character", "style", n=2, seed=5, batch_size=7, progress=False)
+    n_cells = len(W.CHARACTERS) * (1 + len(W.STYLES))
+    assert len(grid) == 3 * n_cells and list(grid.columns[:2]) == ["character", "style"]
+    assert set(grid.source) == set(E.GRID_SOURCES) and (grid.n == 2).all()
+    held = grid[grid.heldout & (grid.source == "render")]
+    assert sorted(zip(held["character"], held["style"])) == [("nemo", "picasso"), ("snoopy", "van gogh")]
+    by = grid.set_index(["source", "character", "style"]).accuracy
+    assert (by["render"] == by["roundtrip"]).all()  # the identity VAE loses nothing
+    captions = [c for cs, _ in calls for c in cs]
+    seeds = [s for _, ss in calls for s in ss]
+    assert len(captions) == 2 * n_cells and seeds == list(range(5, 5 + 2 * n_cells))
+    _, scenes, _ = E.grid_scenes("character", "style", "character", 2, 5)
+    assert [W.parse_caption(c) for c in captions] == scenes  # cell-major, every scene captioned
+    assert [s.character for s in scenes[:2]] == ["snoopy"] * 2 and {s.style for s in scenes[:2]} == {None}
+    md = E.pair_grid_markdown(grid)
+    assert md.count("| character |") == 3 and md.count("*") == 3 * 2 + 3  # 2 held-out cells per table + headers
+    calls.clear()
+    only = E.pair_grid(SimpleNamespace(vae=None), members, "character", "style", n=2, seed=5,
+                       sources=("render",), progress=False)
+    assert set(only.source) == {"render"} and not calls  # no VAE, no sampling
+    assert only.accuracy.tolist() == grid[grid.source == "render"].accuracy.tolist()
+    with pytest.raises(ValueError, match="grid sources"):
+        E.pair_grid(pipe, members, "character", "style", n=1, sources=("renders",))
+    for bad, msg in [(("character", "color"), "fixed color"), (("style", "style"), "both"),
+                     (("shape", "style"), "unknown attribute")]:
+        with pytest.raises(ValueError, match=msg):
+            E.grid_scenes(*bad, family="character", n=1)

@@ -217,3 +217,17 @@ def test_the_committed_decoder_continuation_is_the_recipe():
     assert (rec["n_train"], rec["budget_min"], rec["train_split"]) == (recipe["n_train"], recipe["budget_min"], "train")
     assert (rec["adv"], rec["disc_start"], rec["batch"], rec["encoder_frozen"]) == (vae["adv"], vae["disc_start"],
                                                                                    vae["batch"], True)
+
+
+def test_a_wider_latent_trains_end_to_end_and_keeps_the_sd_v1_layer_names(tmp_path, monkeypatch):
+    """``vae.latent_channels`` (default 4, SD's) sizes the UNet's input and output too; the traced names are unchanged."""
+    from lib.sampling import generate
+    from lib.tracing.layers import unet_layers
+
+    monkeypatch.setitem(T.CONFIGS["cpu"]["vae"], "latent_channels", 8)
+    T.run("all", "cpu", tmp_path, steps_override=2)
+    pipe = T.load_toy_pipeline(tmp_path)
+    assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8 == pipe.unet.config.out_channels
+    assert unet_layers(pipe.unet) == unet_layers(T.new_unet())
+    img = generate(pipe, ["a photo of a red circle"], [0], steps=2, guidance=4.0)
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()

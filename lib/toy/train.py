@@ -91,22 +91,25 @@ def new_clip():
     return CLIPModel(cfg)
 
 
-def new_vae(widths=(32, 64, 64, 64)):
+def new_vae(widths=(32, 64, 64, 64), latent_channels: int = 4):
+    """SD's f = 8 ``AutoencoderKL`` at toy width; ``latent_channels`` (config key ``vae.latent_channels``, default 4 as
+    in SD v1) sizes the latent, and :func:`train_unet` sizes the UNet's input and output to match."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=tuple(widths), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        block_out_channels=tuple(widths), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
         sample_size=64, scaling_factor=1.0,
     )
 
 
-def new_unet(widths=(32, 64, 64, 64)):
+def new_unet(widths=(32, 64, 64, 64), latent_channels: int = 4):
+    """SD v1's UNet topology (the 70 traced layer names) at toy width, on 8 × 8 latents of ``latent_channels``."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
+        sample_size=8, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=tuple(widths), layers_per_block=2, cross_attention_dim=64,
@@ -495,7 +498,7 @@ def train_vae(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | 
     dev = cfg["device"]
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] + 2)
-    vae = new_vae(c["widths"]).to(dev).train()
+    vae = new_vae(c["widths"], c.get("latent_channels", 4)).to(dev).train()
     pix = _resident(to_pixels(data["images"]), dev)
 
     def step_loss(idx: np.ndarray):
@@ -720,7 +723,7 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
         _require(out / "unet/diffusion_pytorch_model.safetensors")
         unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).to(dev).train()
     else:
-        unet = new_unet(c["widths"]).to(dev).train()
+        unet = new_unet(c["widths"], vae.config.latent_channels).to(dev).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = train_scheduler()
     acp = noise_sched.alphas_cumprod.to(dev)
