@@ -2,12 +2,13 @@
 # One call on the lent GPU box (benchmarks/README.md): retrain part of the toy world and/or time the issues' GPU targets.
 #   bash benchmarks/device_session.sh clip-vae   # toy CLIP + VAE (--config gpu, ~7 min)
 #   bash benchmarks/device_session.sh clip-vision # then the CLIP vision tower on every combination (~4 min; after clip-vae)
-#   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's outputs in data/toy
+#   LATENT_CHANNELS=16 bash benchmarks/device_session.sh vae  # a new VAE + its adversarial decoder continuation (~9 min)
+#   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's (or vae's) outputs in data/toy
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
-case "$1" in clip-vae|clip-vision|unet|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|unet|targets|speed}" >&2; exit 2 ;; esac
+case "$1" in clip-vae|clip-vision|vae|unet|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|targets|speed}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -36,6 +37,11 @@ case "$1" in
   clip-vision)  # the scoring instrument's vision tower also sees the held-out combinations; the text tower stays frozen
     timeout 400 python3 -c "from lib.toy.train import train_instrument_vision as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_clip_vision.log"
     tar czf "$OUT/toy_clip_vision.tgz" data/toy/clip_vision data/toy/TRAINING.json ;;
+  vae)  # the text encoder and CLIP stay; the UNet must be retrained on the new latents afterwards (mode unet)
+    timeout 300 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
+      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log"
+    timeout 280 python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
+    tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet)
     timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;

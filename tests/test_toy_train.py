@@ -219,13 +219,14 @@ def test_the_committed_decoder_continuation_is_the_recipe():
                                                                                    vae["batch"], True)
 
 
-def test_a_wider_latent_trains_end_to_end_and_keeps_the_sd_v1_layer_names(tmp_path, monkeypatch):
+def test_a_wider_latent_trains_end_to_end_and_keeps_the_sd_v1_layer_names(tmp_path):
     """``vae.latent_channels`` (default 4, SD's) sizes the UNet's input and output too; the traced names are unchanged."""
     from lib.sampling import generate
     from lib.tracing.layers import unet_layers
 
-    monkeypatch.setitem(T.CONFIGS["cpu"]["vae"], "latent_channels", 8)
-    T.run("all", "cpu", tmp_path, steps_override=2)
+    with pytest.raises(ValueError, match="sizes a new VAE"):
+        T.run("unet", "cpu", tmp_path, steps_override=2, latent_channels=8)
+    T.main(["--stage", "all", "--steps-override", "2", "--out", str(tmp_path), "--latent-channels", "8"])
     pipe = T.load_toy_pipeline(tmp_path)
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8 == pipe.unet.config.out_channels
     assert unet_layers(pipe.unet) == unet_layers(T.new_unet())

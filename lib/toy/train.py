@@ -786,11 +786,13 @@ TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for th
 
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
-        budget_min: float | None = None, threads: int | None = None, train_split: str = "train") -> dict:
+        budget_min: float | None = None, threads: int | None = None, train_split: str = "train",
+        latent_channels: int | None = None) -> dict:
     """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``vae-decoder`` / ``unet-resume``
     continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
     the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed);
-    ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`)."""
+    ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`);
+    ``latent_channels`` sizes a new VAE (stages ``vae`` and ``all``; the UNet follows the saved VAE)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if train_split not in TRAIN_SPLITS:
@@ -798,7 +800,14 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     if train_split == "any" and stage != "clip-vision":
         raise ValueError(f"--train-split any is for --stage clip-vision only: the text encoder, VAE and UNet of "
                          f"stage {stage!r} must never see a held-out combination")
+    if latent_channels is not None and stage not in ("vae", "all"):
+        raise ValueError(f"latent_channels sizes a new VAE (stage vae or all), not stage {stage!r}: the UNet and the "
+                         f"decoder continuation follow the VAE saved in the folder")
+    if latent_channels is not None and latent_channels < 1:
+        raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     cfg = copy.deepcopy(CONFIGS[config])
+    if latent_channels is not None:
+        cfg["vae"]["latent_channels"] = latent_channels
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--config gpu needs a CUDA device; use --config cpu on this machine")
     if threads is not None:
@@ -898,9 +907,12 @@ def main(argv=None):
     ap.add_argument("--samples-dir", default=None, help="save VAE reconstructions / DDIM sample grids here")
     ap.add_argument("--train-split", choices=TRAIN_SPLITS, default="train",
                     help="any: the clip-vision stage also sees held-out combinations (an instrument, like the classifiers)")
+    ap.add_argument("--latent-channels", type=int, default=None,
+                    help="channels of a new VAE's 8x8 latent (stages vae, all; default 4 as in SD v1); the UNet follows")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads, a.train_split)
+    run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads, a.train_split,
+        a.latent_channels)
 
 
 if __name__ == "__main__":
