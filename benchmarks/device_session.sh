@@ -38,9 +38,10 @@ case "$1" in
     timeout 400 python3 -c "from lib.toy.train import train_instrument_vision as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_clip_vision.log"
     tar czf "$OUT/toy_clip_vision.tgz" data/toy/clip_vision data/toy/TRAINING.json ;;
   vae)  # the text encoder and CLIP stay; the UNet must be retrained on the new latents afterwards (mode unet)
-    timeout 300 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
-      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log"
-    timeout 280 python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
+    timeout 270 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
+      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log" || exit 1  # never continue the old VAE's decoder
+    tar czf "$OUT/toy_vae_mse.tgz" data/toy/vae data/toy/TRAINING.json  # comes back even if the continuation is cut
+    timeout 250 python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet)
     timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"

@@ -132,17 +132,28 @@ def test_vae_roundtrip_table_compares_renders_with_their_reconstructions(members
     assert blurred.render.tolist() == same.render.tolist()  # the renders' column does not depend on the VAE
 
 
+class _NemoIfBright:
+    """A stand-in ensemble: every family reads "nemo" on an image with any bright pixel, "none" on a black one."""
+
+    def __init__(self, members):
+        pass
+
+    def predict(self, images):
+        lab = ["nemo" if float(x.max()) > 0 else C.NONE for x in images]
+        return {f: lab for f in C.FAMILIES}
+
+
 def test_pair_grid_reads_every_cell_on_renders_round_trips_and_generations(members, monkeypatch):
     import lib.sampling
 
     calls = []
 
-    def fake_generate(pipe, captions, seeds, steps, guidance):  # draws exactly what each caption says
+    def black_generate(pipe, captions, seeds, steps, guidance):
         calls.append((list(captions), list(seeds)))
-        return C.to_tensor(np.stack([np.asarray(W.render(W.parse_caption(c), np.random.default_rng(s)))
-                                     for c, s in zip(captions, seeds)]))
+        return torch.zeros(len(captions), 3, 64, 64)
 
-    monkeypatch.setattr(lib.sampling, "generate", fake_generate)
+    monkeypatch.setattr(lib.sampling, "generate", black_generate)
+    monkeypatch.setattr(E, "EnsembleClassifier", _NemoIfBright)
     pipe = SimpleNamespace(vae=_IdentityVAE())
     grid = E.pair_grid(pipe, members, "character", "style", n=2, seed=5, batch_size=7, progress=False)
     n_cells = len(W.CHARACTERS) * (1 + len(W.STYLES))
@@ -150,24 +161,40 @@ def test_pair_grid_reads_every_cell_on_renders_round_trips_and_generations(membe
     assert set(grid.source) == set(E.GRID_SOURCES) and (grid.n == 2).all()
     held = grid[grid.heldout & (grid.source == "render")]
     assert sorted(zip(held["character"], held["style"])) == [("nemo", "picasso"), ("snoopy", "van gogh")]
-    by = grid.set_index(["source", "character", "style"]).accuracy
-    assert (by["render"] == by["roundtrip"]).all()  # the identity VAE loses nothing
+    for source, want in [("render", 1.0), ("roundtrip", 1.0), ("generated", 0.0)]:  # each source its own images
+        d = grid[grid.source == source]
+        assert (d.accuracy == np.where(d["character"] == "nemo", want, 0.0)).all(), source  # each cell its scenes
     captions = [c for cs, _ in calls for c in cs]
     seeds = [s for _, ss in calls for s in ss]
     assert len(captions) == 2 * n_cells and seeds == list(range(5, 5 + 2 * n_cells))
-    _, scenes, _ = E.grid_scenes("character", "style", "character", 2, 5)
+    cells, scenes, _ = E.grid_scenes("character", "style", "character", 2, 5)
     assert [W.parse_caption(c) for c in captions] == scenes  # cell-major, every scene captioned
-    assert [s.character for s in scenes[:2]] == ["snoopy"] * 2 and {s.style for s in scenes[:2]} == {None}
     md = E.pair_grid_markdown(grid)
     assert md.count("| character |") == 3 and md.count("*") == 3 * 2 + 3  # 2 held-out cells per table + headers
     calls.clear()
     only = E.pair_grid(SimpleNamespace(vae=None), members, "character", "style", n=2, seed=5,
-                       sources=("render",), progress=False)
+                       sources=["render"], progress=False)
     assert set(only.source) == {"render"} and not calls  # no VAE, no sampling
-    assert only.accuracy.tolist() == grid[grid.source == "render"].accuracy.tolist()
-    with pytest.raises(ValueError, match="grid sources"):
-        E.pair_grid(pipe, members, "character", "style", n=1, sources=("renders",))
+    colour = E.pair_grid(pipe, members, "object", "style", family="color", n=8, sources=["render"], progress=False)
+    assert (colour.n < 8).any() and (colour.n >= 1).all()  # scenes that name no colour are not scored
+    for bad in ("render", [], ["renders"]):
+        with pytest.raises(ValueError, match="sources"):
+            E.pair_grid(pipe, members, "character", "style", n=1, sources=bad)
+
+
+@pytest.mark.parametrize("rows, cols", [("object", "style"), ("color", "object"), ("style", "action"),
+                                        ("character", "background")])
+def test_grid_scenes_keep_the_cell_and_no_other_heldout_pair(rows, cols):
+    cells, scenes, _ = E.grid_scenes(rows, cols, "object", 6, 0)
+    for i, s in enumerate(scenes):
+        vr, vc = cells[i // 6]
+        assert (getattr(s, rows), getattr(s, cols)) == (vr, vc)
+        assert bool(W.heldout_pairs(s)) == E._cell_heldout(rows, vr, cols, vc)
+        if rows in ("object", "color") or cols in ("object", "color"):
+            assert s.character is None
     for bad, msg in [(("character", "color"), "fixed color"), (("style", "style"), "both"),
                      (("shape", "style"), "unknown attribute")]:
         with pytest.raises(ValueError, match=msg):
             E.grid_scenes(*bad, family="character", n=1)
+    with pytest.raises(ValueError, match="unknown attribute"):
+        E.grid_scenes("shape", "style", family="shape", n=1)  # the attribute is named before the family

@@ -226,7 +226,9 @@ def test_a_wider_latent_trains_end_to_end_and_keeps_the_sd_v1_layer_names(tmp_pa
 
     with pytest.raises(ValueError, match="sizes a new VAE"):
         T.run("unet", "cpu", tmp_path, steps_override=2, latent_channels=8)
-    T.main(["--stage", "all", "--steps-override", "2", "--out", str(tmp_path), "--latent-channels", "8"])
+    T.main(["--stage", "all", "--steps-override", "2", "--out", str(tmp_path), "--latent-channels", "8",
+            "--samples-dir", str(tmp_path / "samples")])  # the sample grids draw latents of the UNet's width too
+    assert (tmp_path / "samples" / "unet_final.png").is_file()
     pipe = T.load_toy_pipeline(tmp_path)
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8 == pipe.unet.config.out_channels
     assert unet_layers(pipe.unet) == unet_layers(T.new_unet())

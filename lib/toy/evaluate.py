@@ -445,20 +445,28 @@ def grid_values(attribute: str) -> list[str | None]:
     return list(W.VOCAB[attribute]) if attribute in ("object", "color", "character") else [None, *W.VOCAB[attribute]]
 
 
-def grid_scene(rng: np.random.Generator, fixed: Mapping[str, str | None]) -> W.Scene:
-    """A scene drawn as the world draws one, with the attributes in ``fixed`` set (``None``: absent).  A fixed
-    character replaces the object and its colour; a fixed object or colour replaces a drawn character.  An impossible
-    combination (a character with a colour) raises the world's error."""
-    d = W.sample_scene(rng, "any").as_dict()
-    if fixed.get("object") or fixed.get("color"):
-        d["character"] = None
-    if fixed.get("character"):
-        d["object"], d["color"] = None, None
-    d.update(fixed)
-    return W.Scene(**d)
+def grid_scene(rng: np.random.Generator, fixed: Mapping[str, str | None], max_draws: int = 1000) -> W.Scene:
+    """A scene drawn as the world draws one, with the attributes in ``fixed`` set (``None``: absent) and no held-out
+    pair besides the fixed attributes' own.  A fixed character replaces the drawn object and colour; with a fixed object
+    or colour, scenes are drawn until they have no character.  An impossible combination (a character with a colour)
+    raises the world's error."""
+    own = {(a, va, b, vb) for (a, b), pairs in W.HELDOUT.items() for va, vb in pairs
+           if a in fixed and b in fixed and (fixed[a], fixed[b]) == (va, vb)}
+    for _ in range(max_draws):
+        d = W.sample_scene(rng, "any").as_dict()
+        if (fixed.get("object") or fixed.get("color")) and d["character"]:
+            continue
+        if fixed.get("character"):
+            d["object"], d["color"] = None, None
+        d.update(fixed)
+        s = W.Scene(**d)
+        if set(W.heldout_pairs(s)) <= own:
+            return s
+    raise RuntimeError(f"no scene with {dict(fixed)} and no other held-out pair in {max_draws} draws")
 
 
 def _cell_heldout(a: str, va: str | None, b: str, vb: str | None) -> bool:
+    """Whether the cell (a=va, b=vb) is a held-out pair of the world (in either order)."""
     pairs = W.HELDOUT.get((a, b), frozenset()) | {(y, x) for x, y in W.HELDOUT.get((b, a), frozenset())}
     return (va, vb) in pairs
 
@@ -468,6 +476,7 @@ def grid_scenes(rows: str, cols: str, family: str, n: int, seed: int = 0
     """The cells of a :func:`pair_grid` and ``n`` scenes per cell (cell-major), with the generator that drew them;
     every bad input (unknown attribute or family, rows == cols, an impossible pair such as a character's colour)
     raises here, before any rendering or sampling."""
+    values = {a: grid_values(a) for a in (rows, cols)}  # unknown attribute: said first
     if family not in FAMILIES:
         raise ValueError(f"no classifier family {family!r}; choose one of {', '.join(FAMILIES)}")
     if rows == cols:
@@ -475,7 +484,7 @@ def grid_scenes(rows: str, cols: str, family: str, n: int, seed: int = 0
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    cells = [(vr, vc) for vr in grid_values(rows) for vc in grid_values(cols)]
+    cells = [(vr, vc) for vr in values[rows] for vc in values[cols]]
     return cells, [grid_scene(rng, {rows: vr, cols: vc}) for vr, vc in cells for _ in range(n)], rng
 
 
@@ -487,15 +496,15 @@ def pair_grid(pipe, classifiers: Mapping[str, AttributeClassifier], rows: str, c
     the world draws them), read on their renders, on their VAE round trips and on images generated from their captions
     (one seed each, ``seed`` + image index), or the ``sources`` asked for (``pipe`` needs only a ``vae`` without
     "generated").  Where the round trip already fails, the autoencoder caps what any UNet can show.
-    Tidy: ``rows``, ``cols`` (values, "none" for absent), heldout, source, n, accuracy."""
+    Tidy: ``rows``, ``cols`` (values, "none" for absent), heldout, source, n (scenes with a truth for ``family``),
+    accuracy."""
     from tqdm import tqdm
 
     from lib.sampling import generate
 
     family = family or rows
-    bad = sorted(set(sources) - set(GRID_SOURCES))
-    if bad or not sources:
-        raise ValueError(f"unknown grid sources {bad}; choose from {', '.join(GRID_SOURCES)}")
+    if isinstance(sources, str) or not sources or set(sources) - set(GRID_SOURCES):
+        raise ValueError(f"sources must be a non-empty list drawn from {', '.join(GRID_SOURCES)}; got {sources!r}")
     cells, scenes, rng = grid_scenes(rows, cols, family, n, seed)
     renders = np.stack([np.asarray(W.render(s, rng)) for s in scenes])
     captions = [W.caption(s, rng) for s in scenes]
@@ -510,13 +519,17 @@ def pair_grid(pipe, classifiers: Mapping[str, AttributeClassifier], rows: str, c
             gen.append(generate(pipe, [captions[j] for j in k], [seed + j for j in k], steps=steps,
                                 guidance=guidance).float().cpu())
         images["generated"] = torch.cat(gen)
-    truth = [scene_label(s, family) for s in scenes]
+    truth = np.array([scene_label(s, family) for s in scenes], dtype=object)
+    scored = truth != None  # noqa: E711  (no truth: e.g. the colour of a scene that names none)
     rows_out = []
     for source in (s for s in GRID_SOURCES if s in sources):
-        ok = np.array([p == t for p, t in zip(ens.predict(images[source])[family], truth)])
+        ok = np.array(ens.predict(images[source])[family], dtype=object) == truth
         for c, (vr, vc) in enumerate(cells):
+            cell = slice(c * n, (c + 1) * n)
+            k = int(scored[cell].sum())
             rows_out.append({rows: vr or NONE, cols: vc or NONE, "heldout": _cell_heldout(rows, vr, cols, vc),
-                             "source": source, "n": n, "accuracy": float(ok[c * n : (c + 1) * n].mean())})
+                             "source": source, "n": k,
+                             "accuracy": float(ok[cell][scored[cell]].mean()) if k else float("nan")})
     return pd.DataFrame(rows_out)
 
 
@@ -528,7 +541,7 @@ def pair_grid_markdown(grid: pd.DataFrame, digits: int = 2) -> str:
         cell = d["accuracy"].map(lambda v: f"{v:.{digits}f}") + np.where(d["heldout"], "*", "")
         t = d.assign(cell=cell).pivot(index=rows, columns=cols, values="cell")
         t = t.reindex(index=list(dict.fromkeys(d[rows])), columns=list(dict.fromkeys(d[cols])))
-        head = f"{source} ({d['n'].iloc[0]} per cell; * held out)\n\n"
+        head = f"{source} (up to {d['n'].max()} per cell; * held out)\n\n"
         parts.append(head + to_markdown(t.rename_axis(index=rows, columns=None)))
     return "\n\n".join(parts) + "\n"
 

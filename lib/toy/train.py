@@ -679,7 +679,8 @@ def build_pipeline(unet, vae, te):
 def sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, steps: int = 25, guidance: float = 4.0, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev = pipe.unet.device
-    lat = torch.randn((len(prompts), 4, 8, 8), generator=g).to(dev, pipe.unet.dtype)
+    c, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    lat = torch.randn((len(prompts), c, side, side), generator=g).to(dev, pipe.unet.dtype)
     imgs = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=lat,
                 output_type="pt").images
     _save_grid(imgs.float().cpu() * 2 - 1, path, cols=8)
@@ -722,6 +723,9 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
 
         _require(out / "unet/diffusion_pytorch_model.safetensors")
         unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).to(dev).train()
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"the saved UNet takes {unet.config.in_channels}-channel latents but the VAE in {out} makes "
+                             f"{vae.config.latent_channels}: a new VAE needs a new UNet (--stage unet), not unet-resume")
     else:
         unet = new_unet(c["widths"], vae.config.latent_channels).to(dev).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -880,12 +884,13 @@ def train_instrument_vision(config: str, out: str | Path, smoke_steps: int | Non
 
 
 # the committed decoder's continuation (2026-11-25, CPU, 2 threads: 1,979 steps at batch 16 in 51 min)
-DECODER_RECIPE = {"cpu": {"budget_min": 48.0, "n_train": 30_000}, "gpu": {"budget_min": None, "n_train": None}}
+# gpu: 3 min on the config's 100,000 renders, so that `device_session.sh vae` fits one 10-min device call
+DECODER_RECIPE = {"cpu": {"budget_min": 48.0, "n_train": 30_000}, "gpu": {"budget_min": 3.0, "n_train": None}}
 
 
 def continue_decoder(config: str, out: str | Path, smoke_steps: int | None = None, threads: int | None = None) -> dict:
     """The VAE decoder's adversarial continuation (``vae-decoder`` with the config's ``adv``), the step after every new
-    ``vae`` stage: the recipe of the committed weights (:data:`DECODER_RECIPE`; gpu: the VAE stage's budget).
+    ``vae`` stage: the recipe of the committed weights (:data:`DECODER_RECIPE`).
     ``smoke_steps`` runs that many steps on 64 renders."""
     if smoke_steps is not None:
         return run("vae-decoder", config, out, smoke_steps, n_train=64, threads=threads)
