@@ -198,3 +198,14 @@ def test_grid_scenes_keep_the_cell_and_no_other_heldout_pair(rows, cols):
             E.grid_scenes(*bad, family="character", n=1)
     with pytest.raises(ValueError, match="unknown attribute"):
         E.grid_scenes("shape", "style", family="shape", n=1)  # the attribute is named before the family
+
+
+def test_pair_grid_cli_on_the_committed_world(tmp_path):
+    E.main(["--pair-grid", "character", "style", "--pair-n", "1", "--pair-sources", "render", "roundtrip",
+            "--out", str(tmp_path / "g"), "--threads", "1"])
+    g = pd.read_csv(tmp_path / "g" / "pair_grid.csv")
+    assert set(g.source) == {"render", "roundtrip"} and len(g) == 2 * len(W.CHARACTERS) * (1 + len(W.STYLES))
+    assert (tmp_path / "g" / "pair_grid.md").read_text().count("| character |") == 2
+    with pytest.raises(ValueError, match="fixed color"):
+        E.main(["--pair-grid", "character", "color", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()  # refused before any folder, model or image

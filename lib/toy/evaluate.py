@@ -616,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "renders, VAE round trips and generated images (pair_grid.csv, pair_grid.md), e.g. "
                          "--pair-grid character style")
     ap.add_argument("--pair-n", type=int, default=16, help="scenes per cell of --pair-grid")
+    ap.add_argument("--pair-sources", nargs="+", choices=GRID_SOURCES, default=list(GRID_SOURCES),
+                    help="images --pair-grid reads (e.g. render roundtrip: a new VAE before its UNet exists)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -626,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         pipe, members, _ = load_toy_world(a.model, a.device, a.classifiers)
         grid = pair_grid(pipe, members, rows, cols, n=a.pair_n, seed=a.prompt_seed, steps=a.steps,
-                         guidance=a.guidance, batch_size=a.batch_size)
+                         guidance=a.guidance, batch_size=a.batch_size, sources=a.pair_sources)
         grid.to_csv(out / "pair_grid.csv", index=False)
         (out / "pair_grid.md").write_text(pair_grid_markdown(grid))
         print(pair_grid_markdown(grid))
