@@ -171,6 +171,10 @@ def test_pair_grid_reads_every_cell_on_renders_round_trips_and_generations(membe
     assert [W.parse_caption(c) for c in captions] == scenes  # cell-major, every scene captioned
     md = E.pair_grid_markdown(grid)
     assert md.count("| character |") == 3 and md.count("*") == 3 * 2 + 3  # 2 held-out cells per table + headers
+    fig = E.pair_grid_figure(grid)
+    heat = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in heat] == [f"{s} (2 per cell)" for s in E.GRID_SOURCES]
+    assert all(sum(type(p).__name__ == "Rectangle" and not p.get_fill() for p in ax.patches) == 2 for ax in heat)
     calls.clear()
     only = E.pair_grid(SimpleNamespace(vae=None), members, "character", "style", n=2, seed=5,
                        sources=["render"], progress=False)
@@ -206,6 +210,7 @@ def test_pair_grid_cli_on_the_committed_world(tmp_path):
     g = pd.read_csv(tmp_path / "g" / "pair_grid.csv")
     assert set(g.source) == {"render", "roundtrip"} and len(g) == 2 * len(W.CHARACTERS) * (1 + len(W.STYLES))
     assert (tmp_path / "g" / "pair_grid.md").read_text().count("| character |") == 2
+    assert (tmp_path / "g" / "pair_grid.png").is_file()
     with pytest.raises(ValueError, match="fixed color"):
         E.main(["--pair-grid", "character", "color", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()  # refused before any folder, model or image

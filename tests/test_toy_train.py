@@ -4,12 +4,14 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lib.toy import train as T  # noqa: E402
+from lib.toy import world as W  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +203,13 @@ def test_notebook_00_retrains_the_toy_world_in_a_smoke_run(tmp_path, monkeypatch
     out = tmp_path / "out"
     pm.execute_notebook(str(REPO_ROOT / "notebooks/00_toy_world.ipynb"), str(tmp_path / "00.ipynb"),
                         parameters={"TRAIN": True, "TRAIN_STEPS": 2, "SEEDS": [0], "STEPS": 2, "RENDER_SEEDS": [0],
-                                    "OUTPUT_DIR": str(out)},
+                                    "GRID_N": 1, "OUTPUT_DIR": str(out)},
                         cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
     stages = json.loads((out / "toy/TRAINING.json").read_text())["stages"]
     assert {"clip", "vae", "unet", "clip-vision", "vae-decoder"} <= set(stages), sorted(stages)
     assert stages["vae-decoder"]["adv"] > 0 and stages["clip-vision"]["train_split"] == "any"
     assert (out / "toy/classifiers/config.json").is_file() and (out / "toy/lm/config.json").is_file()
+    assert len(pd.read_csv(out / "character_style_grid.csv")) == 3 * len(W.CHARACTERS) * (1 + len(W.STYLES))
 
 
 def test_the_committed_decoder_continuation_is_the_recipe():

@@ -539,11 +539,43 @@ def pair_grid_markdown(grid: pd.DataFrame, digits: int = 2) -> str:
     parts = []
     for source, d in grid.groupby("source", sort=False):
         cell = d["accuracy"].map(lambda v: f"{v:.{digits}f}") + np.where(d["heldout"], "*", "")
-        t = d.assign(cell=cell).pivot(index=rows, columns=cols, values="cell")
-        t = t.reindex(index=list(dict.fromkeys(d[rows])), columns=list(dict.fromkeys(d[cols])))
+        t = _grid_pivot(d.assign(cell=cell), rows, cols, "cell")
         head = f"{source} (up to {d['n'].max()} per cell; * held out)\n\n"
         parts.append(head + to_markdown(t.rename_axis(index=rows, columns=None)))
     return "\n\n".join(parts) + "\n"
+
+
+def _grid_pivot(d: pd.DataFrame, rows: str, cols: str, value: str) -> pd.DataFrame:
+    t = d.pivot(index=rows, columns=cols, values=value)
+    return t.reindex(index=list(dict.fromkeys(d[rows])), columns=list(dict.fromkeys(d[cols])))
+
+
+def pair_grid_figure(grid: pd.DataFrame, title: str | None = None):
+    """One annotated heatmap per source of a :func:`pair_grid` (rows × cols accuracy; held-out cells boxed)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.patches import Rectangle
+
+    rows, cols = grid.columns[:2]
+    sources = list(dict.fromkeys(grid["source"]))
+    first = grid[grid["source"] == sources[0]]
+    n_r, n_c = first[rows].nunique(), first[cols].nunique()
+    fig, axes = plt.subplots(1, len(sources), figsize=(len(sources) * (0.55 * n_c + 1.2) + 0.6, 0.4 * n_r + 1.3),
+                             squeeze=False)
+    for k, (ax, source) in enumerate(zip(axes[0], sources)):
+        d = grid[grid["source"] == source]
+        acc, held = _grid_pivot(d, rows, cols, "accuracy"), _grid_pivot(d, rows, cols, "heldout")
+        sns.heatmap(acc, ax=ax, vmin=0, vmax=1, cmap="rocket", annot=True, fmt=".2f", annot_kws={"fontsize": 6},
+                    cbar=k == len(sources) - 1, yticklabels=k == 0)
+        for i, j in zip(*np.nonzero(held.to_numpy(bool))):
+            ax.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor="deepskyblue", linewidth=1.5))
+        ax.set_title(f"{source} ({int(d['n'].max())} per cell)", fontsize=8)
+        ax.set_xlabel(cols)
+        ax.set_ylabel(rows if k == 0 else "")
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title or f"{rows} accuracy per ({rows}, {cols}) cell; boxed: held out of training", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------- the CLI
@@ -613,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "(roundtrip.csv; the ceiling of generated-image accuracy that the VAE sets)")
     ap.add_argument("--pair-grid", nargs=2, metavar=("ROWS", "COLS"), default=None,
                     help="instead of the quality table: accuracy of the ROWS attribute in every (ROWS, COLS) cell on "
-                         "renders, VAE round trips and generated images (pair_grid.csv, pair_grid.md), e.g. "
+                         "renders, VAE round trips and generated images (pair_grid.csv, .md, .png), e.g. "
                          "--pair-grid character style")
     ap.add_argument("--pair-n", type=int, default=16, help="scenes per cell of --pair-grid")
     ap.add_argument("--pair-sources", nargs="+", choices=GRID_SOURCES, default=list(GRID_SOURCES),
@@ -631,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                          guidance=a.guidance, batch_size=a.batch_size, sources=a.pair_sources)
         grid.to_csv(out / "pair_grid.csv", index=False)
         (out / "pair_grid.md").write_text(pair_grid_markdown(grid))
+        from lib.plotting import save_figure
+
+        save_figure(pair_grid_figure(grid), "pair_grid", out)
         print(pair_grid_markdown(grid))
         return
     table = run_quality(a.out, a.model, range(a.seeds), a.per_pair, range(a.render_seeds), a.steps, a.guidance,
