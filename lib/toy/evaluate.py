@@ -254,22 +254,30 @@ def render_prompts(prompts: Sequence[EvalPrompt], seeds: Sequence[int]) -> np.nd
                      for p in prompts for s in seeds])
 
 
-def generate_prompts(pipe, prompts: Sequence[EvalPrompt], seeds: Sequence[int], steps: int = 25,
-                     guidance: float = 4.0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Images of every prompt's caption for every seed (order: prompt-major) with :func:`lib.sampling.generate`,
-    ``batch_size`` images per call; float (N, 3, H, W) in [0, 1] on the CPU."""
+def generate_captions(pipe, captions: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 4.0,
+                      batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """One image per (caption, seed) pair with :func:`lib.sampling.generate`, ``batch_size`` images per call;
+    float (N, 3, H, W) in [0, 1] on the CPU."""
     from tqdm import tqdm
 
     from lib.sampling import generate
 
-    jobs = [(p.caption, int(s)) for p in prompts for s in seeds]
+    if len(captions) != len(seeds):
+        raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
     out = []
-    with tqdm(total=len(jobs), desc="generating", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for i in range(0, len(jobs), batch_size):
-            caps, sds = zip(*jobs[i : i + batch_size])
-            out.append(generate(pipe, list(caps), list(sds), steps=steps, guidance=guidance).float().cpu())
+    with tqdm(total=len(captions), desc="generating", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(captions), batch_size):
+            caps, sds = list(captions[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]]
+            out.append(generate(pipe, caps, sds, steps=steps, guidance=guidance).float().cpu())
             bar.update(len(caps))
     return torch.cat(out) if out else torch.empty(0, 3, W.SIZE, W.SIZE)
+
+
+def generate_prompts(pipe, prompts: Sequence[EvalPrompt], seeds: Sequence[int], steps: int = 25,
+                     guidance: float = 4.0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Images of every prompt's caption for every seed (order: prompt-major), :func:`generate_captions`."""
+    jobs = [(p.caption, int(s)) for p in prompts for s in seeds]
+    return generate_captions(pipe, [c for c, _ in jobs], [s for _, s in jobs], steps, guidance, batch_size, progress)
 
 
 def evaluate_renders(classifiers: Mapping[str, AttributeClassifier], prompts: Sequence[EvalPrompt],
@@ -498,10 +506,6 @@ def pair_grid(pipe, classifiers: Mapping[str, AttributeClassifier], rows: str, c
     "generated").  Where the round trip already fails, the autoencoder caps what any UNet can show.
     Tidy: ``rows``, ``cols`` (values, "none" for absent), heldout, source, n (scenes with a truth for ``family``),
     accuracy."""
-    from tqdm import tqdm
-
-    from lib.sampling import generate
-
     family = family or rows
     if isinstance(sources, str) or not sources or set(sources) - set(GRID_SOURCES):
         raise ValueError(f"sources must be a non-empty list drawn from {', '.join(GRID_SOURCES)}; got {sources!r}")
@@ -513,12 +517,8 @@ def pair_grid(pipe, classifiers: Mapping[str, AttributeClassifier], rows: str, c
     if "roundtrip" in sources:
         images["roundtrip"] = vae_roundtrip(pipe.vae, renders)
     if "generated" in sources:
-        gen = []
-        for i in tqdm(range(0, len(scenes), batch_size), desc="generating", disable=not progress, file=sys.stderr):
-            k = list(range(i, min(i + batch_size, len(scenes))))
-            gen.append(generate(pipe, [captions[j] for j in k], [seed + j for j in k], steps=steps,
-                                guidance=guidance).float().cpu())
-        images["generated"] = torch.cat(gen)
+        images["generated"] = generate_captions(pipe, captions, [seed + j for j in range(len(scenes))], steps,
+                                                guidance, batch_size, progress)
     truth = np.array([scene_label(s, family) for s in scenes], dtype=object)
     scored = truth != None  # noqa: E711  (no truth: e.g. the colour of a scene that names none)
     rows_out = []

@@ -677,10 +677,9 @@ def build_pipeline(unet, vae, te):
 
 @torch.no_grad()
 def sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, steps: int = 25, guidance: float = 4.0, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dev = pipe.unet.device
-    c, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    lat = torch.randn((len(prompts), c, side, side), generator=g).to(dev, pipe.unet.dtype)
+    from lib.sampling import initial_latents
+
+    lat = initial_latents(pipe, range(seed, seed + len(prompts)))  # the UNet's latent shape, seed per prompt
     imgs = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=lat,
                 output_type="pt").images
     _save_grid(imgs.float().cpu() * 2 - 1, path, cols=8)
