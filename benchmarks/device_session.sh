@@ -4,11 +4,13 @@
 #   bash benchmarks/device_session.sh clip-vision # then the CLIP vision tower on every combination (~4 min; after clip-vae)
 #   LATENT_CHANNELS=16 bash benchmarks/device_session.sh vae  # a new VAE + its adversarial decoder continuation (~9 min)
 #   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's (or vae's) outputs in data/toy
+#   CANDIDATE=runs/toy16_cand bash benchmarks/device_session.sh unet-resume  # 7.5 more GPU minutes for a saved UNet (~9 min);
+#       CANDIDATE (optional; carry it): a folder whose vae/, unet/ and TRAINING.json replace data/toy's first
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
-case "$1" in clip-vae|clip-vision|vae|unet|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|targets|speed}" >&2; exit 2 ;; esac
+case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -37,15 +39,19 @@ case "$1" in
   clip-vision)  # the scoring instrument's vision tower also sees the held-out combinations; the text tower stays frozen
     timeout 400 python3 -c "from lib.toy.train import train_instrument_vision as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_clip_vision.log"
     tar czf "$OUT/toy_clip_vision.tgz" data/toy/clip_vision data/toy/TRAINING.json ;;
-  vae)  # the text encoder and CLIP stay; the UNet must be retrained on the new latents afterwards (mode unet)
-    timeout 270 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
+  vae)  # (each stage: ~35 s of start-up and data around its wall-clock budget, 3.5 + 3 min) the text encoder and CLIP stay; the UNet must be retrained on the new latents afterwards (mode unet)
+    timeout 330 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
       --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log" || exit 1  # never continue the old VAE's decoder
     tar czf "$OUT/toy_vae_mse.tgz" data/toy/vae data/toy/TRAINING.json  # comes back even if the continuation is cut
-    timeout 250 python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
+    timeout $((590 - SECONDS)) python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet)
     timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
+  unet-resume)  # a carried candidate world (e.g. a 16-channel VAE + its UNet) replaces the committed VAE and UNet here only
+    if [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
+    timeout 560 python3 -m lib.toy.train --stage unet-resume --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet_resume.log"
+    tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets 560 ;;
   speed) speed ;;
 esac

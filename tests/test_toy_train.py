@@ -88,6 +88,9 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     # each stage records where it ran (stages of one folder may come from different machines)
     assert all(st["hardware"]["device"] == "cpu" and st["config_name"] == "cpu" and st["steps_override"] == 2
                for st in stages.values())
+    T.run("unet", "cpu", work, steps_override=2)  # a fresh UNet voids the logs of the old one's continuations only
+    stages = json.loads((work / "TRAINING.json").read_text())["stages"]
+    assert not any(k.startswith("unet-") for k in stages) and {"unet", "clip-vision", "vae-decoder"} <= set(stages)
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)
 
@@ -217,7 +220,8 @@ def test_the_committed_decoder_continuation_is_the_recipe():
 
     rec = json.loads((TOY_DIR / "TRAINING.json").read_text())["stages"]["vae-decoder"]
     recipe, vae = T.DECODER_RECIPE[rec["config_name"]], T.CONFIGS[rec["config_name"]]["vae"]
-    assert (rec["n_train"], rec["budget_min"], rec["train_split"]) == (recipe["n_train"], recipe["budget_min"], "train")
+    n_train = recipe["n_train"] or T.CONFIGS[rec["config_name"]]["n_train"]  # None: the config's training set
+    assert (rec["n_train"], rec["budget_min"], rec["train_split"]) == (n_train, recipe["budget_min"], "train")
     assert (rec["adv"], rec["disc_start"], rec["batch"], rec["encoder_frozen"]) == (vae["adv"], vae["disc_start"],
                                                                                    vae["batch"], True)
 

@@ -857,6 +857,9 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         # come from different machines, e.g. a GPU-trained UNet and a CPU-continued CLIP vision tower)
         res["config_name"], res["hardware"] = config, hardware
         res["n_train"], res["steps_override"], res["train_split"] = cfg["n_train"], steps_override, train_split
+        if st in ("clip", "vae", "unet"):  # a fresh stage voids the logs of the continuations of the weights it replaced
+            for old in [k for k in record["stages"] if k.startswith(f"{st}-")]:
+                del record["stages"][old]
         key, n = st, 2
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
