@@ -6,6 +6,8 @@
 #   bash benchmarks/device_session.sh unet       # toy UNet (--config gpu, ~8 min); needs clip-vae's (or vae's) outputs in data/toy
 #   CANDIDATE=runs/toy16_cand bash benchmarks/device_session.sh unet-resume  # 7.5 more GPU minutes for a saved UNet (~9 min);
 #       CANDIDATE (optional; carry it): a folder whose vae/, unet/ and TRAINING.json replace data/toy's first
+#   UNET_BATCH=N (unet, unet-resume): the UNet's batch instead of the gpu config's 512 (the 5.5 M-parameter UNet is
+#       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
@@ -46,11 +48,11 @@ case "$1" in
     timeout $((590 - SECONDS)) python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet)
-    timeout 560 python3 -m lib.toy.train --stage unet --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
+    timeout 560 python3 -m lib.toy.train --stage unet --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   unet-resume)  # a carried candidate world (e.g. a 16-channel VAE + its UNet) replaces the committed VAE and UNet here only
     if [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
-    timeout 560 python3 -m lib.toy.train --stage unet-resume --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet_resume.log"
+    timeout 560 python3 -m lib.toy.train --stage unet-resume --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet_resume.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets 560 ;;
   speed) speed ;;

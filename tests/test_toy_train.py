@@ -88,9 +88,13 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     # each stage records where it ran (stages of one folder may come from different machines)
     assert all(st["hardware"]["device"] == "cpu" and st["config_name"] == "cpu" and st["steps_override"] == 2
                for st in stages.values())
-    T.run("unet", "cpu", work, steps_override=2)  # a fresh UNet voids the logs of the old one's continuations only
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        T.run("unet", "cpu", tmp_path / "never", steps_override=2, batch=0)
+    assert not (tmp_path / "never").exists()
+    T.run("unet", "cpu", work, steps_override=2, batch=4)  # a fresh UNet voids the logs of the old one's continuations only
     stages = json.loads((work / "TRAINING.json").read_text())["stages"]
     assert not any(k.startswith("unet-") for k in stages) and {"unet", "clip-vision", "vae-decoder"} <= set(stages)
+    assert stages["unet"]["batch"] == 4 and stages["vae-decoder"]["batch"] == T.CONFIGS["cpu"]["vae"]["batch"]
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)
 

@@ -790,12 +790,13 @@ TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for th
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
         budget_min: float | None = None, threads: int | None = None, train_split: str = "train",
-        latent_channels: int | None = None) -> dict:
+        latent_channels: int | None = None, batch: int | None = None) -> dict:
     """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``vae-decoder`` / ``unet-resume``
     continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
     the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed);
     ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`);
-    ``latent_channels`` sizes a new VAE (stages ``vae`` and ``all``; the UNet follows the saved VAE)."""
+    ``latent_channels`` sizes a new VAE (stages ``vae`` and ``all``; the UNet follows the saved VAE); ``batch`` overrides
+    each stage's batch size (on a GPU a small model is launch-bound: a bigger batch costs little time per step)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if train_split not in TRAIN_SPLITS:
@@ -806,6 +807,8 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     if latent_channels is not None and stage not in ("vae", "all"):
         raise ValueError(f"latent_channels sizes a new VAE (stage vae or all), not stage {stage!r}: the UNet and the "
                          f"decoder continuation follow the VAE saved in the folder")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     if latent_channels is not None and latent_channels < 1:
         raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     cfg = copy.deepcopy(CONFIGS[config])
@@ -837,9 +840,11 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record.setdefault("stages", {})
     data = make_training_data(cfg)
     stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
-    if budget_min is not None:
-        for st in stages:
+    for st in stages:
+        if budget_min is not None:
             cfg[st.split("-")[0]]["budget_min"] = budget_min
+        if batch is not None:
+            cfg[st.split("-")[0]]["batch"] = batch
     t_all = time.time()
     for st in stages:
         steps = steps_override or cfg[st.split("-")[0]]["steps"]
@@ -916,10 +921,11 @@ def main(argv=None):
                     help="any: the clip-vision stage also sees held-out combinations (an instrument, like the classifiers)")
     ap.add_argument("--latent-channels", type=int, default=None,
                     help="channels of a new VAE's 8x8 latent (stages vae, all; default 4 as in SD v1); the UNet follows")
+    ap.add_argument("--batch", type=int, default=None, help="override the stage's batch size (the config's by default)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run(a.stage, a.config, a.out, a.steps_override, a.samples_dir, a.n_train, a.budget_min, a.threads, a.train_split,
-        a.latent_channels)
+        a.latent_channels, a.batch)
 
 
 if __name__ == "__main__":
