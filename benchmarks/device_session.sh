@@ -9,7 +9,7 @@
 #   UNET_BATCH=N (unet, unet-resume): the UNet's batch instead of the gpu config's 512 (the 5.5 M-parameter UNet is
 #       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
-#   bash benchmarks/device_session.sh speed      # batched latent iteration eager, then both missed targets compiled (~9 min)
+#   bash benchmarks/device_session.sh speed      # 3 batched latent searches eager and compiled, one search compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
 case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed}" >&2; exit 2 ;; esac
@@ -24,9 +24,9 @@ targets() {
 }
 speed() {  # one process per case: a case that fails to compile does not cost the others; each compiles in its warm-up
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  timeout 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --cases sage_latent_iter_b8 --repeats 2 \
-    --out "$OUT/speed_eager_sage_latent_iter_b8.json" 2>&1 | tee -a "$OUT/speed.log"  # the eager baseline, unmeasured yet
-  for spec in trace_sd14_unet70:230:2 sage_latent_iter_b8:210:1; do  # case:timeout:repeats (a killed case writes no JSON)
+  timeout 100 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --cases sage_latent_iter_b3 --repeats 2 \
+    --out "$OUT/speed_eager_sage_latent_iter_b3.json" 2>&1 | tee -a "$OUT/speed.log"  # eager; b8 (67 GiB) and the trace compiled were measured 2026-11-25
+  for spec in sage_latent_iter_b3:230:1 sage_latent_iter:230:2; do  # case:timeout:repeats (a killed case writes no JSON)
     IFS=: read -r name limit repeats <<< "$spec"
     timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
       --cudnn-benchmark --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
