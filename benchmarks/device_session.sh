@@ -9,7 +9,7 @@
 #   UNET_BATCH=N (unet, unet-resume): the UNet's batch instead of the gpu config's 512 (the 5.5 M-parameter UNet is
 #       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
-#   bash benchmarks/device_session.sh speed      # 3 batched latent searches eager and compiled, one search compiled (~9 min)
+#   bash benchmarks/device_session.sh speed      # latent iteration: 3 batched, residual at step 40; eager and compiled (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
 case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed}" >&2; exit 2 ;; esac
@@ -22,11 +22,14 @@ targets() {
     --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,sage_latent_iter,sage_latent_iter_b8,trace_sd14_unet70,generate_sd14_b32 \
     2>&1 | tee "$OUT/bench.log"
 }
-speed() {  # one process per case: a case that fails to compile does not cost the others; each compiles in its warm-up
+speed() {  # one process per compiled case: a case that fails to compile does not cost the others; each compiles in its warm-up
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  timeout 100 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --cases sage_latent_iter_b3 --repeats 2 \
-    --out "$OUT/speed_eager_sage_latent_iter_b3.json" 2>&1 | tee -a "$OUT/speed.log"  # eager; b8 (67 GiB) and the trace compiled were measured 2026-11-25
-  for spec in sage_latent_iter_b3:230:1 sage_latent_iter:230:2; do  # case:timeout:repeats (a killed case writes no JSON)
+  # eager: 3 batched searches (expected < 30 GiB), and one and three with the residual tied at step 40 of 50
+  # (b8 at 67 GiB and the trace compiled were measured 2026-11-25)
+  timeout 220 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
+    --cases sage_latent_iter_b3,sage_latent_iter_k40,sage_latent_iter_b3_k40 \
+    --out "$OUT/speed_eager_sage.json" 2>&1 | tee -a "$OUT/speed.log"
+  for spec in sage_latent_iter_b3_k40:170:2 sage_latent_iter_b3:170:1; do  # case:timeout:repeats (a killed case writes no JSON)
     IFS=: read -r name limit repeats <<< "$spec"
     timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
       --cudnn-benchmark --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
