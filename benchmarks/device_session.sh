@@ -50,12 +50,9 @@ case "$1" in
     tar czf "$OUT/toy_vae_mse.tgz" data/toy/vae data/toy/TRAINING.json  # comes back even if the continuation is cut
     timeout $((590 - SECONDS)) python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
-  unet)
-    timeout 560 python3 -m lib.toy.train --stage unet --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet.log"
-    tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
-  unet-resume)  # a carried candidate world (e.g. a 16-channel VAE + its UNet) replaces the committed VAE and UNet here only
-    if [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
-    timeout 560 python3 -m lib.toy.train --stage unet-resume --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_unet_resume.log"
+  unet|unet-resume)  # unet-resume: CANDIDATE (carried) replaces the committed VAE and UNet here only, e.g. a 16-channel world
+    if [ "$1" = unet-resume ] && [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
+    timeout 560 python3 -m lib.toy.train --stage "$1" --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_$1.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets 560 ;;
   speed) speed ;;

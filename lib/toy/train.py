@@ -840,14 +840,11 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record.setdefault("stages", {})
     data = make_training_data(cfg)
     stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
-    for st in stages:
-        if budget_min is not None:
-            cfg[st.split("-")[0]]["budget_min"] = budget_min
-        if batch is not None:
-            cfg[st.split("-")[0]]["batch"] = batch
     t_all = time.time()
     for st in stages:
-        steps = steps_override or cfg[st.split("-")[0]]["steps"]
+        c = cfg[st.split("-")[0]]  # a continuation uses its base stage's recipe
+        c.update({k: v for k, v in (("budget_min", budget_min), ("batch", batch)) if v is not None})
+        steps = steps_override or c["steps"]
         ov = steps_override is not None
         if st in ("clip", "clip-vision"):
             res = train_clip(cfg, data, out, steps, ov, freeze_text=st == "clip-vision")
