@@ -7,6 +7,7 @@ projection — exactly :func:`lib.sage.latent.search_latent`'s inner loop.
     python benchmarks/bench.py --cases sage_latent_iter --size full --device cuda --dtype float16
     python benchmarks/cases_sage.py --size tiny --iterations 100 --steps 10       # a whole search, CPU
     python benchmarks/cases_sage.py --model toy --steps 10 --batch 1 8 --threads 2  # batched searches, toy world
+    python benchmarks/cases_sage.py --size full --stored --threads 2   # stored activations per checkpointing, CPU
 
 Members: ``"small"`` (three tiny random conv nets, one behind Canny edges: CPU smoke) or ``"imagenet"`` (random-weight
 timm ResNet-50 and ViT-B/16, plus a ResNet-50 behind Canny edges: the cost of a realistic ensemble, no download).
@@ -30,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.sage.gradient import loss_scale_for, scaled_grad  # noqa: E402
 from lib.sage.latent import LatentSearch, Residual, project_to_shell, sample_with_residual, search_latent, signed_step  # noqa: E402
 from lib.sage.loss import EdgeMember, Ensemble, FnMember, timm_member  # noqa: E402
-from lib.sampling import decode, encode, initial_latents  # noqa: E402
+from lib.sage.build import freeze_pipeline  # noqa: E402
+from lib.sampling import decode, encode, initial_latents, make_scheduler, predict_noise  # noqa: E402
+from lib.speed import CHECKPOINTING, save_memory, stored_activation_bytes  # noqa: E402
 
 PROMPT = "a photo of a cat"
 
@@ -55,15 +58,9 @@ def make_members(kind: str = "small", device: str | torch.device = "cpu") -> Ens
     raise ValueError(f"unknown members {kind!r}; choose 'small' or 'imagenet'")
 
 
-def _memory_setup(pipe, gradient_checkpointing: bool, vae_slicing: bool) -> None:
-    if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if hasattr(pipe.vae, "enable_gradient_checkpointing"):
-            pipe.vae.enable_gradient_checkpointing()
-    if vae_slicing and hasattr(pipe.vae, "enable_slicing"):
-        pipe.vae.enable_slicing()
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)  # gradients only for δ: no weight grads are stored
+def _memory_setup(pipe, checkpointing: str | None, vae_slicing: bool) -> dict:
+    freeze_pipeline(pipe)  # gradients only for δ: no weight grads are stored
+    return save_memory(pipe, checkpointing, vae_slicing)
 
 
 def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step: int | None = None,
@@ -104,15 +101,17 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = None, members: str | Ensemble = "small",
-                           repeats: int = 3, warmup: int = 1, gradient_checkpointing: bool = True,
+                           repeats: int = 3, warmup: int = 1, checkpointing: str | None = "blocks",
                            vae_slicing: bool = True, guidance: float = 7.5, batch: int = 1) -> dict:
     """Time one latent-search iteration (forward + backward through the residual path, decode, classifiers).
 
-    Returns seconds per iteration (median/min over ``repeats``) and peak memory: CUDA ``max_memory_allocated`` on
-    a GPU, the process's peak RSS on a CPU (a lifetime maximum, so it includes everything loaded before).
+    ``checkpointing``/``vae_slicing``: :func:`lib.speed.save_memory`. Returns seconds per iteration (median/min over
+    ``repeats``), the activations stored for the backward pass (``stored_gib``, measured on one more iteration, on any
+    device) and peak memory: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on a CPU (a lifetime
+    maximum, so it includes everything loaded before).
     """
     device = pipe.unet.device
-    _memory_setup(pipe, gradient_checkpointing and device.type == "cuda", vae_slicing)
+    memory = _memory_setup(pipe, checkpointing, vae_slicing)
     ens = make_members(members, device) if isinstance(members, str) else members
     run = latent_iteration_fn(pipe, ens, steps, residual_step, guidance, batch=batch)
     for _ in range(warmup):
@@ -127,16 +126,38 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    _, stored = stored_activation_bytes(run, exclude=(pipe.unet, pipe.vae, pipe.text_encoder, ens))
     k = steps // 2 if residual_step is None else residual_step
     out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=_members_name(members, ens),
                dtype=str(pipe.unet.dtype), device=str(device), resolution=int(pipe.unet.config.sample_size * 8),
-               gradient_checkpointing=bool(gradient_checkpointing and device.type == "cuda"),
+               **memory,
                times_s=times, median_s=statistics.median(times), min_s=min(times), batch=batch,
-               s_per_search_iteration=statistics.median(times) / batch)
+               s_per_search_iteration=statistics.median(times) / batch, stored_gib=stored / 2**30)
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def stored_per_call(pipe, modes=CHECKPOINTING) -> dict:
+    """GiB that autograd stores for one differentiated UNet call (one image: its CFG pair of rows) and for one VAE
+    decode, per :func:`lib.speed.save_memory` setting (:func:`lib.speed.stored_activation_bytes`: any device; a CPU
+    measures in minutes what a GPU run of a whole iteration would need). Per search and iteration,
+    ``differentiated steps × unet + vae``."""
+    z = initial_latents(pipe, [0])
+    cond = encode(pipe, [PROMPT])
+    t = make_scheduler(pipe, 50).timesteps[25]
+    weights = (pipe.unet, pipe.vae, pipe.text_encoder)
+    out = {}
+    for mode in modes:
+        save_memory(pipe, mode)
+        x = z.clone().requires_grad_(True)
+        _, unet = stored_activation_bytes(lambda: predict_noise(pipe, x, t, cond, 7.5), exclude=weights)
+        _, vae = stored_activation_bytes(lambda: decode(pipe, x), exclude=weights)
+        out[mode or "none"] = dict(unet_call_gib=unet / 2**30, vae_decode_gib=vae / 2**30)
+        print(json.dumps({"checkpointing": mode or "none", **out[mode or "none"]}), flush=True)
+    save_memory(pipe, None)
     return out
 
 
@@ -156,18 +177,20 @@ def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: s
 
 
 # ---------------------------------------------------------------------------------------------- bench.py integration
-def _case(batch: int, tie: float = 0.5):
-    """``batch`` searches per iteration, the residual tied at ``tie`` × the steps (0.5: the notebooks' default)."""
+def _case(batch: int, tie: float = 0.5, checkpointing: str = "blocks"):
+    """``batch`` searches per iteration, the residual tied at ``tie`` × the steps (0.5: the notebooks' default);
+    ``checkpointing`` (:func:`lib.speed.save_memory`) at full size on a GPU, none elsewhere unless it checkpoints
+    steps (so the tiny CPU run exercises the step checkpoints too)."""
     def build(ctx):
         pipe = ctx.pipe("sd-v1")
         full = ctx.size == "full"
         steps = 50 if full else 4
         k = int(round(tie * steps))
-        _memory_setup(pipe, full and ctx.device.type == "cuda", True)
+        memory = _memory_setup(pipe, checkpointing if (full and ctx.device.type == "cuda") or checkpointing.startswith("steps")
+                               else None, True)
         ens = make_members("imagenet" if full else "small", ctx.device)
         run = latent_iteration_fn(pipe, ens, steps, residual_step=k, batch=batch)
-        params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small",
-                      gradient_checkpointing=full and ctx.device.type == "cuda", vae_slicing=True)
+        params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", **memory)
         if batch > 1:
             params["batch"] = batch  # bench.py then also reports s_per_image: one iteration of one search
         return run, params, {}
@@ -176,10 +199,15 @@ def _case(batch: int, tie: float = 0.5):
 
 
 # one search; independent searches as one batch (notebook 01's BATCH_SIZE): 8 ran at 67 GiB on the H100 (~7.9 GiB per
-# search), so 3 is the largest batch expected to fit the 30 GiB target; "_k40": the residual tied at step 40 of 50, so
-# 10 UNet steps are differentiated instead of 25 (on the toy world a late tie found as many failures: RESULTS.md)
+# search) with per-block checkpointing, so 3 is the largest such batch expected to fit the 30 GiB target; "_k40": the
+# residual tied at step 40 of 50, so 10 UNet steps are differentiated instead of 25 (on the toy world a late tie found
+# as many failures: RESULTS.md); "_steps": each differentiated UNet call checkpointed whole instead (the same
+# recomputation; stored activations no longer grow with the differentiated steps, one call's held at a time in the
+# backward pass); "_nested": both (one call's block boundaries at a time; one more UNet forward per step)
 CASES = {"sage_latent_iter": _case(1), "sage_latent_iter_b3": _case(3), "sage_latent_iter_b8": _case(8),
-         "sage_latent_iter_k40": _case(1, 0.8), "sage_latent_iter_b3_k40": _case(3, 0.8)}
+         "sage_latent_iter_k40": _case(1, 0.8), "sage_latent_iter_b3_k40": _case(3, 0.8),
+         "sage_latent_iter_b8_steps": _case(8, checkpointing="steps"),
+         "sage_latent_iter_b16_nested": _case(16, checkpointing="steps+blocks")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--checkpointing", choices=("none", "blocks", "steps", "steps+blocks"), default=None,
+                    help="lib.speed.save_memory (default: blocks on a GPU, none on a CPU)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="independent searches per iteration (one timing per value: per-search time = time / batch)")
     ap.add_argument("--model", default=None,
                     help="time this pipeline (e.g. 'toy', with its classifiers resnet + edges; --members is ignored) "
                          "instead of a twin")
+    ap.add_argument("--stored", action="store_true",
+                    help="only the activations stored per differentiated UNet call and VAE decode, per checkpointing")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -209,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     members = a.members or ("imagenet" if a.size == "full" else "small")
+    ckpt = a.checkpointing or ("blocks" if device.type == "cuda" else "none")
     report = dict(size=a.size, threads=torch.get_num_threads(), model=a.model or f"twin:sd-v1:{a.size}")
     if a.model:
         from lib.loading import load_pipeline
@@ -219,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         members = build_ensemble(["resnet", "edges"], None, device=str(device))[0]
     else:
         pipe = build_twin("sd-v1", a.size, dtype=dtype).to(device)
+    if a.stored:
+        report["stored_gib"] = stored_per_call(pipe)
+        a.batch = []
     report["iteration"] = []
     for b in a.batch:
         r = bench_latent_iteration(pipe, a.steps, a.residual_step, members, a.repeats,
-                                   gradient_checkpointing=not a.no_checkpointing, batch=b)
+                                   checkpointing=None if ckpt == "none" else ckpt, batch=b)
         report["iteration"].append(r)
         print(json.dumps(r), flush=True)
     if a.iterations:

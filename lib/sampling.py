@@ -85,12 +85,39 @@ def make_scheduler(pipe, steps: int):
     return sched
 
 
+_STEP_CHECKPOINTING = "_lib_step_checkpointing"
+
+
+def set_step_checkpointing(pipe, enabled: bool = True) -> None:
+    """Checkpoint every UNet call made with gradient (SAGE's differentiated steps): the forward pass keeps only the
+    call's inputs, and the backward pass recomputes one call at a time, so the stored activations no longer grow with
+    the number of differentiated steps. The price is one more UNet forward per differentiated step (as with
+    diffusers' per-block checkpointing; with both on they nest). Results are unchanged (the same kernels rerun).
+    Usually set through :func:`lib.speed.save_memory`."""
+    setattr(pipe, _STEP_CHECKPOINTING, bool(enabled))
+
+
+def step_checkpointing(pipe) -> bool:
+    """Whether :func:`set_step_checkpointing` is on for ``pipe``."""
+    return bool(getattr(pipe, _STEP_CHECKPOINTING, False))
+
+
+def _unet_eps(unet, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, added: dict | None) -> torch.Tensor:
+    return unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+
+
 def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, c: Conditioning, guidance: float) -> torch.Tensor:
-    """The guided noise prediction for one step; unconditional and conditional halves in one UNet call."""
+    """The guided noise prediction for one step; unconditional and conditional halves in one UNet call
+    (checkpointed when it runs with gradient and :func:`set_step_checkpointing` is on)."""
     x = torch.cat([latents, latents])
     emb = torch.cat([c.uncond, c.cond])
     added = {k: torch.cat([c.added_uncond[k], c.added[k]]) for k in c.added} or None
-    eps = pipe.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+    if torch.is_grad_enabled() and step_checkpointing(pipe):
+        from torch.utils.checkpoint import checkpoint
+
+        eps = checkpoint(_unet_eps, pipe.unet, x, t, emb, added, use_reentrant=False)
+    else:
+        eps = _unet_eps(pipe.unet, x, t, emb, added)
     eps_u, eps_c = eps.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 

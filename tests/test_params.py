@@ -17,6 +17,7 @@ def test_valid_parameters_pass_and_ints_become_floats():
         (dict(SEEDS=[0, "1"]), "every item must be int"),
         (dict(MODEL="sd-v9"), "MODEL: unknown model"),
         (dict(DEVICE="tpu"), "not one of"),
+        (dict(CHECKPOINTING="layers"), "CHECKPOINTING: 'layers' is not one of 'blocks', 'steps', 'steps+blocks'"),
         (dict(STPES=3), "unknown parameter(s) STPES"),
         (dict(STEPS=True), "expected int"),
     ],

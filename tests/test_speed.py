@@ -82,3 +82,56 @@ def test_bench_records_the_speed_settings(tmp_path):
     report = json.loads(out.read_text())
     assert report["speed"] == {"channels_last": True, "cudnn_benchmark": True}
     assert report["results"][0]["median_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- memory savings
+def _residual_grad(p, steps: int = 3, k: int = 0):
+    """Gradient of a latent-search loss (the mean image, any differentiable function of it will do) w.r.t. the
+    initial latent, through ``steps - k`` differentiated UNet calls; and the bytes autograd stored for it."""
+    from lib.sage.latent import Residual, sample_with_residual
+    from lib.sampling import decode, encode, initial_latents
+    from lib.speed import stored_activation_bytes
+
+    z = initial_latents(p, [0, 1]).requires_grad_(True)
+    c = encode(p, ["a photo of a cat", "a photo of a dog"])
+
+    def forward():
+        return (decode(p, sample_with_residual(p, z, c, steps, 5.0, Residual(step=k))) ** 2).mean()
+
+    loss, stored = stored_activation_bytes(forward, exclude=(p.unet, p.vae, p.text_encoder))
+    (g,) = torch.autograd.grad(loss, z)
+    return g, stored
+
+
+def test_checkpointing_keeps_the_gradient_and_stores_less():
+    from lib.speed import save_memory
+
+    torch.set_num_threads(1)
+    p = _pipe()
+    ref, plain = _residual_grad(p)
+    _, plain1 = _residual_grad(p, k=2)  # one differentiated step instead of three
+    assert save_memory(p, "blocks", vae_slicing=True) == {"checkpointing": "blocks", "vae_slicing": True}
+    assert p.unet.is_gradient_checkpointing and p.vae.is_gradient_checkpointing and p.vae.use_slicing
+    g, blocks = _residual_grad(p)
+    assert torch.allclose(g, ref, rtol=1e-5, atol=1e-7) and ref.abs().sum() > 0
+    assert blocks < plain
+    for mode in ("steps", "steps+blocks"):
+        assert save_memory(p, mode) == {"checkpointing": mode, "vae_slicing": False}
+        assert p.unet.is_gradient_checkpointing == (mode == "steps+blocks") and p.vae.is_gradient_checkpointing
+        g, stored3 = _residual_grad(p)
+        _, stored1 = _residual_grad(p, k=2)
+        assert torch.allclose(g, ref, rtol=1e-5, atol=1e-7), mode
+        # per differentiated step only the call's inputs are kept (latent-sized), not its activations
+        assert (stored3 - stored1) / 2 < 0.02 * (plain - plain1) / 2, mode
+        assert stored3 < blocks
+    save_memory(p, None)
+    assert not p.unet.is_gradient_checkpointing and not p.vae.is_gradient_checkpointing
+    g, off = _residual_grad(p)
+    assert torch.equal(g, ref) and off == plain
+
+
+def test_bad_checkpointing_is_a_one_line_error():
+    from lib.speed import save_memory
+
+    with pytest.raises(ValueError, match="unknown checkpointing 'layers'; choose one of"):
+        save_memory(_pipe(), "layers")
