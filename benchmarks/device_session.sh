@@ -10,9 +10,10 @@
 #       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   bash benchmarks/device_session.sh speed      # latent iteration: 8 / 16 batched with step checkpoints, 3 batched; eager and compiled (~10 min)
+#   bash benchmarks/device_session.sh trace      # the 70-layer trace compiled with max-autotune, then CUDA graphs (~10 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
-case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed}" >&2; exit 2 ;; esac
+case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -38,6 +39,15 @@ speed() {  # one process per compiled case: a case that fails to compile does no
       --cudnn-benchmark --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
   done
 }
+trace() {  # the 70-layer trace under the compile modes not yet measured (default mode + channels-last + cuDNN: 16.9 s)
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+  for mode in max-autotune-no-cudagraphs reduce-overhead; do
+    left=$((590 - SECONDS)); [ "$left" -gt 90 ] || break
+    timeout "$left" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --compile-mode "$mode" \
+      --channels-last --cudnn-benchmark --warmup 1 --repeats 1 --cases trace_sd14_unet70 --out "$OUT/trace_$mode.json" \
+      2>&1 | tee -a "$OUT/trace.log"
+  done
+}
 case "$1" in
   clip-vae)
     rm -f data/toy/TRAINING.json  # a from-scratch GPU run starts a fresh training log
@@ -59,4 +69,5 @@ case "$1" in
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets 560 ;;
   speed) speed ;;
+  trace) trace ;;
 esac
