@@ -77,7 +77,8 @@ def save_memory(pipe, checkpointing: str | None = None, vae_slicing: bool = Fals
       0.58 GiB per image and step);
     * ``"steps"``: each differentiated UNet call is checkpointed whole (:func:`lib.sampling.set_step_checkpointing`):
       only its inputs are stored, and the backward pass recomputes one call at a time with all its activations
-      (same twin: 3.5 GiB per image, once). The same one extra forward per step as ``"blocks"``;
+      (same twin: 3.5 GiB per image, once). About the recomputation of ``"blocks"`` (the whole call, not only its
+      blocks);
     * ``"steps+blocks"``: both, nested: the least memory (one call's block boundaries at a time), one more forward.
 
     ``vae_slicing``: decode one image at a time. None of them changes a result beyond the last bits; without
