@@ -106,16 +106,20 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
     """Time one latent-search iteration (forward + backward through the residual path, decode, classifiers).
 
     ``checkpointing``/``vae_slicing``: :func:`lib.speed.save_memory`. Returns seconds per iteration (median/min over
-    ``repeats``), the activations stored for the backward pass (``stored_gib``, measured on one more iteration, on any
-    device) and peak memory: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on a CPU (a lifetime
+    ``repeats``), the activations stored for the backward pass (``stored_gib``, counted during the first warm-up
+    iteration, on any device; None without warm-up) and peak memory: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on a CPU (a lifetime
     maximum, so it includes everything loaded before).
     """
     device = pipe.unet.device
     memory = _memory_setup(pipe, checkpointing, vae_slicing)
     ens = make_members(members, device) if isinstance(members, str) else members
     run = latent_iteration_fn(pipe, ens, steps, residual_step, guidance, batch=batch)
-    for _ in range(warmup):
-        run()
+    stored = None
+    for i in range(warmup):
+        if i == 0:
+            _, stored = stored_activation_bytes(run, exclude=(pipe.unet, pipe.vae, pipe.text_encoder, ens))
+        else:
+            run()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -126,13 +130,12 @@ def bench_latent_iteration(pipe, steps: int = 50, residual_step: int | None = No
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    _, stored = stored_activation_bytes(run, exclude=(pipe.unet, pipe.vae, pipe.text_encoder, ens))
     k = steps // 2 if residual_step is None else residual_step
     out = dict(steps=steps, residual_step=k, backprop_unet_steps=steps - k, members=_members_name(members, ens),
                dtype=str(pipe.unet.dtype), device=str(device), resolution=int(pipe.unet.config.sample_size * 8),
                **memory,
                times_s=times, median_s=statistics.median(times), min_s=min(times), batch=batch,
-               s_per_search_iteration=statistics.median(times) / batch, stored_gib=stored / 2**30)
+               s_per_search_iteration=statistics.median(times) / batch, stored_gib=None if stored is None else stored / 2**30)
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--checkpointing", choices=("none", "blocks", "steps", "steps+blocks"), default=None,
+    ap.add_argument("--checkpointing", choices=[m or "none" for m in CHECKPOINTING], default=None,
                     help="lib.speed.save_memory (default: blocks on a GPU, none on a CPU)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="independent searches per iteration (one timing per value: per-search time = time / batch)")

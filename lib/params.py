@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 from lib.loading import ModelLoadError, describe_source
+from lib.speed import CHECKPOINTING
 
 
 class ParameterError(ValueError):
@@ -67,7 +68,7 @@ COMMON: dict[str, Param] = {
     "STEPS": Param(int, low=1, high=1000),
     "GUIDANCE": Param(float, low=0.0, high=50.0),
     "BATCH_SIZE": Param(int, low=1, high=4096),
-    "CHECKPOINTING": Param(str, choices=("blocks", "steps", "steps+blocks"), optional=True),  # lib.speed.save_memory
+    "CHECKPOINTING": Param(str, choices=tuple(m for m in CHECKPOINTING if m), optional=True),  # lib.speed.save_memory
     "OUTPUT_DIR": Param(str, optional=True),
     "FIGURES_DIR": Param(str, optional=True),
 }

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler
+from torch.utils.checkpoint import checkpoint
 
 from lib.prompts import check_length
 
@@ -113,8 +114,6 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, c: Conditioning,
     emb = torch.cat([c.uncond, c.cond])
     added = {k: torch.cat([c.added_uncond[k], c.added[k]]) for k in c.added} or None
     if torch.is_grad_enabled() and step_checkpointing(pipe):
-        from torch.utils.checkpoint import checkpoint
-
         eps = checkpoint(_unet_eps, pipe.unet, x, t, emb, added, use_reentrant=False)
     else:
         eps = _unet_eps(pipe.unet, x, t, emb, added)
