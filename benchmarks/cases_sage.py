@@ -180,17 +180,17 @@ def bench_latent_search(pipe, iterations: int = 100, steps: int = 10, members: s
 
 
 # ---------------------------------------------------------------------------------------------- bench.py integration
-def _case(batch: int, tie: float = 0.5, checkpointing: str = "blocks"):
+def _case(batch: int, tie: float = 0.5, checkpointing: str | None = "blocks"):
     """``batch`` searches per iteration, the residual tied at ``tie`` × the steps (0.5: the notebooks' default);
-    ``checkpointing`` (:func:`lib.speed.save_memory`) at full size on a GPU, none elsewhere unless it checkpoints
-    steps (so the tiny CPU run exercises the step checkpoints too)."""
+    ``checkpointing`` (:func:`lib.speed.save_memory`; None: none) at full size on a GPU, none elsewhere unless it
+    checkpoints steps (so the tiny CPU run exercises the step checkpoints too)."""
     def build(ctx):
         pipe = ctx.pipe("sd-v1")
         full = ctx.size == "full"
         steps = 50 if full else 4
         k = int(round(tie * steps))
-        memory = _memory_setup(pipe, checkpointing if (full and ctx.device.type == "cuda") or checkpointing.startswith("steps")
-                               else None, True)
+        on = checkpointing is not None and ((full and ctx.device.type == "cuda") or checkpointing.startswith("steps"))
+        memory = _memory_setup(pipe, checkpointing if on else None, True)
         ens = make_members("imagenet" if full else "small", ctx.device)
         run = latent_iteration_fn(pipe, ens, steps, residual_step=k, batch=batch)
         params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", **memory)
@@ -206,9 +206,14 @@ def _case(batch: int, tie: float = 0.5, checkpointing: str = "blocks"):
 # residual tied at step 40 of 50, so 10 UNet steps are differentiated instead of 25 (on the toy world a late tie found
 # as many failures: RESULTS.md); "_steps": each differentiated UNet call checkpointed whole instead (the same
 # recomputation; stored activations no longer grow with the differentiated steps, one call's held at a time in the
-# backward pass); "_nested": both (one call's block boundaries at a time; one more UNet forward per step)
+# backward pass); "_nested": both (one call's block boundaries at a time; one more UNet forward per step);
+# "_nockpt": no checkpointing, so no recomputation: one search with the late tie stores 10 differentiated UNet calls
+# (1.75 GiB each in float16) and one VAE decode (2.8 GiB), ~20 GiB besides the weights (from the CPU measurement of
+# stored activations, RESULTS.md), and it is the case for CUDA graphs (`--compile-mode reduce-overhead`): at batch 1
+# a CFG UNet call is launch-bound (30 ms per image on the H100 at batch 1, 6.4 ms at batch 32: RESULTS.md)
 CASES = {"sage_latent_iter": _case(1), "sage_latent_iter_b3": _case(3), "sage_latent_iter_b8": _case(8),
          "sage_latent_iter_k40": _case(1, 0.8), "sage_latent_iter_b3_k40": _case(3, 0.8),
+         "sage_latent_iter_k40_nockpt": _case(1, 0.8, checkpointing=None),
          "sage_latent_iter_b8_steps": _case(8, checkpointing="steps"),
          "sage_latent_iter_b16_nested": _case(16, checkpointing="steps+blocks")}
 

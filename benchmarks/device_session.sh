@@ -9,7 +9,7 @@
 #   UNET_BATCH=N (unet, unet-resume): the UNet's batch instead of the gpu config's 512 (the 5.5 M-parameter UNet is
 #       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
 #   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
-#   bash benchmarks/device_session.sh speed      # latent iteration: 8 / 16 batched with step checkpoints, 3 batched; eager and compiled (~10 min)
+#   bash benchmarks/device_session.sh speed      # latent iteration: one search without checkpoints, 8 batched with step checkpoints; eager, then CUDA graphs / compiled (~9 min)
 #   bash benchmarks/device_session.sh trace      # the 70-layer trace compiled with max-autotune, then CUDA graphs (~10 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 set -o pipefail
@@ -25,18 +25,19 @@ targets() {
 }
 speed() {  # one process per compiled case: a case that fails to compile does not cost the others; each compiles in its warm-up
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  # eager, most promising first (b8 with per-block checkpointing: 0.90 s/search at 67 GiB, 2026-11-25): 8 batched
-  # searches with each differentiated UNet call checkpointed whole instead (same recomputation; expected ~20 GiB from
-  # the SD v1.4 twin's stored activations measured on a CPU: RESULTS.md), 16 with both nested, 3 with blocks only
-  timeout 260 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
-    --cases sage_latent_iter_b8_steps,sage_latent_iter_b16_nested,sage_latent_iter_b3 \
-    --out "$OUT/speed_eager_steps.json" 2>&1 | tee -a "$OUT/speed.log"
-  # case:timeout:repeats (a killed case writes no JSON); the k40 ones only if time is left
-  for spec in sage_latent_iter_b8_steps:200:1 sage_latent_iter_b3_k40:200:1; do
-    IFS=: read -r name limit repeats <<< "$spec"
+  # eager, most promising first: one search with the late tie and no checkpointing (no recomputation; ~20 GiB of
+  # stored activations expected), and 8 batched searches with each differentiated UNet call checkpointed whole
+  timeout 200 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
+    --cases sage_latent_iter_k40_nockpt,sage_latent_iter_b8_steps \
+    --out "$OUT/speed_eager.json" 2>&1 | tee -a "$OUT/speed.log"
+  # case:mode:timeout:warmup (a killed case writes no JSON): CUDA graphs for the launch-bound single search first
+  # (reduce-overhead records its graphs in the first calls, hence 2 warm-ups), then the batched one compiled
+  for spec in sage_latent_iter_k40_nockpt:reduce-overhead:260:2 sage_latent_iter_b8_steps:default:200:1; do
+    IFS=: read -r name mode limit warmup <<< "$spec"
     left=$((590 - SECONDS)); [ "$left" -gt 60 ] || break; [ "$limit" -lt "$left" ] || limit=$left
-    timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --channels-last \
-      --cudnn-benchmark --warmup 1 --repeats "$repeats" --cases "$name" --out "$OUT/speed_$name.json" 2>&1 | tee -a "$OUT/speed.log"
+    timeout "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --compile-mode "$mode" \
+      --channels-last --cudnn-benchmark --warmup "$warmup" --repeats 2 --cases "$name" --out "$OUT/speed_${name}_$mode.json" \
+      2>&1 | tee -a "$OUT/speed.log"
   done
 }
 trace() {  # the 70-layer trace under the compile modes not yet measured (default mode + channels-last + cuDNN: 16.9 s)
