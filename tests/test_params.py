@@ -46,3 +46,29 @@ def test_runs_root_can_be_redirected(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == str(tmp_path / "nb") and (tmp_path / "nb").is_dir()  # make test never resumes from runs/
+
+
+def _parameter_names(notebook) -> list[str]:
+    """Names assigned in the notebook's cell tagged ``parameters``."""
+    import ast
+    import json
+
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1, f"{notebook.name}: {len(cells)} cells tagged 'parameters'"
+    tree = ast.parse("".join(cells[0]["source"]))
+    return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+
+
+def test_every_notebook_parameter_is_documented_in_the_readme():
+    import re
+
+    from lib.paths import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_cells = re.findall(r"^\| (`[A-Z][^|]*)\|", readme, re.M)  # a table row's first cell: `STEPS` / `GUIDANCE`
+    documented = {n for cell in first_cells for n in re.findall(r"`([A-Z][A-Z0-9_]*)`", cell)}
+    notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert notebooks
+    missing = {nb.name: m for nb in notebooks if (m := [n for n in _parameter_names(nb) if n not in documented])}
+    assert not missing, f"parameters missing from the README's tables: {missing}"
