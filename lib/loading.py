@@ -106,24 +106,50 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
 
 
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
+    toy = model == "toy"
+    if toy:
+        from lib.toy.train import check_toy_folder
+
+        try:
+            check_toy_folder(where)  # names the first missing file and the command that rebuilds it
+        except FileNotFoundError as err:
+            raise ModelLoadError(str(err)) from None
+    hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
-        hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if model == "toy" else ""
         raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
     opts: dict = dict(dtype=dtype)
-    if _has_safety_checker(kind, where):
-        opts.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if _has_safety_checker(kind, where):
+            opts.update(safety_checker=None, requires_safety_checker=False)
+    except ValueError as err:
+        raise ModelLoadError(f"{Path(where) / 'model_index.json'} is not valid JSON ({err}){hint}") from None
     opts.update(kwargs)
     try:
         pipe = DiffusionPipeline.from_pretrained(where, **opts)
-    except (OSError, ValueError) as err:
-        if kind == "hub":
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line saying what to do
+        if kind == "hub" and isinstance(err, (OSError, ValueError)):
             raise ModelLoadError(
                 f"weights for {where!r} are not available locally and cannot be downloaded here "
                 f"({type(err).__name__}); download them elsewhere and pass the local folder instead, "
                 f"e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
             ) from None
-        raise ModelLoadError(f"could not load the pipeline in {where}: {err}".splitlines()[0]) from None
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"could not load the pipeline in {where} ({type(err).__name__}: {first}){hint}") from None
+    if kind == "local":
+        _check_tokenizers(pipe, where, hint)
     return pipe
+
+
+def _check_tokenizers(pipe, where: str, hint: str) -> None:
+    """A damaged tokenizer folder loads without complaint (a tiny vocabulary, or no 77-token limit): refuse it."""
+    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
+        if tok is None or enc is None:
+            continue
+        n, vocab, limit = len(tok), enc.config.vocab_size, enc.config.max_position_embeddings
+        if n < 1000 or n > vocab or tok.model_max_length > limit:
+            raise ModelLoadError(f"{Path(where) / tok_name} looks damaged: {n} tokens, max length "
+                                 f"{tok.model_max_length}, for a text encoder of {vocab} tokens and length {limit}{hint}")
 
 
 def _has_safety_checker(kind: str, where: str) -> bool:

@@ -433,6 +433,32 @@ def lm():
     return CandidateLM(model, tok)
 
 
+@pytest.mark.parametrize("damage", ["missing tokenizer.json", "missing model.safetensors", "corrupt model.safetensors"])
+def test_a_damaged_toy_lm_fails_in_one_line_naming_the_file(tmp_path, monkeypatch, damage):
+    import shutil
+
+    from lib.loading import ModelLoadError
+    from lib.sage.build import load_lm
+    from lib.toy import lm as toy_lm
+
+    bad = tmp_path / "lm"
+    shutil.copytree(toy_lm.DEFAULT_DIR, bad)
+    action, name = damage.split()
+    if action == "missing":
+        (bad / name).unlink()
+    else:
+        (bad / name).write_bytes(b"not a safetensors file")
+    monkeypatch.setattr(toy_lm, "DEFAULT_DIR", bad)
+    with pytest.raises(ModelLoadError) as err:
+        load_lm("toy")
+    msg = str(err.value)
+    assert str(bad) in msg and toy_lm.REBUILD in msg and "\n" not in msg, msg
+    if action == "missing":
+        assert name in msg
+    with pytest.raises(ModelLoadError, match="could not load the LM in"):
+        load_lm(str(tmp_path / "empty"))  # a local folder without an LM: one line, no rebuild hint
+
+
 def test_lm_proposes_words_and_rejects_unknown_templates(lm):
     words = lm.propose("a photo of a cat", 5)
     assert 0 < len(words) <= 5 and all(w.isalpha() for w in words) and len(set(words)) == len(words)

@@ -63,6 +63,40 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(toy_dir, tmp_path):
         T.load_toy_clip(bad)
 
 
+@pytest.mark.parametrize("damage", ["missing tokenizer.json", "missing tokenizer_config.json",
+                                    "tiny tokenizer.json", "no length limit", "corrupt unet"])
+def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path, damage, monkeypatch):
+    import shutil
+
+    from lib import loading
+    from lib.loading import ModelLoadError, load_pipeline
+
+    bad = tmp_path / "toy"
+    shutil.copytree(toy_dir, bad)
+    tok = bad / "tokenizer"
+    if damage.startswith("missing"):
+        (tok / damage.split()[1]).unlink()
+    elif damage == "tiny tokenizer.json":  # loads without complaint as a 2-token vocabulary
+        spec = json.loads((tok / "tokenizer.json").read_text())
+        spec["model"]["vocab"], spec["model"]["merges"] = {"a": 0, "b": 1}, []
+        spec["added_tokens"] = []
+        (tok / "tokenizer.json").write_text(json.dumps(spec))
+    elif damage == "no length limit":
+        cfg = json.loads((tok / "tokenizer_config.json").read_text())
+        del cfg["model_max_length"]
+        (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    else:
+        (bad / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    where = "unet" if damage == "corrupt unet" else "tokenizer"
+    with pytest.raises((FileNotFoundError, RuntimeError), match=f"{where}.*lib.toy.train --stage all"):
+        T.load_toy_pipeline(bad)
+    monkeypatch.setitem(loading.PRESETS, "toy", str(bad))  # the notebooks' path: load_pipeline("toy")
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline("toy")
+    msg = str(err.value)
+    assert where in msg and "lib.toy.train --stage all" in msg and "\n" not in msg, msg
+
+
 def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp_path):
     import shutil
 

@@ -108,12 +108,29 @@ def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> N
             Ensemble([checker], ensemble.groups).indices(c)
 
 
-def load_lm(lm: str = "toy", device: str = "cpu"):
-    """The proposer LM of the prompt search: ``"toy"`` (``data/toy/lm``), a local folder, or a hub id."""
-    from lib.paths import TOY_DIR
-    from lib.sage.prompt import CandidateLM
+TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
-    return CandidateLM(TOY_DIR / "lm" if lm == "toy" else lm, device=device)
+
+def load_lm(lm: str = "toy", device: str = "cpu"):
+    """The proposer LM of the prompt search: ``"toy"`` (``data/toy/lm``), a local folder, or a hub id.
+
+    A missing or unreadable LM is a one-line :class:`lib.loading.ModelLoadError` naming the file (and, for the toy
+    LM, the command that rebuilds it)."""
+    from lib.loading import ModelLoadError
+    from lib.sage.prompt import CandidateLM
+    from lib.toy import lm as toy_lm
+
+    where = toy_lm.DEFAULT_DIR if lm == "toy" else lm
+    hint = f" Rebuild it with `{toy_lm.REBUILD}` (from the repo root)." if lm == "toy" else ""
+    if lm == "toy":
+        for rel in TOY_LM_FILES:
+            if not (where / rel).is_file():
+                raise ModelLoadError(f"toy LM file missing: {where / rel}.{hint}")
+    try:
+        return CandidateLM(where, device=device)
+    except Exception as err:  # noqa: BLE001 - transformers' errors span many lines and rarely name the file
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"could not load the LM in {where} ({type(err).__name__}: {first}).{hint}") from None
 
 
 def clip_scorer(model: str, device: str = "cpu"):

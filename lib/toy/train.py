@@ -162,7 +162,8 @@ def _require(path: Path) -> Path:
 
 
 def _corrupt(path: Path, err: Exception) -> RuntimeError:
-    return RuntimeError(f"toy model file {path} is unreadable or corrupt ({type(err).__name__}: {err}). "
+    first = (str(err).strip().splitlines() or [""])[0]
+    return RuntimeError(f"toy model file {path} is unreadable or corrupt ({type(err).__name__}: {first}). "
                         f"Rebuild it with `{REBUILD}` (from the repo root).")
 
 
@@ -170,9 +171,22 @@ def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
     folder = Path(folder)
     for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-                "text_encoder/model.safetensors", "scheduler/scheduler_config.json"):
+                "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                "scheduler/scheduler_config.json"):
         _require(folder / rel)
     return folder
+
+
+def check_tokenizer(tokenizer, text_encoder, folder: str | Path) -> None:
+    """Raise if a loaded tokenizer cannot serve its text encoder: a damaged ``tokenizer.json`` loads as a tiny
+    vocabulary (every word becomes one id) and a missing ``tokenizer_config.json`` drops the 77-token limit, both
+    silently; ids beyond the embedding table would crash later."""
+    n, vocab = len(tokenizer), text_encoder.config.vocab_size
+    limit = text_encoder.config.max_position_embeddings
+    if n < 1000 or n > vocab or tokenizer.model_max_length != limit:
+        raise _corrupt(Path(folder), ValueError(f"its tokenizer has {n} tokens and max length "
+                                                f"{tokenizer.model_max_length}; the text encoder expects at most "
+                                                f"{vocab} tokens and length {limit}"))
 
 
 def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -184,6 +198,7 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
         pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
         raise _corrupt(folder, err) from err
+    check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder / "tokenizer")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
