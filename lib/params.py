@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
@@ -32,10 +33,13 @@ class Param:
             return None
         if isinstance(value, tuple) and self.type is list:
             value = list(value)
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and self.type is not bool or not isinstance(value, self.type):
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in types and int not in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # papermill's -p 4 means 4.0 for a float parameter
+        if isinstance(value, bool) and bool not in types or not isinstance(value, self.type):
             raise ParameterError(f"{name}: expected {_tname(self.type)}, got {value!r} ({type(value).__name__})")
+        if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
+            raise ParameterError(f"{name}: NaN is not a valid value")
         if self.items is not None:
             if len(value) < self.min_len:
                 raise ParameterError(f"{name}: needs at least {self.min_len} item(s), got {value!r}")

@@ -28,6 +28,15 @@ def test_bad_parameters_are_named(values, fragment):
     assert fragment in str(err.value)
 
 
+def test_nan_is_refused_and_ints_stand_for_floats_in_mixed_types():
+    with pytest.raises(ParameterError, match="GUIDANCE: NaN"):
+        validate(dict(GUIDANCE=float("nan")))
+    assert Param((str, float)).validate("TAU", 1) == 1.0 and Param((str, float)).validate("TAU", "otsu") == "otsu"
+    assert Param((int, float)).validate("X", 2) == 2 and isinstance(Param((int, float)).validate("X", 2), int)
+    with pytest.raises(ParameterError, match="expected"):
+        Param((str, float)).validate("TAU", True)
+
+
 def test_extra_specs():
     p = validate(dict(NOISE=3.0), NOISE=Param(float, low=0))
     assert p.NOISE == 3.0
