@@ -63,7 +63,8 @@ class ClipScorer:
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=True)  # without it a downscale (512 -> 224) aliases
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return F.normalize(self.encode_image(((x - mean) / std).to(self.dtype)).float(), dim=-1)

@@ -18,3 +18,10 @@ def test_subject_positions_and_errors():
     assert subject_positions(TOK, "a painting in the style of van gogh", "van gogh") == [7, 8]
     with pytest.raises(PromptError, match="monet.*not found.*van gogh"):
         subject_positions(TOK, "a painting in the style of van gogh", "monet")
+
+
+def test_subject_tokenised_differently_in_the_caption():
+    """``car`` is a token of its own, but ``carpet`` is one token: not found, and the error names both tokenisations."""
+    with pytest.raises(PromptError, match=r"subject 'car' \(tokens \['car</w>'\]\) not found in caption "
+                                          r"'a photo of a carpet' \(tokens \[.*'carpet</w>'"):
+        subject_positions(TOK, "a photo of a carpet", "car")

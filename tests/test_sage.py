@@ -82,10 +82,50 @@ def test_loss_formulas_and_verdicts():
     assert strict.judge(probs, "cat", "type2").tolist() == [False, False, False]
 
 
+def test_type2_needs_the_members_to_agree_on_the_other_label():
+    a = torch.tensor([[0.05, 0.90, 0.05], [0.05, 0.90, 0.05]])  # member a: a dog, twice
+    b = torch.tensor([[0.05, 0.10, 0.85], [0.05, 0.70, 0.25]])  # member b: a car, then a dog
+    ens = Ensemble([const_member([0.0, 0.0, 0.0], name="a"), const_member([0.0, 0.0, 0.0], name="b")])
+    assert ens.judge([a, b], "cat", "lose").tolist() == [True, True]
+    assert ens.judge([a, b], "cat", "type2").tolist() == [False, True]  # a dog to one and a car to the other: no
+    assert ens.agreed_label([a, b], "cat") == ["dog", "dog"]  # summed over the members: dog 1.00 / 1.60
+    # the loss pulls every member towards the one agreed label, not each towards its own favourite
+    other = sum(((2 * p[:, 0] - 1) + (1 - 2 * p[:, 1])) / 2 for p in (a, b))
+    assert torch.allclose(ens.loss([a, b], "cat", "other"), other)
+    # members without a shared label name fall back to each one's own most probable other label
+    odd = Ensemble([const_member([0.0, 0.0, 0.0], name="a"),
+                    const_member([0.0, 0.0, 0.0], labels=("cat", "fox", "bus"), name="b")])
+    assert odd.agreed_label([a, b], "cat") == [None, None] and odd.judge([a, b], "cat", "type2").tolist() == [True, True]
+    # the held-out checker confirms a type-2 failure only if it sees the label the members agreed on
+    dog, car = const_member([0.0, 5.0, 0.0], name="sees-dog"), const_member([0.0, 0.0, 5.0], name="sees-car")
+    pair = Ensemble([const_member([0.0, 5.0, 0.0], name="a"), const_member([0.0, 4.0, 1.0], name="b")])
+    images = torch.rand(2, 3, 8, 8)
+    assert recheck(images, dog, "cat", "type2", ensemble=pair).tolist() == [True, True]
+    assert recheck(images, car, "cat", "type2", ensemble=pair).tolist() == [False, False]
+    assert recheck(images, car, "cat", "lose", ensemble=pair).tolist() == [True, True]
+
+
+def test_the_checker_cannot_be_an_ensemble_member_under_another_name():
+    import copy
+
+    from lib.sage.build import build_ensemble
+
+    with pytest.raises(ValueError, match="also an ensemble member"):
+        build_ensemble(["resnet", "edges"], checker="toy:resnet")
+    net = small_net(seed=5)
+    ens = Ensemble([EdgeMember(FnMember(net, LABELS, "inner"))])
+    for same in (FnMember(net, LABELS, "alias"), FnMember(copy.deepcopy(net), LABELS, "copy")):
+        with pytest.raises(ValueError, match="same network"):
+            recheck(torch.rand(1, 3, 16, 16), same, "cat", ensemble=ens)
+    assert recheck(torch.rand(1, 3, 16, 16), FnMember(small_net(seed=6), LABELS, "other"), "cat", ensemble=ens).shape == (1,)
+
+
 def test_bad_classes_and_goals_raise():
     ens = Ensemble([const_member([0.0, 0.0, 0.0])])
     with pytest.raises(UnknownClassError, match="near matches: 'cat'"):
         ens.indices("catt")
+    with pytest.raises(UnknownClassError, match="its labels: cat, dog, car"):
+        ens.indices("zebra")
     with pytest.raises(ValueError, match="equals the source"):
         ens.loss([torch.ones(1, 3) / 3], "cat", "become", "Cat")
     with pytest.raises(ValueError, match="unknown goal"):
@@ -694,6 +734,9 @@ def test_build_specs_and_captions():
     train = class_captions("toy", "cat", 8, seed=0)
     test = class_captions("toy", "cat", 6, seed=1, exclude=train)
     assert len(set(train)) == 8 and not set(train) & set(test)
+    from lib.toy.world import parse_caption
+
+    assert not {parse_caption(c) for c in train} & {parse_caption(c) for c in test}  # no paraphrase of a train scene
     assert renderer_check(train + test, "cat").asks_for_class.all()
     assert class_captions("toy", "cat", 8, seed=0) == train  # reproducible
     with pytest.raises(ValueError, match="not a toy-world object"):

@@ -1,5 +1,6 @@
 """Causal tracing on the tiny shape twins: layers, corruption, batched == unbatched restoration, scoring, sweeps."""
 
+import os
 import subprocess
 import sys
 
@@ -174,6 +175,21 @@ def test_text_restoration_sdxl_touches_one_encoder():
     assert torch.equal(rc.cond[0, :, w:], bad.cond[0, :, w:])
 
 
+def test_text_restoration_sdxl_second_encoder_and_pooled():
+    """Restoring a whole ``text_encoder_2`` state: its half of the conditioning and the pooled embedding come back
+    clean; ``text_encoder``'s half stays exactly corrupted."""
+    p = pipe("sdxl")
+    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    w = p.text_encoder.config.hidden_size
+    site = text_sites(p, encoders=["text_encoder_2"], kinds=["hidden"], layers=[1])[0]
+    rc = restored_conditionings(p, CAPTION, SUBJECT, [TextRestore(site, tuple(range(77)))])
+    assert torch.equal(rc.cond[0, :, :w], bad.cond[0, :, :w])
+    assert torch.allclose(rc.cond[0, :, w:], clean.cond[0, :, w:], atol=1e-5)
+    assert (bad.cond[0, :, w:] - clean.cond[0, :, w:]).abs().max() > 1e-2  # the comparison is not vacuous
+    assert torch.allclose(rc.added["text_embeds"], clean.added["text_embeds"], atol=1e-5)
+    assert not torch.allclose(bad.added["text_embeds"], clean.added["text_embeds"], atol=1e-3)
+
+
 def test_text_trace_images_and_metadata():
     p = pipe("sd-v1")
     sites = text_sites(p, layers=[0])
@@ -265,6 +281,115 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
         run_sweep(p, toy_scorer(), PROBES, [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1, progress=False)
     with pytest.raises(SweepError, match="empty"):
         run_sweep(p, toy_scorer(), PROBES.iloc[:0], [0], tmp_path / "x", cfg, 0, 1, progress=False)
+
+
+def test_probe_selections_share_item_files(tmp_path):
+    """Item files are named by (caption, subject, seed): another probe selection (rows renumbered) resumes them, and
+    older row-numbered names still count as done and are read once."""
+    p = pipe("sd-v1")
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]))
+    out = tmp_path / "sweep"
+    first = run_sweep(p, toy_scorer(), PROBES.iloc[[2]], [0], out, cfg, 0, 1, progress=False)  # blue cup: row 0
+    second = run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, 0, 1, progress=False)  # blue cup: row 2
+    assert len(first) == 1 and len(second) == 2 and len(list(out.glob("*.parquet"))) == 3
+    df = collect(out, tau=0.5)
+    assert len(df) == 3 and not df.duplicated(["caption", "subject", "seed", "layer"]).any()
+    legacy = out / f"unet_00007_s0_{work_items(PROBES.iloc[[2]], [0])[0].digest[:8]}.parquet"
+    legacy.write_bytes(first[0].read_bytes())  # the same item under an old-style name too
+    assert len(collect(out, tau=0.5)) == 3
+    first[0].unlink()  # only the old-style name left: still done
+    assert run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, 0, 1, progress=False) == []
+
+
+def _item_rows(caption: str, recoveries, split: str = "val", seed: int = 0) -> pd.DataFrame:
+    from lib.tracing.score import COLUMNS
+
+    n = len(recoveries)
+    return pd.DataFrame(dict(
+        model="m", caption=f"a photo of {caption}", subject=caption, attribute="color", split=split, seed=seed,
+        noise_seed=seed,
+        component="unet", kind="resnet", layer=[f"l{i}" for i in range(n)], layer_index=range(n), token=-1,
+        token_str="", token_group="", score=[20 + 10 * r for r in recoveries], clean_score=30.0,
+        corrupted_score=20.0, nan=False))[list(COLUMNS)]
+
+
+def test_collect_chooses_tau_on_the_given_items_only(tmp_path):
+    """An earlier run's validation rows in the same folder do not move τ once ``probes``/``seeds`` are given."""
+    mine = _item_rows("a", [0.0, 0.05, 0.95, 1.0])
+    _item_rows("a", [0.0, 0.05, 0.95, 1.0]).to_parquet(tmp_path / "unet_s0_a.parquet", index=False)
+    _item_rows("b", [0.3, 0.32, 0.35, 0.4]).to_parquet(tmp_path / "unet_s0_b.parquet", index=False)
+    _item_rows("a", [0.3, 0.32, 0.35, 0.4], seed=1).to_parquet(tmp_path / "unet_s1_a.parquet", index=False)
+    probes = pd.DataFrame(dict(caption=["a photo of a"], subject=["a"], attribute=["color"], split=["val"]))
+    everything = collect(tmp_path)
+    only = collect(tmp_path, probes=probes, seeds=[0])
+    assert len(everything) == 12 and len(only) == 4
+    assert set(only["caption"]) == {"a photo of a"} and set(only["seed"]) == {0}
+    assert only["tau"].iloc[0] == pytest.approx(choose_tau(mine))
+    assert only["tau"].iloc[0] != pytest.approx(everything["tau"].iloc[0])
+    relabelled = collect(tmp_path, tau=0.5, probes=probes.assign(split="test"), seeds=[0])
+    assert set(relabelled["split"]) == {"test"}  # labels come from the probe table given
+    with pytest.raises(SweepError, match="no rows of the given probes"):
+        collect(tmp_path, probes=probes, seeds=[7])
+
+
+def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
+    """A refused start leaves no ``sweep.json``: a corrected rerun into the same folder is not a "different config"."""
+    p = pipe("sd-v1")
+    with pytest.raises(LayerError, match="unknown text-encoder site kind"):
+        run_sweep(p, toy_scorer(), PROBES, [0], tmp_path, SweepConfig(model="twin:sd-v1", mode="text",
+                                                                     text_kinds=("bogus",)), 0, 1, progress=False)
+    with pytest.raises(LayerError, match="has layers 0..11"):
+        run_sweep(p, toy_scorer(), PROBES, [0], tmp_path, SweepConfig(model="twin:sd-v1", mode="text",
+                                                                     text_layers=(12,)), 0, 1, progress=False)
+    with pytest.raises(SweepError, match="no seeds"):
+        run_sweep(p, toy_scorer(), PROBES, [], tmp_path, SweepConfig(model="twin:sd-v1"), 0, 1, progress=False)
+    with pytest.raises(SweepError, match="uncond must be"):
+        SweepConfig(model="twin:sd-v1", uncond="both")
+    assert not (tmp_path / "sweep.json").exists()
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]))
+    assert len(run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], tmp_path, cfg, 0, 1, progress=False)) == 1
+
+
+@pytest.mark.parametrize("rows,error", [
+    ("", "empty"),
+    ("a photo of a dog,cat,objects,val\n", "'cat' is not in caption"),
+    ("a photo of a carpet,car,objects,val\n", "subject 'car'.*not found in caption 'a photo of a carpet'"),
+    ("a photo of a " + "very " * 80 + "red car,red car,color,val\n", "limit 77"),
+])
+def test_cli_checks_probes_before_loading_the_pipeline(tmp_path, monkeypatch, rows, error):
+    import lib.loading
+    from lib.tracing.sweep import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the probe file was checked")
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", no_load)
+    probes = tmp_path / "probes.csv"
+    probes.write_text("caption,subject,attribute,split\n" + rows)
+    with pytest.raises((SweepError, PromptError), match=error):
+        main(["--model", "twin:sd-v1", "--probes", str(probes), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, monkeypatch):
+    from lib.tracing.sweep import _HOST, _write_atomic, remove_stale_tmp
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    _write_atomic(PROBES, tmp_path / "done.parquet")
+    assert len(synced) == 1 and pd.read_parquet(tmp_path / "done.parquet").equals(PROBES)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = [tmp_path / f".unet_s0_x.parquet.{pid}@{_HOST}.tmp", tmp_path / f".unet_00000_s0_y.parquet.{pid}.tmp"]
+    live = [tmp_path / f".unet_s0_z.parquet.{os.getppid()}@{_HOST}.tmp",  # a live process (pytest's parent)
+            tmp_path / f".unet_s0_w.parquet.{pid}@some-other-host.tmp"]  # another machine's: never touched
+    for f in stale + live:
+        f.write_bytes(b"partial")
+    assert sorted(remove_stale_tmp(tmp_path)) == sorted(stale)
+    assert all(f.exists() for f in live) and not any(f.exists() for f in stale)
 
 
 def test_accelerate_launch_splits_items(tmp_path):
@@ -403,6 +528,9 @@ def test_reports_and_findings_on_synthetic_rows():
     table = unet_layer_table(df)
     f = unet_findings(table).set_index("finding")["verdict"].tolist()
     assert f == ["reproduced", "reproduced", "reproduced"]  # distributed, attn2 not causal, first attn1 style only
+    assert "objects: 0/16 causal" in unet_findings(table)["measured"].iloc[1]
+    part = table[~((table["kind"] == "attn2") & table["layer"].str.startswith("up_blocks"))]  # 7 attn2 traced
+    assert "objects: 0/7 causal" in unet_findings(part)["measured"].iloc[1]
     tt = text_token_table(df)
     assert text_findings(tt)["verdict"].tolist() == ["reproduced"]
     assert text_findings(tt, kinds=("hidden", "self_attn", "mlp"))["verdict"].tolist() == ["not reproduced"]

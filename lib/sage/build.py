@@ -85,7 +85,7 @@ def build_ensemble(specs: Sequence[str], checker: str | None = None, device: str
                    criteria: Criteria = Criteria()):
     """(ensemble, checker member or None). The checker is the independent re-check: it must not be in the ensemble."""
     specs = [s.strip() for s in specs]
-    if checker is not None and checker.strip() in specs:
+    if checker is not None and _canonical(checker) in {_canonical(s) for s in specs}:
         raise ValueError(f"checker {checker!r} is also an ensemble member: the re-check needs a held-out classifier")
     cache: dict = {}
     members = [make_member(s, device, attribute, cache) for s in specs]
@@ -98,6 +98,15 @@ def build_ensemble(specs: Sequence[str], checker: str | None = None, device: str
 
 def _is_toy_spec(spec: str) -> bool:
     return spec in TOY_MEMBERS or spec.startswith("toy:")
+
+
+def _canonical(spec: str) -> str:
+    """The classifier a spec loads, whatever the spelling or edge wrapper ("toy:resnet" is "resnet"; "edge:timm:x"
+    sees through timm:x's network)."""
+    spec = spec.strip()
+    while spec.startswith(("edge:", "toy:")):
+        spec = spec.split(":", 1)[1]
+    return spec
 
 
 def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> None:
@@ -160,7 +169,9 @@ def vocabulary(model: str, ensemble: Ensemble | None = None) -> tuple[tuple[str,
 
 def class_captions(model: str, cls: str, n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
     """``n`` distinct captions that ask for ``cls`` (toy world: drawn from the grammar, generic objects, no style, no
-    held-out pair; otherwise from fixed templates), none of them in ``exclude``, reproducible from ``seed``."""
+    held-out pair; otherwise from fixed templates), none of them in ``exclude``, reproducible from ``seed``. In the
+    toy world no caption describes the scene of an excluded one either (the grammar has several phrasings of a scene:
+    "a jumping blue cat" is "a photo of a blue cat jumping"), so held-out captions are held-out scenes."""
     rng = np.random.default_rng(seed)
     skip = set(exclude)
     if is_toy(model):
@@ -168,12 +179,13 @@ def class_captions(model: str, cls: str, n: int, seed: int = 0, exclude: Sequenc
 
         if cls not in W.OBJECTS:
             raise ValueError(f"{cls!r} is not a toy-world object ({', '.join(W.OBJECTS)})")
+        skip_scenes = {W.parse_caption(c) for c in exclude}
         pool = []
         for color in (None,) + W.COLORS:
             for action in (None,) + W.ACTIONS:
                 for bg in (None,) + W.BACKGROUNDS:
                     s = W.Scene(object=cls, color=color, action=action, background=bg)
-                    if not W.is_heldout(s):
+                    if not W.is_heldout(s) and s not in skip_scenes:
                         pool += [c for c in W.captions(s) if c not in skip]
     else:
         pool = [t.format(cls=cls) for t in _CAPTION_TEMPLATES if t.format(cls=cls) not in skip]

@@ -195,8 +195,9 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         raise ValueError(f"delta_range must contain 0, got {config.delta_range}")
     goal = config.goal or MODE_GOAL[config.mode]
     ensemble.indices(cls)  # unknown class: fail before any sampling
+    if latents is not None:
+        check_latent(pipe, latents)  # before .to(): a list or a wrong shape fails in one line
     z = initial_latents(pipe, list(seeds)) if latents is None else latents.to(pipe.unet.device, pipe.unet.dtype)
-    check_latent(pipe, z)
     n = len(z)
     cond_all = encode(pipe, [prompt] * n, negative)
     delta = torch.zeros_like(z, dtype=torch.float32)

@@ -11,11 +11,15 @@ Loss (per image; ``P_m(c)`` = probability that member ``m`` gives to class ``c``
 
     lose       L = Σ_m (2·P_m(c) − 1)                                  the seed's  −Σ_m (1 − 2·p_target),  p = P(c)
     uncertain  L = Σ_m (2·max_k p_m,k − 1)                             type 1: no label confident
-    other      L = Σ_m ½[(2·P_m(c) − 1) + (1 − 2·max_{k∉c} p_m,k)]    type 2: lose c, another label confident
+    other      L = Σ_m ½[(2·P_m(c) − 1) + (1 − 2·P_m(o))]              type 2: lose c, one other label o confident
     become     L = Σ_m (1 − 2·P_m(t))                                  token attack: the target t appears
 
 ``lose`` and ``become`` are the seed pseudo-code's formula for the two goals; ``uncertain`` and ``other`` are our
-variants for the two latent failure types (the paper does not give them). A class name may stand for a group of
+variants for the two latent failure types (the paper does not give them). Type 2 is "a natural image of something
+else", so the members must agree on what else: ``o`` is, per image, the label (by name, outside ``c``'s group) with
+the largest summed probability over the members (:meth:`Ensemble.agreed_label`), and the verdict needs every member
+confident in that same ``o``. Only when the members share no label name does each member's own most probable other
+label stand in for ``o``. A class name may stand for a group of
 labels (``groups``, e.g. ImageNet's five domestic-cat classes for "cat"); unknown names raise ``UnknownClassError``
 listing near matches.
 """
@@ -241,7 +245,7 @@ class Criteria:
 
     lose:  top-1 label not in the class group and ``P(c) < class_below``;
     type1: lose, and the member's max probability ``< uncertain_below``;
-    type2: lose, and the most probable other label ``>= confident_above``;
+    type2: lose, and the label the members agree on (:meth:`Ensemble.agreed_label`) ``>= confident_above``;
     become: top-1 label in the target group.  A failure needs every member fooled.
     """
 
@@ -265,6 +269,7 @@ class Ensemble(nn.Module):
         self._modules_list = nn.ModuleList([m for m in members if isinstance(m, nn.Module)])
         self.groups = {k.lower(): tuple(v) for k, v in (groups or {}).items()}
         self.criteria = criteria
+        self._shared: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -280,11 +285,54 @@ class Ensemble(nn.Module):
             idx = [i for i, l in enumerate(labels) if l in {w.lower() for w in wanted}]
             if not idx:
                 near = difflib.get_close_matches(key, sorted(set(labels) | set(self.groups)), n=5, cutoff=0.5)
-                hint = f"; near matches: {', '.join(repr(n) for n in near)}" if near else ""
+                if near:
+                    hint = f"; near matches: {', '.join(repr(n) for n in near)}"
+                else:
+                    hint = f"; its labels: {', '.join(labels)}" if len(labels) <= 50 else ""
                 raise UnknownClassError(f"class {name!r} is not a label of member {mname!r}"
                                         f" ({len(labels)} labels) nor a group{hint}")
             out.append(idx)
         return out
+
+    def _shared_names(self, cls: str) -> tuple[list[str], list[torch.Tensor]]:
+        """Label names every member has, outside ``cls``'s group, and per member a (n_labels, K) 0/1 matrix that sums
+        its probabilities per name (a name may label several classes, e.g. ImageNet's two "crane"s)."""
+        key = cls.strip().lower()
+        if key not in self._shared:
+            c_idx = self.indices(cls)
+            lower = [[str(l).lower() for l in m.labels] for m in self.members]
+            excluded = {lab[i] for lab, idx in zip(lower, c_idx) for i in idx}
+            names = sorted(set.intersection(*(set(lab) for lab in lower)) - excluded)
+            pos = {n: k for k, n in enumerate(names)}
+            mats = []
+            for lab in lower:
+                a = torch.zeros(len(lab), len(names))
+                for i, n in enumerate(lab):
+                    if n in pos:
+                        a[i, pos[n]] = 1.0
+                mats.append(a)
+            self._shared[key] = (names, mats)
+        return self._shared[key]
+
+    def _agreed(self, probs: Sequence[torch.Tensor], cls: str) -> tuple[list[str], torch.Tensor, list[torch.Tensor]] | None:
+        """(shared names, per-image index of the agreed name, per-member probability of it), or None without shared
+        names."""
+        names, mats = self._shared_names(cls)
+        if not names:
+            return None
+        per_name = [p @ a.to(p) for p, a in zip(probs, mats)]
+        star = torch.stack(per_name).sum(0).argmax(-1)
+        return names, star, [q.gather(1, star[:, None]).squeeze(1) for q in per_name]
+
+    @torch.no_grad()
+    def agreed_label(self, probs: Sequence[torch.Tensor], cls: str) -> list[str | None]:
+        """Per image, the label (outside ``cls``'s group, a name every member has) with the largest summed
+        probability over the members: what a type-2 failure must show to all of them (None: no shared names)."""
+        agreed = self._agreed(probs, cls)
+        if agreed is None:
+            return [None] * probs[0].shape[0]
+        names, star, _ = agreed
+        return [names[int(i)] for i in star]
 
     def probs(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Softmax probabilities of every member, each (B, n_labels), differentiable."""
@@ -310,6 +358,7 @@ class Ensemble(nn.Module):
             _check_distinct(cls, target)
             tgt = self.indices(target)
         c_idx = self.indices(cls)
+        agreed = self._agreed(probs, cls) if goal == "other" else None
         total = 0.0
         for m, p in enumerate(probs):
             if goal == "lose":
@@ -317,7 +366,8 @@ class Ensemble(nn.Module):
             elif goal == "uncertain":
                 term = 2 * p.max(-1).values - 1
             elif goal == "other":
-                term = ((2 * p[:, c_idx[m]].sum(-1) - 1) + (1 - 2 * _max_other(p, c_idx[m]))) / 2
+                other = agreed[2][m] if agreed is not None else _max_other(p, c_idx[m])
+                term = ((2 * p[:, c_idx[m]].sum(-1) - 1) + (1 - 2 * other)) / 2
             else:
                 term = 1 - 2 * p[:, tgt[m]].sum(-1)
             total = total + term
@@ -336,13 +386,14 @@ class Ensemble(nn.Module):
             tgt = self.indices(target)
             return torch.stack([_in(p.argmax(-1), tgt[m]) for m, p in enumerate(probs)]).all(0)
         c_idx, k = self.indices(cls), self.criteria
+        agreed = self._agreed(probs, cls) if verdict == "type2" else None
         ok = []
         for m, p in enumerate(probs):
             lost = ~_in(p.argmax(-1), c_idx[m]) & (p[:, c_idx[m]].sum(-1) < k.class_below)
             if verdict == "type1":
                 lost &= p.max(-1).values < k.uncertain_below
             elif verdict == "type2":
-                lost &= _max_other(p, c_idx[m]) >= k.confident_above
+                lost &= (agreed[2][m] if agreed is not None else _max_other(p, c_idx[m])) >= k.confident_above
             ok.append(lost)
         return torch.stack(ok).all(0)
 

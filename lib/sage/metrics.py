@@ -35,14 +35,43 @@ def recheck(images: torch.Tensor, checker: Member, cls: str, verdict: Verdict = 
             ensemble: Ensemble | None = None, groups=None, criteria: Criteria | None = None) -> torch.Tensor:
     """Bool (B,): does an independent ``checker`` confirm each reported failure (same verdict and thresholds)?
 
-    Passing the search's ``ensemble`` makes sure the checker is not one of its members.
+    Passing the search's ``ensemble`` makes sure the checker is not one of its members (nor the same network behind
+    another wrapper or name: compared by weights), and, for ``type2``, that the checker sees the same other label the
+    members agreed on (:meth:`Ensemble.agreed_label`; a label the checker does not have cannot be confirmed).
     """
-    if ensemble is not None and any(checker is m for m in ensemble.members):
-        raise ValueError("the checker is a member of the ensemble: an independent re-check needs a held-out classifier")
+    if ensemble is not None:
+        mine = _network_prints(checker)
+        if any(checker is m or mine & _network_prints(m) for m in ensemble.members):
+            raise ValueError("the checker is a member of the ensemble (the same network): an independent re-check "
+                             "needs a held-out classifier")
     crit = criteria or (ensemble.criteria if ensemble is not None else Criteria())
     grp = groups if groups is not None else (ensemble.groups if ensemble is not None else None)
     solo = Ensemble([checker], grp, crit)
-    return solo.judge(solo.probs(images), cls, verdict, target)
+    probs = solo.probs(images)
+    ok = solo.judge(probs, cls, verdict, target)
+    if verdict == "type2" and ensemble is not None:
+        labels = [str(l).lower() for l in checker.labels]
+        for b, name in enumerate(ensemble.agreed_label(ensemble.probs(images), cls)):
+            idx = [i for i, l in enumerate(labels) if l == name] if name is not None else []
+            ok[b] &= bool(idx) and float(probs[0][b, idx].sum()) >= crit.confident_above
+    return ok
+
+
+def _network_prints(member) -> set[str]:
+    """Weight fingerprints of the networks inside a member (the member itself and what it wraps), to tell whether
+    two members are one classifier."""
+    from lib.loading import weights_fingerprint
+
+    found, todo, seen = set(), [member], set()
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters()):
+            found.add(weights_fingerprint({"net": m}))
+        todo += [getattr(m, a) for a in ("member", "inner", "classifier", "model") if getattr(m, a, None) is not None]
+    return found
 
 
 def renderer_check(prompts: Sequence[str], cls: str, attribute: str = "object"):

@@ -289,7 +289,10 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                   class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool = False):
     """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
 
-    ``progress``: a tqdm bar (stderr) over the embedding iterations of each round.
+    ``loss_prompt``: the surrogate loss (goal ``lose``, mean over the seeds) of the round's prompt, words only;
+    ``best_loss``: the lowest ``loss_prompt`` of this and the earlier rounds, so a class with no find reports its best.
+    When the LM proposes no word the search ends with a row that adds none (``found`` False, ``word`` None, the reason
+    in ``stopped``). ``progress``: a tqdm bar (stderr) over the embedding iterations of each round.
     """
     import pandas as pd
 
@@ -299,13 +302,17 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         raise ValueError("need at least one seed")
     base = config.template.format(cls=cls)
     lm.encode(base)  # fails early with the unknown words
-    prompt, rows = base, []
+    prompt, rows, best = base, [], math.nan
     scale = loss_scale_for(pipe)
     d = slot_dim(pipe)
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
         cands = lm.propose(prompt, config.top_k, min_prob=config.min_prob)
-        if not cands:
+        if not cands:  # a row all the same: the table keeps its columns and says why the prompt stopped growing
+            rows.append(dict(round=rnd, prompt=prompt, word=None, cosine=math.nan, candidates=0, proposed="",
+                             loss_start=math.nan, loss_end=math.nan, loss_prompt=math.nan, best_loss=best,
+                             p_class=math.nan, fooled_fraction=math.nan, end_prob=math.nan, found=False, category=None,
+                             stopped=f"LM proposed no word above min_prob={config.min_prob:g}"))
             break
         emb = torch.zeros(1 + config.lookahead, d)
         history, stopped = [], None
@@ -336,12 +343,15 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                                                      grad=False))
             fooled = ensemble.judge(probs, cls, "lose").float().mean().item()
             p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(cls))]).mean().item()
+            loss_p = ensemble.loss(probs, cls, "lose").mean().item()
+        best = loss_p if math.isnan(best) else min(best, loss_p)
         end = lm.end_prob(prompt)
         found = fooled >= config.success_fraction and end >= config.min_end_prob
         rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=float(cos[pick]), candidates=len(cands),
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
-                         p_class=p_cls, fooled_fraction=fooled, end_prob=end, found=found,
+                         loss_prompt=loss_p, best_loss=best, p_class=p_cls, fooled_fraction=fooled, end_prob=end,
+                         found=found,
                          category=categorize(prompt, base, cls, class_words, attribute_words) if found else None,
                          stopped=stopped))
         if found and config.stop_on_success:
@@ -382,6 +392,9 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
             df = pd.read_parquet(path).assign(resumed=True)
             if "stopped" not in df:  # written before searches recorded why they stopped
                 df["stopped"] = None
+            for col in ("loss_prompt", "best_loss"):  # written before the prompts' own losses were recorded
+                if col not in df:
+                    df[col] = math.nan
         else:
             df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
                                progress).assign(cls=c)

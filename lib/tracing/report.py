@@ -131,12 +131,12 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
                            f"block group(s)" for a in counts.index),
         verdict=_verdict(dist, defined)))
     x = table[table["kind"] == "attn2"]
-    n_x = x.groupby("attribute")["causal"].sum()
+    n_x = x.groupby("attribute")["causal"].agg(["sum", "size"])  # size: the attn2 layers traced for it
     rows.append(dict(
         finding="cross-attention (attn2) layers are not causal",
-        measured="; ".join(f"{a}: {int(n_x[a])}/16 causal, max recovery {_fmt(x[x['attribute'] == a]['recovery'].max())}"
-                           for a in n_x.index),
-        verdict=_verdict(bool(n_x.sum() == 0), defined)))
+        measured="; ".join(f"{a}: {int(n_x.loc[a, 'sum'])}/{int(n_x.loc[a, 'size'])} causal, max recovery "
+                           f"{_fmt(x[x['attribute'] == a]['recovery'].max())}" for a in n_x.index),
+        verdict=_verdict(bool(n_x["sum"].sum() == 0), defined)))
     first = table[table["kind"] == "attn1"]["layer_index"].min()
     f = table[table["layer_index"] == first].set_index("attribute")
     style_only = bool(f["causal"].get("style", False)) and not f.drop(index="style", errors="ignore")["causal"].any()

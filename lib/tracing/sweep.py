@@ -1,17 +1,19 @@
-"""Sweeps: trace every probe item × seed, one parquet file per finished (caption, seed), resumable and sharded.
+"""Sweeps: trace every probe item × seed, one parquet file per finished (caption, subject, seed), resumable, sharded.
 
 Probe files are CSVs with columns ``caption, subject, attribute, split`` (``data/probes/sd_probes.csv``; the toy
-world writes its own). Each (probe, seed) is written atomically (temporary file, then ``os.replace``) to
-``out_dir``; a re-run skips the files that exist. Under ``accelerate launch --num_processes N`` each process takes
-every N-th item (``process_share``: ``accelerate.PartialState``, or torchrun's ``RANK``/``WORLD_SIZE``), so processes
-never write the same file. ``--multi_gpu`` makes accelerate start N processes through torchrun; on a CPU-only machine
-too (``--cpu`` would start a single process)::
+world writes its own). Each (caption, subject, seed) is written atomically (temporary file, fsync, then
+``os.replace``) to ``out_dir`` under a name hashed from that key (not the probe row), so any probe selection resumes
+the items another one traced; a re-run skips the files that exist. Under ``accelerate launch --num_processes N``
+each process takes every N-th item (``process_share``: ``accelerate.PartialState``, or torchrun's
+``RANK``/``WORLD_SIZE``), so processes never write the same file. ``--multi_gpu`` makes accelerate start N processes
+through torchrun; on a CPU-only machine too (``--cpu`` would start a single process)::
 
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         -m lib.tracing.sweep --model twin:sd-v1 \\
         --probes data/probes/sd_probes.csv --seeds 0 --steps 2 --out runs/trace_smoke --limit 2
 
-``collect(out_dir)`` reads the files back, chooses ``τ`` on the validation split and marks causal rows.
+``collect(out_dir, probes=..., seeds=...)`` reads the files back (one row per key, whatever the file names), keeps
+the given items, chooses ``τ`` on their validation split and marks causal rows.
 
 Notebooks keep each configuration in its own folder, ``sweep_dir(root, cfg)`` = ``root/<mode>-<hash of the config>``,
 where the config includes ``model_fingerprint(pipe)`` (a hash of the weights): re-running with other weights or
@@ -24,9 +26,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -41,6 +45,7 @@ from lib.tracing.text_encoder import trace_text
 from lib.tracing.unet import trace_unet
 
 PROBE_COLUMNS: tuple[str, ...] = ("caption", "subject", "attribute", "split")
+ROW_KEY: tuple[str, ...] = ("caption", "subject", "seed", "component", "layer", "token")  # one traced run
 CONFIG_FILE = "sweep.json"
 
 
@@ -86,6 +91,10 @@ class SweepConfig:
     def __post_init__(self):
         if self.mode not in ("unet", "text"):
             raise SweepError(f"mode must be 'unet' or 'text', got {self.mode!r}")
+        if self.uncond not in ("restore", "own"):
+            raise SweepError(f"uncond must be 'restore' or 'own', got {self.uncond!r}")
+        if self.batch_size < 2:
+            raise SweepError(f"batch_size must be >= 2 (clean + one more run), got {self.batch_size}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -100,9 +109,12 @@ def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
     return Path(root) / f"{cfg.mode}-{cfg.key()}"
 
 
+_LEGACY_NAME = re.compile(r"(?P<mode>[a-z]+)_\d+_s(?P<seed>-?\d+)_(?P<hash>[0-9a-f]{8})\.parquet")
+
+
 @dataclass(frozen=True)
 class WorkItem:
-    """One (probe row, seed)."""
+    """One (probe row, seed); ``index`` is the row's position in the probe table (not part of the file name)."""
 
     index: int
     caption: str
@@ -111,9 +123,17 @@ class WorkItem:
     split: str
     seed: int
 
+    @property
+    def digest(self) -> str:
+        """SHA-1 of (caption, subject, seed): what the trace depends on besides the sweep config."""
+        return hashlib.sha1(f"{self.caption}\0{self.subject}\0{self.seed}".encode()).hexdigest()
+
     def filename(self, mode: str) -> str:
-        h = hashlib.sha1(f"{self.caption}\0{self.subject}\0{self.seed}".encode()).hexdigest()[:8]
-        return f"{mode}_{self.index:05d}_s{self.seed}_{h}.parquet"
+        return f"{mode}_s{self.seed}_{self.digest[:16]}.parquet"
+
+    def done(self, mode: str, names: set[str], legacy: set[tuple[str, int, str]]) -> bool:
+        """Finished: its file exists, or one of the older ``{mode}_{row:05d}_s{seed}_{hash8}`` names does."""
+        return self.filename(mode) in names or (mode, self.seed, self.digest[:8]) in legacy
 
 
 def work_items(probes: pd.DataFrame, seeds: Sequence[int]) -> list[WorkItem]:
@@ -124,6 +144,21 @@ def work_items(probes: pd.DataFrame, seeds: Sequence[int]) -> list[WorkItem]:
             for i, r in enumerate(probes.itertuples()) for s in seeds]
 
 
+def unique_items(items: Iterable[WorkItem]) -> list[WorkItem]:
+    """The first item of each (caption, subject, seed), in order: repeated probe rows trace (and write) once."""
+    first: dict[str, WorkItem] = {}
+    for it in items:
+        first.setdefault(it.digest, it)
+    return list(first.values())
+
+
+def finished(out: Path) -> tuple[set[str], set[tuple[str, int, str]]]:
+    """Names of the folder's parquet files, and (mode, seed, hash8) of those with the older row-numbered names."""
+    names = {f.name for f in out.glob("*.parquet")}
+    legacy = {(m["mode"], int(m["seed"]), m["hash"]) for m in map(_LEGACY_NAME.fullmatch, names) if m}
+    return names, legacy
+
+
 def shard(items: Sequence, index: int, count: int) -> list:
     """Process ``index`` of ``count`` takes items ``index, index+count, ...``."""
     if count < 1 or not 0 <= index < count:
@@ -131,10 +166,47 @@ def shard(items: Sequence, index: int, count: int) -> list:
     return list(items[index::count])
 
 
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+_TMP_NAME = re.compile(r"\..+\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?\.tmp")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.tmp")
+
+
+def _fsync_replace(tmp: Path, path: Path, write) -> None:
+    """``write(f)`` into ``tmp``, flush and fsync it, then rename it to ``path`` (no torn file after a crash)."""
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_atomic(df: pd.DataFrame, path: Path) -> None:
+    _fsync_replace(_tmp_path(path), path, lambda f: df.to_parquet(f, index=False))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Delete temporary files of killed writers: this machine's (or host-less) ones whose pid is not alive."""
+    removed = []
+    for f in out.glob(".*.tmp"):
+        m = _TMP_NAME.fullmatch(f.name)
+        if m is None or m["host"] not in (None, _HOST) or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
 
 
 def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
@@ -143,23 +215,26 @@ def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
         if json.loads(path.read_text()) != json.loads(cfg.to_json()):
             raise SweepError(f"{path} holds a different sweep config; use another output folder or delete it")
         return
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(cfg.to_json())
-    os.replace(tmp, path)
+    _fsync_replace(_tmp_path(path), path, lambda f: f.write(cfg.to_json().encode()))
+
+
+def check_captions(tokenizer, probes: pd.DataFrame) -> None:
+    """``PromptError`` (naming caption, subject and tokens) for a caption over the tokenizer's context (77 tokens)
+    or a subject whose tokens are not in its caption."""
+    from lib.prompts import check_length
+
+    for row in probes.itertuples():
+        check_length(tokenizer, [row.caption])
+        subject_positions(tokenizer, row.caption, row.subject)
 
 
 def check_subjects(pipe, probes: pd.DataFrame) -> None:
-    """Fail before any generation when a caption is over the encoders' context (77 tokens) or a subject's tokens
-    are not in its caption (``PromptError`` names caption, subject and tokens)."""
-    from lib.prompts import check_length
+    """Fail before any generation when a caption does not fit or a subject is not found (every encoder's tokenizer)."""
     from lib.tracing.corrupt import tokenizer_for
     from lib.tracing.layers import text_encoders
 
-    for row in probes.itertuples():
-        for enc in text_encoders(pipe):
-            tok = tokenizer_for(pipe, enc)
-            check_length(tok, [row.caption])
-            subject_positions(tok, row.caption, row.subject)
+    for enc in text_encoders(pipe):
+        check_captions(tokenizer_for(pipe, enc), probes)
 
 
 def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.DataFrame:
@@ -201,21 +276,27 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     """Trace this process's share of probe items × seeds; returns the files written now (skipped ones excluded).
 
     ``process_index``/``num_processes`` default to ``accelerate.PartialState()``'s. ``limit`` keeps the first items.
+    Every input is checked before ``sweep.json`` is written, so a corrected rerun into the same folder is accepted.
     """
     probes = load_probes(probes)
     if cfg.scorer_fingerprint is not None and scorer.fingerprint() != cfg.scorer_fingerprint:
         raise SweepError("the scorer's weights differ from those the sweep config names (scorer_fingerprint); "
                          "build the config with scorer_fingerprint=scorer.fingerprint()")
     check_subjects(pipe, probes)
-    if cfg.mode == "unet":
-        resolve_unet_layers(pipe.unet, cfg.layers)  # unknown names fail before any work
+    if cfg.mode == "unet":  # unknown names, kinds or layers fail before any work
+        resolve_unet_layers(pipe.unet, cfg.layers)
+    else:
+        text_sites(pipe, kinds=cfg.text_kinds, layers=cfg.text_layers)
+    items = unique_items(work_items(probes, seeds))[:limit]
     if process_index is None or num_processes is None:
         process_index, num_processes = process_share()
+    share = shard(items, process_index, num_processes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg)
-    items = work_items(probes, seeds)[:limit]
-    mine = [it for it in shard(items, process_index, num_processes) if not (out / it.filename(cfg.mode)).exists()]
+    remove_stale_tmp(out)
+    names, legacy = finished(out)
+    mine = [it for it in share if not it.done(cfg.mode, names, legacy)]
     written = []
     from tqdm.auto import tqdm
 
@@ -227,13 +308,25 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     return written
 
 
-def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None,
-            min_gap: float = 0.0) -> pd.DataFrame:
-    """All finished rows of a sweep folder, with ``recovery``/``causal``/``tau`` (``τ`` chosen on ``val`` if None)."""
+def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None, min_gap: float = 0.0,
+            probes: pd.DataFrame | str | Path | None = None, seeds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Finished rows of a sweep folder, one per ``ROW_KEY``, with ``recovery``/``causal``/``tau``.
+
+    ``probes`` and ``seeds`` keep only those (caption, subject) pairs and seeds (``attribute``/``split`` taken from
+    ``probes``) *before* ``τ`` is chosen on their ``val`` rows (when ``tau`` is None); without them, every row is used.
+    """
     files = sorted(Path(out_dir).glob("*.parquet"))
     if not files:
         raise SweepError(f"no finished trace files in {out_dir}")
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    df = df.drop_duplicates(list(ROW_KEY), ignore_index=True)  # an item traced under two file names counts once
+    if probes is not None:
+        keep = load_probes(probes)[list(PROBE_COLUMNS)].drop_duplicates(["caption", "subject"])
+        df = df.drop(columns=["attribute", "split"]).merge(keep, on=["caption", "subject"])[list(df.columns)]
+    if seeds is not None:
+        df = df[df["seed"].isin([int(s) for s in seeds])].reset_index(drop=True)
+    if df.empty:
+        raise SweepError(f"no rows of the given probes/seeds in {out_dir}")
     return mark_causal(df, choose_tau(df, labels, min_gap=min_gap) if tau is None else tau, min_gap)
 
 
@@ -272,7 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from lib.loading import load_pipeline
+    from lib.tokenizer import build_clip_tokenizer
 
+    probes = load_probes(args.probes)  # bad probe files and seeds fail before the (slow) pipeline load
+    check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SweepError("no seeds given")
     state = PartialState()
     index, count = process_share()
     pipe = load_pipeline(args.model, device=str(state.device), dtype=args.dtype)
@@ -285,9 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint=model_fingerprint(pipe), scorer=args.scorer, scorer_fingerprint=scorer.fingerprint(),
     )
     out = sweep_dir(args.out, cfg) if args.nested else args.out
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     with torch.no_grad():
-        written = run_sweep(pipe, scorer, args.probes, seeds, out, cfg,
+        written = run_sweep(pipe, scorer, probes, seeds, out, cfg,
                             index, count, args.limit, progress=False)
     print(f"process {index}/{count}: wrote {len(written)} file(s)", flush=True)
     return 0

@@ -1,0 +1,185 @@
+"""SAGE inputs that used to slip through: member settings and the scheduler in the resume key, an aliasing CLIP
+resize, an LM that proposes nothing, a latent that is not a tensor."""
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from lib.sage.latent import LatentShapeError, search_latents
+from lib.sage.loss import ClipMember, EdgeMember, Ensemble, FnMember
+from lib.sage.prompt import PromptSearch, prompt_campaign, search_prompt
+from lib.sage.resume import campaign_key, member_settings
+from lib.scoring import ClipScorer
+from lib.twins import build_twin
+
+LABELS = ("cat", "dog", "car")
+NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "p_class",
+                       "fooled_fraction", "found", "category", "stopped"]  # what notebooks/02 reads
+
+
+def small_net(n: int = len(LABELS), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, n))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads under contention run ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_twin("sd-v1")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def edge_ensemble(**edge) -> Ensemble:
+    """The same weights every time (seeded); only the edge member's settings vary."""
+    return Ensemble([FnMember(small_net(seed=1), LABELS, "a"), EdgeMember(FnMember(small_net(seed=3), LABELS, "c"),
+                                                                          name="edge", **edge)])
+
+
+# ------------------------------------------------------------------------------------------------------ resume key
+def scheduler_pipe(**config) -> SimpleNamespace:
+    """No weights (the fingerprint skips missing modules), only a scheduler: the key's scheduler part alone."""
+    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1)
+    return SimpleNamespace(scheduler=DDIMScheduler(**{**base, **config}))
+
+
+def test_the_key_changes_with_edge_member_settings():
+    p = scheduler_pipe()
+    key = campaign_key(p, edge_ensemble())
+    assert campaign_key(p, edge_ensemble()) == key  # a rebuilt, identical ensemble: the same key
+    for change in (dict(low=0.05), dict(high=0.3), dict(sigma=2.0), dict(invert=False), dict(gradient="soft")):
+        assert campaign_key(p, edge_ensemble(**change)) != key, change
+
+
+def test_the_key_changes_with_the_clip_logit_scale():
+    def clip(scale: float) -> Ensemble:
+        torch.manual_seed(0)
+        vis, txt = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Embedding(100, 8)
+        scorer = ClipScorer(encode_image=vis, encode_text=lambda ids: txt(ids).mean(1), module=vis, image_size=32,
+                            tokenize=lambda ts: torch.tensor([[len(w) % 100 for w in t.split()] for t in ts]))
+        return Ensemble([ClipMember(scorer, LABELS, logit_scale=scale)])
+
+    p = scheduler_pipe()
+    assert campaign_key(p, clip(100.0)) == campaign_key(p, clip(100.0))
+    assert campaign_key(p, clip(50.0)) != campaign_key(p, clip(100.0))
+    assert member_settings(clip(50.0).members[0])["scorer"]["image_size"] == 32  # the scorer's preprocessing counts
+
+
+def test_the_key_changes_with_the_scheduler_config():
+    ens = edge_ensemble()
+    key = campaign_key(scheduler_pipe(), ens)
+    assert campaign_key(scheduler_pipe(), ens) == key  # a fresh scheduler, same config: the same key
+    assert campaign_key(scheduler_pipe(beta_end=0.02), ens) != key
+    assert campaign_key(scheduler_pipe(timestep_spacing="trailing"), ens) != key
+
+
+def test_member_settings_recurse_into_the_wrapped_member():
+    inner = EdgeMember(FnMember(small_net(), LABELS, "c"), low=0.3, high=0.4, name="inner-edge")
+    s = member_settings(EdgeMember(inner, name="outer"))
+    assert s["type"] == "EdgeMember" and s["low"] == 0.1 and s["invert"] is True
+    assert s["inner"]["low"] == 0.3 and s["inner"]["inner"]["name"] == "c" and "training" not in s
+
+
+# ----------------------------------------------------------------------------------------------- CLIP preprocessing
+def captured_scorer(image_size: int) -> tuple[ClipScorer, list]:
+    """A scorer whose image tower records the preprocessed pixels (mean 0, std 1: the resize alone)."""
+    seen = []
+
+    def encode_image(x):
+        seen.append(x)
+        return x.mean((2, 3))
+
+    return ClipScorer(encode_image=encode_image, encode_text=lambda ids: ids.float(), tokenize=lambda ts: None,
+                      image_size=image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), seen
+
+
+def test_the_clip_resize_is_antialiased():
+    board = ((torch.arange(512)[:, None] + torch.arange(512)[None]) % 2).float().expand(1, 3, -1, -1)
+    scorer, seen = captured_scorer(224)
+    scorer.image_features(board)
+    x = seen[0]
+    assert x.shape == (1, 3, 224, 224)
+    assert x.std() < 0.01 and abs(float(x.mean()) - 0.5) < 0.01, float(x.std())  # aliasing: std ≈ 0.2
+
+
+def test_toy_size_images_are_not_resized():
+    img = torch.rand(2, 3, 64, 64)
+    scorer, seen = captured_scorer(64)  # the toy CLIP's size: its inputs reach the tower untouched
+    scorer.image_features(img)
+    assert torch.equal(seen[0], img)
+
+
+# ----------------------------------------------------------------------------------------------- the prompt search
+class StubLM:
+    """Proposes ``words[round]`` (one word: no embedding optimisation), then nothing; never ends a sentence."""
+
+    def __init__(self, *words: str):
+        self.words = list(words)
+        self.calls = 0
+        self.model = nn.Linear(1, 1).requires_grad_(False)  # hashed into a campaign's key: fixed weights
+        self.model.weight.zero_()
+        self.model.bias.zero_()
+
+    def encode(self, prefix: str) -> list[int]:
+        return [1]
+
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
+        self.calls += 1
+        return [self.words[self.calls - 1]] if self.calls <= len(self.words) else []
+
+    def end_prob(self, prompt: str) -> float:
+        return 0.0
+
+
+def test_an_lm_with_no_word_gives_one_row_saying_why(pipe, tmp_path):
+    ens = edge_ensemble()
+    cfg = PromptSearch(n_words=3, min_prob=0.25)
+    df = search_prompt(pipe, ens, StubLM(), "cat", [0], steps=2, config=cfg)
+    assert len(df) == 1 and df.found.tolist() == [False] and df.word.isna().all()
+    assert df.stopped[0] == "LM proposed no word above min_prob=0.25" and df.prompt[0] == "a photo of a cat"
+    assert math.isnan(df.best_loss[0])  # nothing rendered: no loss known
+    grown = search_prompt(pipe, ens, StubLM("red"), "cat", [0], steps=2, config=cfg)
+    assert list(df.columns) == list(grown.columns)  # the same columns as a normal round
+    rounds = prompt_campaign(pipe, ens, StubLM(), ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    again = prompt_campaign(pipe, ens, StubLM(), ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    assert again.resumed.all() and again.stopped.tolist() == rounds.stopped.tolist()  # written and read back
+    assert set(NOTEBOOK_02_COLUMNS) <= set(rounds.columns)
+    final = (rounds.sort_values(["cls", "found", "round"], ascending=[True, False, True]).groupby("cls").head(1)
+             .set_index("cls").loc[["cat"]].reset_index())  # notebook 02's choice of each class's result
+    assert final.prompt.tolist() == ["a photo of a cat"] and not final.found.any()
+
+
+def test_a_class_with_no_find_reports_its_best_loss(pipe):
+    ens = edge_ensemble()
+    df = search_prompt(pipe, ens, StubLM("red", "sleeping", "car"), "cat", [0, 1], steps=2,
+                       config=PromptSearch(n_words=4))
+    assert len(df) == 4 and not df.found.any() and df.stopped[:3].isna().all()
+    assert df.word[:3].tolist() == ["red", "sleeping", "car"] and pd.isna(df.word[3])
+    assert df.stopped[3].startswith("LM proposed no word")
+    assert df.loss_prompt[:3].notna().all() and df.loss_prompt[:3].nunique() > 1  # the check is not vacuous
+    assert df.best_loss[:3].tolist() == pytest.approx(df.loss_prompt[:3].cummin().tolist())
+    assert df.best_loss.iloc[-1] == pytest.approx(df.loss_prompt.min())  # the best round's, not round 0's
+    assert pd.isna(df.loss_prompt.iloc[-1])
+
+
+# ----------------------------------------------------------------------------------------------- the latent search
+def test_a_list_latent_raises_the_shape_error(pipe):
+    ens = edge_ensemble()
+    with pytest.raises(LatentShapeError, match=r"latent has shape list; this pipeline expects \(B, 4, 8, 8\)"):
+        search_latents(pipe, ens, "a cat", "cat", latents=[[0.0] * 8] * 8, steps=2)
+    with pytest.raises(LatentShapeError, match=r"shape \(4, 8, 8\)"):
+        search_latents(pipe, ens, "a cat", "cat", latents=torch.zeros(4, 8, 8), steps=2)
