@@ -15,32 +15,10 @@ from lib.sage.loss import ClipMember, EdgeMember, Ensemble, FnMember
 from lib.sage.prompt import PromptSearch, prompt_campaign, search_prompt
 from lib.sage.resume import campaign_key, member_settings
 from lib.scoring import ClipScorer
-from lib.twins import build_twin
+from test_sage import LABELS, one_thread, pipe, small_net  # noqa: F401 - shared fixtures and helpers
 
-LABELS = ("cat", "dog", "car")
 NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "p_class",
                        "fooled_fraction", "found", "category", "stopped"]  # what notebooks/02 reads
-
-
-def small_net(n: int = len(LABELS), seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, n))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads under contention run ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = build_twin("sd-v1")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def edge_ensemble(**edge) -> Ensemble:
