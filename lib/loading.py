@@ -140,16 +140,24 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     return pipe
 
 
+def tokenizer_problem(tokenizer, text_encoder) -> str | None:
+    """Why a loaded tokenizer cannot serve its text encoder (None if it can): a damaged ``tokenizer.json`` loads as a
+    tiny vocabulary and a missing ``tokenizer_config.json`` drops the 77-token limit, both without complaint; ids
+    beyond the embedding table would crash later."""
+    n, vocab, limit = len(tokenizer), text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
+    if n < 1000 or n > vocab or tokenizer.model_max_length > limit:
+        return (f"{n} tokens, max length {tokenizer.model_max_length}, for a text encoder of {vocab} tokens and "
+                f"length {limit}")
+    return None
+
+
 def _check_tokenizers(pipe, where: str, hint: str) -> None:
-    """A damaged tokenizer folder loads without complaint (a tiny vocabulary, or no 77-token limit): refuse it."""
+    """Refuse a pipeline whose tokenizer folder is damaged (:func:`tokenizer_problem`)."""
     for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
-        if tok is None or enc is None:
-            continue
-        n, vocab, limit = len(tok), enc.config.vocab_size, enc.config.max_position_embeddings
-        if n < 1000 or n > vocab or tok.model_max_length > limit:
-            raise ModelLoadError(f"{Path(where) / tok_name} looks damaged: {n} tokens, max length "
-                                 f"{tok.model_max_length}, for a text encoder of {vocab} tokens and length {limit}{hint}")
+        problem = None if tok is None or enc is None else tokenizer_problem(tok, enc)
+        if problem:
+            raise ModelLoadError(f"{Path(where) / tok_name} looks damaged: {problem}{hint}")
 
 
 def _has_safety_checker(kind: str, where: str) -> bool:

@@ -32,21 +32,23 @@ def test_trace_case_runs_on_the_tiny_twin(tmp_path):
     assert res["params"]["layers"] == 70 and res["params"]["steps"] == 4 and res["median_s"] > 0
 
 
-def test_batched_sage_case_reports_the_time_per_search(tmp_path):
+def _tiny_sage_case(name: str, tmp_path) -> dict:
+    """One run (no warm-up) of a SAGE case on the tiny twin, 1 thread; its JSON result."""
     out = tmp_path / "sage.json"
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
-           "sage_latent_iter_b8_steps", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases", name,
+           "--warmup", "0", "--repeats", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     (res,) = json.loads(out.read_text())["results"]
+    return res
+
+
+def test_batched_sage_case_reports_the_time_per_search(tmp_path):
+    res = _tiny_sage_case("sage_latent_iter_b8_steps", tmp_path)
     assert res["params"]["batch"] == 8 and res["extra"]["s_per_image"] == res["median_s"] / 8
     assert res["params"]["checkpointing"] == "steps" and res["params"]["vae_slicing"] is True
 
 
 def test_sage_case_without_checkpointing_runs_one_search(tmp_path):
-    out = tmp_path / "sage.json"
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
-           "sage_latent_iter_k40_nockpt", "--warmup", "0", "--repeats", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    (res,) = json.loads(out.read_text())["results"]
+    res = _tiny_sage_case("sage_latent_iter_k40_nockpt", tmp_path)
     assert res["params"]["checkpointing"] == "none" and "batch" not in res["params"]
     assert (res["params"]["steps"], res["params"]["residual_step"]) == (4, 3) and res["median_s"] > 0

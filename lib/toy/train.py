@@ -177,18 +177,6 @@ def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
     return folder
 
 
-def check_tokenizer(tokenizer, text_encoder, folder: str | Path) -> None:
-    """Raise if a loaded tokenizer cannot serve its text encoder: a damaged ``tokenizer.json`` loads as a tiny
-    vocabulary (every word becomes one id) and a missing ``tokenizer_config.json`` drops the 77-token limit, both
-    silently; ids beyond the embedding table would crash later."""
-    n, vocab = len(tokenizer), text_encoder.config.vocab_size
-    limit = text_encoder.config.max_position_embeddings
-    if n < 1000 or n > vocab or tokenizer.model_max_length != limit:
-        raise _corrupt(Path(folder), ValueError(f"its tokenizer has {n} tokens and max length "
-                                                f"{tokenizer.model_max_length}; the text encoder expects at most "
-                                                f"{vocab} tokens and length {limit}"))
-
-
 def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline`` of the toy model (offline), with a clear error if files are missing/corrupt."""
     from diffusers import StableDiffusionPipeline
@@ -198,7 +186,11 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
         pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
         raise _corrupt(folder, err) from err
-    check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder / "tokenizer")
+    from lib.loading import tokenizer_problem
+
+    problem = tokenizer_problem(pipe.tokenizer, pipe.text_encoder)
+    if problem:
+        raise _corrupt(folder / "tokenizer", ValueError(problem))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
