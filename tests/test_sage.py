@@ -128,6 +128,15 @@ def test_bad_classes_and_goals_raise():
         ens.indices("zebra")
     with pytest.raises(ValueError, match="equals the source"):
         ens.loss([torch.ones(1, 3) / 3], "cat", "become", "Cat")
+    many = Ensemble([const_member([0.0] * 60, [f"label{i:02d}" for i in range(60)], "wide")])
+    with pytest.raises(UnknownClassError, match=r"no near match \(first labels: label00, label01, .*, …\)$"):
+        many.indices("qwxyzz")
+    grouped = Ensemble([const_member([0.0, 0.0, 0.0])], groups={"pet": ("cat", "dog")})
+    with pytest.raises(ValueError, match=r"target 'cat' overlaps the source class 'pet' for member .*shared labels: cat"):
+        grouped.loss([torch.ones(1, 3) / 3], "pet", "become", "cat")
+    with pytest.raises(ValueError, match="overlaps the source class"):
+        grouped.judge([torch.ones(1, 3) / 3], "cat", "become", "pet")
+    assert grouped.loss([torch.ones(1, 3) / 3], "pet", "become", "car").shape == (1,)
     with pytest.raises(ValueError, match="unknown goal"):
         ens.loss([torch.ones(1, 3) / 3], "cat", "win")
     with pytest.raises(ValueError, match="at least one member"):

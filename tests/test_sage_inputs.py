@@ -12,13 +12,13 @@ from torch import nn
 
 from lib.sage.latent import LatentShapeError, search_latents
 from lib.sage.loss import ClipMember, EdgeMember, Ensemble, FnMember
-from lib.sage.prompt import PromptSearch, prompt_campaign, search_prompt
+from lib.sage.prompt import CandidateLM, PromptError, PromptSearch, final_prompts, prompt_campaign, search_prompt
 from lib.sage.resume import campaign_key, member_settings
 from lib.scoring import ClipScorer
 from test_sage import LABELS, one_thread, pipe, small_net  # noqa: F401 - shared fixtures and helpers
 
-NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "p_class",
-                       "fooled_fraction", "found", "category", "stopped"]  # what notebooks/02 reads
+NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "loss_prompt", "best_loss",
+                       "p_class", "fooled_fraction", "found", "category", "stopped"]  # what notebooks/02 reads
 
 
 def edge_ensemble(**edge) -> Ensemble:
@@ -112,7 +112,7 @@ class StubLM:
         self.model.weight.zero_()
         self.model.bias.zero_()
 
-    def encode(self, prefix: str) -> list[int]:
+    def encode(self, prefix: str, room: int = 1) -> list[int]:
         return [1]
 
     def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
@@ -136,8 +136,7 @@ def test_an_lm_with_no_word_gives_one_row_saying_why(pipe, tmp_path):
     again = prompt_campaign(pipe, ens, StubLM(), ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
     assert again.resumed.all() and again.stopped.tolist() == rounds.stopped.tolist()  # written and read back
     assert set(NOTEBOOK_02_COLUMNS) <= set(rounds.columns)
-    final = (rounds.sort_values(["cls", "found", "round"], ascending=[True, False, True]).groupby("cls").head(1)
-             .set_index("cls").loc[["cat"]].reset_index())  # notebook 02's choice of each class's result
+    final = final_prompts(rounds, ["cat"])  # notebook 02's choice of each class's result
     assert final.prompt.tolist() == ["a photo of a cat"] and not final.found.any()
 
 
@@ -152,6 +151,64 @@ def test_a_class_with_no_find_reports_its_best_loss(pipe):
     assert df.best_loss[:3].tolist() == pytest.approx(df.loss_prompt[:3].cummin().tolist())
     assert df.best_loss.iloc[-1] == pytest.approx(df.loss_prompt.min())  # the best round's, not round 0's
     assert pd.isna(df.loss_prompt.iloc[-1])
+
+
+def test_final_prompts_takes_the_first_find_else_the_best_round():
+    rounds = pd.DataFrame(dict(
+        cls=["cat"] * 3 + ["dog"] * 3 + ["car"],
+        round=[0, 1, 2, 0, 1, 2, 0],
+        prompt=["c0", "c1", "c2", "d0", "d1", "d2", "k0"],
+        found=[False, True, True, False, False, False, False],
+        loss_prompt=[0.5, -1.0, -1.5, 0.9, -0.2, math.nan, math.nan]))
+    final = final_prompts(rounds.sample(frac=1, random_state=0), ["dog", "cat", "car"])
+    assert final.prompt.tolist() == ["d1", "c1", "k0"]  # dog: best loss (not the last, not round 0); car: nothing rendered
+    assert final.found.tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="no search rounds for class 'cow'"):
+        final_prompts(rounds, ["cow"])
+
+
+def byte_level_lm(n_positions: int = 64, eos_appended: bool = True):
+    """A GPT-2 shaped LM with a byte-level BPE tokenizer (no unknown token), built offline; its tokenizer appends
+    EOS like some hub tokenizers do. Random weights: the words it proposes are arbitrary, the code paths are not."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a photo of a cat sleeping on a beach", "a picture of a dog jumping in a city"] * 20,
+                            vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    eos = bpe.token_to_id("<|endoftext|>")
+    if eos_appended:
+        bpe.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                           special_tokens=[("<|endoftext|>", eos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
+                     eos_token_id=eos, bos_token_id=eos)
+    return CandidateLM(GPT2LMHeadModel(cfg), tok)
+
+
+def test_a_byte_level_hub_style_lm_proposes_words_and_drives_the_search(pipe):
+    lm = byte_level_lm()
+    assert lm.tokenizer.unk_token_id is None and lm.tokenizer("a cat").input_ids[-1] == lm.tokenizer.eos_token_id
+    ids = lm.encode("a photo of a cat")
+    assert ids[-1] != lm.tokenizer.eos_token_id  # the appended EOS is dropped: the LM continues the text
+    words = lm.propose("a photo of a cat", k=5)
+    assert 0 < len(words) <= 5 and all(w.isalpha() and w == w.lower() for w in words) and len(set(words)) == len(words)
+    assert 0.0 <= lm.end_prob("a photo of a cat") <= 1.0
+    df = search_prompt(pipe, edge_ensemble(), lm, "cat", [0], steps=2, config=PromptSearch(n_words=1, iterations=1))
+    assert len(df) == 1 and df.word[0] in lm.propose("a photo of a cat", k=20)
+    assert df.prompt[0] == f"a photo of a cat {df.word[0]}"
+
+
+def test_a_template_longer_than_the_lm_context_is_a_prompt_error(pipe):
+    lm = byte_level_lm(n_positions=12, eos_appended=False)
+    n = len(lm.encode("a photo of a cat"))
+    assert len(lm.encode("a photo of a cat", room=12 - n)) == n  # exactly full is fine
+    with pytest.raises(PromptError, match=rf"is {n} LM tokens and the LM's context holds 12: no room for {13 - n} more"):
+        lm.encode("a photo of a cat", room=13 - n)
+    long = "a photo of a cat " + "on a beach " * 4
+    with pytest.raises(PromptError, match="the LM's context holds 12"):
+        search_prompt(pipe, edge_ensemble(), lm, "cat", [0], steps=2, config=PromptSearch(template=long + "{cls}"))
 
 
 # ----------------------------------------------------------------------------------------------- the latent search

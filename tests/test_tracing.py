@@ -15,6 +15,7 @@ from lib.sampling import encode, initial_latents
 from lib.scoring import ClipScorer
 from lib.tracing.corrupt import Corruption, corrupted, embedding_std, encode_pair, token_embedding
 from lib.tracing.layers import LayerError, TextSite, resolve_unet_layers, text_sites, unet_kind, unet_layers
+from lib.tracing.report import nan_report
 from lib.tracing.score import choose_tau, mark_causal, otsu, recovery, summarize, token_group
 from lib.tracing.sweep import (SweepConfig, SweepError, collect, load_probes, run_sweep, shard, work_items)
 from lib.tracing.text_encoder import TextRestore, restored_conditionings, trace_text
@@ -59,8 +60,13 @@ def test_unknown_layer_names_are_clear_errors():
     unet = pipe("sd-v1").unet
     with pytest.raises(LayerError, match="did you mean down_blocks.1.resnets.1"):
         resolve_unet_layers(unet, ["down_block.1.resnets.1"])
-    with pytest.raises(LayerError, match="valid names: down_blocks.0.resnets.0"):
+    with pytest.raises(LayerError, match=r"did you mean down_blocks.1.resnets.1, .*\? valid names \(70\): down_blocks.0"):
+        resolve_unet_layers(unet, ["down_block.1.resnets.1"])
+    with pytest.raises(LayerError, match=r"valid names \(70\): down_blocks.0.resnets.0, .*up_blocks.3.attentions.2."
+                                         r"transformer_blocks.0.ff$"):
         resolve_unet_layers(unet, ["nonsense"])
+    with pytest.raises(LayerError, match=r"unknown text-encoder layer 'text_encoder_2'; .*valid names \(1\): text_encoder$"):
+        text_sites(pipe("sd-v1"), encoders=["text_encoder_2"])
     assert len(resolve_unet_layers(unet, kinds=["attn2"])) == 16
 
 
@@ -199,6 +205,21 @@ def test_text_trace_images_and_metadata():
     assert torch.allclose(tr.restored[0], tr.corrupted[0], atol=1e-5)  # restoring <bos> changes nothing
 
 
+def test_text_trace_batched_equals_one_run_per_restoration():
+    """Many restorations per encoder call and per generation loop give the images of one trace per restoration."""
+    p = pipe("sd-v1")
+    sites = text_sites(p, layers=[0, 2])
+    batched = trace_text(p, CAPTION, SUBJECT, 1, sites, tokens=[5, 6], steps=2, batch_size=4)
+    one = [trace_text(p, CAPTION, SUBJECT, 1, [site], tokens=[tok], steps=2, batch_size=1)
+           for site in sites for tok in (5, 6)]
+    assert [m["layer"] for m in batched.meta] == [o.meta[0]["layer"] for o in one]
+    reference = torch.cat([o.restored for o in one])
+    assert (batched.restored - reference).abs().max() < ATOL
+    assert torch.allclose(batched.corrupted, one[0].corrupted, atol=ATOL)
+    moved = (reference - batched.corrupted).abs().amax((1, 2, 3))
+    assert moved.min() > ATOL and moved.max() > 100 * ATOL  # every restoration moves its image beyond the tolerance
+
+
 # --- scoring and the threshold rule --------------------------------------------------------------------------------
 
 def _rows(scores, clean=30.0, corrupted=20.0, split="val", nan=None):
@@ -247,7 +268,8 @@ def test_probe_loader_and_sharding(tmp_path):
         load_probes(empty)
     with pytest.raises(SweepError, match="lacks column"):
         load_probes(PROBES.drop(columns="split"))
-    with pytest.raises(SweepError, match="'cat' is not in caption"):
+    with pytest.raises(SweepError, match=r"subject 'cat' \(tokens \['cat</w>'\]\) is not in caption 'a photo of a red "
+                                         r"car' \(tokens \['a</w>', 'photo</w>'"):
         load_probes(PROBES.assign(subject=["cat", "dog", "blue"]))
     items = work_items(PROBES, [0, 1])
     parts = [shard(items, i, 2) for i in range(2)]
@@ -277,6 +299,8 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
     nan_rows = df[df["nan"]]
     assert set(nan_rows["layer"]) == {SUBSET[0]} and len(nan_rows) == 2 and nan_rows["score"].isna().all()
     assert not df.loc[~df["nan"], "score"].isna().any() and not nan_rows["causal"].any()
+    report = nan_report(df)  # what the notebooks show: one line per item with a non-finite run
+    assert len(report) == 2 and (report["nan_runs"] == 1).all() and set(report["caption"]) == set(nan_rows["caption"])
     with pytest.raises(SweepError, match="different sweep config"):
         run_sweep(p, toy_scorer(), PROBES, [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1, progress=False)
     with pytest.raises(SweepError, match="empty"):
@@ -352,7 +376,7 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
 
 @pytest.mark.parametrize("rows,error", [
     ("", "empty"),
-    ("a photo of a dog,cat,objects,val\n", "'cat' is not in caption"),
+    ("a photo of a dog,cat,objects,val\n", r"'cat' \(tokens \['cat</w>'\]\) is not in caption 'a photo of a dog' \(tokens"),
     ("a photo of a carpet,car,objects,val\n", "subject 'car'.*not found in caption 'a photo of a carpet'"),
     ("a photo of a " + "very " * 80 + "red car,red car,color,val\n", "limit 77"),
 ])
@@ -393,17 +417,21 @@ def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, monkeypatch):
 
 
 def test_accelerate_launch_splits_items(tmp_path):
-    """Two processes through ``accelerate launch --multi_gpu`` (torchrun; CPU-only works): ~30 s on 2 busy CPUs."""
+    """Two processes through ``accelerate launch --multi_gpu`` (torchrun; CPU-only works) on the toy world, scored by
+    the toy CLIP: ~30 s on 2 busy CPUs."""
+    from lib.tracing.probes import probe_path
+
     probes = tmp_path / "probes.csv"
-    PROBES.to_csv(probes, index=False)
+    load_probes(probe_path("toy")).iloc[:3].to_csv(probes, index=False)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-           "lib.tracing.sweep", "--model", "twin:sd-v1", "--probes", str(probes), "--out", str(tmp_path / "o"),
-           "--steps", "2", "--layers", ",".join(SUBSET[:2]), "--scorer", "random"]
+           "lib.tracing.sweep", "--model", "toy", "--probes", str(probes), "--out", str(tmp_path / "o"),
+           "--steps", "2", "--layers", ",".join(SUBSET[:2])]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "process 0/2: wrote 2 file(s)" in proc.stdout and "process 1/2: wrote 1 file(s)" in proc.stdout
-    assert len(collect(tmp_path / "o", tau=0.5)) == 6
+    df = collect(tmp_path / "o", tau=0.5)
+    assert len(df) == 6 and set(df["model"]) == {"toy"} and df["score"].notna().all()
 
 
 # --- probe sets, config folders, reports and figures ------------------------------------------------------------

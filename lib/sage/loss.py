@@ -287,12 +287,27 @@ class Ensemble(nn.Module):
                 near = difflib.get_close_matches(key, sorted(set(labels) | set(self.groups)), n=5, cutoff=0.5)
                 if near:
                     hint = f"; near matches: {', '.join(repr(n) for n in near)}"
+                elif len(labels) <= 50:
+                    hint = f"; its labels: {', '.join(labels)}"
                 else:
-                    hint = f"; its labels: {', '.join(labels)}" if len(labels) <= 50 else ""
+                    hint = (f"; no near match (first labels: {', '.join(labels[:8])}, …)"
+                            + (f"; groups: {', '.join(sorted(self.groups)[:20])}" if self.groups else ""))
                 raise UnknownClassError(f"class {name!r} is not a label of member {mname!r}"
                                         f" ({len(labels)} labels) nor a group{hint}")
             out.append(idx)
         return out
+
+    def check_distinct(self, source: str, target: str) -> None:
+        """``ValueError`` when ``target`` names the source class, or shares a label with it for some member (an
+        ImageNet "tabby" inside the "cat" group): such a target is reached without leaving the source."""
+        if source.strip().lower() == target.strip().lower():
+            raise ValueError(f"target {target!r} equals the source class: choose a different target")
+        for name, src, tgt, m in zip(self.names, self.indices(source), self.indices(target), self.members):
+            shared = sorted(set(src) & set(tgt))
+            if shared:
+                raise ValueError(f"target {target!r} overlaps the source class {source!r} for member {name!r} (shared "
+                                 f"labels: {', '.join(str(m.labels[i]) for i in shared[:5])}); choose a target "
+                                 "outside the source's group")
 
     def _shared_names(self, cls: str) -> tuple[list[str], list[torch.Tensor]]:
         """Label names every member has, outside ``cls``'s group, and per member a (n_labels, K) 0/1 matrix that sums
@@ -355,7 +370,7 @@ class Ensemble(nn.Module):
         if goal == "become":
             if target is None:
                 raise ValueError("goal 'become' needs a target class")
-            _check_distinct(cls, target)
+            self.check_distinct(cls, target)
             tgt = self.indices(target)
         c_idx = self.indices(cls)
         agreed = self._agreed(probs, cls) if goal == "other" else None
@@ -382,7 +397,7 @@ class Ensemble(nn.Module):
         if verdict == "become":
             if target is None:
                 raise ValueError("verdict 'become' needs a target class")
-            _check_distinct(cls, target)
+            self.check_distinct(cls, target)
             tgt = self.indices(target)
             return torch.stack([_in(p.argmax(-1), tgt[m]) for m, p in enumerate(probs)]).all(0)
         c_idx, k = self.indices(cls), self.criteria
@@ -426,7 +441,3 @@ def _max_other(p: torch.Tensor, c_idx: Sequence[int]) -> torch.Tensor:
     mask[list(c_idx)] = True
     return p.masked_fill(mask, float("-inf")).max(-1).values
 
-
-def _check_distinct(source: str, target: str) -> None:
-    if source.strip().lower() == target.strip().lower():
-        raise ValueError(f"target {target!r} equals the source class: choose a different target")

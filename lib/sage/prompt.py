@@ -215,8 +215,15 @@ class CandidateLM:
             raise ValueError("pass the tokenizer with a model object")
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
 
-    def encode(self, prefix: str) -> list[int]:
-        """LM ids of ``prefix``; :class:`PromptError` when the LM's tokenizer cannot encode it."""
+    @property
+    def context(self) -> int | None:
+        """The LM's context length in tokens (``None`` when its config does not say)."""
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def encode(self, prefix: str, room: int = 1) -> list[int]:
+        """LM ids of ``prefix``; :class:`PromptError` when the LM's tokenizer cannot encode it or its context has no
+        room for ``room`` more tokens after it."""
         tok = self.tokenizer
         ids = list(tok(prefix).input_ids)
         if ids and len(ids) > 1 and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id \
@@ -227,6 +234,9 @@ class CandidateLM:
             bad = [w for w in prefix.split() if unk is not None and unk in tok(w, add_special_tokens=False).input_ids]
             raise PromptError(f"the LM's tokenizer cannot encode {prefix!r}: unknown word(s) {bad or '(all)'}; "
                               "use a template and class in its vocabulary")
+        if self.context is not None and len(ids) + room > self.context:
+            raise PromptError(f"{prefix[:60]!r}... is {len(ids)} LM tokens and the LM's context holds {self.context}: "
+                              f"no room for {room} more; shorten the template or use an LM with a longer context")
         return ids
 
     @torch.no_grad()
@@ -301,7 +311,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     if not seeds:
         raise ValueError("need at least one seed")
     base = config.template.format(cls=cls)
-    lm.encode(base)  # fails early with the unknown words
+    lm.encode(base, room=config.n_words)  # fails early: unknown words, or no room in the LM's context for the words
     prompt, rows, best = base, [], math.nan
     scale = loss_scale_for(pipe)
     d = slot_dim(pipe)
@@ -357,6 +367,26 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         if found and config.stop_on_success:
             break
     return pd.DataFrame(rows)
+
+
+def final_prompts(rounds, classes: Sequence[str]):
+    """Each class's result, one row per class in ``classes`` order: its first found round, else its best round by
+    ``loss_prompt`` (reported as not found; the first round when no prompt was rendered)."""
+    import pandas as pd
+
+    rows = []
+    for c in classes:
+        d = rounds[rounds["cls"] == c].sort_values("round")
+        if d.empty:
+            raise ValueError(f"no search rounds for class {c!r}; classes searched: {sorted(set(rounds['cls']))}")
+        hits = d[d["found"].astype(bool)]
+        if len(hits):
+            rows.append(hits.iloc[0])
+        elif d["loss_prompt"].notna().any():
+            rows.append(d.loc[d["loss_prompt"].idxmin()])
+        else:
+            rows.append(d.iloc[0])
+    return pd.DataFrame(rows).reset_index(drop=True)
 
 
 def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import signed_step
-from lib.sage.loss import Ensemble, _check_distinct
+from lib.sage.loss import Ensemble
 from lib.sage.prompt import (
     _check_pipe, _replaced_embeddings, encode_with_slots, render_with_slots, slot_dim, slot_ids,
 )
@@ -71,8 +71,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     resumed from (module docstring); ``meta["resumed_from"]`` is the iteration the run continued from (0: fresh).
     """
     _check_pipe(pipe)
-    _check_distinct(source, target)
-    ensemble.indices(source), ensemble.indices(target)
+    ensemble.check_distinct(source, target)
     if not prompts or not seeds:
         raise ValueError("need at least one training prompt and one seed")
     if checkpoint_every < 1:

@@ -80,13 +80,13 @@ def resolve_unet_layers(unet: torch.nn.Module, names: Iterable[str] | None = Non
 
 
 def check_names(names: Sequence[str], valid: Sequence[str], what: str) -> None:
-    """Raise ``LayerError`` for the first name not in ``valid``, with close matches (or the list) as a hint."""
+    """Raise ``LayerError`` for the first name not in ``valid``: close matches first, then every valid name."""
     known = set(valid)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else f"valid names: {', '.join(valid)}"
-            raise LayerError(f"unknown {what} layer {name!r}; {hint}")
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise LayerError(f"unknown {what} layer {name!r}; {hint}valid names ({len(valid)}): {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,3 @@ def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str]
         sites += [TextSite(enc, i, k, prefix) for i in idx for k in kinds]
     return sites
 
-
-def parse_text_site(pipe, name: str) -> TextSite:
-    """``text_encoder.encoder.layers.0.self_attn`` → ``TextSite``; unknown names raise ``LayerError``."""
-    valid = {s.name: s for s in text_sites(pipe)}
-    check_names([name], list(valid), "text-encoder")
-    return valid[name]

@@ -38,6 +38,7 @@ import torch
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.prompts import subject_positions
 from lib.scoring import ClipScorer
+from lib.tokenizer import build_clip_tokenizer
 from lib.tracing.corrupt import Corruption
 from lib.tracing.layers import TEXT_KINDS, resolve_unet_layers, text_sites
 from lib.tracing.score import choose_tau, mark_causal, trace_rows
@@ -64,7 +65,10 @@ def load_probes(source: str | Path | pd.DataFrame) -> pd.DataFrame:
                          "nothing to trace")
     for i, row in df.iterrows():
         if not str(row["caption"]).strip() or row["subject"].lower() not in row["caption"].lower():
-            raise SweepError(f"probe row {i}: subject {row['subject']!r} is not in caption {row['caption']!r}")
+            tok = build_clip_tokenizer()  # every SD text encoder uses CLIP's BPE: the tokens a model would see
+            raise SweepError(f"probe row {i}: subject {row['subject']!r} (tokens "
+                             f"{tok.tokenize(row['subject'])}) is not in caption {row['caption']!r} "
+                             f"(tokens {tok.tokenize(row['caption'])})")
     return df.reset_index(drop=True)
 
 
@@ -365,7 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from lib.loading import load_pipeline
-    from lib.tokenizer import build_clip_tokenizer
 
     probes = load_probes(args.probes)  # bad probe files and seeds fail before the (slow) pipeline load
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
