@@ -774,3 +774,19 @@ def test_evaluate_token_returns_images(pipe, ens):
     res = TokenResult(torch.zeros(32), "cat", "car", meta=dict(steps=2, guidance=7.5))
     df, with_tok, plain = evaluate_token(pipe, ens, res, ["a photo of a cat"], [0, 1], return_images=True)
     assert len(df) == 2 and with_tok.shape == plain.shape == (2, 3, 64, 64)
+
+
+def test_a_type2_latent_search_needs_the_members_to_agree(pipe, tmp_path):
+    """Through the batched campaign: two members that see one other label make every seed a type-2 failure at once;
+    two that see different other labels make none, each reported with its best loss."""
+    cfg = LatentSearch(mode="type2", iterations=2)
+    agree = Ensemble([const_member([0.0, 9.0, 0.0], name="d1"), const_member([0.0, 9.0, 0.0], name="d2")])
+    df, res = latent_campaign(pipe, agree, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg,
+                              out_dir=tmp_path / "agree")
+    assert df.found.tolist() == [True, True] and [r.iterations for r in res] == [0, 0]
+    split = Ensemble([const_member([0.0, 9.0, 0.0], name="d1"), const_member([0.0, 0.0, 9.0], name="c1")])
+    df, res = latent_campaign(pipe, split, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg,
+                              out_dir=tmp_path / "split")
+    assert not df.found.any() and all("not found" in r.summary() for r in res)
+    agreed_loss = float(agree.loss(agree.probs(res[0].image), "cat", "other").max())
+    assert df.best_loss.notna().all() and (df.best_loss > agreed_loss).all()  # disagreement costs loss
