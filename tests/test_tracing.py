@@ -65,7 +65,7 @@ def test_unknown_layer_names_are_clear_errors():
     with pytest.raises(LayerError, match=r"valid names \(70\): down_blocks.0.resnets.0, .*up_blocks.3.attentions.2."
                                          r"transformer_blocks.0.ff$"):
         resolve_unet_layers(unet, ["nonsense"])
-    with pytest.raises(LayerError, match=r"unknown text-encoder layer 'text_encoder_2'; .*valid names \(1\): text_encoder$"):
+    with pytest.raises(LayerError, match=r"unknown text encoder 'text_encoder_2'; .*valid names \(1\): text_encoder$"):
         text_sites(pipe("sd-v1"), encoders=["text_encoder_2"])
     assert len(resolve_unet_layers(unet, kinds=["attn2"])) == 16
 

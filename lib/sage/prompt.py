@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -219,7 +220,11 @@ class CandidateLM:
     def context(self) -> int | None:
         """The LM's context length in tokens (``None`` when its config does not say)."""
         cfg = self.model.config
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            n = getattr(cfg, name, None)
+            if isinstance(n, int) and n > 0:  # XLNet says -1: no limit
+                return n
+        return None
 
     def encode(self, prefix: str, room: int = 1) -> list[int]:
         """LM ids of ``prefix``; :class:`PromptError` when the LM's tokenizer cannot encode it or its context has no
@@ -235,7 +240,8 @@ class CandidateLM:
             raise PromptError(f"the LM's tokenizer cannot encode {prefix!r}: unknown word(s) {bad or '(all)'}; "
                               "use a template and class in its vocabulary")
         if self.context is not None and len(ids) + room > self.context:
-            raise PromptError(f"{prefix[:60]!r}... is {len(ids)} LM tokens and the LM's context holds {self.context}: "
+            shown = repr(prefix) if len(prefix) <= 60 else f"{prefix[:60]!r}..."
+            raise PromptError(f"{shown} is {len(ids)} LM tokens and the LM's context holds {self.context}: "
                               f"no room for {room} more; shorten the template or use an LM with a longer context")
         return ids
 
@@ -245,7 +251,7 @@ class CandidateLM:
         eos = self.tokenizer.eos_token_id
         if eos is None:
             return 1.0
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, room=0)  # scores the next token from the last position: no new position
         dev = next(self.model.parameters()).device
         return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos])
 
@@ -379,11 +385,12 @@ def final_prompts(rounds, classes: Sequence[str]):
         d = rounds[rounds["cls"] == c].sort_values("round")
         if d.empty:
             raise ValueError(f"no search rounds for class {c!r}; classes searched: {sorted(set(rounds['cls']))}")
-        hits = d[d["found"].astype(bool)]
+        hits = d[d["found"].eq(True)]  # NaN or a string is not a find
+        losses = d["loss_prompt"].to_numpy(float)
         if len(hits):
             rows.append(hits.iloc[0])
-        elif d["loss_prompt"].notna().any():
-            rows.append(d.loc[d["loss_prompt"].idxmin()])
+        elif not np.isnan(losses).all():
+            rows.append(d.iloc[int(np.nanargmin(losses))])  # the earliest round among equal losses
         else:
             rows.append(d.iloc[0])
     return pd.DataFrame(rows).reset_index(drop=True)

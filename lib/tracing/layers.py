@@ -26,7 +26,7 @@ TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 
 
 class LayerError(KeyError):
-    """An unknown layer name; the message lists close matches or the valid names."""
+    """An unknown layer (or text-encoder) name; the message lists close matches, then every valid name."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes
         return str(self.args[0])
@@ -70,7 +70,7 @@ def resolve_unet_layers(unet: torch.nn.Module, names: Iterable[str] | None = Non
         chosen = valid
     else:
         chosen = list(names)
-        check_names(chosen, valid, "UNet")
+        check_names(chosen, valid, "UNet layer")
     if kinds is not None:
         bad = sorted(set(kinds) - set(UNET_KINDS))
         if bad:
@@ -80,13 +80,14 @@ def resolve_unet_layers(unet: torch.nn.Module, names: Iterable[str] | None = Non
 
 
 def check_names(names: Sequence[str], valid: Sequence[str], what: str) -> None:
-    """Raise ``LayerError`` for the first name not in ``valid``: close matches first, then every valid name."""
+    """Raise ``LayerError`` for the first name not in ``valid`` (``what``: the kind of name, e.g. ``"UNet layer"``):
+    close matches first, then every valid name."""
     known = set(valid)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise LayerError(f"unknown {what} layer {name!r}; {hint}valid names ({len(valid)}): {', '.join(valid)}")
+            raise LayerError(f"unknown {what} {name!r}; {hint}valid names ({len(valid)}): {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str]
     """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices."""
     present = text_encoders(pipe)
     encoders = present if encoders is None else list(encoders)
-    check_names(encoders, present, "text-encoder")
+    check_names(encoders, present, "text encoder")
     bad = sorted(set(kinds) - set(TEXT_KINDS))
     if bad:
         raise LayerError(f"unknown text-encoder site kind(s) {bad}; choose from {list(TEXT_KINDS)}")
