@@ -103,7 +103,8 @@ def run_probe(style: str | None, n_train: int = 48_000, n_test: int = 800, steps
     character_scenes(style, 0, seed)  # an unknown style fails before loading anything
     if vae is None or classifiers is None:
         pipe, members, _ = load_toy_world(model)
-        vae, classifiers = vae or pipe.vae, classifiers or members
+        vae = pipe.vae if vae is None else vae
+        classifiers = members if classifiers is None else classifiers
     ensemble = with_ensemble(classifiers)["ensemble"]
     t0 = time.time()
     x_tr, y_tr, _ = character_scenes(style, n_train, seed + 1)
