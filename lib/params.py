@@ -78,6 +78,21 @@ COMMON: dict[str, Param] = {
 }
 
 
+def has_placeholder(name: str) -> Callable[[str], None]:
+    """A ``check`` for template strings: the value must contain ``{name}``."""
+    def check(value: str) -> None:
+        if "{" + name + "}" not in value:
+            raise ValueError(f"must contain '{{{name}}}', got {value!r}")
+    return check
+
+
+def check_step(P: SimpleNamespace, name: str, inclusive: bool = False) -> None:
+    """``P.<name>``, a denoising-step index, must be below ``P.STEPS`` (or equal, with ``inclusive``)."""
+    value = getattr(P, name)
+    if value is not None and (value > P.STEPS if inclusive else value >= P.STEPS):
+        raise ParameterError(f"{name}={value} must be {'<=' if inclusive else '<'} STEPS={P.STEPS}")
+
+
 def validate(values: Mapping[str, Any], **extra: Param) -> SimpleNamespace:
     """Check ``values`` (the notebook's parameters) against ``COMMON`` plus ``extra``; return them as a namespace.
 

@@ -21,3 +21,9 @@ def output_dir(path: str | Path | None, default_name: str) -> Path:
         out = REPO_ROOT / out
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def resolve_toy_folder(value: str | Path | None = None) -> Path:
+    """A toy-world folder: ``None`` or ``"toy"`` → ``data/toy``; a relative path is taken from the repo root."""
+    path = TOY_DIR if value in (None, "", "toy") else Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path

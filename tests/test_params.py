@@ -81,3 +81,29 @@ def test_every_notebook_parameter_is_documented_in_the_readme():
     assert notebooks
     missing = {nb.name: m for nb in notebooks if (m := [n for n in _parameter_names(nb) if n not in documented])}
     assert not missing, f"parameters missing from the README's tables: {missing}"
+
+
+def test_template_and_step_checks_shared_by_the_sage_notebooks():
+    from types import SimpleNamespace
+
+    from lib.params import check_step, has_placeholder
+
+    spec = {"TEMPLATE": Param(str, check=has_placeholder("cls"))}
+    assert validate({"TEMPLATE": "a photo of a {cls}"}, **spec).TEMPLATE == "a photo of a {cls}"
+    with pytest.raises(ParameterError, match=r"TEMPLATE: must contain '\{cls\}', got 'a photo of a dog'"):
+        validate({"TEMPLATE": "a photo of a dog"}, **spec)
+    check_step(SimpleNamespace(STEPS=10, GRAD_FROM_STEP=9), "GRAD_FROM_STEP")
+    check_step(SimpleNamespace(STEPS=10, RESIDUAL_STEP=10), "RESIDUAL_STEP", inclusive=True)
+    check_step(SimpleNamespace(STEPS=10, RESIDUAL_STEP=None), "RESIDUAL_STEP", inclusive=True)  # None: the default
+    with pytest.raises(ParameterError, match="GRAD_FROM_STEP=10 must be < STEPS=10"):
+        check_step(SimpleNamespace(STEPS=10, GRAD_FROM_STEP=10), "GRAD_FROM_STEP")
+    with pytest.raises(ParameterError, match="RESIDUAL_STEP=11 must be <= STEPS=10"):
+        check_step(SimpleNamespace(STEPS=10, RESIDUAL_STEP=11), "RESIDUAL_STEP", inclusive=True)
+
+
+def test_toy_folders_resolve_from_the_repo_root():
+    from lib.paths import REPO_ROOT, TOY_DIR, resolve_toy_folder
+
+    assert resolve_toy_folder(None) == resolve_toy_folder("toy") == TOY_DIR
+    assert resolve_toy_folder("data/toy") == REPO_ROOT / "data/toy"  # as 00's MODEL and 06's TOY_FOLDER take it
+    assert resolve_toy_folder("/elsewhere/toy") == __import__("pathlib").Path("/elsewhere/toy")

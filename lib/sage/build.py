@@ -120,6 +120,22 @@ def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> N
 TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+def setup(P, classes: Sequence[str], criteria: Criteria = Criteria()):
+    """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
+    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked."""
+    from lib.loading import load_pipeline
+    from lib.speed import save_memory
+
+    pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
+    freeze_pipeline(pipe)
+    save_memory(pipe, P.CHECKPOINTING)
+    ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(pipe.unet.device), attribute=P.ATTRIBUTE,
+                                  criteria=criteria)
+    check_classes(ens, classes, checker)
+    print("ensemble:", ens.names, "| checker:", getattr(checker, "name", None))
+    return pipe, ens, checker
+
+
 def load_lm(lm: str = "toy", device: str = "cpu"):
     """The proposer LM of the prompt search: ``"toy"`` (``data/toy/lm``), a local folder, or a hub id.
 

@@ -347,7 +347,7 @@ def _scorer(model: str, spec: str, device: str) -> ClipScorer:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="preset, hub id, local folder or twin:<family>")
-    ap.add_argument("--probes", required=True)
+    ap.add_argument("--probes", required=True, help="'toy', 'sd' (the committed probe sets) or a CSV path")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", default="0", help="comma-separated")
     ap.add_argument("--mode", choices=("unet", "text"), default="unet")
@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uncond", choices=("restore", "own"), default="restore")
     ap.add_argument("--layers", default=None, help="comma-separated UNet layer names (default: all)")
     ap.add_argument("--text-layers", default=None, help="comma-separated text-encoder layer indices")
+    ap.add_argument("--text-kinds", default=",".join(TEXT_KINDS),
+                    help=f"comma-separated states restored per text-encoder layer (default: {','.join(TEXT_KINDS)})")
     ap.add_argument("--scorer", default="auto", help="auto (toy CLIP for toy folders, random toy CLIP for twins, "
                     "open_clip ViT-L-14/openai otherwise), toy[:<folder>], random, openclip:<model>:<pretrained|none>")
     ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
@@ -370,7 +372,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from lib.loading import load_pipeline
 
-    probes = load_probes(args.probes)  # bad probe files and seeds fail before the (slow) pipeline load
+    from lib.tracing.probes import probe_path
+
+    try:
+        probes = load_probes(probe_path(args.probes))  # bad probe files and seeds fail before the (slow) pipeline load
+    except FileNotFoundError as err:
+        raise SweepError(str(err)) from None
+    kinds = tuple(k.strip() for k in args.text_kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - set(TEXT_KINDS):
+        raise SweepError(f"--text-kinds {args.text_kinds!r}: choose from {', '.join(TEXT_KINDS)}")
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
@@ -382,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SweepConfig(
         model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
         multiplier=args.multiplier, uncond=args.uncond,
-        layers=tuple(args.layers.split(",")) if args.layers else None,
+        layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
         fingerprint=model_fingerprint(pipe), scorer=args.scorer, scorer_fingerprint=scorer.fingerprint(),
     )

@@ -1,0 +1,132 @@
+"""What notebooks 04 (UNet) and 05 (text encoder) share: parameter checks, loading, the resumable sweep, the table.
+
+Each notebook composes these calls; the maps, tables and findings that differ live in ``lib.tracing.report`` and
+``lib.tracing.plots``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+
+from lib.loading import describe_source
+from lib.params import Param
+from lib.tracing.layers import TEXT_KINDS
+from lib.tracing.sweep import SweepConfig, collect, load_probes, model_fingerprint, run_sweep, sweep_dir
+
+
+def check_tau(value: Any) -> None:
+    if isinstance(value, str) and value != "otsu" or isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError("use 'otsu' (chosen on the validation split) or a number in [0, 1]")
+
+
+def check_text_kinds(value: list[str]) -> None:
+    bad = sorted(set(value) - set(TEXT_KINDS))
+    if bad:
+        raise ValueError(f"unknown kind(s) {bad}; choose from {', '.join(TEXT_KINDS)}")
+
+
+# The parameters both notebooks take besides lib.params.COMMON; each adds its own (UNET_PARAMS / TEXT_PARAMS).
+TRACE_PARAMS: dict[str, Param] = {
+    "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
+    "NOISE": Param(float, low=0.0, high=100.0), "TAU": Param((str, float), check=check_tau),
+    "SCORER": Param(str), "MIN_GAP": Param(float, low=0.0),
+    "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),
+}
+UNET_PARAMS: dict[str, Param] = {
+    "LAYERS": Param(list, items=str, min_len=1, optional=True), "UNCOND": Param(str, choices=("restore", "own")),
+}
+TEXT_PARAMS: dict[str, Param] = {
+    "TEXT_KINDS": Param(list, items=str, min_len=1, check=check_text_kinds),
+    "TEXT_LAYERS": Param(list, items=int, low=0, min_len=1, optional=True),
+}
+
+
+def probes_match_model(probes: str, model: str) -> str | None:
+    """A warning when the toy world's probe captions are about to trace a real model (``-p PROBES sd`` is meant)."""
+    if str(probes) != "toy":
+        return None
+    kind, where = describe_source(model)
+    if kind == "hub" or kind == "local" and not (Path(where) / "classifiers").is_dir():
+        return (f"PROBES='toy' traces {model!r} on the toy world's captions ('a white square sleeping'); "
+                "for a real model pass -p PROBES sd (and STEPS 50, GUIDANCE 7.5 as in the paper)")
+    return None
+
+
+def load(P: SimpleNamespace):
+    """The pipeline, its CLIP-Score scorer and the selected probe rows (validation and test split)."""
+    from lib.loading import load_pipeline
+    from lib.scoring import scorer_for
+    from lib.tracing.probes import probe_path, select_probes
+
+    probes = select_probes(load_probes(probe_path(P.PROBES)), P.N_VAL, P.N_TEST)  # before the heavy load
+    message = probes_match_model(P.PROBES, P.MODEL)
+    if message:
+        warnings.warn(message, stacklevel=2)
+    pipe = load_pipeline(P.MODEL, device=P.DEVICE)
+    scorer = scorer_for(P.MODEL, P.SCORER, device=str(pipe.unet.device))
+    return pipe, scorer, probes
+
+
+def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:
+    """The notebook's settings as a ``SweepConfig`` (its hash names the sweep folder, so equal settings resume)."""
+    extra = (dict(uncond=P.UNCOND, layers=tuple(P.LAYERS) if P.LAYERS else None) if mode == "unet" else
+             dict(text_kinds=tuple(P.TEXT_KINDS), text_layers=tuple(P.TEXT_LAYERS) if P.TEXT_LAYERS else None))
+    return SweepConfig(model=P.MODEL, mode=mode, steps=P.STEPS, guidance=P.GUIDANCE, batch_size=P.BATCH_SIZE,
+                       multiplier=P.NOISE, fingerprint=model_fingerprint(pipe), scorer=P.SCORER,
+                       scorer_fingerprint=scorer.fingerprint(), **extra)
+
+
+def sweep_command(P: SimpleNamespace, cfg: SweepConfig, processes: int = 2) -> str:
+    """The ``accelerate launch`` command that traces the same configuration sharded over processes or GPUs.
+
+    It writes into ``OUTPUT_DIR/sweeps/<mode>-<hash>``, the folder this notebook reads, so a re-run of the notebook
+    with the same parameters and ``OUTPUT_DIR`` resumes from it (the CLI traces every probe row; the notebook keeps
+    its selection).
+    """
+    args = [f"--model {P.MODEL}", f"--probes {P.PROBES}", f"--mode {cfg.mode}",
+            f"--seeds {','.join(map(str, P.SEEDS))}", f"--steps {cfg.steps}", f"--guidance {cfg.guidance:g}",
+            f"--batch-size {cfg.batch_size}", f"--multiplier {cfg.multiplier:g}", f"--scorer {cfg.scorer}"]
+    if cfg.mode == "unet":
+        args.append(f"--uncond {cfg.uncond}")
+        if cfg.layers:
+            args.append(f"--layers {','.join(cfg.layers)}")
+    else:
+        args.append(f"--text-kinds {','.join(cfg.text_kinds)}")
+        if cfg.text_layers:
+            args.append(f"--text-layers {','.join(map(str, cfg.text_layers))}")
+    return (f"accelerate launch --multi_gpu --num_processes {processes} -m lib.tracing.sweep "
+            + " ".join(args) + " --out <OUTPUT_DIR>/sweeps --nested")
+
+
+def trace(P: SimpleNamespace, cfg: SweepConfig, pipe, scorer, probes: pd.DataFrame, out: Path):
+    """Run (or resume) the sweep in ``out/sweeps``; returns the folder, the files written now and the seconds taken."""
+    folder = sweep_dir(out / "sweeps", cfg)
+    t0 = time.perf_counter()
+    written = run_sweep(pipe, scorer, probes, P.SEEDS, folder, cfg, process_index=0, num_processes=1)
+    return folder, written, time.perf_counter() - t0
+
+
+def timing_line(P: SimpleNamespace, probes: pd.DataFrame, folder: Path, out: Path, written: list,
+                elapsed: float) -> str:
+    n_items = len(probes) * len(P.SEEDS)
+    return (f"{len(written)} of {n_items} (caption, seed) items traced now in {elapsed:.1f} s "
+            f"({elapsed / max(1, len(written)):.1f} s per item; the rest resumed) -> {folder.relative_to(out)}")
+
+
+def table(P: SimpleNamespace, folder: Path, probes: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, float,
+                                                                                        str | None]:
+    """Collect the sweep's rows for this selection, choose τ, write them to ``path`` (parquet).
+
+    Returns the rows, τ and the split the maps and findings use (``None``: all rows).
+    """
+    df = collect(folder, tau=None if P.TAU == "otsu" else P.TAU, min_gap=P.MIN_GAP, probes=probes, seeds=P.SEEDS)
+    df.to_parquet(path, index=False)
+    tau = float(df["tau"].iloc[0])
+    print(f"{len(df)} rows; tau = {tau:.3f} ({'Otsu on the validation split' if P.TAU == 'otsu' else 'given'})")
+    return df, tau, None if P.EVAL_SPLIT == "all" else P.EVAL_SPLIT

@@ -1,0 +1,63 @@
+"""What notebooks 04 and 05 share (lib.tracing.notebook): the sharded CLI command writes the folder the notebook
+resumes from, and toy probes on a real model are flagged."""
+
+import pytest
+
+from lib.params import ParameterError, validate
+from lib.tracing import notebook as tracing
+from lib.tracing.probes import probe_path
+from lib.tracing.sweep import SweepError, load_probes, main
+
+LAYERS = ["down_blocks.0.resnets.0", "up_blocks.3.attentions.2.transformer_blocks.0.ff"]
+
+
+def params(mode: str, **over):
+    values = dict(MODEL="toy", DEVICE="cpu", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2, GUIDANCE=4.0,
+                  NOISE=3.0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all", SCORER="auto", OUTPUT_DIR=None,
+                  FIGURES_DIR=None)
+    extra = tracing.UNET_PARAMS if mode == "unet" else tracing.TEXT_PARAMS
+    values.update(dict(LAYERS=LAYERS, UNCOND="restore") if mode == "unet" else
+                  dict(TEXT_KINDS=["self_attn"], TEXT_LAYERS=[0]))
+    values.update(over)
+    return validate(values, **tracing.TRACE_PARAMS, **extra)
+
+
+@pytest.mark.parametrize("mode", ["unet", "text"])
+def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp_path, mode):
+    P = params(mode)
+    pipe, scorer, _ = tracing.load(P)
+    cfg = tracing.sweep_config(P, mode, pipe, scorer)
+    command = tracing.sweep_command(P, cfg)
+    assert command.startswith("accelerate launch --multi_gpu --num_processes 2 -m lib.tracing.sweep ")
+    argv = command.split(" -m lib.tracing.sweep ")[1].replace("<OUTPUT_DIR>", str(tmp_path)).split()
+    assert main(argv + ["--limit", "1"]) == 0  # the CLI in this process (one shard of one)
+    first = load_probes(probe_path("toy")).iloc[:1]
+    folder, written, _ = tracing.trace(P, cfg, pipe, scorer, first, tmp_path)
+    assert folder.is_dir() and written == []  # nothing left to trace: the notebook resumed the CLI's item
+    df, tau, split = tracing.table(P, folder, first, tmp_path / "rows.parquet")
+    assert len(df) > 0 and tau == 0.5 and split is None and (tmp_path / "rows.parquet").is_file()
+    other = tracing.sweep_config(params(mode, STEPS=3), mode, pipe, scorer)
+    assert tracing.trace(params(mode, STEPS=3), other, pipe, scorer, first, tmp_path)[0] != folder
+
+
+def test_toy_probes_on_a_real_model_are_flagged(tmp_path):
+    assert "PROBES sd" in tracing.probes_match_model("toy", "CompVis/stable-diffusion-v1-4")
+    assert tracing.probes_match_model("toy", str(tmp_path)) is not None  # a local folder that is no toy world
+    assert tracing.probes_match_model("sd", "CompVis/stable-diffusion-v1-4") is None
+    assert tracing.probes_match_model("toy", "toy") is None and tracing.probes_match_model("toy", "twin:sd-v1") is None
+    (tmp_path / "classifiers").mkdir()
+    assert tracing.probes_match_model("toy", str(tmp_path)) is None  # a toy-world folder (lib.toy.train writes one)
+
+
+def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
+    with pytest.raises(ParameterError, match="TAU: use 'otsu'"):
+        params("unet", TAU=1.5)
+    with pytest.raises(ParameterError, match=r"TEXT_KINDS: unknown kind\(s\) \['attn'\]"):
+        params("text", TEXT_KINDS=["attn"])
+    import lib.loading
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(SweepError, match="--text-kinds 'hidden,attn'"):
+        main(["--model", "toy", "--probes", "toy", "--out", str(tmp_path), "--text-kinds", "hidden,attn"])
+    with pytest.raises(SweepError, match="probe set 'no_such' not found"):
+        main(["--model", "toy", "--probes", "no_such", "--out", str(tmp_path)])
