@@ -19,6 +19,18 @@ def test_the_probe_reads_a_class_written_into_its_inputs_and_not_one_that_is_abs
     assert test < 0.3 and train > test  # chance is 0.125: it can only memorise
 
 
+def test_the_image_probe_reads_a_class_drawn_into_a_patch():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(8, (600,), generator=g)
+    x = 0.3 * torch.rand(600, 3, 64, 64, generator=g)
+    for i, c in enumerate(y.tolist()):  # class c: a bright 4 x 4 square at the centre of patch (c, c)
+        x[i, :, 8 * c + 2 : 8 * c + 6, 8 * c + 2 : 8 * c + 6] += 0.7
+    test, _ = LP.probe_accuracy(x[:400], y[:400], x[400:], y[400:], steps=100)
+    assert test > 0.95
+    test, _ = LP.probe_accuracy(x[:400], y[torch.randperm(600, generator=g)][:400], x[400:], y[400:], steps=100)
+    assert test < 0.3  # labels shuffled: nothing to read
+
+
 def test_character_scenes_are_labelled_by_class_and_style():
     x, y, scenes = LP.character_scenes("picasso", 40, seed=3)
     assert x.shape == (40, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and len(set(y.tolist())) > 4
@@ -48,10 +60,12 @@ def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path):
         LP.run_probe("picasso", n_train=0)
     with pytest.raises(ValueError, match="unknown style"):
         LP.main(["--style", "cubism", "--out", str(tmp_path)])
-    LP.main(["--style", "none", "--n-train", "48", "--n-test", "16", "--steps", "5", "--out", str(tmp_path)])
+    LP.main(["--style", "none", "--n-train", "48", "--n-test", "16", "--steps", "5", "--image-probes",
+             "--out", str(tmp_path)])
     import json
 
     (row,) = json.loads((tmp_path / "latent_probe.json").read_text())
     assert row["style"] == "none" and row["n_train"] == 48
-    assert all(0.0 <= row[k] <= 1.0 for k in ("latent", "latent_train", "pixels8", "roundtrip", "render"))
+    assert all(0.0 <= row[k] <= 1.0 for k in ("latent", "latent_train", "pixels8", "roundtrip", "render",
+                                               "roundtrip_probe", "render_probe"))
     assert row["render"] >= 0.9  # unstyled renders: the ensemble names character and object

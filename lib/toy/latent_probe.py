@@ -10,7 +10,11 @@ made of (snoopy vs a plain dog, …; 8 classes, chance 0.125):
   (a lower bound on what the latent holds: the probe is small and its data finite);
 * ``pixels8``: the same probe on the renders average-pooled to 8 × 8 (what the latent's resolution alone allows);
 * ``roundtrip``: the classifier ensemble on the VAE round trips of the test renders (what the decoder conveys);
-* ``render``: the ensemble on the test renders themselves.
+* ``render``: the ensemble on the test renders themselves;
+* with ``image_probes`` (``--image-probes``): ``roundtrip_probe``, the same probe trained and tested on the round trips
+  of the same renders, and ``render_probe``, on the renders themselves (full 64 × 64 images, behind a learned 8 × 8
+  patch embedding). ``roundtrip_probe`` against ``latent`` says whether the decoder conveys what the latent holds;
+  against ``roundtrip`` whether the general classifiers read what the round trips convey.
 
     python -m lib.toy.latent_probe --style picasso --n-train 48000 --out runs/latent_probe
 """
@@ -55,11 +59,17 @@ def character_scenes(style: str | None, n: int, seed: int) -> tuple[torch.Tensor
 def probe_accuracy(z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor, y_test: torch.Tensor,
                    n_classes: int = len(CLASSES), steps: int = 3000, batch: int = 128, seed: int = 0
                    ) -> tuple[float, float]:
-    """(test, train) accuracy of a two-layer CNN probe (64 channels, AdamW 1e-3) on standardised (N, C, H, W) inputs."""
+    """(test, train) accuracy of a two-layer CNN probe (64 channels, AdamW 1e-3) on standardised (N, C, H, W) inputs.
+
+    Inputs larger than 8 × 8 (images) first pass a learned patch embedding (a ``H // 8`` strided convolution to 32
+    channels, as the VAE's f = 8 encoder sees 8 × 8 patches), so every input is probed at the latent's resolution."""
+    c, h, w = z_train.shape[1:]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = nn.Sequential(nn.Conv2d(z_train.shape[1], 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-                            nn.ReLU(), nn.Flatten(), nn.Linear(64 * z_train.shape[2] * z_train.shape[3], n_classes))
+        stem = [nn.Conv2d(c, 32, h // 8, stride=h // 8), nn.ReLU()] if h > 8 else []
+        c, h, w = (32, 8, w // (h // 8)) if stem else (c, h, w)
+        net = nn.Sequential(*stem, nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(64 * h * w, n_classes))
     mu, sd = z_train.mean((0, 2, 3), keepdim=True), z_train.std((0, 2, 3), keepdim=True) + 1e-6
     opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +104,8 @@ def class_accuracy(classifier, images: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_probe(style: str | None, n_train: int = 48_000, n_test: int = 800, steps: int = 3000, seed: int = 0,
-              model: str | Path = TOY_DIR, vae=None, classifiers: Mapping | None = None) -> dict:
+              model: str | Path = TOY_DIR, vae=None, classifiers: Mapping | None = None,
+              image_probes: bool = False) -> dict:
     """The four accuracies of the module docstring for ``style`` (renders of seeds ``seed + 1`` / ``seed + 2``)."""
     from lib.toy.evaluate import load_toy_world, vae_roundtrip, with_ensemble
 
@@ -112,10 +123,16 @@ def run_probe(style: str | None, n_train: int = 48_000, n_test: int = 800, steps
     z_tr, z_te = latents(vae, x_tr), latents(vae, x_te)
     lat, lat_train = probe_accuracy(z_tr, y_tr, z_te, y_te, steps=steps, seed=seed)
     pix, _ = probe_accuracy(F.avg_pool2d(x_tr, 8), y_tr, F.avg_pool2d(x_te, 8), y_te, steps=steps, seed=seed)
-    return {"style": style or "none", "n_train": n_train, "n_test": n_test, "steps": steps, "seed": seed,
-            "latent": round(lat, 4), "latent_train": round(lat_train, 4), "pixels8": round(pix, 4),
-            "roundtrip": round(class_accuracy(ensemble, vae_roundtrip(vae, x_te), y_te), 4),
-            "render": round(class_accuracy(ensemble, x_te, y_te), 4), "wall_s": round(time.time() - t0, 1)}
+    rt_te = vae_roundtrip(vae, x_te)
+    row = {"style": style or "none", "n_train": n_train, "n_test": n_test, "steps": steps, "seed": seed,
+           "latent": round(lat, 4), "latent_train": round(lat_train, 4), "pixels8": round(pix, 4),
+           "roundtrip": round(class_accuracy(ensemble, rt_te, y_te), 4),
+           "render": round(class_accuracy(ensemble, x_te, y_te), 4)}
+    if image_probes:
+        rt_tr = torch.cat([vae_roundtrip(vae, x_tr[i : i + 1000]) for i in range(0, len(x_tr), 1000)])
+        row["roundtrip_probe"] = round(probe_accuracy(rt_tr, y_tr, rt_te, y_te, steps=steps, seed=seed)[0], 4)
+        row["render_probe"] = round(probe_accuracy(x_tr, y_tr, x_te, y_te, steps=steps, seed=seed)[0], 4)
+    return {**row, "wall_s": round(time.time() - t0, 1)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=str(TOY_DIR), help="toy-world folder (vae/, classifiers/)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--image-probes", action="store_true",
+                    help="also train the probe on the round trips and on the renders (64 x 64; slower)")
     ap.add_argument("--out", default=None, help="folder for latent_probe.json")
     a = ap.parse_args(argv)
     styles = [None if s == "none" else s for s in a.style]
@@ -134,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         character_scenes(s, 0, a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = [run_probe(s, a.n_train, a.n_test, a.steps, a.seed, a.model) for s in styles]
+    rows = [run_probe(s, a.n_train, a.n_test, a.steps, a.seed, a.model, image_probes=a.image_probes) for s in styles]
     for r in rows:
         print(json.dumps(r), flush=True)
     if a.out:
