@@ -279,3 +279,19 @@ def test_a_wider_latent_trains_end_to_end_and_keeps_the_sd_v1_layer_names(tmp_pa
     assert unet_layers(pipe.unet) == unet_layers(T.new_unet())
     img = generate(pipe, ["a photo of a red circle"], [0], steps=2, guidance=4.0)
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+
+
+def test_training_table_gives_each_stage_its_own_hardware(tmp_path):
+    import json
+
+    from lib.toy.train import training_table
+
+    committed = training_table()
+    assert committed.loc["unet", "config"] == "gpu" and "H100" in committed.loc["unet", "hardware"]
+    assert committed.loc["vae-decoder", "config"] == "cpu" and "(cpu," in committed.loc["vae-decoder", "hardware"]
+    (tmp_path / "TRAINING.json").write_text(json.dumps({  # an old log: hardware only at the top level
+        "config_name": "cpu", "hardware": {"cpu": "Some CPU", "device": "cpu", "torch_threads": 2},
+        "stages": {"vae": {"steps": 10, "wall_s": 60, "final_loss": 0.1}}}))
+    assert training_table(tmp_path).loc["vae", "hardware"] == "Some CPU (cpu, 2 threads)"
+    with pytest.raises(FileNotFoundError, match="TRAINING.json"):
+        training_table(tmp_path / "missing")

@@ -155,6 +155,25 @@ def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- file checks
+def training_table(folder: str | Path = TOY_DIR):
+    """One row per stage of ``folder/TRAINING.json``: steps, wall time, final loss, when, config and hardware.
+
+    Each stage keeps the config and hardware it ran with (a folder's stages may come from different machines); the
+    top-level entries are those of the latest run only."""
+    import pandas as pd
+
+    record = json.loads(_require(Path(folder) / "TRAINING.json").read_text())
+
+    def hardware(r: dict) -> str:
+        hw = r.get("hardware") or record.get("hardware", {})
+        return f"{hw.get('gpu') or hw.get('cpu', '?')} ({hw.get('device')}, {hw.get('torch_threads')} threads)"
+
+    return pd.DataFrame([{"stage": st, "steps": r["steps"], "wall (min)": round(r["wall_s"] / 60, 1),
+                          "final loss": r["final_loss"], "finished": r.get("finished"),
+                          "config": r.get("config_name", record.get("config_name")), "hardware": hardware(r)}
+                         for st, r in record["stages"].items()]).set_index("stage")
+
+
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"toy model file missing: {path}. Rebuild it with `{REBUILD}` (from the repo root).")
