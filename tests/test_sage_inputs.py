@@ -1,7 +1,10 @@
 """SAGE inputs that used to slip through: member settings and the scheduler in the resume key, an aliasing CLIP
-resize, an LM that proposes nothing, a latent that is not a tensor."""
+resize, an LM that proposes nothing, a latent that is not a tensor; and method steps a review found untested
+(subword words, the nearest candidate, the shell projection, the CLIP-Score change, atomic writes, batched verdicts)."""
 
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -10,12 +13,15 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from lib.sage.latent import LatentShapeError, search_latents
+from lib.sage.latent import (
+    LatentSearch, LatentShapeError, latent_campaign, load_latent, search_latent, search_latents, shell_bounds,
+)
 from lib.sage.loss import ClipMember, EdgeMember, Ensemble, FnMember
 from lib.sage.prompt import CandidateLM, PromptError, PromptSearch, final_prompts, prompt_campaign, search_prompt
-from lib.sage.resume import campaign_key, member_settings
+from lib.sage.resume import campaign_key, member_settings, write_atomic, write_parquet_atomic, write_safetensors_atomic
+from lib.sage.token import TokenAttack, TokenResult, evaluate_token, train_token
 from lib.scoring import ClipScorer
-from test_sage import LABELS, one_thread, pipe, small_net  # noqa: F401 - shared fixtures and helpers
+from test_sage import LABELS, const_member, one_thread, pipe, small_net  # noqa: F401 - shared fixtures and helpers
 
 NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "loss_prompt", "best_loss",
                        "p_class", "fooled_fraction", "found", "category", "stopped"]  # what notebooks/02 reads
@@ -228,3 +234,201 @@ def test_a_list_latent_raises_the_shape_error(pipe):
         search_latents(pipe, ens, "a cat", "cat", latents=[[0.0] * 8] * 8, steps=2)
     with pytest.raises(LatentShapeError, match=r"shape \(4, 8, 8\)"):
         search_latents(pipe, ens, "a cat", "cat", latents=torch.zeros(4, 8, 8), steps=2)
+
+
+# ------------------------------------------------------------------------------------------ subword words, the choice
+class NextTokenTable(nn.Module):
+    """A causal LM whose next-token logits depend on the last token only (``table[last]``), with a context length."""
+
+    def __init__(self, table: torch.Tensor, context: int):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+        self.config = SimpleNamespace(max_position_embeddings=context)
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def subword_lm(context: int = 32) -> CandidateLM:
+    """WordPiece pieces ("sle" + "##eping" = "sleeping"); after "a photo of a cat" the most probable token is the
+    fragment "sle", whose most probable continuation is "##eping"; "zz" goes on with "##zz" for ever."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[UNK]", "[EOS]", "a", "photo", "of", "cat", "on", "red", "sle", "##eping", "zz", "##zz"]
+    ids = {w: i for i, w in enumerate(vocab)}
+    tk = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    table = torch.full((len(vocab), len(vocab)), -20.0)
+    table[:, ids["[EOS]"]] = 6.0
+    nxt = {"a": {"cat": 6.0}, "cat": {"sle": 6.0, "red": 5.0, "zz": 4.0, "on": 3.0, "[EOS]": 2.0},
+           "sle": {"##eping": 6.0, "[EOS]": 1.0}, "##eping": {"on": 6.0, "[EOS]": 5.0}, "on": {"a": 6.0, "[EOS]": 1.0},
+           "zz": {"##zz": 6.0, "[EOS]": 1.0}, "##zz": {"##zz": 6.0, "[EOS]": 1.0}}
+    for last, row in nxt.items():
+        table[ids[last]] = -20.0
+        for w, v in row.items():
+            table[ids[last], ids[w]] = v
+    return CandidateLM(NextTokenTable(table, context), tok)
+
+
+def test_a_subword_lm_proposes_whole_words_never_fragments():
+    lm = subword_lm()
+    assert lm.tokenizer("a photo of a cat sleeping").input_ids[-2:] == [8, 9]  # "sleeping" is two pieces here
+    assert lm.propose("a photo of a cat", 3, min_prob=1e-3) == ["sleeping", "red", "on"]  # "zz…" never ends: dropped
+    assert lm.propose("a photo of a cat", 1, min_prob=1e-3) == ["sleeping"]
+    assert lm.propose("a photo of a cat", 3, min_prob=1e-3, max_pieces=1) == ["red", "on"]  # no room to finish
+    # at the context's end a word that would need another piece is dropped too: 5 prompt tokens, context 6
+    assert subword_lm(context=6).propose("a photo of a cat", 3, min_prob=1e-3) == ["red", "on"]
+    assert subword_lm(context=7).propose("a photo of a cat", 3, min_prob=1e-3) == ["sleeping", "red", "on"]
+
+
+def test_a_multi_piece_word_fills_the_lm_context_and_the_search_says_so(pipe):
+    lm = subword_lm(context=8)  # the template is 5 tokens: room for 3 one-token words, but "sleeping" takes 2
+    df = search_prompt(pipe, edge_ensemble(), lm, "cat", [0], steps=2,
+                       config=PromptSearch(n_words=3, iterations=0, min_prob=1e-3, min_end_prob=0.0,
+                                           stop_on_success=False))
+    assert df.word[:2].tolist() == ["sleeping", "on"] and df.prompt[1] == "a photo of a cat sleeping on"
+    assert len(lm.encode(df.prompt[1], room=0)) == 8 and pd.isna(df.word[2])
+    assert df.stopped[2] == "the LM's context (8 tokens) is full"
+
+
+class ListLM(StubLM):
+    """Proposes the same words every round."""
+
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
+        return list(self.words)
+
+
+def test_the_search_appends_the_candidate_nearest_to_the_optimised_embedding(pipe, monkeypatch):
+    import lib.sage.prompt as SP
+
+    for target in ("car", "dog"):  # not the first candidate
+        x = SP.word_embedding(pipe, target)
+        monkeypatch.setattr(SP, "signed_step", lambda emb, g, lr, lo, hi, x=x: torch.stack([x, -x]))
+        df = search_prompt(pipe, edge_ensemble(), ListLM("red", "dog", "car"), "cat", [0], steps=2,
+                           config=PromptSearch(n_words=1, iterations=1))
+        assert df.word[0] == target and df.prompt[0] == f"a photo of a cat {target}"
+        assert df.cosine[0] == pytest.approx(1.0, abs=1e-5) and df.candidates[0] == 3
+
+
+def test_grad_from_step_outside_the_sampling_steps_is_a_value_error(pipe, monkeypatch):
+    import lib.sage.prompt as SP
+    import lib.sage.token as T
+
+    def no_render(*a, **k):
+        raise AssertionError("rendered before the settings were checked")
+
+    monkeypatch.setattr(SP, "render_with_slots", no_render)
+    monkeypatch.setattr(T, "render_with_slots", no_render)
+    for bad in (2, 5, -1):
+        with pytest.raises(ValueError, match=rf"grad_from_step must be in \[0, 1\] for 2 sampling steps.*got {bad}"):
+            search_prompt(pipe, edge_ensemble(), ListLM("red", "dog"), "cat", [0], steps=2,
+                          config=PromptSearch(grad_from_step=bad))
+        with pytest.raises(ValueError, match=r"grad_from_step must be in \[0, 1\]"):
+            train_token(pipe, edge_ensemble(), ["a photo of a cat"], "cat", "car", [0], steps=2,
+                        config=TokenAttack(grad_from_step=bad))
+
+
+# ----------------------------------------------------------------------------------------- latent search, token delta
+def test_the_latent_search_projects_every_step_onto_the_shell(pipe, monkeypatch):
+    import lib.sage.latent as L
+
+    seen, real = [], L.sample_with_residual
+    monkeypatch.setattr(L, "sample_with_residual", lambda p, lat, *a, **k: seen.append(lat.detach().clone())
+                        or real(p, lat, *a, **k))
+    lo, hi = shell_bounds(4 * 8 * 8, 1.0)
+    norms = {}
+    for sigmas in (1.0, None):
+        seen.clear()
+        cfg = LatentSearch(mode="lose", lr=1.0, iterations=3, shell_sigmas=sigmas, stop_on_success=False)
+        r = search_latent(pipe, edge_ensemble(), "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+        assert r.iterations == 3 and len(seen) == 4 and r.delta.abs().max() > 0.9  # large steps were taken
+        norms[sigmas] = [float(z.float().norm()) for z in seen[1:]]  # every latent after a step
+    assert all(lo - 1e-4 <= n <= hi + 1e-4 for n in norms[1.0]), (lo, hi, norms[1.0])
+    assert norms[None][-1] > hi  # without the projection the same steps leave the shell: the check is not vacuous
+
+
+def test_the_token_clip_score_change_is_with_minus_without(pipe, monkeypatch):
+    import lib.sage.token as T
+
+    def flat(pipe, prompts, slots, seeds, steps, guidance, grad_from_step=0, grad=True):
+        return torch.full((len(prompts), 3, 64, 64), 0.75 if slots is not None else 0.25)  # with / without the token
+
+    monkeypatch.setattr(T, "render_with_slots", flat)
+    scorer = SimpleNamespace(score=lambda images, prompts: images.mean((1, 2, 3)))  # CLIP-Score = mean pixel
+    res = TokenResult(torch.zeros(32), "cat", "car", meta=dict(steps=2, guidance=7.5))
+    df = evaluate_token(pipe, edge_ensemble(), res, ["a photo of a cat"], [0, 1], scorer=scorer)
+    assert df.clip_with.tolist() == [0.75, 0.75] and df.clip_without.tolist() == [0.25, 0.25]
+    assert df.clip_image_delta.tolist() == [0.5, 0.5]  # with − without: positive when the token raises the score
+
+
+# ----------------------------------------------------------------------------------------- batched verdicts, writes
+def batch_size_member(name: str) -> FnMember:
+    """Says "dog" for images seen in a batch of several, "cat" for an image seen alone."""
+    def fn(x):
+        z = 0 * x.mean((1, 2, 3))
+        cat, dog = (0.0, 9.0) if x.shape[0] > 1 else (9.0, 0.0)
+        return torch.stack([z + cat, z + dog, z], 1)
+    return FnMember(fn, LABELS, name)
+
+
+def test_a_batched_search_counts_as_found_only_if_its_solo_image_fools(pipe):
+    cfg = LatentSearch(mode="lose", iterations=1)
+    fickle = Ensemble([batch_size_member("f1"), batch_size_member("f2")])
+    res = search_latents(pipe, fickle, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg)
+    for r in res:  # fooled in the batch at once, not by the image that is saved and re-renders
+        assert r.iterations == 0 and not r.found and r.meta["solo_fooled"] is False
+        assert 0.0 <= r.meta["batch_solo_max_diff"] < 1e-4
+    steady = Ensemble([const_member([0.0, 9.0, 0.0], name="d1"), const_member([0.0, 9.0, 0.0], name="d2")])
+    res = search_latents(pipe, steady, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg)
+    assert all(r.found and r.meta["solo_fooled"] is True for r in res)
+    one = search_latent(pipe, steady, "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+    assert one.found and one.meta["batch_solo_max_diff"] == 0.0 and one.meta["solo_fooled"] is True
+
+
+def test_a_corrupt_latent_result_is_searched_again_with_a_warning(pipe, tmp_path):
+    cfg = LatentSearch(mode="lose", iterations=1, stop_on_success=False)
+    df, first = latent_campaign(pipe, edge_ensemble(), "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg,
+                                out_dir=tmp_path)
+    bad = Path(df.loc[1, "path"])
+    bad.write_bytes(b"not a safetensors file")  # a truncated or foreign file
+    with pytest.warns(UserWarning) as caught:
+        df2, again = latent_campaign(pipe, edge_ensemble(), "a photo of a cat", "cat", seeds=[0, 1], steps=2,
+                                     config=cfg, out_dir=tmp_path)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "\n" not in msgs[0]  # one line, naming the file and the seed
+    assert msgs[0].startswith(f"ignoring unreadable latent result {bad.name}") and msgs[0].endswith("seed 1 again")
+    assert df2.resumed.tolist() == [True, False] and torch.equal(again[1].latent, first[1].latent)
+    assert load_latent(bad).meta["seed"] == "1"  # written again, readable
+    assert isinstance(again[0].meta["solo_fooled"], bool) and again[0].meta["batch_solo_max_diff"] >= 0.0  # read back
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in df.path)  # no temporary files
+
+
+def test_atomic_writes_sync_use_unique_temporary_names_and_leave_nothing_behind(tmp_path, monkeypatch):
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", fd)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(a), Path(b))) or real_replace(a, b))
+    target = tmp_path / "sub" / "t.safetensors"
+    for _ in range(2):
+        write_safetensors_atomic({"x": torch.ones(3)}, target, {"k": "v"})
+    write_parquet_atomic(pd.DataFrame(dict(a=[1, 2])), tmp_path / "sub" / "t.parquet")
+    replaces = [e for e in events if e[0] == "replace"]
+    assert len(replaces) == 3 and replaces[0][2] == replaces[1][2] == target
+    tmps = [e[1] for e in replaces]
+    assert len(set(tmps)) == 3 and all(t.parent == target.parent and t.name.startswith(".") for t in tmps)
+    kinds = [e[0] for e in events]
+    assert kinds[:3] == ["fsync", "replace", "fsync"]  # the file, the rename, the folder (POSIX)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet", "t.safetensors"]
+
+    def dies(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, dies)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet", "t.safetensors"]  # old file kept, no temp
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(target))["x"], torch.ones(3))

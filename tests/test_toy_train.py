@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -59,8 +60,33 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(toy_dir, tmp_path):
     bad = tmp_path / "toy"
     shutil.copytree(toy_dir, bad)
     (bad / "clip_vision/model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(RuntimeError, match="clip_vision.*lib.toy.train --stage all"):
+    with pytest.raises(RuntimeError, match=r"clip_vision/model\.safetensors.*lib\.toy\.train --stage clip-vision"):
         T.load_toy_clip(bad)
+
+
+@pytest.mark.parametrize("damage", ["text_encoder/config.json", "clip_vision/config.json", "no vision_config"])
+def test_a_damaged_clip_config_is_named_itself(toy_dir, tmp_path, damage):
+    import shutil
+
+    bad = tmp_path / "toy"
+    shutil.copytree(toy_dir, bad)
+    rel = "clip_vision/config.json" if damage == "no vision_config" else damage
+    if damage == "no vision_config":  # valid JSON, wrong content
+        cfg = json.loads((bad / rel).read_text())
+        del cfg["vision_config"]
+        (bad / rel).write_text(json.dumps(cfg))
+    else:
+        (bad / rel).write_text("{not json")
+    with pytest.raises(RuntimeError) as err:
+        T.load_toy_clip(bad)
+    msg = str(err.value)
+    assert str(bad / rel) in msg and "lib.toy.train --stage" in msg and "\n" not in msg, msg
+
+
+def test_a_missing_committed_file_can_be_restored_from_git():
+    hint = T.rebuild_hint(T.TOY_DIR / "unet/diffusion_pytorch_model.safetensors")
+    assert "git checkout -- data/toy/unet/diffusion_pytorch_model.safetensors" in hint, hint
+    assert "git checkout" not in T.rebuild_hint(Path("/elsewhere/unet/config.json"))
 
 
 @pytest.mark.parametrize("damage", ["missing tokenizer.json", "missing tokenizer_config.json",

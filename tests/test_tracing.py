@@ -11,9 +11,10 @@ import torch
 
 from lib.paths import REPO_ROOT
 from lib.prompts import PromptError
-from lib.sampling import encode, initial_latents
+from lib.sampling import decode, denoise, encode, initial_latents
 from lib.scoring import ClipScorer
-from lib.tracing.corrupt import Corruption, corrupted, embedding_std, encode_pair, token_embedding
+from lib.tracing.corrupt import (Corruption, corrupted, embedding_std, encode_pair, encoder_noise_seed,
+                                 item_noise_seed, token_embedding)
 from lib.tracing.layers import LayerError, TextSite, resolve_unet_layers, text_sites, unet_kind, unet_layers
 from lib.tracing.report import nan_report
 from lib.tracing.score import choose_tau, mark_causal, otsu, recovery, summarize, token_group
@@ -85,12 +86,13 @@ def test_corruption_adds_scaled_seeded_noise_at_the_subject_only():
     p = pipe("sd-v1")
     ids = p.tokenizer(CAPTION, return_tensors="pt").input_ids
     emb = token_embedding(p, "text_encoder")
-    with corrupted(p, CAPTION, SUBJECT, Corruption(multiplier=3.0, seed=5)):
+    c = Corruption(multiplier=3.0, seed=5, image_seed=2)
+    with corrupted(p, CAPTION, SUBJECT, c):
         noisy = emb(ids)
     diff = noisy - emb(ids)
     assert diff[0, [0, 1, 2, 3, 4, 7]].abs().max() == 0  # "<bos> a photo of a" and the end token untouched
-    expected = torch.randn(2, emb.embedding_dim, generator=torch.Generator().manual_seed(5)) * 3 * embedding_std(
-        p, "text_encoder")
+    gen = torch.Generator().manual_seed(encoder_noise_seed(item_noise_seed(c, CAPTION, SUBJECT), "text_encoder"))
+    expected = torch.randn(2, emb.embedding_dim, generator=gen) * 3 * embedding_std(p, "text_encoder")
     assert torch.allclose(diff[0, [5, 6]], expected, atol=1e-6)  # "red car" at positions 5, 6
     clean, bad = encode_pair(p, CAPTION, SUBJECT)
     assert torch.equal(clean.uncond, bad.uncond) and torch.equal(clean.cond[:, :5], bad.cond[:, :5])
@@ -105,6 +107,28 @@ def test_corruption_reaches_both_sdxl_encoders_and_pooled_embedding():
         assert (clean.cond[0, 5:, part] - bad.cond[0, 5:, part]).abs().max() > 0.05
     assert not torch.allclose(clean.added["text_embeds"], bad.added["text_embeds"])
     assert torch.equal(clean.uncond, bad.uncond)
+
+
+def _unit_draws(p, captions, subjects, corruption: Corruption) -> dict[str, list[torch.Tensor]]:
+    """Per encoder, the standard-normal noise of each caption (``std=1``, ``multiplier=1``), flattened."""
+    with corrupted(p, captions, subjects, corruption) as gates:
+        return {enc: [t.noise.flatten().float() for t in g.targets] for enc, g in gates.items()}
+
+
+def test_noise_differs_per_caption_seed_and_encoder_and_repeats_per_item():
+    p, c = pipe("sd-v1"), Corruption(multiplier=1.0, std=1.0, image_seed=0)
+    other = "a red car on a road"  # same subject, same number of subject tokens
+    a, b = _unit_draws(p, [CAPTION, other], [SUBJECT, SUBJECT], c)["text_encoder"]
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)  # two captions, same image seed
+    again = _unit_draws(p, CAPTION, SUBJECT, c)["text_encoder"][0]
+    assert torch.equal(a, again)  # the same (caption, seed): the same noise, reproducibly
+    for changed in (c.at(1), Corruption(1.0, seed=1, std=1.0, image_seed=0)):  # another latent seed, another base seed
+        assert not torch.allclose(a, _unit_draws(p, CAPTION, SUBJECT, changed)["text_encoder"][0], atol=1e-3)
+    assert item_noise_seed(c, CAPTION, SUBJECT) == item_noise_seed(c.at(0), CAPTION, SUBJECT) != c.image_seed
+    draws = _unit_draws(pipe("sdxl"), CAPTION, SUBJECT, c)
+    one, two = draws["text_encoder"][0], draws["text_encoder_2"][0]
+    n = min(len(one), len(two))
+    assert not torch.allclose(one[:n], two[:n], atol=1e-3)  # SDXL's encoders: independent draws
 
 
 def test_absent_subject_names_caption_subject_and_tokens():
@@ -132,16 +156,40 @@ def test_batched_restoration_equals_one_run_per_layer(uncond):
     assert not batched.nan.any() and [m["layer"] for m in batched.meta] == SUBSET
 
 
+def _plain(p, cond, seed: int, steps: int) -> torch.Tensor:
+    """An independent generation (no hooks, batch of one) from ``cond``."""
+    return decode(p, denoise(p, initial_latents(p, [seed]), cond, steps, 7.5))
+
+
 @pytest.mark.parametrize("family", ["sd-v1", "sd-v2", "sdxl"])
 def test_restoring_all_layers_gives_clean_and_none_gives_corrupted(family):
+    """Against independent generations from the clean and the corrupted conditioning (not rows of the same batch)."""
     p = pipe(family)
-    clean, bad = encode_pair(p, CAPTION, SUBJECT)
+    clean, bad = encode_pair(p, CAPTION, SUBJECT, Corruption().at(1))
+    plain_clean, plain_bad = _plain(p, clean, 1, 2), _plain(p, bad, 1, 2)
+    assert (plain_clean - plain_bad).abs().max() > 1e-3  # the comparison is not vacuous
     everything = set(unet_layers(p.unet))
     for uncond in (["restore", "own"] if family == "sd-v1" else ["restore"]):
         tr = restore_sets(p, clean, bad, initial_latents(p, [1]), [everything, set()], steps=2, uncond=uncond)
-        assert torch.allclose(tr.restored[0], tr.clean[0], atol=1e-6)
-        assert torch.allclose(tr.restored[1], tr.corrupted[0], atol=1e-6)
-        assert (tr.clean - tr.corrupted).abs().max() > 1e-3
+        assert torch.allclose(tr.restored[0], plain_clean[0], atol=ATOL)
+        assert torch.allclose(tr.restored[1], plain_bad[0], atol=ATOL)
+        assert torch.allclose(tr.corrupted[0], plain_bad[0], atol=ATOL)
+
+
+def test_restore_and_own_modes_each_match_their_reference():
+    """One layer restored under ``uncond="restore"`` and ``"own"``: each batched mode matches the one-run reference of
+    the same mode, and the two modes differ by more than the tolerance (a swapped mode would fail)."""
+    p = pipe("sd-v1")
+    layer = "up_blocks.3.resnets.2"  # modes differ by ~0.03 here at 3 steps (tolerance 1e-4)
+    clean, bad = encode_pair(p, CAPTION, SUBJECT, Corruption().at(2))
+    batched, ref = {}, {}
+    for uncond in ("restore", "own"):
+        batched[uncond] = restore_sets(p, clean, bad, initial_latents(p, [2]), [{layer}], steps=3,
+                                       uncond=uncond).restored[0]
+        ref[uncond] = trace_unet_reference(p, CAPTION, SUBJECT, 2, [layer], steps=3, uncond=uncond).restored[0]
+        assert (batched[uncond] - ref[uncond]).abs().max() < ATOL
+    assert (ref["restore"] - ref["own"]).abs().max() > 10 * ATOL
+    assert (batched["restore"] - ref["own"]).abs().max() > 10 * ATOL
 
 
 @pytest.mark.parametrize("family", ["sd-v2", "sdxl"])
@@ -202,7 +250,11 @@ def test_text_trace_images_and_metadata():
     tr = trace_text(p, CAPTION, SUBJECT, 0, sites, tokens=[0, 5, 6], steps=2, batch_size=4)
     assert tr.restored.shape == (9, 3, 64, 64) and len(tr.meta) == 9 and not tr.nan.any()
     assert [m["token"] for m in tr.meta[:3]] == [0, 5, 6] and tr.meta[1]["token_str"] == "red</w>"
-    assert torch.allclose(tr.restored[0], tr.corrupted[0], atol=1e-5)  # restoring <bos> changes nothing
+    _, bad = encode_pair(p, CAPTION, SUBJECT, Corruption().at(0))
+    plain_bad = _plain(p, bad, 0, 2)  # an independent generation from the corrupted conditioning
+    assert torch.allclose(tr.corrupted[0], plain_bad[0], atol=ATOL)
+    assert torch.allclose(tr.restored[0], plain_bad[0], atol=ATOL)  # restoring <bos> changes nothing
+    assert (tr.restored[1] - plain_bad[0]).abs().max() > 10 * ATOL  # restoring the subject does
 
 
 def test_text_trace_batched_equals_one_run_per_restoration():
@@ -246,6 +298,46 @@ def test_recovery_threshold_and_causal_marks():
         choose_tau(_rows([20.0, 20.3], clean=20.5, corrupted=20.0), min_gap=1.0)
     summary = summarize(marked, by=["attribute"])
     assert summary["n"].item() == 5 and summary["causal_frac"].item() == pytest.approx(0.4)
+
+
+def _gap_rows(cells: dict, split: str = "val") -> pd.DataFrame:
+    """UNet rows: ``cells[i]`` lists one (clean, corrupted, score[, nan]) per item for layer ``l{i}``."""
+    return pd.DataFrame([dict(score=float(x[2]), clean_score=float(x[0]), corrupted_score=float(x[1]), split=split,
+                              nan=len(x) > 3 and x[3], attribute="color", component="unet", kind="resnet",
+                              layer=f"l{i}", layer_index=i, caption=f"c{j}", token=-1, token_group="")
+                         for i, items in cells.items() for j, x in enumerate(items)])
+
+
+def test_layer_recovery_is_the_ratio_of_sums():
+    """Layer 0: a 10-point gap not recovered and a 1-point gap swung by 3 points (row recovery 3): the mean of ratios
+    (1.5) would call it causal, the ratio of sums (3/11) does not; no-gap and NaN-flagged rows do not count."""
+    from lib.tracing.report import text_token_table, unet_layer_table
+
+    cells = {0: [(30, 20, 20), (21, 20, 23), (20, 20, 29), (30, 20, 30, True)], 1: [(30, 20, 29), (21, 20, 20.9)]}
+    df = mark_causal(_gap_rows(cells, split="test"), tau=0.5)
+    assert df["causal"].tolist() == [False, True, False, False, True, True]  # the row-level flags are kept
+    table = unet_layer_table(df)
+    assert table["recovery"].tolist() == pytest.approx([3 / 11, 0.9]) and table["causal"].tolist() == [False, True]
+    assert table["n"].tolist() == [4, 2] and table["causal_frac"].tolist() == [0.25, 1.0]
+    text = text_token_table(df.assign(component="text_encoder", kind="self_attn", token_group="last_subject"))
+    assert text["recovery"].tolist() == pytest.approx([3 / 11, 0.9]) and text["causal"].tolist() == [False, True]
+
+
+def test_otsu_tau_is_chosen_on_layer_level_recoveries():
+    """Per-row values (clipped) {0, 1, .1, .1, .9, .9, 1, 1} would give τ = 0.11; the layer recoveries the tables
+    threshold, {3/11, .1, .9, 1}, give 0.28."""
+    from lib.tracing.report import unet_layer_table
+
+    cells = {0: [(30, 20, 20), (21, 20, 23)], 1: [(30, 20, 21), (21, 20, 20.1)], 2: [(30, 20, 29), (21, 20, 20.9)],
+             3: [(30, 20, 30), (21, 20, 21)]}
+    df = _gap_rows(cells)
+    tau = choose_tau(df)
+    assert tau == otsu(np.array([3 / 11, 0.1, 0.9, 1.0])) == pytest.approx(0.28)
+    assert otsu(recovery(df).to_numpy()) == pytest.approx(0.11)
+    assert choose_tau(df.assign(component="text_encoder", kind="mlp", token_group="after")) == pytest.approx(0.28)
+    assert choose_tau(pd.concat([df, df.assign(split="test", score=25.0)])) == tau  # only the val split counts
+    table = unet_layer_table(mark_causal(df, tau), split="val")
+    assert table["causal"].tolist() == [False, False, True, True]
 
 
 def test_token_groups():
@@ -296,6 +388,8 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
     assert not list(out.glob(".*tmp")) and (out / "sweep.json").exists()
     df = collect(out, tau=0.5)
     assert len(df) == 9 and set(df["caption"]) == set(PROBES["caption"])
+    noise = df.drop_duplicates("caption").set_index("caption")["noise_seed"]
+    assert noise.nunique() == 3 and noise[CAPTION] == item_noise_seed(Corruption().at(0), CAPTION, SUBJECT)
     nan_rows = df[df["nan"]]
     assert set(nan_rows["layer"]) == {SUBSET[0]} and len(nan_rows) == 2 and nan_rows["score"].isna().all()
     assert not df.loc[~df["nan"], "score"].isna().any() and not nan_rows["causal"].any()
@@ -474,9 +568,30 @@ def test_config_folders_follow_weights_and_settings():
     assert fp == model_fingerprint(p)
     a, b = SweepConfig(model="x", fingerprint=fp), SweepConfig(model="x", fingerprint=fp, steps=3)
     assert sweep_dir("r", a) == sweep_dir("r", SweepConfig(model="x", fingerprint=fp)) != sweep_dir("r", b)
+    assert sweep_dir("r", a) != sweep_dir("r", SweepConfig(model="x", fingerprint=fp, noise_seed=1))
     with torch.no_grad():
         p.unet.conv_out.bias.add_(1e-3)
     assert model_fingerprint(p) != fp
+
+
+def test_folders_of_the_old_noise_scheme_are_never_resumed(tmp_path):
+    """Noise seeded per (caption, subject, seed, encoder) changes the folder hash, and a folder written under the old
+    scheme (``noise_seed_offset``: seed + offset, shared by every caption) is refused."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from lib.tracing.sweep import sweep_dir
+
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]))
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("noise_seed", "noise_scheme")} | {"noise_seed_offset": 0}
+    old_key = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
+    assert cfg.noise_scheme == "per-item" and sweep_dir("r", cfg).name != f"unet-{old_key}"
+    (tmp_path / "sweep.json").write_text(json.dumps(old, sort_keys=True, indent=1))
+    with pytest.raises(SweepError, match="different sweep config"):
+        run_sweep(pipe("sd-v1"), toy_scorer(), PROBES, [0], tmp_path, cfg, 0, 1, progress=False)
+    with pytest.raises(SweepError, match="noise_scheme must be 'per-item'"):
+        SweepConfig(model="x", noise_scheme="offset")
 
 
 def test_sweep_folders_follow_the_scorer_weights(tmp_path):
@@ -573,6 +688,31 @@ def test_reports_and_findings_on_synthetic_rows():
     assert largest_gap_per_attribute(bigger, probes)["caption"].tolist() == ["objectsval", "styletest"]
     undetermined = unet_findings(unet_layer_table(mark_causal(df.assign(corrupted_score=30.0), 0.5)))
     assert undetermined["verdict"].str.startswith("undetermined").all()
+
+
+def test_findings_about_untraced_layers_are_undetermined():
+    from lib.tracing.report import NOT_TRACED, text_findings, text_token_table, unet_findings, unet_layer_table
+
+    df = mark_causal(_synthetic_rows(), tau=0.5)
+    table = unet_layer_table(df)
+    resnets = unet_findings(table[table["kind"] == "resnet"])  # LAYERS restricted to resnets
+    assert resnets["verdict"].tolist()[1:] == [NOT_TRACED, NOT_TRACED]
+    no_style = unet_findings(table[table["attribute"] != "style"])  # a probe set without style
+    assert no_style["verdict"].tolist()[1:] == ["reproduced", NOT_TRACED]
+    tt = text_token_table(df)
+    no_target = tt[~((tt["kind"] == "self_attn") & (tt["layer_index"] == 0))]
+    assert text_findings(no_target)["verdict"].tolist() == [NOT_TRACED]
+
+
+def test_a_requested_split_without_rows_is_an_error():
+    from lib.tracing.plots import token_group_maps
+    from lib.tracing.report import pick_split, text_token_table, unet_layer_table
+
+    val = mark_causal(_synthetic_rows(), tau=0.5).query("split == 'val'")
+    for build in (unet_layer_table, text_token_table, token_group_maps):
+        with pytest.raises(ValueError, match=r"no rows of split 'test' \(splits present: \['val'\]\)"):
+            build(val, split="test")
+    assert pick_split(val, None) is val and len(pick_split(val, "val")) == len(val)
 
 
 def test_figures_render(tmp_path):

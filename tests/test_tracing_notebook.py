@@ -13,7 +13,7 @@ LAYERS = ["down_blocks.0.resnets.0", "up_blocks.3.attentions.2.transformer_block
 
 def params(mode: str, **over):
     values = dict(MODEL="toy", DEVICE="cpu", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2, GUIDANCE=4.0,
-                  NOISE=3.0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all", SCORER="auto", OUTPUT_DIR=None,
+                  NOISE=3.0, NOISE_SEED=0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all", SCORER="auto", OUTPUT_DIR=None,
                   FIGURES_DIR=None)
     extra = tracing.UNET_PARAMS if mode == "unet" else tracing.TEXT_PARAMS
     values.update(dict(LAYERS=LAYERS, UNCOND="restore") if mode == "unet" else
@@ -29,6 +29,7 @@ def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp
     cfg = tracing.sweep_config(P, mode, pipe, scorer)
     command = tracing.sweep_command(P, cfg)
     assert command.startswith("accelerate launch --multi_gpu --num_processes 2 -m lib.tracing.sweep ")
+    assert f"--noise-seed {cfg.noise_seed}" in command
     argv = command.split(" -m lib.tracing.sweep ")[1].replace("<OUTPUT_DIR>", str(tmp_path)).split()
     assert main(argv + ["--limit", "1"]) == 0  # the CLI in this process (one shard of one)
     first = load_probes(probe_path("toy")).iloc[:1]
@@ -36,6 +37,8 @@ def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp
     assert folder.is_dir() and written == []  # nothing left to trace: the notebook resumed the CLI's item
     df, tau, split = tracing.table(P, folder, first, tmp_path / "rows.parquet")
     assert len(df) > 0 and tau == 0.5 and split is None and (tmp_path / "rows.parquet").is_file()
+    with pytest.raises(ValueError, match=r"no rows of split 'test' \(splits present: \['val'\]\)"):
+        tracing.table(params(mode, EVAL_SPLIT="test"), folder, first, tmp_path / "rows.parquet")  # N_TEST=0
     other = tracing.sweep_config(params(mode, STEPS=3), mode, pipe, scorer)
     assert tracing.trace(params(mode, STEPS=3), other, pipe, scorer, first, tmp_path)[0] != folder
 

@@ -1,9 +1,12 @@
 """SAGE latent search: perturb the initial latent ``z`` so that the image fools the surrogate ensemble.
 
-Update (seed pseudo-code): ``δ ← clamp(δ − lr·sign(∇_δ L), lo, hi)``, lr 0.05, 100 iterations, range [-1, 1], from
-``δ = 0``; the loss is :meth:`lib.sage.loss.Ensemble.loss` summed over the batch. After each step ``z + δ`` is
-projected onto the Gaussian shell ``√d ± shell_sigmas/√2`` (‖z‖ of a d-dim standard normal has mean ≈ √d and
-std ≈ 1/√2), so found latents stay non-outliers by norm; the projection wins over the clamp.
+Update: ``δ ← clamp(δ − lr·sign(∇_δ L), lo, hi)`` from ``δ = 0`` with the seed pseudo-code's lr 0.05, 100 iterations
+and range [-1, 1]; the loss is :meth:`lib.sage.loss.Ensemble.loss` summed over the batch. Sign: the seed pseudo-code
+writes ``perturb += lr·grad.sign()`` on its loss −Σ(1 − 2p) of the class, which taken literally would *raise* P(class);
+the code departs from that literal sign on purpose and descends a loss that is low when the class is lost (or the
+failure type reached), the direction the method intends. After each step ``z + δ`` is projected onto the Gaussian
+shell ``√d ± shell_sigmas/√2`` (‖z‖ of a d-dim standard normal has mean ≈ √d and std ≈ 1/√2), so found latents stay
+non-outliers by norm; the projection wins over the clamp.
 
 Gradient approximation (the paper's residual trick; its exact form is not published — what we implement):
 the sampling loop runs from ``z' = z + δ``; steps ``0 … k−1`` (``k = residual_step``) run without gradient and give
@@ -28,6 +31,7 @@ needed to re-render them exactly (:func:`save_latent`, :func:`render_latent`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -49,7 +53,10 @@ class LatentShapeError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ optimisation bits
 def signed_step(param: torch.Tensor, grad: torch.Tensor, lr: float, low: float, high: float) -> torch.Tensor:
-    """One signed-gradient descent step with a box projection: ``clamp(param − lr·sign(grad), low, high)``."""
+    """One signed-gradient *descent* step with a box projection: ``clamp(param − lr·sign(grad), low, high)``.
+
+    Descent on purpose: the seed pseudo-code's literal ``+ lr·sign(grad)`` on its −Σ(1 − 2p) of the class would raise
+    P(class); our losses are low when the goal is met (module docstring)."""
     return (param - lr * grad.sign()).clamp(low, high)
 
 
@@ -123,7 +130,8 @@ def sample_with_residual(pipe, latents: torch.Tensor, c: Conditioning, steps: in
 # ------------------------------------------------------------------------------------------------------- the search
 @dataclass(frozen=True)
 class LatentSearch:
-    """Hyper-parameters of one latent search (seed pseudo-code defaults where it gives them)."""
+    """Hyper-parameters of one latent search (seed pseudo-code defaults where it gives them; the step's sign is
+    not the seed's literal one: module docstring)."""
 
     mode: Mode = "type1"
     goal: Goal | None = None  # None → MODE_GOAL[mode]
@@ -183,6 +191,11 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     batch once it succeeds, so each result equals that of the search run alone (the members and the sampler treat
     images independently; batched kernels may differ in the last bits, which a signed step can amplify only where
     a gradient entry is ≈ 0).
+
+    With more than one search the returned image is the latent rendered alone (what :func:`render_latent` and a
+    resumed campaign give), judged again: a search counts as ``found`` only if that solo image fools the ensemble
+    too. ``meta["batch_solo_max_diff"]`` is the largest pixel difference between the batched and the solo image
+    (0 for one search), ``meta["solo_fooled"]`` the solo image's verdict.
     """
     if config.mode not in MODE_GOAL:
         raise ValueError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_GOAL)}")
@@ -219,7 +232,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         for j, b in enumerate(active):
             history[b].append(float(losses[j].detach()))
             state = (history[b][-1], zp[j : j + 1].detach().clone(), d[j : j + 1].detach().clone(),
-                     image[j : j + 1].detach().clone())
+                     image[j : j + 1].detach().clone(), bool(ok[j]))
             if best[b] is None or history[b][-1] < best[b][0]:
                 best[b] = state
             if found[b] is None and ok[j]:
@@ -244,17 +257,21 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
             delta[active] = step
     results = []
     for b in range(n):
-        loss_v, zp, d, img = found[b] if found[b] is not None else best[b]
-        if n > 1:  # the image exactly as render_latent re-renders it (alone, not in a batch)
+        loss_v, zp, d, batch_img, fooled = found[b] if found[b] is not None else best[b]
+        img, diff = batch_img, 0.0
+        if n > 1:  # the image exactly as render_latent re-renders it (alone, not in a batch), judged again
             with torch.no_grad():
                 img = decode(pipe, sample_with_residual(pipe, zp, cond_all.select([b]), steps, guidance,
                                                         config.residual, grad=False))
+                fooled = bool(ensemble.judge(ensemble.probs(img), cls, config.mode)[0])
+            diff = float((img.float() - batch_img.float()).abs().max())
         meta = dict(seed=None if seeds is None else seeds[b], prompt=prompt, negative=negative, steps=steps,
                     guidance=guidance, cls=cls, mode=config.mode, goal=goal, lr=config.lr,
                     residual_mode=config.residual.mode, residual_step=config.residual.step,
-                    residual_weight=config.residual.weight, stopped=stopped[b])
-        results.append(LatentResult(found[b] is not None, zp, d, loss_v, best[b][0], len(history[b]) - 1, history[b],
-                                    img, meta))
+                    residual_weight=config.residual.weight, stopped=stopped[b], batch_solo_max_diff=diff,
+                    solo_fooled=fooled)
+        results.append(LatentResult(found[b] is not None and fooled, zp, d, loss_v, best[b][0], len(history[b]) - 1,
+                                    history[b], img, meta))
     return results
 
 
@@ -275,7 +292,8 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
     ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
     (:func:`campaign_key`) hashes the weights, the ensemble and every setting; with ``resume`` a search whose file
     exists is loaded (its image re-rendered exactly) instead of run again, so an interrupted campaign loses nothing
-    and other settings never reuse stale results.
+    and other settings never reuse stale results; an unreadable file is ignored with a warning (its seed is searched
+    again and the file overwritten).
     """
     import pandas as pd
 
@@ -289,7 +307,17 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
         paths = {s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
                  for s in seeds}
         if resume:
-            done = {s: load_result(pipe, p) for s, p in paths.items() if p.is_file()}
+            for s, p in paths.items():
+                if not p.is_file():
+                    continue
+                try:
+                    r = read_result(p)
+                except Exception as err:  # noqa: BLE001 - a truncated or foreign file: search again, say so
+                    why = (str(err).splitlines() or [type(err).__name__])[0]
+                    warnings.warn(f"ignoring unreadable latent result {p.name} ({why}); searching seed {s} again",
+                                  stacklevel=2)
+                    continue
+                done[s] = _rendered(pipe, r)
     todo = [s for s in seeds if s not in done]
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
@@ -341,6 +369,12 @@ def load_latent(path: str | Path) -> LatentRecord:
 
 def load_result(pipe, path: str | Path) -> LatentResult:
     """A finished search written by :func:`save_latent`, its image re-rendered (exactly what the search saw)."""
+    return _rendered(pipe, read_result(path))
+
+
+def read_result(path: str | Path) -> LatentResult:
+    """A finished search written by :func:`save_latent`, without its image (``image`` None); raises on a missing,
+    truncated or foreign file."""
     import json
 
     from safetensors import safe_open
@@ -348,18 +382,29 @@ def load_result(pipe, path: str | Path) -> LatentResult:
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         latent, delta = f.get_tensor("latent"), f.get_tensor("delta")
-    missing = [k for k in ("found", "loss", "best_loss", "iterations", "history") if k not in meta]
+    missing = [k for k in ("found", "loss", "best_loss", "iterations", "history", "prompt", "steps", "guidance")
+               if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the search outcome {missing}; delete it to search again")
-    image = render_latent(pipe, LatentRecord(latent, meta))
     keys = ("seed", "prompt", "negative", "steps", "guidance", "cls", "mode", "goal", "lr", "residual_mode",
-            "residual_step", "residual_weight", "stopped")
+            "residual_step", "residual_weight", "stopped", "batch_solo_max_diff", "solo_fooled")
     info = {k: meta.get(k) or None for k in keys}
     if info["seed"] is not None:
         info["seed"] = int(info["seed"])
-    return LatentResult(meta["found"] == "True", latent.to(pipe.unet.device), delta.to(pipe.unet.device),
-                        float(meta["loss"]), float(meta["best_loss"]), int(meta["iterations"]),
-                        json.loads(meta["history"]), image, info)
+    if info["batch_solo_max_diff"] is not None:  # absent from files written before it was recorded
+        info["batch_solo_max_diff"] = float(info["batch_solo_max_diff"])
+    if info["solo_fooled"] is not None:
+        info["solo_fooled"] = info["solo_fooled"] == "True"
+    return LatentResult(meta["found"] == "True", latent, delta, float(meta["loss"]), float(meta["best_loss"]),
+                        int(meta["iterations"]), json.loads(meta["history"]), None, info)
+
+
+def _rendered(pipe, result: LatentResult) -> LatentResult:
+    """``result`` (from :func:`read_result`) on the pipeline's device with its image re-rendered."""
+    meta = {k: "" if v is None else str(v) for k, v in result.meta.items()}
+    result.image = render_latent(pipe, LatentRecord(result.latent, meta))
+    result.latent, result.delta = result.latent.to(pipe.unet.device), result.delta.to(pipe.unet.device)
+    return result
 
 
 def render_latent(pipe, record: LatentRecord | str | Path, prompt: str | None = None) -> torch.Tensor:

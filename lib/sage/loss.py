@@ -14,6 +14,12 @@ Loss (per image; ``P_m(c)`` = probability that member ``m`` gives to class ``c``
     other      L = Σ_m ½[(2·P_m(c) − 1) + (1 − 2·P_m(o))]              type 2: lose c, one other label o confident
     become     L = Σ_m (1 − 2·P_m(t))                                  token attack: the target t appears
 
+Every ``L`` is *minimised* by the searches (``δ − lr·sign ∇L``, :func:`lib.sage.latent.signed_step`). This departs
+from the seed pseudo-code's literal sign: it steps *up* the gradient (``perturb += lr·grad.sign()``,
+``emb_x += sign(grad)·step_size``) of −Σ(1 − 2p) for the class, which taken literally would raise P(class). The
+formulas above are the seed's; only the update's sign is ours, chosen so that the searches move towards the goal
+(the class lost, the target shown), the direction the method intends.
+
 ``lose`` and ``become`` are the seed pseudo-code's formula for the two goals; ``uncertain`` and ``other`` are our
 variants for the two latent failure types (the paper does not give them). Type 2 is "a natural image of something
 else", so the members must agree on what else: ``o`` is, per image, the label (by name, outside ``c``'s group) with

@@ -3,11 +3,15 @@
 Each round (seed pseudo-code, one word per round):
 1. a causal LM (any ``AutoModelForCausalLM`` id or folder; the toy one is ``data/toy/lm``) proposes the ``top_k``
    most probable next *words* after the current prompt (a token counts when it starts a new word and is
-   alphabetic; BPE pieces that continue the last word are skipped; ``min_prob`` drops unlikely words, so that
-   with the toy LM the prompt stays inside the world's grammar; a single proposal is taken without optimisation);
+   alphabetic; a subword LM's word is completed greedily from its first piece, and dropped if unfinished:
+   :meth:`CandidateLM.propose`; ``min_prob`` drops unlikely words, so that with the toy LM the prompt stays inside
+   the world's grammar; a single proposal is taken without optimisation);
 2. continuous embeddings ``[x]`` (the next word) and ``[y]`` (``lookahead`` future words) in the diffusion text
    encoder's token-embedding space are inserted after the last word (before EOS) and optimised against the surrogate
-   loss (goal ``lose``, mean over the search seeds) with signed steps ``e ← clamp(e − lr·sign(∇), −2.5, 2.5)`` from 0;
+   loss (goal ``lose``, mean over the search seeds) with signed steps ``e ← clamp(e − lr·sign(∇), −2.5, 2.5)`` from 0
+   (a descent of a loss that is low when the class is lost; the seed pseudo-code's literal
+   ``emb_x += sign(grad)·step_size`` on its −Σ(1 − 2p) of the class would raise P(class), so the code departs from
+   that sign on purpose);
 3. the candidate whose token embedding (the mean over its CLIP BPE tokens, when it has several) is nearest in cosine
    to ``[x]`` is appended, and the new prompt is rendered on the seeds and judged.
 
@@ -43,6 +47,7 @@ PLACEHOLDER_ID = 0  # any id other than EOS: its embedding is overwritten
 
 
 SLOT_WORD = "!"  # SDXL: one CLIP token per slot, written into the prompt text, its embedding overwritten
+MAX_WORD_PIECES = 4  # LM tokens a proposed word may take (CandidateLM.propose)
 
 
 def _check_pipe(pipe) -> None:
@@ -256,29 +261,84 @@ class CandidateLM:
         return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos])
 
     @torch.no_grad()
-    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
-        """The ``k`` most probable next words (alphabetic, lower case, each once), best first; only tokens with
-        next-token probability ``>= min_prob`` (keeps the prompt natural: with the toy LM, inside the grammar)."""
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0,
+                max_pieces: int = MAX_WORD_PIECES) -> list[str]:
+        """The ``k`` most probable next words (alphabetic, lower case, each once), best first; only words whose first
+        token has next-token probability ``>= min_prob`` (keeps the prompt natural: with the toy LM, inside the
+        grammar).
+
+        A word may take several LM tokens (BPE, SentencePiece): a first token that starts a new alphabetic word
+        (" sle") is completed greedily: while the LM's most probable next token continues the word (decodes without a
+        leading space, alphabetic, not a special or EOS token) it is appended, up to ``max_pieces`` tokens in all
+        and within the LM's context. A word still unfinished there is dropped, also at the context's end (the LM
+        cannot continue it there): a fragment is never proposed. Words are ranked by their first token's
+        probability (the probability of starting that word). A word-level LM (the toy one) needs no completion.
+        """
         ids = self.encode(prefix)
-        dev = next(self.model.parameters()).device
-        probs = self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)
+        probs = self._logits([ids])[0].float().softmax(-1)
         base = self.tokenizer.decode(ids, skip_special_tokens=True)
-        special = set(self.tokenizer.all_special_ids)
+        special = self._special
         words: list[str] = []
+        firsts: list[int] = []  # first tokens waiting for completion, best first
         top = probs.topk(min(scan, probs.numel()))
         for p, i in zip(top.values.tolist(), top.indices.tolist()):
             if p < min_prob:
                 break
             if i in special:
                 continue
-            text = self.tokenizer.decode(ids + [i], skip_special_tokens=True)
-            new = text[len(base):] if text.startswith(base) else ""
-            word = new.strip().lower()
-            if new[:1].isspace() and word.isalpha() and word not in words:
-                words.append(word)
-                if len(words) == k:
-                    break
-        return words
+            new = self._added(ids, [i], base)
+            if new[:1].isspace() and new.strip().isalpha():
+                firsts.append(i)
+                if len(words) + len(firsts) >= k:  # enough to fill k, unless some stay unfinished
+                    words, firsts = _unique(words + self._complete(ids, base, firsts, max_pieces)), []
+                    if len(words) >= k:
+                        break
+        return _unique(words + self._complete(ids, base, firsts, max_pieces))[:k]
+
+    @property
+    def _special(self) -> set[int]:
+        """Special token ids, EOS included."""
+        eos = self.tokenizer.eos_token_id
+        return set(self.tokenizer.all_special_ids) | ({eos} if eos is not None else set())
+
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """Next-token logits (B, vocab) after each row (rows of one length: no padding)."""
+        dev = next(self.model.parameters()).device
+        return self.model(torch.tensor(rows, device=dev)).logits[:, -1]
+
+    def _added(self, ids: list[int], more: list[int], base: str | None = None) -> str:
+        """The text that ``more`` adds after ``ids`` (decoded: ``base``), "" when it does not extend that text."""
+        base = self.tokenizer.decode(ids, skip_special_tokens=True) if base is None else base
+        text = self.tokenizer.decode(ids + more, skip_special_tokens=True)
+        return text[len(base):] if text.startswith(base) else ""
+
+    def _complete(self, ids: list[int], base: str, firsts: list[int], max_pieces: int) -> list[str]:
+        """The whole words starting with the tokens ``firsts`` after ``ids`` (see :meth:`propose`), in their order;
+        unfinished ones are left out. One batched LM call per token added."""
+        pieces = {j: [i] for j, i in enumerate(firsts)}
+        done: dict[int, str] = {}
+        open_, special = list(pieces), self._special
+        while open_:
+            nxt = self._logits([ids + pieces[j] for j in open_]).argmax(-1).tolist()
+            still = []
+            for j, t in zip(open_, nxt):
+                more = self._added(ids + pieces[j], [t]) if t not in special else ""
+                if not (more and not more[:1].isspace() and more.isalpha()):  # the word ends here
+                    text = self.tokenizer.decode(ids + pieces[j], skip_special_tokens=True)
+                    word = text[len(base):].strip().lower() if text.startswith(base) else ""
+                    if word.isalpha():
+                        done[j] = word
+                elif len(pieces[j]) < max_pieces and (self.context is None
+                                                       or len(ids) + len(pieces[j]) < self.context):
+                    pieces[j].append(t)
+                    still.append(j)
+            open_ = still
+        return [done[j] for j in sorted(done)]
+
+
+def _unique(words: list[str]) -> list[str]:
+    """``words`` without repeats, first occurrence kept."""
+    return list(dict.fromkeys(words))
 
 
 # ------------------------------------------------------------------------------------------------------- the search
@@ -316,6 +376,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     ensemble.indices(cls)
     if not seeds:
         raise ValueError("need at least one seed")
+    check_grad_from_step(config.grad_from_step, steps)
     base = config.template.format(cls=cls)
     lm.encode(base, room=config.n_words)  # fails early: unknown words, or no room in the LM's context for the words
     prompt, rows, best = base, [], math.nan
@@ -323,12 +384,15 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     d = slot_dim(pipe)
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
-        cands = lm.propose(prompt, config.top_k, min_prob=config.min_prob)
+        full = _context_full(lm, prompt)  # words of several LM tokens can fill it before n_words rounds
+        cands = [] if full else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
         if not cands:  # a row all the same: the table keeps its columns and says why the prompt stopped growing
+            why = (f"the LM's context ({lm.context} tokens) is full" if full
+                   else f"LM proposed no word above min_prob={config.min_prob:g}")
             rows.append(dict(round=rnd, prompt=prompt, word=None, cosine=math.nan, candidates=0, proposed="",
                              loss_start=math.nan, loss_end=math.nan, loss_prompt=math.nan, best_loss=best,
                              p_class=math.nan, fooled_fraction=math.nan, end_prob=math.nan, found=False, category=None,
-                             stopped=f"LM proposed no word above min_prob={config.min_prob:g}"))
+                             stopped=why))
             break
         emb = torch.zeros(1 + config.lookahead, d)
         history, stopped = [], None
@@ -373,6 +437,25 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         if found and config.stop_on_success:
             break
     return pd.DataFrame(rows)
+
+
+def check_grad_from_step(grad_from_step: int, steps: int) -> None:
+    """Raise :class:`ValueError` unless ``0 <= grad_from_step < steps``: the slot embeddings reach the image only
+    through the denoising steps run with gradient, so at least one must be."""
+    if not 0 <= grad_from_step < steps:
+        raise ValueError(f"grad_from_step must be in [0, {steps - 1}] for {steps} sampling steps (gradients reach the "
+                         f"embeddings only through the steps from it on), got {grad_from_step}")
+
+
+def _context_full(lm: CandidateLM, prompt: str) -> bool:
+    """Whether ``prompt`` leaves no room for another LM token (an LM that does not say its context: never)."""
+    context = getattr(lm, "context", None)
+    if context is None:
+        return False
+    try:
+        return len(lm.encode(prompt, room=0)) >= context
+    except PromptError:  # re-encoded, the prompt is longer than the context
+        return True
 
 
 def final_prompts(rounds, classes: Sequence[str]):

@@ -1,10 +1,14 @@
 """SAGE universal adversarial token: one token embedding, appended after the last word (before EOS) of any prompt,
 that makes the image show a chosen target object.
 
-Training: signed steps ``v ← clamp(v − lr·sign(∇_v L), −2.5, 2.5)`` from ``v = 0`` (seed pseudo-code), with
-``L`` the surrogate's ``become`` loss (:mod:`lib.sage.loss`) averaged over a minibatch of (training prompt, seed)
-pairs drawn with a fixed numpy seed. Evaluation on held-out prompts: success = every member's top-1 label is in the
-target group; the CLIP-Score change is reported two ways (the paper does not say which it means):
+Training: signed steps ``v ← clamp(v − lr·sign(∇_v L), −2.5, 2.5)`` from ``v = 0`` (the seed pseudo-code's lr, range
+and start), with ``L`` the surrogate's ``become`` loss (:mod:`lib.sage.loss`) averaged over a minibatch of (training
+prompt, seed) pairs drawn with a fixed numpy seed. The step descends ``L``, which is low when the target appears; this
+departs from the seed's literal sign (``emb_x += sign(grad)·step_size`` on −Σ(1 − 2p) of the class, which taken
+literally would raise P(class)) in the direction the method intends.
+
+Evaluation on held-out prompts: success = every member's top-1 label is in the target group; the CLIP-Score change
+is reported two ways (the paper does not say which it means):
 ``clip_image_delta`` = CLIP-Score(image with token, original caption) − CLIP-Score(image without, caption), with any
 :class:`lib.scoring.ClipScorer`; ``text_cosine`` = cosine between the diffusion text encoder's pooled outputs of the
 caption with and without the token (how little the prompt's representation moves).
@@ -34,7 +38,8 @@ from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import signed_step
 from lib.sage.loss import Ensemble
 from lib.sage.prompt import (
-    _check_pipe, _replaced_embeddings, encode_with_slots, render_with_slots, slot_dim, slot_ids,
+    _check_pipe, _replaced_embeddings, check_grad_from_step, encode_with_slots, render_with_slots, slot_dim,
+    slot_ids,
 )
 from lib.sage.resume import campaign_key, write_safetensors_atomic
 from lib.sampling import is_sdxl
@@ -76,6 +81,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
         raise ValueError("need at least one training prompt and one seed")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    check_grad_from_step(config.grad_from_step, steps)
     rng = np.random.default_rng(config.seed)
     d = slot_dim(pipe)
     v = torch.zeros(1, d)

@@ -174,16 +174,32 @@ def training_table(folder: str | Path = TOY_DIR):
                          for st, r in record["stages"].items()]).set_index("stage")
 
 
+def rebuild_hint(path: Path) -> str:
+    """How to get a toy-world file back: from git if it is a committed one, else by retraining its stage(s)."""
+    path = Path(path)
+    if "clip_vision" in path.parts:
+        train = ("`python -m lib.toy.train --stage clip-vision --steps-override 7000 --n-train 100000 --train-split any` "
+                 "(needs text_encoder/)")
+    else:
+        train = (f"`{REBUILD}`, then its `clip-vision` and `vae-decoder` continuations (README, \"Training\"), "
+                 "from the repo root")
+    try:
+        committed = path.resolve().relative_to(TOY_DIR.resolve())
+    except ValueError:
+        return f"Rebuild it with {train}."
+    return f"Restore the committed file with `git checkout -- {Path('data/toy') / committed}`, or rebuild it with {train}."
+
+
 def _require(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"toy model file missing: {path}. Rebuild it with `{REBUILD}` (from the repo root).")
+        raise FileNotFoundError(f"toy model file missing: {path}. {rebuild_hint(path)}")
     return path
 
 
 def _corrupt(path: Path, err: Exception) -> RuntimeError:
     first = (str(err).strip().splitlines() or [""])[0]
     return RuntimeError(f"toy model file {path} is unreadable or corrupt ({type(err).__name__}: {first}). "
-                        f"Rebuild it with `{REBUILD}` (from the repo root).")
+                        f"{rebuild_hint(path)}")
 
 
 def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
@@ -214,6 +230,13 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
     return pipe.to(device)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _corrupt(path, err) from err
+
+
 def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
     """The toy ``CLIPModel``: text tower from ``text_encoder/``, vision tower + projections from ``clip_vision/``.
 
@@ -225,19 +248,20 @@ def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float
     folder = Path(folder)
     tcfg_p, t_p = _require(folder / "text_encoder/config.json"), _require(folder / "text_encoder/model.safetensors")
     vcfg_p, v_p = _require(folder / "clip_vision/config.json"), _require(folder / "clip_vision/model.safetensors")
-    try:
-        vcfg = json.loads(vcfg_p.read_text())
-        tcfg = json.loads(tcfg_p.read_text())
-    except (OSError, ValueError) as err:
-        raise _corrupt(vcfg_p, err) from err
+    tcfg, vcfg = _read_json(tcfg_p), _read_json(vcfg_p)
+    if not isinstance(vcfg, dict) or not {"vision_config", "projection_dim"} <= vcfg.keys():
+        raise _corrupt(vcfg_p, KeyError("needs the keys 'vision_config' and 'projection_dim'"))
     from transformers import CLIPTextModel
 
     try:
         te = CLIPTextModel.from_pretrained(t_p.parent, torch_dtype=torch.float32, local_files_only=True)
     except Exception as err:  # noqa: BLE001
         raise _corrupt(t_p, err) from err
-    cfg = CLIPConfig(text_config=tcfg, vision_config=vcfg["vision_config"], projection_dim=vcfg["projection_dim"])
-    model = CLIPModel(cfg)
+    try:
+        model = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=vcfg["vision_config"],
+                                     projection_dim=vcfg["projection_dim"]))
+    except Exception as err:  # noqa: BLE001 - a config the model cannot be built from
+        raise _corrupt(vcfg_p, err) from err
     model.text_model.load_state_dict(te.state_dict())
     try:
         state = load_file(str(v_p))

@@ -1,7 +1,10 @@
 """Corrupting the subject: Gaussian noise on the subject tokens' embeddings, through a hook on every encoder.
 
 ROME's convention: noise ``N(0, (k·σ)²)`` with ``σ`` the standard deviation of the token-embedding table and
-``k = 3``, drawn from a fixed seed, added to the embeddings at the subject's token positions. The hook sits on
+``k = 3``, added to the embeddings at the subject's token positions. Every (caption, subject, image seed) draws its
+own noise, and every encoder its own draw: the generator seed is a SHA-256 hash of (base ``seed``, caption, subject,
+image seed), then of that and the encoder's name (``item_noise_seed``, ``encoder_noise_seed``), so draws are
+independent across captions, latent seeds and encoders and reproducible run to run. The hook sits on
 ``embeddings.token_embedding`` of each text encoder (SDXL has two, each with its own ``σ``), so anything
 that encodes the caption through the pipeline is corrupted consistently. Rows are recognised by their token ids:
 only rows whose ids start with the caption's ids are corrupted, so the negative (unconditional) prompt encoded in
@@ -10,8 +13,10 @@ the same ``encode`` call stays clean.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -23,11 +28,40 @@ from lib.tracing.layers import encoder_root, text_encoders
 
 @dataclass(frozen=True)
 class Corruption:
-    """Noise scale ``multiplier × σ`` (``σ``: std of the token-embedding table, or ``std`` if given) and its seed."""
+    """Noise scale ``multiplier × σ`` (``σ``: std of the token-embedding table, or ``std`` if given), the base noise
+    ``seed``, and ``image_seed``, the latent seed of the trace the noise belongs to (the traces set it: ``at``)."""
 
     multiplier: float = 3.0
     seed: int = 0
     std: float | None = None
+    image_seed: int | None = None
+
+    def at(self, image_seed: int) -> Corruption:
+        """The same corruption for a trace from latent seed ``image_seed``."""
+        return replace(self, image_seed=int(image_seed))
+
+
+def _hash_seed(*parts) -> int:
+    """A 63-bit generator seed from a SHA-256 of ``parts`` (stable across runs and machines, unlike ``hash``)."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def item_noise_seed(corruption: Corruption, caption: str, subject: str) -> int:
+    """The noise seed of one (caption, subject, image seed) under ``corruption.seed``: the tidy rows' ``noise_seed``."""
+    return _hash_seed("item", int(corruption.seed), caption, subject, corruption.image_seed)
+
+
+def encoder_noise_seed(item_seed: int, encoder: str) -> int:
+    """The generator seed of ``encoder``'s noise for an item (SDXL's two encoders draw independently)."""
+    return _hash_seed("encoder", int(item_seed), encoder)
+
+
+def subject_noise(corruption: Corruption, caption: str, subject: str, encoder: str,
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """Standard-normal draws (unscaled) of ``encoder`` for (caption, subject, ``corruption.image_seed``)."""
+    gen = torch.Generator().manual_seed(encoder_noise_seed(item_noise_seed(corruption, caption, subject), encoder))
+    return torch.randn(*shape, generator=gen)
 
 
 def tokenizer_for(pipe, encoder: str):
@@ -87,8 +121,9 @@ def targets_for(pipe, encoder: str, captions: Sequence[str], subjects: Sequence[
     for caption, subject in zip(captions, subjects, strict=True):
         pos = subject_positions(tok, caption, subject)
         ids = torch.tensor(tok(caption, truncation=True, max_length=tok.model_max_length).input_ids)
-        gen = torch.Generator().manual_seed(corruption.seed if corruption is not None else 0)
-        noise = torch.randn(len(pos), emb.embedding_dim, generator=gen) * scale
+        shape = (len(pos), emb.embedding_dim)
+        draw = torch.zeros(shape) if corruption is None else subject_noise(corruption, caption, subject, encoder, shape)
+        noise = draw * scale
         out.append(Target(caption, ids, pos, noise.to(emb.weight.device, emb.weight.dtype)))
     return out
 

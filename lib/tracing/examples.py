@@ -50,7 +50,7 @@ def attach_scores(trace: Trace, scorer: ClipScorer, caption: str) -> Trace:
 
 
 def _corruption(cfg: SweepConfig, seed: int) -> Corruption:
-    return Corruption(cfg.multiplier, seed + cfg.noise_seed_offset)  # the sweep's noise for this (caption, seed)
+    return Corruption(cfg.multiplier, cfg.noise_seed).at(seed)  # the sweep's noise for this (caption, seed)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import pandas as pd
 from lib.loading import describe_source
 from lib.params import Param
 from lib.tracing.layers import TEXT_KINDS
+from lib.tracing.report import pick_split
 from lib.tracing.sweep import SweepConfig, collect, load_probes, model_fingerprint, run_sweep, sweep_dir
 
 
@@ -34,7 +35,8 @@ def check_text_kinds(value: list[str]) -> None:
 # The parameters both notebooks take besides lib.params.COMMON; each adds its own (UNET_PARAMS / TEXT_PARAMS).
 TRACE_PARAMS: dict[str, Param] = {
     "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
-    "NOISE": Param(float, low=0.0, high=100.0), "TAU": Param((str, float), check=check_tau),
+    "NOISE": Param(float, low=0.0, high=100.0), "NOISE_SEED": Param(int, low=0),
+    "TAU": Param((str, float), check=check_tau),
     "SCORER": Param(str), "MIN_GAP": Param(float, low=0.0),
     "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),
 }
@@ -78,7 +80,8 @@ def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:
     extra = (dict(uncond=P.UNCOND, layers=tuple(P.LAYERS) if P.LAYERS else None) if mode == "unet" else
              dict(text_kinds=tuple(P.TEXT_KINDS), text_layers=tuple(P.TEXT_LAYERS) if P.TEXT_LAYERS else None))
     return SweepConfig(model=P.MODEL, mode=mode, steps=P.STEPS, guidance=P.GUIDANCE, batch_size=P.BATCH_SIZE,
-                       multiplier=P.NOISE, fingerprint=model_fingerprint(pipe), scorer=P.SCORER,
+                       multiplier=P.NOISE, noise_seed=P.NOISE_SEED, fingerprint=model_fingerprint(pipe),
+                       scorer=P.SCORER,
                        scorer_fingerprint=scorer.fingerprint(), **extra)
 
 
@@ -91,7 +94,8 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, processes: int = 2) -> s
     """
     args = [f"--model {P.MODEL}", f"--probes {P.PROBES}", f"--mode {cfg.mode}",
             f"--seeds {','.join(map(str, P.SEEDS))}", f"--steps {cfg.steps}", f"--guidance {cfg.guidance:g}",
-            f"--batch-size {cfg.batch_size}", f"--multiplier {cfg.multiplier:g}", f"--scorer {cfg.scorer}"]
+            f"--batch-size {cfg.batch_size}", f"--multiplier {cfg.multiplier:g}", f"--noise-seed {cfg.noise_seed}",
+            f"--scorer {cfg.scorer}"]
     if cfg.mode == "unet":
         args.append(f"--uncond {cfg.uncond}")
         if cfg.layers:
@@ -123,10 +127,14 @@ def table(P: SimpleNamespace, folder: Path, probes: pd.DataFrame, path: Path) ->
                                                                                         str | None]:
     """Collect the sweep's rows for this selection, choose τ, write them to ``path`` (parquet).
 
-    Returns the rows, τ and the split the maps and findings use (``None``: all rows).
+    ``TAU = "otsu"``: Otsu on the validation split's layer-level recoveries (ratio of sums per UNet (attribute, layer)
+    or text cell, the values the tables compare to τ). Returns the rows, τ and the split the maps and findings use
+    (``None``: all rows); ``ValueError`` when ``EVAL_SPLIT`` names a split without rows (e.g. "test" with N_TEST 0).
     """
     df = collect(folder, tau=None if P.TAU == "otsu" else P.TAU, min_gap=P.MIN_GAP, probes=probes, seeds=P.SEEDS)
     df.to_parquet(path, index=False)
     tau = float(df["tau"].iloc[0])
     print(f"{len(df)} rows; tau = {tau:.3f} ({'Otsu on the validation split' if P.TAU == 'otsu' else 'given'})")
-    return df, tau, None if P.EVAL_SPLIT == "all" else P.EVAL_SPLIT
+    split = None if P.EVAL_SPLIT == "all" else P.EVAL_SPLIT
+    pick_split(df, split)  # a split without rows fails here, not in the maps
+    return df, tau, split

@@ -13,6 +13,7 @@ import torch
 
 from lib.plotting import image_grid
 from lib.tracing.report import GROUP_ORDER, pick_split, short_layer
+from lib.tracing.score import group_recovery
 from lib.tracing.unet import Trace
 
 KIND_COLORS = {"resnet": "#444444", "attn1": "#1f77b4", "attn2": "#d62728", "ff": "#2ca02c"}
@@ -64,14 +65,14 @@ def kind_bars(table: pd.DataFrame):
 
 def token_group_maps(df: pd.DataFrame, component: str = "text_encoder", split: str | None = "test",
                      kinds: Sequence[str] = ("hidden", "self_attn", "mlp"), value: str = "recovery"):
-    """ROME-style panels, one per site kind: token group (rows) × text-encoder layer (columns), mean ``value``."""
+    """ROME-style panels, one per site kind: token group (rows) × text-encoder layer (columns); ``value`` averaged per
+    cell (``recovery``: the ratio of sums of ``report.text_token_table``, ``group_recovery``)."""
     d = pick_split(df[df["component"] == component], split)
     tau = float(d["tau"].iloc[0])
     groups = [g for g in GROUP_ORDER if g in set(d["token_group"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 0.38 * len(groups) + 1.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        piv = d[d["kind"] == kind].pivot_table(index="token_group", columns="layer_index", values=value,
-                                               aggfunc="mean").reindex(groups)
+        piv = _cells(d[d["kind"] == kind], value).reindex(groups)
         sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
                     vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6}, cbar=False)
         ax.set_title(kind, fontsize=9)
@@ -80,6 +81,13 @@ def token_group_maps(df: pd.DataFrame, component: str = "text_encoder", split: s
     fig.suptitle(f"{component}: restoring one state at one token group ({value}; τ = {tau:.2f})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _cells(d: pd.DataFrame, value: str) -> pd.DataFrame:
+    """token group × layer: the cells' ``group_recovery`` for ``value == "recovery"``, else the mean of ``value``."""
+    if value == "recovery":
+        return group_recovery(d, ("token_group", "layer_index")).unstack("layer_index")
+    return d.pivot_table(index="token_group", columns="layer_index", values=value, aggfunc="mean")
 
 
 def token_layer_maps(df: pd.DataFrame, caption: str, seed: int | None = None, component: str = "text_encoder",

@@ -1,8 +1,10 @@
 """Tables that notebooks 04 and 05 print: score gaps, per-layer summaries, and the paper's findings checked.
 
 All functions take the tidy rows of ``lib.tracing.sweep.collect`` (with ``recovery``, ``causal`` and ``tau``).
-Layer-level rule: a (attribute, layer) — or (kind, layer, token group) in the text encoder — is *causal* when the
-mean recovery of its rows (on ``split``) is at least ``τ``, the same threshold the row-level ``causal`` flag uses.
+Layer-level rule: an (attribute, layer) — or a (component, kind, layer, token group) cell of the text encoder — is
+*causal* when its recovery ``Σ(score − corrupted) / Σ(clean − corrupted)`` over its rows on ``split`` with a defined
+row recovery (``lib.tracing.score.group_recovery``) is at least ``τ``; ``τ = "otsu"`` is chosen on these same group
+recoveries of the validation split. The row-level ``causal`` flag (row recovery ≥ ``τ``) is kept in the rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lib.tracing.layers import unet_kind
+from lib.tracing.score import TEXT_GROUP, UNET_GROUP, group_recovery
 
 GROUP_ORDER: tuple[str, ...] = ("bos", "before", "subject", "last_subject", "after", "eos")
 
@@ -42,9 +45,12 @@ def unet_block(name: str) -> str:
 
 
 def pick_split(df: pd.DataFrame, split: str | None) -> pd.DataFrame:
-    """Rows of ``split`` (``None``: all rows); falls back to all rows when the split is absent."""
-    if split is None or split not in set(df["split"]):
+    """Rows of ``split`` (``None``: all rows); ``ValueError`` naming the splits present when it has no rows."""
+    if split is None:
         return df
+    if split not in set(df["split"]):
+        raise ValueError(f"no rows of split {split!r} (splits present: {sorted(set(df['split']))}); trace some "
+                         "(N_TEST / N_VAL) or use split=None (EVAL_SPLIT='all') for every row")
     return df[df["split"] == split]
 
 
@@ -69,11 +75,12 @@ def nan_report(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def unet_layer_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Per (attribute, layer): kind, block, mean recovery, fraction of causal rows, and the layer-level ``causal``."""
+    """Per (attribute, layer): kind, block, ``recovery`` (ratio of sums, ``group_recovery``), fraction of causal rows,
+    n, and the layer-level ``causal`` (``recovery ≥ τ``)."""
     d = pick_split(df[df["component"] == "unet"], split)
     tau = float(d["tau"].iloc[0])
-    t = d.groupby(["attribute", "layer", "layer_index"], sort=True).agg(
-        recovery=("recovery", "mean"), causal_frac=("causal", "mean"), n=("score", "size")).reset_index()
+    t = d.groupby(list(UNET_GROUP), sort=True).agg(causal_frac=("causal", "mean"), n=("score", "size"))
+    t = t.join(group_recovery(d, UNET_GROUP))[["recovery", "causal_frac", "n"]].reset_index()
     t["kind"] = t["layer"].map(unet_kind)
     t["block"] = t["layer"].map(unet_block)
     t["short"] = t["layer"].map(short_layer)
@@ -96,11 +103,12 @@ def unet_causal_counts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def text_token_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Per (component, kind, layer, token group): mean recovery, fraction causal, n, and the cell-level ``causal``."""
+    """Per (component, kind, layer, token group): ``recovery`` (ratio of sums, ``group_recovery``), fraction of causal
+    rows, n, and the cell-level ``causal`` (``recovery ≥ τ``)."""
     d = pick_split(df[df["component"] != "unet"], split)
     tau = float(d["tau"].iloc[0])
-    t = d.groupby(["component", "kind", "layer_index", "token_group"], sort=True).agg(
-        recovery=("recovery", "mean"), causal_frac=("causal", "mean"), n=("score", "size")).reset_index()
+    t = d.groupby(list(TEXT_GROUP), sort=True).agg(causal_frac=("causal", "mean"), n=("score", "size"))
+    t = t.join(group_recovery(d, TEXT_GROUP))[["recovery", "causal_frac", "n"]].reset_index()
     t["causal"] = t["recovery"] >= tau
     t["tau"] = tau
     return t
@@ -110,15 +118,23 @@ def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.3f}"
 
 
-def _verdict(ok: bool, defined: bool) -> str:
+NOT_TRACED = "undetermined (not traced)"
+
+
+def _verdict(ok: bool, defined: bool, traced: bool = True) -> str:
+    """``reproduced`` / ``not reproduced``; ``undetermined`` when what the finding is about was not traced or has no
+    finite recovery."""
+    if not traced:
+        return NOT_TRACED
     return "undetermined (no finite recovery)" if not defined else ("reproduced" if ok else "not reproduced")
 
 
 def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
     """The paper's UNet findings against ``unet_layer_table`` (one row each: finding, measured, verdict).
 
-    ``verdict`` is ``reproduced``, ``not reproduced``, or ``undetermined`` when no layer has a finite recovery (the
-    corruption did not lower the CLIP-Score of any item).
+    ``verdict`` is ``reproduced``, ``not reproduced``, or ``undetermined``: ``(not traced)`` when the table holds no
+    attn2 layer (cross-attention finding), or no attn1 layer or no ``style`` row at the first traced attn1 (style
+    finding); ``(no finite recovery)`` when no layer has one (the corruption did not lower any item's CLIP-Score).
     """
     counts = unet_causal_counts(table).set_index("attribute")
     defined = bool(table["recovery"].notna().any())
@@ -136,7 +152,7 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
         finding="cross-attention (attn2) layers are not causal",
         measured="; ".join(f"{a}: {int(n_x.loc[a, 'sum'])}/{int(n_x.loc[a, 'size'])} causal, max recovery "
                            f"{_fmt(x[x['attribute'] == a]['recovery'].max())}" for a in n_x.index),
-        verdict=_verdict(bool(n_x["sum"].sum() == 0), defined)))
+        verdict=_verdict(bool(n_x["sum"].sum() == 0), defined, traced=len(x) > 0)))
     first = table[table["kind"] == "attn1"]["layer_index"].min()
     f = table[table["layer_index"] == first].set_index("attribute")
     style_only = bool(f["causal"].get("style", False)) and not f.drop(index="style", errors="ignore")["causal"].any()
@@ -144,12 +160,13 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
         finding=f"the first self-attention ({short_layer(f['layer'].iloc[0]) if len(f) else '-'}) is causal for style only",
         measured="; ".join(f"{a}: recovery {_fmt(f.loc[a, 'recovery'])}{' (causal)' if f.loc[a, 'causal'] else ''}"
                            for a in f.index),
-        verdict=_verdict(style_only, defined)))
+        verdict=_verdict(style_only, defined, traced="style" in f.index)))
     return pd.DataFrame(rows)
 
 
 def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp")) -> pd.DataFrame:
-    """The paper's text-encoder finding: one causal state, layer-0 self-attention at the last subject token."""
+    """The paper's text-encoder finding: one causal state, layer-0 self-attention at the last subject token
+    (``undetermined (not traced)`` for an encoder whose table lacks that cell)."""
     rows = []
     for enc, t in table.groupby("component", sort=True):
         t = t[t["kind"].isin(kinds)]
@@ -164,12 +181,12 @@ def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp
                       f"{_fmt(target['recovery'].iloc[0]) if len(target) else 'n/a'}; best cell "
                       + (f"{best['kind'].iloc[0]} L{best['layer_index'].iloc[0]} @{best['token_group'].iloc[0]}"
                          if len(best) else "n/a")),
-            verdict=_verdict(ok, bool(t["recovery"].notna().any()))))
+            verdict=_verdict(ok, bool(t["recovery"].notna().any()), traced=len(target) > 0)))
     return pd.DataFrame(rows)
 
 
 def top_layers(table: pd.DataFrame, attribute: str, k: int = 3, extra_kinds: Sequence[str] = ("attn2",)) -> list[str]:
-    """The ``k`` layers with the highest mean recovery for ``attribute``, plus the best layer of each ``extra_kinds``."""
+    """The ``k`` layers with the highest recovery for ``attribute``, plus the best layer of each ``extra_kinds``."""
     t = table[table["attribute"] == attribute].sort_values(["recovery", "layer_index"], ascending=[False, True])
     names = list(t["layer"].head(k))
     for kind in extra_kinds:

@@ -1,14 +1,21 @@
 """Scoring traces: CLIP-Score rows, recovery of the clean−corrupted gap, and the causal-threshold rule.
 
 Rule. For a restored run with CLIP-Score ``s`` (against the caption), clean score ``s_clean`` and corrupted score
-``s_corr`` of the same caption × seed, the *recovery* is ``r = (s − s_corr) / (s_clean − s_corr)``; it is undefined
-(NaN, never causal) when the gap ``s_clean − s_corr`` is at most ``min_gap`` (the corruption did not lower the
-score) or when a run produced NaN. A state is causal when ``r ≥ τ``. ``τ`` is chosen on the validation split
-(``split == "val"``, 10 prompts per attribute) by ``choose_tau``: with per-row labels (e.g. "the restored image
-shows the attribute", from a classifier of the toy world) the ``τ`` of the grid with the best balanced accuracy;
-without labels, Otsu's threshold of the validation recoveries (clipped to [0, 1]): the ``τ`` that best separates
-them into two groups, since restoring a non-causal state leaves ``r`` near 0 and a causal one brings it near 1.
-``τ`` stays a parameter everywhere (``mark_causal(df, tau=...)``).
+``s_corr`` of the same caption × seed, the row *recovery* is ``r = (s − s_corr) / (s_clean − s_corr)``; it is
+undefined (NaN, never causal) when the gap ``s_clean − s_corr`` is at most ``min_gap`` (the corruption did not lower
+the score) or when a run produced NaN. A row is causal when ``r ≥ τ``.
+
+A group of rows — an (attribute, UNet layer), ``UNET_GROUP``, or a (component, kind, layer, token group) text cell,
+``TEXT_GROUP`` — has the recovery ``Σ(s − s_corr) / Σ(s_clean − s_corr)`` over its rows with a defined ``r``
+(``group_recovery``; ROME's average: mean restored score relative to mean clean and corrupted scores), so an item
+with a tiny gap cannot dominate; the group is causal when that ratio is ``≥ τ`` (``lib.tracing.report``).
+
+``τ`` is chosen on the validation split (``split == "val"``) by ``choose_tau``: without labels, Otsu's threshold of
+the validation split's group recoveries (the statistic the layer verdicts threshold; clipped to [0, 1]): the ``τ``
+that best separates them into two groups, since restoring a non-causal state leaves the recovery near 0 and a causal
+one brings it near 1. With per-row labels (e.g. "the restored image shows the attribute", from a classifier of the toy
+world) the ``τ`` of the grid with the best balanced accuracy on the row recoveries. ``τ`` stays a parameter
+everywhere (``mark_causal(df, tau=...)``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ COLUMNS: tuple[str, ...] = (
     "layer_index", "token", "token_str", "token_group", "score", "clean_score", "corrupted_score", "nan",
 )
 TAU_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+UNET_GROUP: tuple[str, ...] = ("attribute", "layer", "layer_index")  # a cell of report.unet_layer_table
+TEXT_GROUP: tuple[str, ...] = ("component", "kind", "layer_index", "token_group")  # a cell of report.text_token_table
 
 
 @torch.no_grad()
@@ -82,6 +91,25 @@ def recovery(df: pd.DataFrame, min_gap: float = 0.0) -> pd.Series:
     return r.where(~df["nan"].astype(bool))
 
 
+def group_recovery(df: pd.DataFrame, by: Sequence[str], min_gap: float | None = None) -> pd.Series:
+    """Per group of ``by`` (sorted): ``Σ(score − corrupted) / Σ(clean − corrupted)`` over the rows with a defined row
+    recovery (gap > ``min_gap``, not NaN-flagged; ``min_gap=None``: the rows' ``recovery`` column, as ``mark_causal``
+    set it); NaN for a group without such rows."""
+    ok = (df["recovery"] if min_gap is None else recovery(df, min_gap)).notna()
+    parts = df[list(by)].assign(num=(df["score"] - df["corrupted_score"]).where(ok),
+                                den=(df["clean_score"] - df["corrupted_score"]).where(ok))
+    sums = parts.groupby(list(by), sort=True)[["num", "den"]].sum(min_count=1)
+    return (sums["num"] / sums["den"]).rename("recovery")
+
+
+def layer_recoveries(df: pd.DataFrame, min_gap: float | None = None) -> np.ndarray:
+    """The group recoveries the reports threshold: UNet rows per ``UNET_GROUP``, text rows per ``TEXT_GROUP``."""
+    unet = df["component"] == "unet"
+    parts = [group_recovery(d, by, min_gap) for d, by in ((df[unet], UNET_GROUP), (df[~unet], TEXT_GROUP))
+             if len(d)]
+    return np.concatenate([p.to_numpy(float) for p in parts]) if parts else np.zeros(0)
+
+
 def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
     """The grid threshold maximising the between-group variance of ``values`` (clipped to [0, 1])."""
     v = np.clip(values[np.isfinite(values)], 0.0, 1.0)
@@ -100,7 +128,8 @@ def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
 
 def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", min_gap: float = 0.0,
                grid: np.ndarray = TAU_GRID) -> float:
-    """``τ`` from the rows of ``split``: best balanced accuracy against bool column ``labels``, else Otsu."""
+    """``τ`` from the rows of ``split``: best balanced accuracy of the row recoveries against bool column ``labels``,
+    else Otsu on the split's group recoveries (``layer_recoveries``: the values the layer verdicts compare to ``τ``)."""
     val = df[df["split"] == split]
     if val.empty:
         raise ValueError(f"no rows with split == {split!r} to choose the threshold on")
@@ -110,7 +139,7 @@ def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", 
                          "corruption did not lower the score, e.g. random weights): nothing to choose τ from; "
                          "pass a numeric τ (TAU) or a lower min_gap (MIN_GAP)")
     if labels is None:
-        return otsu(r, grid)
+        return otsu(layer_recoveries(val, min_gap), grid)
     y = val[labels].astype(bool).to_numpy()
     ok = np.isfinite(r)
     if y[ok].all() or not y[ok].any():
@@ -131,7 +160,8 @@ def mark_causal(df: pd.DataFrame, tau: float, min_gap: float = 0.0) -> pd.DataFr
 
 def summarize(df: pd.DataFrame, by: Sequence[str] = ("attribute", "component", "kind", "layer", "layer_index"),
               z: float = 1.96) -> pd.DataFrame:
-    """Per group: n, mean recovery with a normal 95% interval, fraction causal with a Wilson 95% interval."""
+    """Per group: n, mean of the row recoveries with a normal 95% interval, fraction causal with a Wilson 95%
+    interval (descriptive; the layer verdicts use ``group_recovery``)."""
     def one(g: pd.DataFrame) -> pd.Series:
         r = g["recovery"].dropna()
         n, k = len(g), int(g["causal"].sum())

@@ -39,7 +39,7 @@ from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks
 from lib.prompts import subject_positions
 from lib.scoring import ClipScorer
 from lib.tokenizer import build_clip_tokenizer
-from lib.tracing.corrupt import Corruption
+from lib.tracing.corrupt import Corruption, item_noise_seed
 from lib.tracing.layers import TEXT_KINDS, resolve_unet_layers, text_sites
 from lib.tracing.score import choose_tau, mark_causal, trace_rows
 from lib.tracing.text_encoder import trace_text
@@ -48,6 +48,7 @@ from lib.tracing.unet import trace_unet
 PROBE_COLUMNS: tuple[str, ...] = ("caption", "subject", "attribute", "split")
 ROW_KEY: tuple[str, ...] = ("caption", "subject", "seed", "component", "layer", "token")  # one traced run
 CONFIG_FILE = "sweep.json"
+NOISE_SCHEME = "per-item"  # lib.tracing.corrupt: noise seeded by a hash of (noise_seed, caption, subject, seed)
 
 
 class SweepError(ValueError):
@@ -87,7 +88,8 @@ class SweepConfig:
     text_kinds: tuple[str, ...] = TEXT_KINDS
     text_layers: tuple[int, ...] | None = None
     negative: str | None = None
-    noise_seed_offset: int = 0  # the noise seed of (caption, seed) is seed + offset
+    noise_seed: int = 0  # base seed of the subject noise (each caption × subject × seed × encoder hashes its own)
+    noise_scheme: str = NOISE_SCHEME  # how the noise is seeded: in the hash, so older folders are never resumed
     fingerprint: str | None = None  # model_fingerprint(pipe): results of other weights are never resumed
     scorer: str | None = None  # which CLIP scored the images (lib.scoring.scorer_for spec)
     scorer_fingerprint: str | None = None  # ClipScorer.fingerprint(): rows of another CLIP's weights are never resumed
@@ -99,6 +101,8 @@ class SweepConfig:
             raise SweepError(f"uncond must be 'restore' or 'own', got {self.uncond!r}")
         if self.batch_size < 2:
             raise SweepError(f"batch_size must be >= 2 (clean + one more run), got {self.batch_size}")
+        if self.noise_scheme != NOISE_SCHEME:
+            raise SweepError(f"noise_scheme must be {NOISE_SCHEME!r}, got {self.noise_scheme!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -242,8 +246,10 @@ def check_subjects(pipe, probes: pd.DataFrame) -> None:
 
 
 def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.DataFrame:
-    """Trace and score one (caption, seed): the tidy rows of ``lib.tracing.score.COLUMNS``."""
-    corruption = Corruption(cfg.multiplier, item.seed + cfg.noise_seed_offset)
+    """Trace and score one (caption, seed): the tidy rows of ``lib.tracing.score.COLUMNS`` (``noise_seed``: the
+    item's derived noise seed, ``lib.tracing.corrupt.item_noise_seed``)."""
+    corruption = Corruption(cfg.multiplier, cfg.noise_seed).at(item.seed)
+    noise_seed = item_noise_seed(corruption, item.caption, item.subject)
     common = dict(steps=cfg.steps, guidance=cfg.guidance, corruption=corruption, batch_size=cfg.batch_size,
                   negative=cfg.negative)
     if cfg.mode == "unet":
@@ -253,7 +259,7 @@ def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.D
         trace = trace_text(pipe, item.caption, item.subject, item.seed, sites, **common)
     n_tokens = len(pipe.tokenizer(item.caption, truncation=True).input_ids)
     return trace_rows(trace, scorer, item.caption, model=cfg.model, subject=item.subject, attribute=item.attribute,
-                      split=item.split, seed=item.seed, noise_seed=corruption.seed,
+                      split=item.split, seed=item.seed, noise_seed=noise_seed,
                       subject_tokens=subject_positions(pipe.tokenizer, item.caption, item.subject),
                       n_tokens=n_tokens)
 
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--multiplier", type=float, default=3.0)
+    ap.add_argument("--noise-seed", type=int, default=0,
+                    help="base seed of the subject noise (each caption, subject, seed and encoder hashes its own)")
     ap.add_argument("--uncond", choices=("restore", "own"), default="restore")
     ap.add_argument("--layers", default=None, help="comma-separated UNet layer names (default: all)")
     ap.add_argument("--text-layers", default=None, help="comma-separated text-encoder layer indices")
@@ -391,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = _scorer(args.model, args.scorer, str(state.device))
     cfg = SweepConfig(
         model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
-        multiplier=args.multiplier, uncond=args.uncond,
+        multiplier=args.multiplier, noise_seed=args.noise_seed, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
         fingerprint=model_fingerprint(pipe), scorer=args.scorer, scorer_fingerprint=scorer.fingerprint(),

@@ -145,7 +145,10 @@ def generate_conditionings(pipe, cond: Conditioning, latent: torch.Tensor, steps
 def trace_text(pipe, caption: str, subject: str, seed: int, sites: Sequence[TextSite] | None = None,
                tokens: Sequence[int | Sequence[int]] | None = None, *, steps: int = 25, guidance: float = 7.5,
                corruption: Corruption = Corruption(), batch_size: int = 16, negative: str | None = None) -> Trace:
-    """Trace text-encoder states for one caption × seed: one restored image per (site, token entry)."""
+    """Trace text-encoder states for one caption × seed: one restored image per (site, token entry).
+
+    The subject noise is ``corruption.at(seed)``'s: drawn for this caption, subject and latent seed."""
+    corruption = corruption.at(seed)
     restores = restores_for(pipe, caption, sites, tokens)
     clean = encode(pipe, [caption], negative)
     with gated(pipe, [caption], [subject], corruption):

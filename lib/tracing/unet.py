@@ -143,14 +143,17 @@ def restore_sets(pipe, clean: Conditioning, corrupted: Conditioning, latent: tor
 
 
 def _prepare(pipe, caption: str, subject: str, seed: int, corruption: Corruption, negative: str | None):
-    clean, bad = encode_pair(pipe, caption, subject, corruption, negative)
+    """Clean and corrupted conditionings (the noise keyed by ``seed``: ``Corruption.at``) and the seed's latent."""
+    clean, bad = encode_pair(pipe, caption, subject, corruption.at(seed), negative)
     return clean, bad, initial_latents(pipe, [seed])
 
 
 def trace_unet(pipe, caption: str, subject: str, seed: int, layers: Sequence[str] | None = None, *,
                steps: int = 25, guidance: float = 7.5, corruption: Corruption = Corruption(),
                batch_size: int = 16, uncond: Uncond = "restore", negative: str | None = None) -> Trace:
-    """Trace every UNet candidate layer (or ``layers``) for one caption × seed, batched; one restored run per layer."""
+    """Trace every UNet candidate layer (or ``layers``) for one caption × seed, batched; one restored run per layer.
+
+    The subject noise is ``corruption.at(seed)``'s: drawn for this caption, subject and latent seed."""
     names = resolve_unet_layers(pipe.unet, layers)
     clean, bad, lat = _prepare(pipe, caption, subject, seed, corruption, negative)
     trace = restore_sets(pipe, clean, bad, lat, [{n} for n in names], steps, guidance, batch_size, uncond, names)
