@@ -21,18 +21,33 @@ def check_length(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str
                               "shorten it or pass truncate=True")
 
 
+def subject_occurrences(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> list[list[int]]:
+    """Token positions (with the start token at 0) of every non-overlapping occurrence of ``subject`` in ``prompt``,
+    in order; empty when its tokens do not occur contiguously (absent, or tokenised differently in context)."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    sub = tokenizer(subject, add_special_tokens=False).input_ids
+    out: list[list[int]] = []
+    start = 0
+    while sub and start <= len(ids) - len(sub):
+        if ids[start : start + len(sub)] == sub:
+            out.append(list(range(start, start + len(sub))))
+            start += len(sub)
+        else:
+            start += 1
+    return out
+
+
 def subject_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> list[int]:
     """Token positions (with the start token at 0) of the first occurrence of ``subject`` inside ``prompt``.
 
     Raises ``PromptError`` naming the caption, the subject and both tokenisations when the subject's tokens do
     not occur contiguously in the caption (absent, or tokenised differently in context).
     """
+    found = subject_occurrences(tokenizer, prompt, subject)
+    if found:
+        return found[0]
     ids = tokenizer(prompt, truncation=False).input_ids
     sub = tokenizer(subject, add_special_tokens=False).input_ids
-    if sub:
-        for start in range(len(ids) - len(sub) + 1):
-            if ids[start : start + len(sub)] == sub:
-                return list(range(start, start + len(sub)))
     raise PromptError(
         f"subject {subject!r} (tokens {tokenizer.convert_ids_to_tokens(sub)}) not found in caption {prompt!r} "
         f"(tokens {tokenizer.convert_ids_to_tokens(ids)})"

@@ -151,6 +151,17 @@ def random_toy_clip_scorer(seed: int = 0, device: str = "cpu") -> ClipScorer:
     return hf_clip_scorer(model, build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
 
 
+SCORER_SPECS = "auto, toy[:<folder>], random or openclip:<model>:<pretrained|none>"
+
+
+def check_scorer_spec(spec: str) -> None:
+    """Raise ``ValueError`` for a scorer spec that :func:`scorer_for` would not accept (checked before any loading)."""
+    kind, _, rest = str(spec).partition(":")
+    if spec in ("auto", "random", "toy") or kind == "toy" and rest or kind == "openclip" and rest.partition(":")[0]:
+        return
+    raise ValueError(f"unknown scorer {spec!r}; use {SCORER_SPECS}")
+
+
 def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScorer:
     """The CLIP-Score model for ``model`` (tracing, the token attack, DiffQuickFix).
 
@@ -180,4 +191,4 @@ def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScore
         name, _, pretrained = rest.partition(":")
         if name:
             return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
-    raise ValueError(f"unknown scorer {spec!r}; use auto, toy[:<folder>], random or openclip:<model>:<pretrained|none>")
+    raise ValueError(f"unknown scorer {spec!r}; use {SCORER_SPECS}")

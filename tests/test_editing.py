@@ -116,6 +116,22 @@ def test_target_prompts_follow_the_anchor_prompts_by_substitution():
         align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["a vangogh cat"]})
 
 
+def test_the_target_is_aligned_where_the_anchor_was_and_a_repeated_anchor_is_an_error():
+    tok = pipe().tokenizer
+    # substituted after an earlier "painting": the second occurrence ("... of painting", "painting" at 8) is the slot
+    sub = align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["a painting of a cat by van gogh"]})[0]
+    assert sub.target_prompt == "a painting of a cat by painting"
+    assert sub.key_positions[0] == 8 and sub.value_positions[0] == 7
+    # the same from a template whose text names the target before the slot
+    tpl = align_prompts(tok, "van gogh", "painting", templates=["a painting of {}"])[0]
+    assert tpl.key_positions[0] == 5 and tpl.value_positions[0] == 4
+    with pytest.raises(EditError, match="'van gogh' occurs 2 times in its prompt"):
+        align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["van gogh, a cat by van gogh"]})
+    with pytest.raises(EditError, match="target 'painting' occurs 2 times"):  # user-given target prompts: once
+        align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["a cat by van gogh"],
+                                                            "painting": ["a painting of a painting"]})
+
+
 def test_keys_are_out_proj_inputs_and_values_its_outputs():
     p = pipe()
     kv = collect_keys_values(p, "van gogh", "painting", layer=1, templates=("A photo of {}",), subtract_bias=False)

@@ -199,6 +199,43 @@ def test_continuing_a_member_starts_from_its_saved_weights(tmp_path, members):
         C.train_classifiers(out, members=["edges"], init_from=tmp_path / "resnet_only", n_train=4)
 
 
+def test_distillation_pulls_a_member_towards_the_teacher(tmp_path, members):
+    """With ``distill=1`` and no labels at all, only the teacher's soft targets can move the member towards it."""
+    import torch.nn.functional as F
+
+    arr, _, _ = W.make_dataset(32, 5, "any")
+    images = torch.from_numpy(arr)
+    soft = C.teacher_log_probs({"resnet": C.load_classifiers()["resnet"]}, images, batch_size=10)  # trained
+    assert set(soft) == set(C.FAMILIES) and soft["object"].shape == (32, len(C.LABELS["object"]))
+    assert torch.allclose(soft["style"].exp().sum(-1), torch.ones(32), atol=1e-5)
+
+    def kl(m):
+        with torch.no_grad():
+            out = m.eval()(C.to_tensor(arr))
+        return sum(float(F.kl_div(F.log_softmax(out[f], -1), soft[f], log_target=True, reduction="batchmean"))
+                   for f in ("object", "style", "action"))
+
+    torch.manual_seed(0)
+    before = kl(C.build_member("resnet"))  # train_member starts from this member (same seed)
+    no_labels = {f: torch.full((32,), -1) for f in C.FAMILIES}
+    student, info = C.train_member("resnet", images, no_labels, 60, 0, batch_size=8, soft=soft, distill=1.0,
+                                   log_every=0)
+    shuffled = {f: v[torch.randperm(32, generator=torch.Generator().manual_seed(1))] for f, v in soft.items()}
+    control, _ = C.train_member("resnet", images, no_labels, 60, 0, batch_size=8, soft=shuffled, distill=1.0,
+                                log_every=0)  # the same training towards soft targets of other images
+    assert kl(student) < 0.8 * before and kl(student) < 0.8 * kl(control)
+    assert info["distill"] == {"weight": 1.0, "temperature": C.DISTILL_T}
+    # through train_classifiers: the teacher folder's record travels with the member
+    C.save_classifiers(members, tmp_path / "teacher", {"heldout_accuracy": {"resnet": {"object": 0.9}}})
+    meta = C.train_classifiers(tmp_path / "out", steps={"edges": 2}, members=["edges"], n_train=16, n_eval=8,
+                               batch_size=4, distill_from=tmp_path / "teacher", distill=0.3)
+    record = meta["training"]["edges"]["distill"]
+    assert record["weight"] == 0.3 and record["teacher"]["folder_members"] == sorted(C.MEMBERS)
+    with pytest.raises(ValueError, match=r"distill must be in \(0, 1\]"):
+        C.train_classifiers(tmp_path / "out", members=["edges"], n_train=4, distill_from=tmp_path / "teacher",
+                            distill=0.0)
+
+
 def test_rebuild_committed_runs_both_stages(tmp_path):
     meta = C.rebuild_committed(tmp_path, smoke_steps=1, n_train=8, n_eval=4, batch_size=2)
     cont = C.CONTINUATION

@@ -323,6 +323,40 @@ def test_layer_recovery_is_the_ratio_of_sums():
     assert text["recovery"].tolist() == pytest.approx([3 / 11, 0.9]) and text["causal"].tolist() == [False, True]
 
 
+def test_group_recovery_interval_resamples_items():
+    """The point value is the ratio of sums; items with one ratio give a zero-width interval, varied ones a proper
+    interval around it; an item's several rows (tokens of one group) are drawn together; same rows, same interval."""
+    from lib.tracing.report import interval_counts, text_token_table, unet_layer_table
+    from lib.tracing.score import group_recovery, group_recovery_ci
+
+    cells = {0: [(30, 20, 25), (40, 20, 30), (22, 20, 21)], 1: [(30, 20, 21), (30, 20, 29), (25, 20, 22), (40, 20, 20)],
+             2: [(30, 20, 27)]}
+    df = mark_causal(_gap_rows(cells, split="test").assign(subject="s", seed=0), tau=0.5)
+    ci = group_recovery_ci(df, ("layer",))
+    assert ci["recovery"].to_numpy() == pytest.approx(group_recovery(df, ("layer",)).to_numpy())
+    assert ci.loc["l0", "recovery_lo"] == pytest.approx(0.5) and ci.loc["l0", "recovery_hi"] == pytest.approx(0.5)
+    assert ci.loc["l1", "recovery_lo"] < ci.loc["l1", "recovery"] < ci.loc["l1", "recovery_hi"]
+    assert ci.loc["l2", ["recovery_lo", "recovery_hi"]].tolist() == pytest.approx([0.7, 0.7])  # one item
+    assert ci["items"].tolist() == [3, 4, 1]
+    pd.testing.assert_frame_equal(ci, group_recovery_ci(df, ("layer",)))
+    narrow = group_recovery_ci(df, ("layer",), level=0.5)
+    assert narrow.loc["l1", "recovery_hi"] - narrow.loc["l1", "recovery_lo"] < (
+        ci.loc["l1", "recovery_hi"] - ci.loc["l1", "recovery_lo"])
+    # two rows of one item (two tokens of a group) with recoveries 0 and 1: one unit, ratio 0.5, no spread
+    two = _gap_rows({0: [(30, 20, 20)]}).assign(subject="s", seed=0)
+    two = mark_causal(pd.concat([two, two.assign(score=30.0)]), tau=0.5)
+    assert group_recovery_ci(two, ("layer",)).loc["l0", ["recovery_lo", "recovery_hi"]].tolist() == [0.5, 0.5]
+    table = unet_layer_table(df)
+    assert (table["recovery_lo"] <= table["recovery"] + 1e-12).all() and (table["recovery"] <= table["recovery_hi"]
+                                                                          + 1e-12).all()
+    text = text_token_table(df.assign(component="text_encoder", kind="mlp", token_group="eos"))
+    assert text["recovery_hi"].tolist() == pytest.approx(table["recovery_hi"].tolist())
+    counts = interval_counts(table.assign(tau=0.45), ["attribute"])  # l0 0.5 (no spread), l1 12/45 (hi > .45), l2 0.7
+    assert counts[["cells", "causal", "surely", "possibly"]].values.tolist() == [[3, 2, 2, 3]]
+    with pytest.raises(ValueError, match="level"):
+        group_recovery_ci(df, ("layer",), level=95)
+
+
 def test_otsu_tau_is_chosen_on_layer_level_recoveries():
     """Per-row values (clipped) {0, 1, .1, .1, .9, .9, 1, 1} would give τ = 0.11; the layer recoveries the tables
     threshold, {3/11, .1, .9, 1}, give 0.28."""
@@ -719,8 +753,9 @@ def test_figures_render(tmp_path):
     import matplotlib.pyplot as plt
 
     from lib.plotting import save_figure
-    from lib.tracing.plots import kind_bars, restored_grid, token_group_maps, token_layer_maps, unet_layer_map
-    from lib.tracing.report import unet_layer_table
+    from lib.tracing.plots import (kind_bars, restored_grid, text_recovery_profile, token_group_maps, token_layer_maps,
+                                   unet_layer_map, unet_recovery_profile)
+    from lib.tracing.report import text_token_table, unet_layer_table
     from lib.tracing.unet import Trace
 
     df = mark_causal(_synthetic_rows(), tau=0.5)
@@ -729,7 +764,10 @@ def test_figures_render(tmp_path):
                torch.rand(1, 3, 64, 64), torch.zeros(1, dtype=torch.bool))
     tr.scores = np.array([30.0, 20.0, 25.0])
     figs = [unet_layer_map(table), kind_bars(table), token_group_maps(df), token_layer_maps(df, "objectstest"),
-            restored_grid([tr, tr], ["a", "b"])]
+            restored_grid([tr, tr], ["a", "b"]), unet_recovery_profile(table),
+            text_recovery_profile(text_token_table(df))]
+    with pytest.raises(ValueError, match="no rows of 'text_encoder_2'"):
+        text_recovery_profile(text_token_table(df), "text_encoder_2")
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)

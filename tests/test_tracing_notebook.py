@@ -57,6 +57,11 @@ def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
         params("unet", TAU=1.5)
     with pytest.raises(ParameterError, match=r"TEXT_KINDS: unknown kind\(s\) \['attn'\]"):
         params("text", TEXT_KINDS=["attn"])
+    for bad in ("clip", "openclip", "openclip::openai", "toy:"):
+        with pytest.raises(ParameterError, match=f"SCORER: unknown scorer '{bad}'; use auto, toy"):
+            params("unet", SCORER=bad)
+    for ok in ("auto", "toy", "random", "toy:data/toy", "openclip:ViT-B-32:none"):
+        params("unet", SCORER=ok)
     import lib.loading
 
     monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))

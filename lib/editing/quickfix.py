@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib.prompts import PromptError, check_length, subject_positions
+from lib.prompts import PromptError, check_length, subject_occurrences, subject_positions
 
 TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
 DEFAULT_LAMBDA = 0.01
@@ -258,6 +258,11 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     lists are paired in order). When ``prompts`` holds an anchor but not its target, the target prompts are the
     anchor's with the phrase replaced ("a dog, in the style of van gogh" → "a dog, in the style of painting"), so
     several anchors may share one target. A phrase absent from its own prompt raises :class:`~lib.prompts.PromptError`.
+
+    The anchor must occur once in each of its prompts (:class:`EditError` otherwise: the keys of a second occurrence
+    would meet whatever target tokens sit at the same offset). The target is aligned at the occurrence that fills the
+    anchor's place — the template's slot or the substituted span — so it may also occur elsewhere ("a van gogh
+    painting" → "a painting painting"); in target prompts given by the user it must occur once.
     """
     if align not in ("pad", "truncate"):
         raise EditError(f"align must be 'pad' or 'truncate', got {align!r}")
@@ -270,18 +275,19 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     for anchor, target in concept_pairs(anchors, targets):
         a_prompts = list(prompts.get(anchor) or [t.format(anchor) for t in templates])
         if prompts.get(target):
-            t_prompts = list(prompts[target])
+            t_prompts, t_before = list(prompts[target]), [None] * len(prompts[target])
         elif prompts.get(anchor):
             t_prompts = [substitute(p, anchor, target) for p in a_prompts]
+            t_before = [_text_before(p, anchor) for p in a_prompts]
         else:
-            t_prompts = [t.format(target) for t in templates]
+            t_prompts, t_before = [t.format(target) for t in templates], [t.split("{}")[0] for t in templates]
         if len(a_prompts) != len(t_prompts):
             raise EditError(f"{len(a_prompts)} prompts for anchor {anchor!r} but {len(t_prompts)} for target "
                             f"{target!r}; they are paired in order")
         check_length(tokenizer, a_prompts + t_prompts)
-        for ap, tp in zip(a_prompts, t_prompts):
+        for ap, tp, before in zip(a_prompts, t_prompts, t_before):
             a_last = _last_subject_token(tokenizer, ap, anchor, "anchor")
-            t_last = _last_subject_token(tokenizer, tp, target, "target")
+            t_last = _last_subject_token(tokenizer, tp, target, "target", before)
             keys = list(range(a_last, length))
             if align == "pad":
                 vals = [min(t_last + j, length - 1) for j in range(len(keys))]
@@ -292,20 +298,45 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     return out
 
 
+def _phrase_pattern(phrase: str) -> str:
+    return r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
+
+
+def _text_before(prompt: str, phrase: str) -> str:
+    """The text of ``prompt`` before the first occurrence of ``phrase`` (as :func:`substitute` matches it)."""
+    m = re.search(_phrase_pattern(phrase), prompt, flags=re.IGNORECASE)
+    if m is None:
+        raise PromptError(f"anchor {phrase!r} is absent from its own prompt {prompt!r}")
+    return prompt[: m.start()]
+
+
 def substitute(prompt: str, phrase: str, replacement: str) -> str:
     """``prompt`` with every occurrence of ``phrase`` (case-insensitive, whole words) replaced."""
-    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
-    out, n = re.subn(pattern, replacement, prompt, flags=re.IGNORECASE)
+    out, n = re.subn(_phrase_pattern(phrase), replacement, prompt, flags=re.IGNORECASE)
     if n == 0:
         raise PromptError(f"anchor {phrase!r} is absent from its own prompt {prompt!r}")
     return out
 
 
-def _last_subject_token(tokenizer, prompt: str, phrase: str, role: str) -> int:
-    try:
-        return subject_positions(tokenizer, prompt, phrase)[-1]
-    except PromptError as err:
-        raise PromptError(f"{role} {phrase!r} is absent from its own prompt {prompt!r}: {err}") from None
+def _last_subject_token(tokenizer, prompt: str, phrase: str, role: str, before: str | None = None) -> int:
+    """The last token of ``phrase`` in ``prompt``: of the occurrence that follows the text ``before`` (the slot it was
+    put in), or of its only occurrence when ``before`` is None (absent, or repeated, is then an error)."""
+    found = subject_occurrences(tokenizer, prompt, phrase)
+    if not found:
+        try:
+            subject_positions(tokenizer, prompt, phrase)
+        except PromptError as err:
+            raise PromptError(f"{role} {phrase!r} is absent from its own prompt {prompt!r}: {err}") from None
+    if before is not None:
+        k = len(subject_occurrences(tokenizer, before + phrase, phrase)) - 1
+        if 0 <= k < len(found):
+            return found[k][-1]
+        raise PromptError(f"{role} {phrase!r} does not tokenise in place in {prompt!r} (occurrence {k + 1} of "
+                          f"{len(found)})")
+    if len(found) > 1:
+        raise EditError(f"{role} {phrase!r} occurs {len(found)} times in its prompt {prompt!r}; DiffQuickFix aligns "
+                        "one occurrence per prompt: give prompts that name it once")
+    return found[0][-1]
 
 
 # ------------------------------------------------------------------------------------------ the edit object

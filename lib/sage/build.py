@@ -209,11 +209,3 @@ def class_captions(model: str, cls: str, n: int, seed: int = 0, exclude: Sequenc
     if len(pool) < n:
         raise ValueError(f"only {len(pool)} captions of {cls!r} available, {n} asked")
     return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
-
-
-def save_json(path: str | Path, data: dict) -> Path:
-    import json
-
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    return path

@@ -18,6 +18,8 @@ Labels: ``object`` (a character's generic object included), ``color`` (scored on
     python -m lib.toy.classifiers --out data/toy/classifiers                      # every member, first stage only
     python -m lib.toy.classifiers --members edges --steps 12000                  # retrain one, keep the others
     python -m lib.toy.classifiers --members edges --steps 4500 --lr 1e-3 --seed 1 --init-from data/toy/classifiers
+    python -m lib.toy.classifiers --members mobilenet --init-from data/toy/classifiers --distill-from data/toy/classifiers
+                                                     # continue one member, taught by the ensemble's soft labels
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EDGE_MEAN = (0.11, 0.18)  # thinned Canny magnitude, edge map (0 / 0.5 / 1), measured on renders
 EDGE_STD = (0.27, 0.37)
+DISTILL_T = 2.0  # distillation temperature
 CANNY = {"low_threshold": 0.1, "high_threshold": 0.2, "kernel_size": 5, "sigma": 1.0}
 
 
@@ -250,6 +253,19 @@ def ensemble_log_probs(members: dict[str, AttributeClassifier], images: torch.Te
 
 
 # ------------------------------------------------------------------------------------------------------------ training
+@torch.no_grad()
+def teacher_log_probs(teacher: dict[str, AttributeClassifier], images: torch.Tensor,
+                      batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The ensemble's log-probabilities per family (CPU, fp32) for uint8 renders (N, H, W, 3), in batches."""
+    device = next(iter(teacher.values())).mean.device
+    out: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i : i + batch_size]).to(device)
+        for f, v in ensemble_log_probs(teacher, x).items():
+            out.setdefault(f, []).append(v.float().cpu())
+    return {f: torch.cat(v) for f, v in out.items()}
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, p_permute: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Jitter that keeps every label: flip, mild brightness/contrast/saturation, Gaussian blur (half the batch), noise.
 
@@ -305,10 +321,16 @@ def heldout_accuracy(member: AttributeClassifier, images: torch.Tensor, scenes: 
 def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tensor], steps: int, seed: int,
                  device: str = "cpu", batch_size: int = 32, lr: float = DEFAULT_LR, p_permute: float = 0.5,
                  val: tuple[torch.Tensor, Sequence[W.Scene]] | None = None, log_every: int = 50,
-                 eval_every: int = 0, init: AttributeClassifier | None = None) -> tuple[AttributeClassifier, dict]:
+                 eval_every: int = 0, init: AttributeClassifier | None = None,
+                 soft: dict[str, torch.Tensor] | None = None, distill: float = 0.5,
+                 temperature: float = DISTILL_T) -> tuple[AttributeClassifier, dict]:
     """AdamW with linear warm-up and cosine decay; the loss is the sum of the per-family cross-entropies.
 
     ``init``: a trained member to continue from (its weights are copied; the optimiser starts afresh).
+    ``soft``: a teacher's log-probabilities per family for every one of ``images`` (:func:`teacher_log_probs`, on the
+    un-augmented renders; the augmentations keep every label); the member is distilled from them: per family,
+    ``(1 - distill) * CE + distill * T² * KL(teacher_T || member_T)`` (Hinton et al.'s knowledge distillation at
+    temperature ``T``); the colour term skips channel-permuted images, whose colour no longer matches the teacher's.
     ``val`` (images, scenes) is only monitored (printed every ``eval_every`` steps), never used for selection.
     """
     torch.manual_seed(seed)
@@ -325,11 +347,20 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
     for step in range(steps):
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x, permuted = augment(images[idx].permute(0, 3, 1, 2).float() / 255.0, gen, p_permute)
-        logits = model(x.to(device))
+        x = x.to(device)
+        logits = model(x)
         loss = 0.0
         for f in model.families:
             t = targets[f][idx].masked_fill(permuted, -1) if f == "color" else targets[f][idx]
-            loss = loss + F.cross_entropy(logits[f], t.to(device), ignore_index=-1)
+            ce = F.cross_entropy(logits[f], t.to(device), ignore_index=-1)
+            if soft is None:
+                loss = loss + ce
+                continue
+            keep = ~permuted.to(device) if f == "color" else torch.ones(len(x), dtype=torch.bool, device=device)
+            teach = soft[f][idx].to(device)[keep]
+            kl = F.kl_div(F.log_softmax(logits[f][keep] / temperature, -1), F.log_softmax(teach / temperature, -1),
+                          log_target=True, reduction="batchmean") if keep.any() else logits[f].sum() * 0
+            loss = loss + (1 - distill) * ce + distill * temperature ** 2 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -345,6 +376,8 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
             print(f"[{name}] val {curve[-1]}", file=sys.stderr, flush=True)
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "p_permute": p_permute, "seed": seed,
             "wall_s": round(time.time() - t0, 1), "final_loss": round(float(np.mean(losses[-50:])), 4)}
+    if soft is not None:
+        info["distill"] = {"weight": distill, "temperature": temperature}
     if curve:
         info["val_curve"] = curve
     return model.eval(), info
@@ -359,7 +392,8 @@ def member_steps(steps: int | dict[str, int], members: Sequence[str]) -> dict[st
 def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] = DEFAULT_STEPS, seed: int = 0,
                       device: str = "cpu", members: Sequence[str] = tuple(MEMBERS), n_train: int = DEFAULT_N_TRAIN,
                       n_eval: int = 1000, batch_size: int = 64, threads: int | None = 1, train_split: str = "any",
-                      eval_every: int = 0, lr: float = DEFAULT_LR, init_from: str | Path | None = None) -> dict:
+                      eval_every: int = 0, lr: float = DEFAULT_LR, init_from: str | Path | None = None,
+                      distill_from: str | Path | None = None, distill: float = 0.5) -> dict:
     """Train ``members`` on ``n_train`` renders of ``train_split``, save them, and measure held-out accuracy.
 
     ``steps``: one count for every member, or a dict per member (:data:`DEFAULT_STEPS` for the others). Members of
@@ -378,6 +412,9 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     ``init_from``: a classifier folder whose trained ``members`` are continued (``steps`` more, peak ``lr``, on the
     renders of ``seed``) instead of trained from scratch; each continued member's record keeps the one it continues
     under ``"continues"``.
+
+    ``distill_from``: a classifier folder whose members, as an ensemble, are the teacher of every trained member
+    (:func:`train_member`, weight ``distill``); loaded before anything is saved, so it may be ``out_dir`` itself.
     """
     unknown = sorted(set(members) - set(MEMBERS))
     if unknown:
@@ -399,6 +436,13 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
         if missing:
             raise ValueError(f"--init-from {init_from} holds no trained {missing}; it has {sorted(inits)}")
         init_records = json.loads((Path(init_from) / CONFIG_NAME).read_text()).get("training", {})
+    teacher = None
+    if distill_from is not None:
+        if not 0.0 < distill <= 1.0:
+            raise ValueError(f"distill must be in (0, 1], got {distill}")
+        teacher = load_classifiers(distill_from, device)
+        teacher_record = {"folder_members": sorted(teacher), "heldout_accuracy": json.loads(
+            (Path(distill_from) / CONFIG_NAME).read_text()).get("heldout_accuracy", {})}
     arr, scenes, _ = W.make_dataset(n_train, seed, train_split)
     images, targets = torch.from_numpy(arr), scene_targets(scenes)
     ev_arr, ev_scenes, _ = W.make_dataset(n_eval, seed + 10_000, "heldout")
@@ -407,6 +451,10 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
         val_arr, val_scenes, _ = W.make_dataset(300, seed + 20_000, "heldout")
         val = (to_tensor(val_arr), val_scenes)
     print(f"rendered {n_train} train + {n_eval} held-out images in {time.time() - t0:.0f}s", file=sys.stderr)
+    soft = None
+    if teacher is not None:
+        soft = teacher_log_probs(teacher, images)
+        print(f"teacher log-probabilities of {n_train} renders at {time.time() - t0:.0f}s", file=sys.stderr)
     trained = dict(kept)
     training = {n: {**({"hardware": old["hardware"]} if "hardware" in old else {}), **old.get("training", {}).get(n, {})}
                 for n in kept}
@@ -418,12 +466,15 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
 
     for name in members:
         trained[name], training[name] = train_member(name, images, targets, per_member[name], seed, device, batch_size,
-                                                     lr, val=val, eval_every=eval_every, init=inits.get(name))
+                                                     lr, val=val, eval_every=eval_every, init=inits.get(name),
+                                                     soft=soft, distill=distill)
         training[name]["n_train"] = n_train
         training[name]["hardware"] = {"device": str(device), "threads": torch.get_num_threads(),
                                       "torch": torch.__version__, "machine": platform.machine()}
         if name in inits:
             training[name]["continues"] = init_records.get(name, {})
+        if teacher is not None:
+            training[name]["distill"]["teacher"] = teacher_record
         # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members);
         # the kept members' weights are already in out_dir
         _save_weights(name, trained[name], out_dir)
@@ -484,16 +535,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (linear warm-up, cosine decay)")
     ap.add_argument("--init-from", default=None,
                     help="continue the --members saved in this classifier folder instead of training from scratch")
+    ap.add_argument("--distill-from", default=None,
+                    help="distil the --members from the ensemble of the classifiers saved in this folder")
+    ap.add_argument("--distill", type=float, default=0.5, help="weight of the distillation term (0, 1]")
     ap.add_argument("--train-split", choices=("any", "train"), default="any",
                     help="renders to train on: every combination (default) or the T2I model's training split only")
     a = ap.parse_args(argv)
-    if a.recipe and (a.steps or a.init_from or a.lr != DEFAULT_LR or a.seed or a.members != list(MEMBERS)):
+    if a.recipe and (a.steps or a.init_from or a.distill_from or a.lr != DEFAULT_LR or a.seed
+                     or a.members != list(MEMBERS)):
         ap.error("--recipe committed fixes members, steps, lr, seeds and initialisation; drop those options")
     if a.recipe == "committed":
         meta = rebuild_committed(a.out, a.device, a.threads)
     else:
         meta = train_classifiers(a.out, _parse_steps(a.steps), a.seed, a.device, a.members, a.n_train, a.n_eval,
-                                 a.batch_size, a.threads, a.train_split, a.eval_every, a.lr, a.init_from)
+                                 a.batch_size, a.threads, a.train_split, a.eval_every, a.lr, a.init_from,
+                                 a.distill_from, a.distill)
     print(json.dumps({"heldout_accuracy": meta["heldout_accuracy"], "training": meta["training"],
                       "wall_s_this_run": meta["wall_s_this_run"]}, indent=2))
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from lib.loading import describe_source
 from lib.params import Param
+from lib.scoring import check_scorer_spec
 from lib.tracing.layers import TEXT_KINDS
 from lib.tracing.report import pick_split
 from lib.tracing.sweep import SweepConfig, collect, load_probes, model_fingerprint, run_sweep, sweep_dir
@@ -37,7 +38,7 @@ TRACE_PARAMS: dict[str, Param] = {
     "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
     "NOISE": Param(float, low=0.0, high=100.0), "NOISE_SEED": Param(int, low=0),
     "TAU": Param((str, float), check=check_tau),
-    "SCORER": Param(str), "MIN_GAP": Param(float, low=0.0),
+    "SCORER": Param(str, check=check_scorer_spec), "MIN_GAP": Param(float, low=0.0),
     "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),
 }
 UNET_PARAMS: dict[str, Param] = {

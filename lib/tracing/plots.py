@@ -46,6 +46,71 @@ def unet_layer_map(table: pd.DataFrame, value: str = "recovery", title: str | No
     return fig
 
 
+def unet_recovery_profile(table: pd.DataFrame, title: str | None = None, floor: float = -0.5):
+    """ROME-style line plot, one panel per attribute: each UNet layer's recovery (forward order) with its 95% bootstrap
+    interval over items (``recovery_lo``/``recovery_hi`` of ``unet_layer_table``), points coloured by kind, τ dashed;
+    the y axis starts at ``floor`` (values below it drawn as triangles on it)."""
+    attrs = sorted(table["attribute"].unique())
+    fig, axes = plt.subplots(len(attrs), 1, figsize=(max(6.0, 0.12 * table["layer_index"].nunique() + 2),
+                                                     1.5 * len(attrs) + 0.9), sharex=True, squeeze=False)
+    tau = float(table["tau"].iloc[0])
+    for ax, attr in zip(axes[:, 0], attrs):
+        t = table[table["attribute"] == attr].sort_values("layer_index")
+        x = t["layer_index"].to_numpy()
+        ax.fill_between(x, t["recovery_lo"], t["recovery_hi"], color="0.8", lw=0, label="95% interval")
+        ax.plot(x, t["recovery"], color="0.35", lw=0.8)
+        for kind, color in KIND_COLORS.items():
+            k = t[t["kind"] == kind]
+            ax.scatter(k["layer_index"], k["recovery"], s=9, color=color, label=kind, zorder=3)
+        ax.axhline(tau, color="black", lw=0.8, ls="--", label=f"τ = {tau:.2f}")
+        low = t["recovery"] < floor  # restoring e.g. the first resnet alone can push far below the corrupted score
+        ax.scatter(t.loc[low, "layer_index"], np.full(int(low.sum()), floor), marker="v", s=14, color="black",
+                   zorder=4, label=f"< {floor:g} (clipped)" if attr == attrs[0] else None)
+        ax.set_ylim(floor - 0.05, max(1.0, float(t["recovery_hi"].max())) + 0.05)
+        ax.set_ylabel(attr, fontsize=8)
+        ax.tick_params(labelsize=7)
+    names = table.drop_duplicates("layer_index").sort_values("layer_index")
+    step = max(1, len(names) // 24)
+    axes[-1, 0].set_xticks(names["layer_index"].to_numpy()[::step], names["short"].to_numpy()[::step], rotation=90,
+                           fontsize=5)
+    axes[-1, 0].set_xlabel("UNet layer (forward order)")
+    axes[0, 0].legend(fontsize=6, ncols=6, loc="lower center", bbox_to_anchor=(0.5, 1.02))
+    fig.suptitle(title or "UNet recovery per layer with 95% bootstrap intervals over (caption, seed) items", fontsize=9,
+                 y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def text_recovery_profile(table: pd.DataFrame, component: str = "text_encoder",
+                          kinds: Sequence[str] = ("hidden", "self_attn", "mlp"),
+                          groups: Sequence[str] = ("subject", "last_subject", "after", "eos")):
+    """ROME's line plots: recovery per text-encoder layer for each token group (lines) with 95% bootstrap intervals
+    over items (``text_token_table``), one panel per site kind; τ dashed."""
+    t = table[table["component"] == component]
+    kinds = [k for k in kinds if k in set(t["kind"])]
+    if t.empty or not kinds:
+        raise ValueError(f"no rows of {component!r} for kinds {list(kinds)} in the table")
+    tau = float(t["tau"].iloc[0])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 2.6), sharey=True, squeeze=False)
+    palette = dict(zip(GROUP_ORDER, sns.color_palette("tab10", len(GROUP_ORDER))))
+    for ax, kind in zip(axes[0], kinds):
+        for g in [g for g in groups if g in set(t["token_group"])]:
+            d = t[(t["kind"] == kind) & (t["token_group"] == g)].sort_values("layer_index")
+            ax.fill_between(d["layer_index"], d["recovery_lo"], d["recovery_hi"], color=palette[g], alpha=0.2, lw=0)
+            ax.plot(d["layer_index"], d["recovery"], marker="o", ms=3, lw=1, color=palette[g], label=g)
+        ax.axhline(tau, color="black", lw=0.8, ls="--")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_xticks(sorted(t["layer_index"].unique()))
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("recovery")
+    axes[0, -1].legend(fontsize=6, loc="upper right")
+    fig.suptitle(f"{component}: recovery by layer and token group, 95% bootstrap intervals (τ = {tau:.2f} dashed)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def table_tau(table: pd.DataFrame) -> str:
     return f"{table['tau'].iloc[0]:.2f}" if "tau" in table and len(table) else "?"
 

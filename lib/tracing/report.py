@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lib.tracing.layers import unet_kind
-from lib.tracing.score import TEXT_GROUP, UNET_GROUP, group_recovery
+from lib.tracing.score import TEXT_GROUP, UNET_GROUP, group_recovery_ci
 
 GROUP_ORDER: tuple[str, ...] = ("bos", "before", "subject", "last_subject", "after", "eos")
 
@@ -75,12 +75,14 @@ def nan_report(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def unet_layer_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Per (attribute, layer): kind, block, ``recovery`` (ratio of sums, ``group_recovery``), fraction of causal rows,
-    n, and the layer-level ``causal`` (``recovery ≥ τ``)."""
+    """Per (attribute, layer): kind, block, ``recovery`` (ratio of sums, ``group_recovery``) with its 95% bootstrap
+    interval over items (``recovery_lo``/``recovery_hi``, ``group_recovery_ci``), fraction of causal rows, n, and the
+    layer-level ``causal`` (``recovery ≥ τ``)."""
     d = pick_split(df[df["component"] == "unet"], split)
     tau = float(d["tau"].iloc[0])
     t = d.groupby(list(UNET_GROUP), sort=True).agg(causal_frac=("causal", "mean"), n=("score", "size"))
-    t = t.join(group_recovery(d, UNET_GROUP))[["recovery", "causal_frac", "n"]].reset_index()
+    t = t.join(group_recovery_ci(d, UNET_GROUP))[["recovery", "recovery_lo", "recovery_hi", "causal_frac", "n"]]
+    t = t.reset_index()
     t["kind"] = t["layer"].map(unet_kind)
     t["block"] = t["layer"].map(unet_block)
     t["short"] = t["layer"].map(short_layer)
@@ -103,15 +105,26 @@ def unet_causal_counts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def text_token_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Per (component, kind, layer, token group): ``recovery`` (ratio of sums, ``group_recovery``), fraction of causal
-    rows, n, and the cell-level ``causal`` (``recovery ≥ τ``)."""
+    """Per (component, kind, layer, token group): ``recovery`` (ratio of sums, ``group_recovery``) with its 95%
+    bootstrap interval over items (``recovery_lo``/``recovery_hi``), fraction of causal rows, n, and the cell-level
+    ``causal`` (``recovery ≥ τ``)."""
     d = pick_split(df[df["component"] != "unet"], split)
     tau = float(d["tau"].iloc[0])
     t = d.groupby(list(TEXT_GROUP), sort=True).agg(causal_frac=("causal", "mean"), n=("score", "size"))
-    t = t.join(group_recovery(d, TEXT_GROUP))[["recovery", "causal_frac", "n"]].reset_index()
+    t = t.join(group_recovery_ci(d, TEXT_GROUP))[["recovery", "recovery_lo", "recovery_hi", "causal_frac", "n"]]
+    t = t.reset_index()
     t["causal"] = t["recovery"] >= tau
     t["tau"] = tau
     return t
+
+
+def interval_counts(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Per group of ``by``: cells (layers), causal (recovery ≥ τ), *surely* causal (the 95% interval's lower end ≥ τ)
+    and *possibly* causal (its upper end ≥ τ), from ``unet_layer_table`` / ``text_token_table``."""
+    tau = table["tau"]
+    t = table.assign(cells=1, causal=table["causal"].astype(int), surely=(table["recovery_lo"] >= tau).astype(int),
+                     possibly=(table["recovery_hi"] >= tau).astype(int))
+    return t.groupby(list(by), sort=True)[["cells", "causal", "surely", "possibly"]].sum().reset_index()
 
 
 def _fmt(x: float) -> str:

@@ -102,6 +102,42 @@ def group_recovery(df: pd.DataFrame, by: Sequence[str], min_gap: float | None = 
     return (sums["num"] / sums["den"]).rename("recovery")
 
 
+def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                      min_gap: float | None = None) -> pd.DataFrame:
+    """``group_recovery`` per group of ``by`` (sorted) with a percentile bootstrap interval at ``level``.
+
+    The resampled unit is the item (caption, subject, seed): all rows of one item in a group (e.g. the several tokens
+    of a text token group) are drawn together, since they share the item's clean and corrupted scores. Fixed ``seed``:
+    the same rows give the same interval. A group with a single item gets its value as both bounds (no spread to
+    resample); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    ok = (df["recovery"] if min_gap is None else recovery(df, min_gap)).notna()
+    item = [c for c in ("caption", "subject", "seed") if c in df.columns]
+    if not item:  # no item columns: every row is its own item
+        df, item = df.assign(_row=np.arange(len(df))), ["_row"]
+    parts = df[list(by) + item].assign(num=(df["score"] - df["corrupted_score"]).where(ok),
+                                       den=(df["clean_score"] - df["corrupted_score"]).where(ok))[ok.to_numpy()]
+    per_item = parts.groupby(list(by) + item, sort=True)[["num", "den"]].sum()
+    rng = np.random.default_rng(seed)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    rows = {}
+    for key, g in per_item.groupby(level=list(range(len(by))), sort=True):
+        num, den = g["num"].to_numpy(float), g["den"].to_numpy(float)
+        value = num.sum() / den.sum()
+        if len(g) > 1:
+            idx = rng.integers(0, len(g), size=(n_boot, len(g)))
+            lo, hi = np.percentile(num[idx].sum(1) / den[idx].sum(1), q)
+        else:
+            lo = hi = value
+        rows[key] = (value, lo, hi, len(g))
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=["recovery", "recovery_lo", "recovery_hi", "items"])
+    out.index = pd.MultiIndex.from_tuples(out.index, names=list(by)) if len(by) > 1 else pd.Index(
+        [k[0] if isinstance(k, tuple) else k for k in out.index], name=by[0])
+    return out
+
+
 def layer_recoveries(df: pd.DataFrame, min_gap: float | None = None) -> np.ndarray:
     """The group recoveries the reports threshold: UNet rows per ``UNET_GROUP``, text rows per ``TEXT_GROUP``."""
     unet = df["component"] == "unet"
