@@ -46,9 +46,14 @@ def subject_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: 
     found = subject_occurrences(tokenizer, prompt, subject)
     if found:
         return found[0]
+    raise subject_not_found(tokenizer, prompt, subject)
+
+
+def subject_not_found(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> PromptError:
+    """The error for a subject whose tokens do not occur in the caption, naming both tokenisations."""
     ids = tokenizer(prompt, truncation=False).input_ids
     sub = tokenizer(subject, add_special_tokens=False).input_ids
-    raise PromptError(
+    return PromptError(
         f"subject {subject!r} (tokens {tokenizer.convert_ids_to_tokens(sub)}) not found in caption {prompt!r} "
         f"(tokens {tokenizer.convert_ids_to_tokens(ids)})"
     )

@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib.prompts import PromptError, check_length, subject_occurrences, subject_positions
+from lib.prompts import PromptError, check_length, subject_not_found, subject_occurrences
 
 TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
 DEFAULT_LAMBDA = 0.01
@@ -323,10 +323,8 @@ def _last_subject_token(tokenizer, prompt: str, phrase: str, role: str, before: 
     put in), or of its only occurrence when ``before`` is None (absent, or repeated, is then an error)."""
     found = subject_occurrences(tokenizer, prompt, phrase)
     if not found:
-        try:
-            subject_positions(tokenizer, prompt, phrase)
-        except PromptError as err:
-            raise PromptError(f"{role} {phrase!r} is absent from its own prompt {prompt!r}: {err}") from None
+        err = subject_not_found(tokenizer, prompt, phrase)
+        raise PromptError(f"{role} {phrase!r} is absent from its own prompt {prompt!r}: {err}")
     if before is not None:
         k = len(subject_occurrences(tokenizer, before + phrase, phrase)) - 1
         if 0 <= k < len(found):

@@ -91,14 +91,19 @@ def recovery(df: pd.DataFrame, min_gap: float = 0.0) -> pd.Series:
     return r.where(~df["nan"].astype(bool))
 
 
+def _gaps(df: pd.DataFrame, cols: list[str], min_gap: float | None) -> pd.DataFrame:
+    """``cols`` with ``num = score − corrupted`` and ``den = clean − corrupted``, NaN where the row recovery is
+    undefined (``min_gap=None``: the rows' ``recovery`` column)."""
+    ok = (df["recovery"] if min_gap is None else recovery(df, min_gap)).notna()
+    return df[cols].assign(num=(df["score"] - df["corrupted_score"]).where(ok),
+                           den=(df["clean_score"] - df["corrupted_score"]).where(ok))
+
+
 def group_recovery(df: pd.DataFrame, by: Sequence[str], min_gap: float | None = None) -> pd.Series:
     """Per group of ``by`` (sorted): ``Σ(score − corrupted) / Σ(clean − corrupted)`` over the rows with a defined row
     recovery (gap > ``min_gap``, not NaN-flagged; ``min_gap=None``: the rows' ``recovery`` column, as ``mark_causal``
     set it); NaN for a group without such rows."""
-    ok = (df["recovery"] if min_gap is None else recovery(df, min_gap)).notna()
-    parts = df[list(by)].assign(num=(df["score"] - df["corrupted_score"]).where(ok),
-                                den=(df["clean_score"] - df["corrupted_score"]).where(ok))
-    sums = parts.groupby(list(by), sort=True)[["num", "den"]].sum(min_count=1)
+    sums = _gaps(df, list(by), min_gap).groupby(list(by), sort=True)[["num", "den"]].sum(min_count=1)
     return (sums["num"] / sums["den"]).rename("recovery")
 
 
@@ -113,12 +118,10 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    ok = (df["recovery"] if min_gap is None else recovery(df, min_gap)).notna()
     item = [c for c in ("caption", "subject", "seed") if c in df.columns]
     if not item:  # no item columns: every row is its own item
         df, item = df.assign(_row=np.arange(len(df))), ["_row"]
-    parts = df[list(by) + item].assign(num=(df["score"] - df["corrupted_score"]).where(ok),
-                                       den=(df["clean_score"] - df["corrupted_score"]).where(ok))[ok.to_numpy()]
+    parts = _gaps(df, list(by) + item, min_gap).dropna(subset=["num"])
     per_item = parts.groupby(list(by) + item, sort=True)[["num", "den"]].sum()
     rng = np.random.default_rng(seed)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
