@@ -38,14 +38,19 @@ def subject_occurrences(tokenizer: PreTrainedTokenizerBase, prompt: str, subject
 
 
 def subject_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> list[int]:
-    """Token positions (with the start token at 0) of the first occurrence of ``subject`` inside ``prompt``.
+    """Token positions (with the start token at 0) of the one occurrence of ``subject`` inside ``prompt``.
 
     Raises ``PromptError`` naming the caption, the subject and both tokenisations when the subject's tokens do
-    not occur contiguously in the caption (absent, or tokenised differently in context).
+    not occur contiguously in the caption (absent, or tokenised differently in context), and when they occur more
+    than once: corrupting one span would leave the subject readable in the other, and "the last subject token" would
+    be ambiguous.
     """
     found = subject_occurrences(tokenizer, prompt, subject)
-    if found:
+    if len(found) == 1:
         return found[0]
+    if found:
+        raise PromptError(f"subject {subject!r} is named {len(found)} times in caption {prompt!r} (at token "
+                          f"positions {found}); name it once")
     raise subject_not_found(tokenizer, prompt, subject)
 
 

@@ -18,6 +18,10 @@ def test_subject_positions_and_errors():
     assert subject_positions(TOK, "a painting in the style of van gogh", "van gogh") == [7, 8]
     with pytest.raises(PromptError, match="monet.*not found.*van gogh"):
         subject_positions(TOK, "a painting in the style of van gogh", "monet")
+    with pytest.raises(PromptError, match=r"subject 'cat' is named 2 times in caption 'a cat next to a cat' \(at token "
+                                          r"positions \[\[2\], \[6\]\]\); name it once"):
+        subject_positions(TOK, "a cat next to a cat", "cat")
+    assert subject_positions(TOK, "a cat next to a catfish", "cat") == [2]  # "catfish" is a token of its own
 
 
 def test_subject_tokenised_differently_in_the_caption():

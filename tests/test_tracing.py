@@ -506,6 +506,7 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
     ("", "empty"),
     ("a photo of a dog,cat,objects,val\n", r"'cat' \(tokens \['cat</w>'\]\) is not in caption 'a photo of a dog' \(tokens"),
     ("a photo of a carpet,car,objects,val\n", "subject 'car'.*not found in caption 'a photo of a carpet'"),
+    ("a red car next to a blue car,car,objects,val\n", "subject 'car' is named 2 times"),
     ("a photo of a " + "very " * 80 + "red car,red car,color,val\n", "limit 77"),
 ])
 def test_cli_checks_probes_before_loading_the_pipeline(tmp_path, monkeypatch, rows, error):
