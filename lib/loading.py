@@ -168,14 +168,16 @@ def _has_safety_checker(kind: str, where: str) -> bool:
 
 
 def model_fingerprint(pipe) -> str:
-    """A cheap hash of the UNet's, text encoders' and VAE's weights (per tensor: name, shape, sum, sum of squares)."""
+    """A cheap hash of the UNet's, text encoders' and VAE's weights as loaded (:func:`weights_fingerprint`)."""
     return weights_fingerprint({attr: getattr(pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2",
                                                                               "vae")})
 
 
 def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persistent: bool = False) -> str:
-    """A cheap hash of the state dicts of named modules (per tensor: name, shape, sum, sum of squares);
-    ``non_persistent`` adds the buffers a state dict leaves out (e.g. cached text features)."""
+    """A cheap hash of the state dicts of named modules as loaded (per tensor: name, shape, dtype, device type, sum,
+    sum of squares): fp16 weights loaded as fp32, or moved to a GPU, compute other numbers, so they get another hash
+    and a resume key built on it never mixes their results. ``non_persistent`` adds the buffers a state dict leaves
+    out (e.g. cached text features)."""
     h = hashlib.sha1()
     for attr, module in modules.items():
         if module is None:
@@ -185,5 +187,6 @@ def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persiste
             tensors.update({k: v for k, v in module.named_buffers() if k not in tensors})
         for name, t in tensors.items():
             x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
-            h.update(f"{attr}.{name}{tuple(t.shape)}{float(x.sum()):.6e}{float((x * x).sum()):.6e}".encode())
+            h.update(f"{attr}.{name}{tuple(t.shape)}{t.dtype}{t.device.type}{float(x.sum()):.6e}"
+                     f"{float((x * x).sum()):.6e}".encode())
     return h.hexdigest()[:16]

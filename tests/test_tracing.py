@@ -607,6 +607,13 @@ def test_config_folders_follow_weights_and_settings():
     with torch.no_grad():
         p.unet.conv_out.bias.add_(1e-3)
     assert model_fingerprint(p) != fp
+    fp = model_fingerprint(p)
+    half = {name: param.detach().half().float() for name, param in p.unet.named_parameters()}
+    with torch.no_grad():  # fp16-representable values, as in fp16 files: only the dtype tells fp16 from fp32 loads
+        for name, param in p.unet.named_parameters():
+            param.copy_(half[name])
+    fp32 = model_fingerprint(p)
+    assert model_fingerprint(p.to(torch.float16)) != fp32 != fp
 
 
 def test_folders_of_the_old_noise_scheme_are_never_resumed(tmp_path):
