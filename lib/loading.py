@@ -124,40 +124,55 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     except ValueError as err:
         raise ModelLoadError(f"{Path(where) / 'model_index.json'} is not valid JSON ({err}){hint}") from None
     opts.update(kwargs)
+    if kind == "local":
+        _check_tokenizers(where, hint)  # cheap, before the weights load
     try:
         pipe = DiffusionPipeline.from_pretrained(where, **opts)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line saying what to do
         if kind == "hub" and isinstance(err, (OSError, ValueError)):
             raise ModelLoadError(
                 f"weights for {where!r} are not available locally and cannot be downloaded here "
-                f"({type(err).__name__}); download them elsewhere and pass the local folder instead, "
+                f"({type(err).__name__}){'' if model in PRESETS else f'; no local folder {model!r} exists either'}; "
+                "download them elsewhere and pass the local folder instead, "
                 f"e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
             ) from None
         first = (str(err).strip().splitlines() or [""])[0]
         raise ModelLoadError(f"could not load the pipeline in {where} ({type(err).__name__}: {first}){hint}") from None
-    if kind == "local":
-        _check_tokenizers(pipe, where, hint)
     return pipe
 
 
-def tokenizer_problem(tokenizer, text_encoder) -> str | None:
-    """Why a loaded tokenizer cannot serve its text encoder (None if it can): a damaged ``tokenizer.json`` loads as a
-    tiny vocabulary and a missing ``tokenizer_config.json`` drops the 77-token limit, both without complaint; ids
-    beyond the embedding table would crash later."""
-    n, vocab, limit = len(tokenizer), text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
-    if n < 1000 or n > vocab or tokenizer.model_max_length > limit:
-        return (f"{n} tokens, max length {tokenizer.model_max_length}, for a text encoder of {vocab} tokens and "
-                f"length {limit}")
+def tokenizer_problem(tokenizer, vocab_size: int, max_length: int) -> str | None:
+    """Why a loaded tokenizer cannot serve a text encoder of ``vocab_size`` tokens and ``max_length`` positions (None
+    if it can): a damaged ``tokenizer.json`` loads as a tiny vocabulary and a missing ``tokenizer_config.json`` drops
+    the 77-token limit, both without complaint; ids beyond the embedding table would crash later."""
+    n = len(tokenizer)
+    if n < 1000 or n > vocab_size or tokenizer.model_max_length > max_length:
+        return (f"{n} tokens, max length {tokenizer.model_max_length}, for a text encoder of {vocab_size} tokens and "
+                f"length {max_length}")
     return None
 
 
-def _check_tokenizers(pipe, where: str, hint: str) -> None:
-    """Refuse a pipeline whose tokenizer folder is damaged (:func:`tokenizer_problem`)."""
+def _check_tokenizers(where: str, hint: str) -> None:
+    """Refuse a local pipeline folder whose tokenizer is damaged (:func:`tokenizer_problem`), from the tokenizer files
+    and the text encoder's ``config.json`` alone, before any weight is loaded."""
+    import transformers
+
+    folder = Path(where)
+    index = json.loads((folder / "model_index.json").read_text())
     for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
-        tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
-        problem = None if tok is None or enc is None else tokenizer_problem(tok, enc)
+        tok_spec, enc_cfg = index.get(tok_name), folder / enc_name / "config.json"
+        if not (isinstance(tok_spec, list) and tok_spec[-1] and hasattr(transformers, tok_spec[-1])
+                and (folder / tok_name).is_dir() and enc_cfg.is_file()):
+            continue  # absent or unusual components: left to from_pretrained
+        try:
+            tok = getattr(transformers, tok_spec[-1]).from_pretrained(folder / tok_name)
+            cfg = json.loads(enc_cfg.read_text())
+            problem = tokenizer_problem(tok, int(cfg["vocab_size"]), int(cfg["max_position_embeddings"]))
+        except Exception as err:  # noqa: BLE001 - one line naming the folder
+            first = (str(err).strip().splitlines() or [""])[0]
+            problem = f"unreadable ({type(err).__name__}: {first})"
         if problem:
-            raise ModelLoadError(f"{Path(where) / tok_name} looks damaged: {problem}{hint}")
+            raise ModelLoadError(f"{folder / tok_name} looks damaged: {problem}{hint}")
 
 
 def _has_safety_checker(kind: str, where: str) -> bool:

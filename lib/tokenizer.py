@@ -51,7 +51,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A ``CLIPTokenizer`` identical to ``openai/clip-vit-large-patch14``'s, built with no network access.
 
-    ``pad_token="!"`` gives the OpenCLIP-style padding of SDXL's second tokenizer.
+    ``pad_token="!"`` gives the OpenCLIP-style padding of SD 2.x's tokenizer and SDXL's second tokenizer.
     """
     vocab, merges = clip_vocab_and_merges()
     pairs = [tuple(m.split()) for m in merges]

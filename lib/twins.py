@@ -164,8 +164,10 @@ def build_twin(family: Family, size: Size = "tiny", seed: int = 0, dtype: torch.
             tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
         )
     else:
+        pad = "!" if family == "sd-v2" else "<|endoftext|>"  # SD 2.x pads like OpenCLIP (stabilityai's tokenizer)
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=encoders[0], tokenizer=build_clip_tokenizer(), unet=unet, scheduler=scheduler,
+            vae=vae, text_encoder=encoders[0], tokenizer=build_clip_tokenizer(pad_token=pad), unet=unet,
+            scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

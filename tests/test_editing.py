@@ -116,6 +116,19 @@ def test_target_prompts_follow_the_anchor_prompts_by_substitution():
         align_prompts(tok, "van gogh", "painting", prompts={"van gogh": ["a vangogh cat"]})
 
 
+def test_prompt_keys_match_phrases_case_insensitively_and_ambiguous_keys_are_errors():
+    tok = pipe().tokenizer
+    caps = ["a red cat, in the style of van gogh"]
+    assert align_prompts(tok, "Van Gogh", "painting", prompts={"van  gogh": caps})[0].anchor_prompt == caps[0]
+    other = align_prompts(tok, "van gogh", "painting", prompts={"Van Gogh": caps, "monet": ["a monet cat"]})
+    assert [p.anchor_prompt for p in other] == caps  # keys of other edits' anchors are ignored
+    with pytest.raises(EditError, match="given twice for 'Van Gogh'"):
+        align_prompts(tok, "van gogh", "painting", prompts={"van gogh": caps, "Van Gogh": caps})
+    with pytest.raises(EditError, match=r"prompts given for \['dog'\], which are both an anchor and a target"):
+        align_prompts(tok, ["snoopy", "dog"], ["dog", "cat"],  # chained: dog's prompts would serve snoopy's targets
+                      prompts={"snoopy": ["snoopy jumping on a beach"], "dog": ["a red dog sitting in a city"]})
+
+
 def test_the_target_is_aligned_where_the_anchor_was_and_a_repeated_anchor_is_an_error():
     tok = pipe().tokenizer
     # substituted after an earlier "painting": the second occurrence ("... of painting", "painting" at 8) is the slot
@@ -311,12 +324,14 @@ def test_an_edit_rounded_away_by_float16_weights_warns():
     assert max(tiny.rounding_error.values()) > 0.5
     tiny.revert(half)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a warning raised as an error still leaves the edit whole, and revertible
+        warnings.simplefilter("error")  # a warning raised as an error: the apply fails and changes nothing
         with pytest.raises(PrecisionWarning):
             tiny.apply(half)
-    assert tiny.is_applied(half)
-    tiny.revert(half)
-    assert all(torch.equal(v, before[k]) for k, v in _weights(half).items())
+        assert not tiny.is_applied(half) and all(torch.equal(v, before[k]) for k, v in _weights(half).items())
+        with pytest.raises(PrecisionWarning):
+            with tiny.applied(half):
+                raise AssertionError("not reached: the edit failed to apply")
+    assert not tiny.is_applied(half) and all(torch.equal(v, before[k]) for k, v in _weights(half).items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with tiny.applied(pipe("sd-v1")):  # the same small delta in float32 is kept

@@ -33,6 +33,51 @@ def test_offline_hub_id_says_to_pass_a_local_folder(model):
     assert err.value.__suppress_context__  # no chained traceback wall
 
 
+def test_a_missing_relative_folder_is_named_beside_the_hub_id():
+    with pytest.raises(ModelLoadError, match="no local folder 'runs/edited_model' exists either"):
+        load_pipeline("runs/edited_model")
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline("sd-v1-4")
+    assert "no local folder" not in str(err.value)
+
+
+@pytest.mark.parametrize("family, pads", [("sd-v1", ["<|endoftext|>"]), ("sd-v2", ["!"]),
+                                          ("sdxl", ["<|endoftext|>", "!"])])
+def test_twins_pad_like_the_released_tokenizers(family, pads):
+    """SD 2.x and SDXL's second tokenizer pad with "!" (id 0), as OpenCLIP does; SD 1.x with end-of-text."""
+    pipe = build_twin(family)
+    toks = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    assert [t.pad_token for t in toks] == pads
+    ids = pipe.tokenizer("a cat", padding="max_length", max_length=8).input_ids
+    assert ids[-1] == pipe.tokenizer.convert_tokens_to_ids(pads[0])
+
+
+@pytest.mark.parametrize("damage", ["no length limit", "unreadable"])
+def test_a_damaged_tokenizer_fails_before_any_weight_loads(twin_dirs, tmp_path, monkeypatch, damage):
+    import json
+    import shutil
+
+    from lib import loading
+
+    bad = tmp_path / "sdxl"
+    shutil.copytree(twin_dirs["sdxl"], bad)
+    tok = bad / "tokenizer_2"
+    if damage == "no length limit":
+        cfg = json.loads((tok / "tokenizer_config.json").read_text())
+        del cfg["model_max_length"]
+        (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    else:
+        (tok / "tokenizer.json").write_text("{not json")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(loading.DiffusionPipeline, "from_pretrained", no_load)
+    with pytest.raises(ModelLoadError, match=f"{tok} looks damaged: " + ("1 tokens|.*max length 1" if damage ==
+                                                                           "no length limit" else "unreadable")):
+        load_pipeline(str(bad))
+
+
 def test_folder_without_model_index(tmp_path):
     with pytest.raises(ModelLoadError, match="model_index.json is missing"):
         load_pipeline(str(tmp_path))

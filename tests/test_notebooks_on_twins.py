@@ -19,7 +19,7 @@ CASES = {
         "down_blocks.0.resnets.0", "mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.resnets.2"]),
     "05_causal_tracing_text_encoder": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0, TEXT_LAYERS=[0]),
     "06_diffquickfix": dict(SEEDS=[0], N_PROMPTS=1, N_UNRELATED=1, N_PARAPHRASES=1, N_MISSPELLINGS=1,
-                            TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[0]),
+                            TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[1]),  # without LAYER 0: unedited from the main run
 }
 
 
@@ -36,3 +36,16 @@ def test_notebook_runs_on_the_sdxl_twin(name, tmp_path, monkeypatch):
     written = [p.suffix for p in out.rglob("*") if p.is_file()]
     assert ".png" in written and (".csv" in written or ".parquet" in written), sorted(set(written))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # never the hub
+
+
+def test_out_of_range_sweep_layers_fail_before_any_image(tmp_path, monkeypatch):
+    """06 checks SWEEP_LAYERS against the loaded text encoder (12 layers on the twin) before generating anything."""
+    import papermill as pm
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(pm.PapermillExecutionError, match=r"SWEEP_LAYERS \[50\] out of range"):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "06_diffquickfix.ipynb"), str(tmp_path / "06.ipynb"),
+                            parameters={**TINY, **CASES["06_diffquickfix"], "SWEEP_LAYERS": [0, 50],
+                                        "OUTPUT_DIR": str(tmp_path / "out")},
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    assert not list((tmp_path / "out").rglob("*.csv"))

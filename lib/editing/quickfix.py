@@ -234,6 +234,30 @@ def _phrases(name: str, value: str | Sequence[str]) -> list[str]:
     return items
 
 
+def _norm(phrase: str) -> str:
+    """A phrase as CLIP's tokenizer sees it: lower case, single spaces."""
+    return " ".join(phrase.lower().split())
+
+
+def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
+                       pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """``prompts`` keyed by normalised phrase (keys naming other phrases are ignored, so one mapping can serve
+    several edits); :class:`EditError` for two keys naming one phrase, or prompts for a phrase that is both an anchor
+    and a target here (its prompts would be paired with another anchor's)."""
+    out: dict[str, list[str]] = {}
+    for key, value in (prompts or {}).items():
+        k = _norm(key)
+        if k in out:
+            raise EditError(f"prompts are given twice for {key!r} (keys are matched case-insensitively)")
+        out[k] = list(value)
+    anchors, targets = {_norm(x) for x, _ in pairs}, {_norm(y) for _, y in pairs}
+    both = [k for k in out if k in anchors and k in targets]
+    if both:
+        raise EditError(f"prompts given for {both}, which are both an anchor and a target: give the anchors' prompts "
+                        "only (each target prompt is then its anchor prompt with the phrase replaced)")
+    return out
+
+
 def concept_pairs(anchors: str | Sequence[str], targets: str | Sequence[str]) -> list[tuple[str, str]]:
     """Check and pair anchors with targets (one target may serve every anchor)."""
     a = _phrases("anchor", anchors)
@@ -242,9 +266,8 @@ def concept_pairs(anchors: str | Sequence[str], targets: str | Sequence[str]) ->
         t = t * len(a)
     if len(a) != len(t):
         raise EditError(f"{len(a)} anchors but {len(t)} targets; give one target, or one per anchor")
-    norm = lambda s: " ".join(s.lower().split())  # noqa: E731 - CLIP lower-cases and splits on spaces
     for x, y in zip(a, t):
-        if norm(x) == norm(y):
+        if _norm(x) == _norm(y):
             raise EditError(f"anchor and target are the same phrase ({x!r}): the edit would do nothing")
     return list(zip(a, t))
 
@@ -254,8 +277,9 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
                   align: Align = "pad") -> list[PromptPair]:
     """Anchor and target prompts with the positions whose keys and values enter the edit (see the module doc).
 
-    Prompts are ``template.format(phrase)`` for each template, or ``prompts[phrase]`` when given (anchor and target
-    lists are paired in order). When ``prompts`` holds an anchor but not its target, the target prompts are the
+    Prompts are ``template.format(phrase)`` for each template, or ``prompts[phrase]`` when given (keys matched
+    case-insensitively; anchor and target lists are paired in order; see :func:`_prompts_by_phrase` for the keys
+    refused). When ``prompts`` holds an anchor but not its target, the target prompts are the
     anchor's with the phrase replaced ("a dog, in the style of van gogh" → "a dog, in the style of painting"), so
     several anchors may share one target. A phrase absent from its own prompt raises :class:`~lib.prompts.PromptError`.
 
@@ -269,14 +293,15 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     templates = list(templates)
     if not templates or any("{}" not in t for t in templates):
         raise EditError(f"every template needs a '{{}}' for the phrase, got {templates!r}")
-    prompts = dict(prompts or {})
+    pairs = concept_pairs(anchors, targets)
+    given = _prompts_by_phrase(prompts, pairs)
     length = int(tokenizer.model_max_length)
     out = []
-    for anchor, target in concept_pairs(anchors, targets):
-        a_prompts = list(prompts.get(anchor) or [t.format(anchor) for t in templates])
-        if prompts.get(target):
-            t_prompts, t_before = list(prompts[target]), [None] * len(prompts[target])
-        elif prompts.get(anchor):
+    for anchor, target in pairs:
+        a_prompts = list(given.get(_norm(anchor)) or [t.format(anchor) for t in templates])
+        if given.get(_norm(target)):
+            t_prompts, t_before = list(given[_norm(target)]), [None] * len(given[_norm(target)])
+        elif given.get(_norm(anchor)):
             t_prompts = [substitute(p, anchor, target) for p in a_prompts]
             t_before = [_text_before(p, anchor) for p in a_prompts]
         else:
@@ -438,11 +463,15 @@ class WeightEdit:
                 p.copy_((orig.double() + delta).to(p.dtype))
                 self.rounding_error[path] = float((p.double() - orig.double() - delta).norm()
                                                   / delta.norm().clamp_min(1e-300))
-        for path, lost in self.rounding_error.items():  # after every weight is applied (warnings may be errors)
-            if lost > ROUNDING_TOLERANCE:
-                warnings.warn(f"{path}: {lost:.0%} of this edit's delta is lost to {params[path].dtype} rounding; "
-                              f"load {path.split(':')[0]} in float32 for the edit as fitted", PrecisionWarning,
-                              stacklevel=2)
+        try:  # after every weight is applied; a warning turned into an error leaves the weights as they were
+            for path, lost in self.rounding_error.items():
+                if lost > ROUNDING_TOLERANCE:
+                    warnings.warn(f"{path}: {lost:.0%} of this edit's delta is lost to {params[path].dtype} rounding; "
+                                  f"load {path.split(':')[0]} in float32 for the edit as fitted", PrecisionWarning,
+                                  stacklevel=2)
+        except BaseException:
+            self.revert(pipe)
+            raise
         return self
 
     def revert(self, pipe) -> "WeightEdit":

@@ -223,7 +223,8 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
         raise _corrupt(folder, err) from err
     from lib.loading import tokenizer_problem
 
-    problem = tokenizer_problem(pipe.tokenizer, pipe.text_encoder)
+    cfg = pipe.text_encoder.config
+    problem = tokenizer_problem(pipe.tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
     if problem:
         raise _corrupt(folder / "tokenizer", ValueError(problem))
     pipe.set_progress_bar_config(disable=True)
