@@ -63,12 +63,20 @@ def _known_model(value: str) -> None:
     describe_source(value)  # raises ModelLoadError with the list of presets
 
 
+def distinct(values: Sequence, why: str = "each is one run") -> None:
+    """``ValueError`` naming the items of ``values`` that repeat (a repeated seed would count one result twice)."""
+    values = list(values)
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ValueError(f"{values} repeat {twice}: {why}; give each once")
+
+
 # Parameters that several notebooks share; a notebook passes its own extras to ``validate``.
 COMMON: dict[str, Param] = {
     "MODEL": Param(str, check=_known_model),
     "DEVICE": Param(str, choices=("auto", "cpu", "cuda")),
     "DTYPE": Param(str, choices=("auto", "float32", "float16", "bfloat16")),
-    "SEEDS": Param(list, items=int, low=0, min_len=1),
+    "SEEDS": Param(list, items=int, low=0, min_len=1, check=distinct),
     "STEPS": Param(int, low=1, high=1000),
     "GUIDANCE": Param(float, low=0.0, high=50.0),
     "BATCH_SIZE": Param(int, low=1, high=4096),

@@ -15,6 +15,7 @@ def test_valid_parameters_pass_and_ints_become_floats():
         (dict(STEPS=0), "outside"),
         (dict(SEEDS=[]), "at least 1"),
         (dict(SEEDS=[0, "1"]), "every item must be int"),
+        (dict(SEEDS=[0, 1, 0]), "SEEDS: [0, 1, 0] repeat [0]"),
         (dict(MODEL="sd-v9"), "MODEL: unknown model"),
         (dict(DEVICE="tpu"), "not one of"),
         (dict(CHECKPOINTING="layers"), "CHECKPOINTING: 'layers' is not one of 'blocks', 'steps', 'steps+blocks'"),

@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,12 +18,14 @@ from lib.sage.latent import (
 from lib.sage.loss import (
     ClipMember, Criteria, EdgeMember, Ensemble, FnMember, ToyMember, UnknownClassError, imagenet_groups, timm_member,
 )
-from lib.sage.metrics import ngr, normality, qq_points, recheck, renderer_check, ssr
+from lib.sage.metrics import (
+    confirmed, confirmed_fraction, ngr, normality, prompt_confirmed, qq_points, recheck, renderer_check, ssr,
+)
 from lib.sage.prompt import (
-    CandidateLM, PromptSearch, categorize, encode_with_slots, render_with_slots, search_prompt, token_table,
+    CandidateLM, PromptSearch, categorize, encode_with_slots, render_with_slots, search_prompt, slot_dim, token_table,
     word_embedding,
 )
-from lib.sage.token import TokenAttack, evaluate_token, load_token, save_token, train_token
+from lib.sage.token import TokenAttack, TokenResult, evaluate_token, load_token, save_token, train_token
 from lib.sampling import decode, denoise, encode, initial_latents
 from lib.scoring import ClipScorer
 from lib.twins import build_twin
@@ -293,7 +296,9 @@ def _alone(pipe, ens, seeds, cfg):
     return [search_latent(pipe, ens, "a photo of a cat", "cat", seed=s, steps=2, config=cfg) for s in seeds]
 
 
-def test_batched_searches_equal_searches_one_at_a_time(pipe, ens):
+def test_batched_searches_match_searches_one_at_a_time_on_the_twin(pipe, ens):
+    """No mixing of the searches in a batch. Bit-equality holds on this tiny setup for 4 iterations; in general a
+    batched search agrees with a solo one only up to float rounding (search_latents), so the key has the batch size."""
     seeds = [0, 1, 2, 3]
     cfg = LatentSearch(mode="lose", iterations=4, stop_on_success=False)
     batched = search_latents(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg)
@@ -459,11 +464,53 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     df3, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=other, out_dir=tmp_path)
     assert searched == [[0]] and not df3.resumed.any() and df3.loc[0, "path"] != df.loc[0, "path"]
     assert not list(tmp_path.glob(".*.tmp"))
-    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg)
+    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2)
+    assert Path(df.loc[0, "path"]).name == f"latent_lose_cat_0_{key}.safetensors"
     retrained = Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
                           EdgeMember(FnMember(small_net(seed=4), LABELS, "c"))])  # same names, other weights
-    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg) != key
-    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg) == key
+    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2) != key
+    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2) == key
+
+
+def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp_path):
+    """Batched searches agree with solo ones only up to float rounding: another BATCH_SIZE must not reuse results."""
+    import lib.sage.latent as L
+
+    cfg = LatentSearch(mode="lose", iterations=0)
+    keys = {b: L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, b) for b in (1, 2, 8)}
+    assert len(set(keys.values())) == 3, keys
+    one, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=cfg, out_dir=tmp_path,
+                             batch_size=1)
+    two, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=cfg, out_dir=tmp_path,
+                             batch_size=2)
+    assert not two.resumed.any() and one.loc[0, "path"] != two.loc[0, "path"]
+    assert keys[1] in one.loc[0, "path"] and keys[2] in two.loc[0, "path"]
+
+
+def test_repeated_seeds_are_rejected_before_any_search(pipe, ens, lm, monkeypatch):
+    """A repeated seed would be one search counted twice (notebook 01: two run rows inflating SSR's n_runs)."""
+    import lib.sage.latent as L
+    import lib.sage.prompt as SP
+    import lib.sage.token as T
+
+    def never(*a, **k):
+        raise AssertionError("searched before the seeds were checked")
+
+    monkeypatch.setattr(L, "search_latents", never)
+    monkeypatch.setattr(SP, "search_prompt", never)
+    monkeypatch.setattr(SP, "render_with_slots", never)
+    monkeypatch.setattr(T, "render_with_slots", never)
+    with pytest.raises(ValueError, match=r"\[0, 1, 0\] repeat \[0\]: each seed is one search"):
+        L.latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0, 1, 0], steps=2)
+    with pytest.raises(ValueError, match=r"repeat \[1\]"):
+        search_latents(pipe, ens, "a photo of a cat", "cat", seeds=[1, 1], steps=2)  # the real one, before sampling
+    with pytest.raises(ValueError, match=r"repeat \[2\]"):
+        SP.prompt_campaign(pipe, ens, lm, ["cat"], [2, 2], steps=2)
+    with pytest.raises(ValueError, match=r"repeat \[3\]"):
+        train_token(pipe, ens, ["a photo of a cat"], "cat", "car", [3, 3], steps=2)
+    tok = TokenResult(torch.zeros(slot_dim(pipe)), "cat", "car", meta=dict(steps=2, guidance=7.5))
+    with pytest.raises(ValueError, match=r"repeat \[4\]"):
+        T.evaluate_token(pipe, ens, tok, ["a photo of a cat"], [4, 4])
 
 
 # --------------------------------------------------------------------------------------------------- prompt search
@@ -619,6 +666,24 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     assert searched == ["dog", "cat"]
 
 
+def test_prompt_campaign_checks_every_class_for_the_lm_before_any_search(pipe, lm, tmp_path, monkeypatch):
+    """A later class the LM cannot encode (or a bad grad_from_step) fails before the first class is searched."""
+    import lib.sage.prompt as SP
+
+    def never(*a, **k):
+        raise AssertionError("a class was searched before every class was checked")
+
+    monkeypatch.setattr(SP, "search_prompt", never)
+    zoo = Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))])  # the ensemble knows zebra, the LM does not
+    with pytest.raises(PromptError, match="cannot encode.*zebra"):
+        SP.prompt_campaign(pipe, zoo, lm, ["cat", "zebra"], [0], steps=2, out_dir=tmp_path)
+    with pytest.raises(PromptError, match="no room for 40 more"):  # the toy LM's context holds 32 tokens
+        SP.prompt_campaign(pipe, zoo, lm, ["cat"], [0], steps=2, config=PromptSearch(n_words=40))
+    with pytest.raises(ValueError, match="grad_from_step must be in"):
+        SP.prompt_campaign(pipe, zoo, lm, ["cat"], [0], steps=2, config=PromptSearch(grad_from_step=2))
+    assert not list(tmp_path.iterdir())
+
+
 def test_found_prompts_must_be_complete_sentences_for_the_lm(pipe, lm):
     fooled = Ensemble([const_member([-9.0, 9.0, 0.0])])  # always "dog": every prompt loses "cat"
     end = lm.end_prob("a photo of a cat")
@@ -715,6 +780,35 @@ def test_ssr_recheck_and_renderer_check(ens):
     assert ok.tolist() == [True, True]
     tab = renderer_check(["a photo of a red cat", "a photo of a cat zzz"], "cat")
     assert tab.parsed.tolist() == [True, False] and tab.asks_for_class[0] == True  # noqa: E712
+
+
+def test_a_prompt_is_confirmed_only_by_images_that_fool_the_ensemble_and_the_checker():
+    """Ensemble fooled on seed 0 only, checker on seed 1 only: each share is 0.5, but no image fools both."""
+    assert confirmed([True, False], [False, True]).tolist() == [False, False]
+    assert confirmed_fraction([True, False], [False, True]) == 0.0
+    assert not prompt_confirmed([True, False], [False, True], 0.5)
+    assert prompt_confirmed(pd.Series([True, True]), pd.Series([True, False]), 0.5)  # seed 0: both
+    assert confirmed_fraction([True, True, True, False], [True, True, False, True]) == 0.5
+    assert np.isnan(confirmed_fraction([], []))
+    with pytest.raises(ValueError, match="one of each per image"):
+        confirmed([True, False], [True])
+
+
+def test_residual_step_zero_is_the_exact_gradient_not_the_default():
+    assert [Residual(k).resolved_step(10) for k in (0, None, 10)] == [0, 5, 10]  # 0 is not None: not the default
+    with pytest.raises(ValueError, match="outside"):
+        Residual(11).resolved_step(10)
+
+
+def test_the_token_notebook_loads_the_clip_scorer_before_training():
+    """Missing CLIP weights must fail before the token is trained, not after."""
+    import json
+
+    cells = json.loads((Path(__file__).parents[1] / "notebooks/03_sage_token_attack.ipynb").read_text())["cells"]
+    src = ["".join(c["source"]) for c in cells]
+    load = next(i for i, s in enumerate(src) if "clip_scorer(" in s)
+    train = next(i for i, s in enumerate(src) if "train_token(" in s)
+    assert load < train, (load, train)
 
 
 def test_ngr_flags_non_gaussian_latents():

@@ -779,3 +779,164 @@ def test_figures_render(tmp_path):
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)
+
+
+# --- what notebooks 04/05 share (lib.tracing.notebook), checked without loading a model ----------------------------
+
+def _nb_params(mode: str = "text", **over):
+    from lib.params import validate
+    from lib.tracing import notebook as tracing
+
+    values = dict(MODEL="twin:sd-v1", DEVICE="cpu", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2,
+                  GUIDANCE=4.0, NOISE=3.0, NOISE_SEED=0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all",
+                  SCORER="auto", OUTPUT_DIR=None, FIGURES_DIR=None)
+    values.update(dict(LAYERS=SUBSET[:2], UNCOND="restore") if mode == "unet" else
+                  dict(TEXT_KINDS=["self_attn"], TEXT_LAYERS=[0]))
+    values.update(over)
+    return validate(values, **tracing.TRACE_PARAMS, **(tracing.UNET_PARAMS if mode == "unet" else tracing.TEXT_PARAMS))
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    import lib.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the check")
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", no_load)
+
+
+@pytest.mark.parametrize("rows,error", [
+    ("a photo of a carpet,car,objects,val\n", "subject 'car'.*not found in caption 'a photo of a carpet'"),
+    ("a red car next to a blue car,car,objects,val\n", "subject 'car' is named 2 times"),
+    ("a photo of a " + "very " * 80 + "red car,red car,color,val\n", "limit 77"),
+])
+def test_notebook_load_checks_captions_before_the_pipeline(tmp_path, no_pipeline, rows, error):
+    from lib.tracing import notebook as tracing
+
+    probes = tmp_path / "probes.csv"
+    probes.write_text("caption,subject,attribute,split\n" + rows)
+    with pytest.raises(PromptError, match=error):
+        tracing.load(_nb_params(PROBES=str(probes), N_VAL=None, N_TEST=None))
+
+
+def test_notebook_load_checks_eval_split_and_otsu_before_the_pipeline(tmp_path, no_pipeline):
+    from lib.params import ParameterError
+    from lib.tracing import notebook as tracing
+
+    with pytest.raises(ParameterError, match=r"EVAL_SPLIT='test': .*splits present: \['val'\]"):
+        tracing.load(_nb_params(EVAL_SPLIT="test"))  # N_TEST=0
+    only_test = tmp_path / "test_only.csv"
+    only_test.write_text("caption,subject,attribute,split\na photo of a dog,dog,objects,test\n")
+    with pytest.raises(ParameterError, match=r"TAU='otsu' .*splits present: \['test'\]"):
+        tracing.load(_nb_params(PROBES=str(only_test), N_TEST=None, TAU="otsu", EVAL_SPLIT="test"))
+    with pytest.raises(ParameterError, match="EVAL_SPLIT='val'"):
+        tracing.load(_nb_params(PROBES=str(only_test), N_TEST=None, EVAL_SPLIT="val"))
+    with pytest.raises(ParameterError, match="select no rows"):
+        tracing.load(_nb_params(PROBES=str(only_test), N_TEST=0))
+
+
+def test_notebook_batch_size_needs_two_runs():
+    from lib.params import ParameterError, validate
+
+    with pytest.raises(ParameterError, match=r"BATCH_SIZE: 1 is outside \[2, 4096\]"):
+        _nb_params(BATCH_SIZE=1)
+    assert _nb_params(BATCH_SIZE=2).BATCH_SIZE == 2
+    assert validate({"BATCH_SIZE": 1}).BATCH_SIZE == 1  # other notebooks keep COMMON's bound
+
+
+def test_sdxl_text_layers_reach_each_encoder_that_has_them():
+    p = pipe("sdxl")  # text_encoder: 12 layers, text_encoder_2: 32
+    sites = text_sites(p, kinds=("self_attn",), layers=[0, 20])
+    assert [(s.encoder, s.layer) for s in sites] == [("text_encoder", 0), ("text_encoder_2", 0), ("text_encoder_2", 20)]
+    assert {s.encoder for s in text_sites(p, layers=[31])} == {"text_encoder_2"}
+    with pytest.raises(LayerError, match=r"no text encoder has layer\(s\) \[32\]: text_encoder has layers 0..11, "
+                                         r"text_encoder_2 has layers 0..31"):
+        text_sites(p, layers=[5, 32])
+
+
+def test_examples_retrace_each_item_at_its_own_seed(monkeypatch):
+    from types import SimpleNamespace
+
+    import lib.tracing.examples as ex
+    from lib.tracing.report import unet_layer_table
+
+    df = mark_causal(_synthetic_rows(), tau=0.5)
+    df = pd.concat([df, df.assign(seed=3, clean_score=np.where(df["caption"] == "objectstest", 50.0, 30.0))])
+    probes = df.drop_duplicates("caption")[["caption", "subject", "attribute", "split"]]
+    items = ex.largest_gap_per_attribute(df, probes)
+    assert items[["caption", "seed"]].values.tolist() == [["objectstest", 3], ["styletest", 0]]  # ties: lowest seed
+    calls = []
+
+    def fake_trace(pipe_, caption, subject, seed, *args, corruption, **kwargs):
+        calls.append((caption, seed, corruption.image_seed))
+        return SimpleNamespace(labels=[])
+
+    monkeypatch.setattr(ex, "trace_unet", fake_trace)
+    monkeypatch.setattr(ex, "trace_text", fake_trace)
+    monkeypatch.setattr(ex, "attach_scores", lambda tr, scorer, caption: tr)
+    monkeypatch.setattr(ex, "subject_positions", lambda tok, caption, subject: [1])
+    cfg = SweepConfig(model="m")
+    ex.unet_examples(None, None, items, unet_layer_table(df), cfg)
+    ex.text_examples(pipe("sd-v1"), None, items, cfg, sites=[])
+    assert calls == [("objectstest", 3, 3), ("styletest", 0, 0)] * 2
+    calls.clear()
+    ex.text_examples(pipe("sd-v1"), None, items, cfg, seed=7, sites=[])  # an explicit seed for every item
+    assert [c[1] for c in calls] == [7, 7]
+    with pytest.raises(ValueError, match="no 'seed' column"):
+        ex.text_examples(pipe("sd-v1"), None, items.drop(columns="seed"), cfg, sites=[])
+
+
+def test_collect_keeps_grouped_token_restorations_apart(tmp_path):
+    rows = _item_rows("a", [0.2, 0.9]).assign(component="text_encoder", kind="hidden", layer="encoder.layers.0",
+                                              layer_index=0, token=-1, token_str=["a</w>|b</w>", "c</w>|d</w>"])
+    rows.to_parquet(tmp_path / "one.parquet", index=False)
+    assert sorted(collect(tmp_path, tau=0.5)["score"]) == [22.0, 29.0]  # two groups, two rows
+    rows.assign(token_str="a</w>|b</w>").to_parquet(tmp_path / "one.parquet", index=False)
+    with pytest.raises(SweepError, match="two grouped token restorations share one row key"):
+        collect(tmp_path, tau=0.5)
+
+
+def test_printed_sweep_command_parses_to_the_notebooks_config(tmp_path, monkeypatch):
+    """Exact floats, quoted paths, and the notebook's device type and dtype: the CLI builds the same config (folder)."""
+    import shlex
+
+    import lib.loading
+    import lib.tracing.sweep as sweep_mod
+    from lib.tracing import notebook as tracing
+    from lib.tracing.sweep import sweep_dir
+
+    P = _nb_params("unet", GUIDANCE=7.123456789, NOISE=2.718281828459045)
+    p, scorer = pipe("sd-v1"), toy_scorer()
+    cfg = tracing.sweep_config(P, "unet", p, scorer)
+    out = tmp_path / "my out"
+    command = tracing.sweep_command(P, cfg, p, out)
+    argv = shlex.split(command.split(" -m lib.tracing.sweep ")[1])
+    assert argv[argv.index("--guidance") + 1] == "7.123456789" and argv[argv.index("--out") + 1] == str(out / "sweeps")
+    assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--dtype") + 1] == "float32"
+    loaded, seen = [], {}
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda model, **kw: (loaded.append(kw), p)[1])
+    monkeypatch.setattr(sweep_mod, "_scorer", lambda *a: scorer)
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda pipe_, sc, probes, seeds, folder, c, *a, **k:
+                        seen.update(cfg=c, folder=folder) or [])
+    assert sweep_mod.main(argv) == 0
+    assert loaded == [dict(device="cpu", dtype="float32")]
+    assert seen["cfg"] == cfg and seen["folder"] == sweep_dir(out / "sweeps", cfg)
+    # paths as the command run from the repo root names them: no machine path for a folder inside the repo, and a
+    # relative MODEL / PROBES path (taken from the notebook's cwd, notebooks/) made absolute or repo-relative
+    from lib.paths import REPO_ROOT
+
+    from lib.tracing.sweep import from_repo_root, model_spec
+
+    assert from_repo_root(REPO_ROOT / "runs" / "04" / "sweeps") == "runs/04/sweeps"
+    model, probes = tmp_path / "model", tmp_path / "p.csv"
+    model.mkdir()
+    probes.write_text("caption,subject,attribute,split\na photo of a cat,cat,objects,val\n")
+    monkeypatch.chdir(tmp_path)
+    P2 = _nb_params("unet", MODEL="model", PROBES="p.csv")
+    argv = shlex.split(tracing.sweep_command(P2, cfg, p, REPO_ROOT / "runs" / "04").split(" -m lib.tracing.sweep ")[1])
+    assert argv[argv.index("--model") + 1] == str(model) and argv[argv.index("--probes") + 1] == str(probes)
+    assert argv[argv.index("--out") + 1] == "runs/04/sweeps"
+    cfg2 = tracing.sweep_config(P2, "unet", p, scorer)  # the notebook (cwd notebooks/) and the CLI (repo root) spell
+    assert cfg2.model == model_spec(str(model)) == str(model)  # one local folder alike: one config hash
+    assert model_spec("toy") == "toy" and model_spec("twin:sd-v1") == "twin:sd-v1"

@@ -1,6 +1,8 @@
 """What notebooks 04 and 05 share (lib.tracing.notebook): the sharded CLI command writes the folder the notebook
 resumes from, and toy probes on a real model are flagged."""
 
+import shlex
+
 import pytest
 
 from lib.params import ParameterError, validate
@@ -24,23 +26,24 @@ def params(mode: str, **over):
 
 @pytest.mark.parametrize("mode", ["unet", "text"])
 def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp_path, mode):
-    P = params(mode)
+    P = params(mode, GUIDANCE=4.123456789)  # printed exactly: a rounded value would name another folder
     pipe, scorer, _ = tracing.load(P)
     cfg = tracing.sweep_config(P, mode, pipe, scorer)
-    command = tracing.sweep_command(P, cfg)
+    out = tmp_path / "output dir"  # quoted in the command
+    command = tracing.sweep_command(P, cfg, pipe, out)
     assert command.startswith("accelerate launch --multi_gpu --num_processes 2 -m lib.tracing.sweep ")
-    assert f"--noise-seed {cfg.noise_seed}" in command
-    argv = command.split(" -m lib.tracing.sweep ")[1].replace("<OUTPUT_DIR>", str(tmp_path)).split()
+    assert f"--noise-seed {cfg.noise_seed}" in command and "--device cpu --dtype float32" in command
+    argv = shlex.split(command.split(" -m lib.tracing.sweep ")[1])
     assert main(argv + ["--limit", "1"]) == 0  # the CLI in this process (one shard of one)
     first = load_probes(probe_path("toy")).iloc[:1]
-    folder, written, _ = tracing.trace(P, cfg, pipe, scorer, first, tmp_path)
+    folder, written, _ = tracing.trace(P, cfg, pipe, scorer, first, out)
     assert folder.is_dir() and written == []  # nothing left to trace: the notebook resumed the CLI's item
     df, tau, split = tracing.table(P, folder, first, tmp_path / "rows.parquet")
     assert len(df) > 0 and tau == 0.5 and split is None and (tmp_path / "rows.parquet").is_file()
     with pytest.raises(ValueError, match=r"no rows of split 'test' \(splits present: \['val'\]\)"):
         tracing.table(params(mode, EVAL_SPLIT="test"), folder, first, tmp_path / "rows.parquet")  # N_TEST=0
     other = tracing.sweep_config(params(mode, STEPS=3), mode, pipe, scorer)
-    assert tracing.trace(params(mode, STEPS=3), other, pipe, scorer, first, tmp_path)[0] != folder
+    assert tracing.trace(params(mode, STEPS=3), other, pipe, scorer, first, out)[0] != folder
 
 
 def test_toy_probes_on_a_real_model_are_flagged(tmp_path):

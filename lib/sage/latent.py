@@ -38,6 +38,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from lib.params import distinct
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
@@ -82,6 +83,12 @@ def check_latent(pipe, latent: torch.Tensor) -> None:
         raise LatentShapeError(f"latent has shape {shape}; this pipeline expects (B, {c}, {s}, {s})")
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Raise ``ValueError`` when a seed repeats: each seed is one search (one run of SSR, one image judged), so a
+    repeat would count the same result twice."""
+    distinct(seeds, "each seed is one search")
+
+
 # ------------------------------------------------------------------------------------------------------ the sampler
 @dataclass(frozen=True)
 class Residual:
@@ -91,12 +98,18 @@ class Residual:
     weight: float | None = None
     mode: Literal["straight_through", "additive"] = "straight_through"
 
-    def resolve(self, sched, steps: int) -> tuple[int, float]:
-        if self.mode not in ("straight_through", "additive"):
-            raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
+    def resolved_step(self, steps: int) -> int:
+        """The step ``k`` the latent is tied to: ``step``, or ``steps // 2`` when it is None (0 is the exact
+        gradient, not the default)."""
         k = steps // 2 if self.step is None else int(self.step)
         if not 0 <= k <= steps:
             raise ValueError(f"residual_step {k} is outside [0, {steps}] for {steps} steps")
+        return k
+
+    def resolve(self, sched, steps: int) -> tuple[int, float]:
+        if self.mode not in ("straight_through", "additive"):
+            raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
+        k = self.resolved_step(steps)
         if self.weight is not None:
             return k, float(self.weight)
         a = sched.alphas_cumprod[sched.timesteps[k]] if k < steps else sched.final_alpha_cumprod
@@ -188,9 +201,12 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     and ensemble pass per iteration for all of them (far fewer, larger kernels than one search after another).
 
     Each search keeps its own δ, loss history, best and first success; with ``stop_on_success`` a search leaves the
-    batch once it succeeds, so each result equals that of the search run alone (the members and the sampler treat
-    images independently; batched kernels may differ in the last bits, which a signed step can amplify only where
-    a gradient entry is ≈ 0).
+    batch once it succeeds. The members and the sampler treat images independently, but batched kernels round
+    differently from a batch of one, so a batched search agrees with the same search run alone only up to float
+    rounding: a signed step turns the sign of a near-zero gradient entry, which rounding can flip, into a full
+    ``lr`` step, and the trajectories can drift apart (in one batch of four, 2 of 256 δ entries differed from the solo
+    search after 3 iterations, δ by up to 0.30 after 8). :func:`latent_campaign` therefore keys its results by the
+    batch size.
 
     With more than one search the returned image is the latent rendered alone (what :func:`render_latent` and a
     resumed campaign give), judged again: a search counts as ``found`` only if that solo image fools the ensemble
@@ -203,6 +219,8 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         raise ValueError("give exactly one of seed(s)= or latent(s)=")
     if seeds is not None and len(seeds) == 0:
         raise ValueError("seeds is empty")
+    if seeds is not None:
+        check_seeds(seeds)
     lo, hi = config.delta_range
     if not lo <= 0 <= hi:
         raise ValueError(f"delta_range must contain 0, got {config.delta_range}")
@@ -276,11 +294,13 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
 
 
 def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
-                 config: LatentSearch) -> str:
-    """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign."""
+                 config: LatentSearch, batch_size: int) -> str:
+    """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign searched ``batch_size`` seeds at
+    a time (batched searches agree with solo ones only up to float rounding: :func:`search_latents`)."""
     from lib.sage.resume import campaign_key as key
 
-    return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config))
+    return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config),
+               batch_size=int(batch_size))
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
@@ -290,20 +310,27 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
 
     With ``out_dir`` every search is written (atomically) as soon as its batch finishes, to
     ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
-    (:func:`campaign_key`) hashes the weights, the ensemble and every setting; with ``resume`` a search whose file
-    exists is loaded (its image re-rendered exactly) instead of run again, so an interrupted campaign loses nothing
-    and other settings never reuse stale results; an unreadable file is ignored with a warning (its seed is searched
-    again and the file overwritten).
+    (:func:`campaign_key`) hashes the weights (with their dtype and device type), the ensemble, every setting and
+    ``batch_size``, not the seeds; with ``resume`` a search whose file exists is loaded (its image re-rendered
+    exactly) instead of run again, so an interrupted campaign loses nothing and other settings never reuse stale
+    results; an unreadable file is ignored with a warning (its seed is searched again and the file overwritten).
+
+    Only the seeds without a file are searched, chunked in ``seeds`` order among themselves: a resumed or extended
+    campaign (more ``seeds``) batches them differently from a fresh run (seeds [0, 1] done, then [0, …, 7] with
+    batch size 8 searches 2…7 as one batch of 6, not 0…7 as one of 8), so those results agree with a fresh run's only
+    up to float rounding (:func:`search_latents`); each one's ``found`` is still judged on its solo re-render.
+    Repeated seeds are a ``ValueError``.
     """
     import pandas as pd
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_seeds(seeds)
     seeds = list(seeds)
     paths: dict[int, Path] = {}
     done: dict[int, LatentResult] = {}
     if out_dir is not None:
-        key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config)
+        key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size)
         paths = {s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
                  for s in seeds}
         if resume:

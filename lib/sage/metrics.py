@@ -3,6 +3,8 @@
 * SSR(A), automatic search success rate: per mode, the fraction of search runs whose result fools the ensemble.
 * Re-check: every reported failure judged again by a classifier *not* in the ensemble (same :class:`Criteria`), and,
   in the toy world, the prompt checked against the renderer's labels (does the caption really ask for the class?).
+  A failure is confirmed per image (:func:`confirmed`: ensemble fooled and checker agrees on that image); a prompt
+  over several seeds by the share of such images (:func:`confirmed_fraction`).
 * NGR, non-Gaussian rate: the fraction of found latents whose entries fail a normality test at level ``alpha``.
   ``test="dagostino"`` (default): D'Agostino–Pearson K² on the entries standardised by their own mean and std (shape
   only); ``test="ks"``: Kolmogorov–Smirnov of the raw entries against N(0, 1) (shape, location and scale; no
@@ -55,6 +57,27 @@ def recheck(images: torch.Tensor, checker: Member, cls: str, verdict: Verdict = 
             idx = [i for i, l in enumerate(labels) if l == name] if name is not None else []
             ok[b] &= bool(idx) and float(probs[0][b, idx].sum()) >= crit.confident_above
     return ok
+
+
+def confirmed(fooled, checker_confirms) -> np.ndarray:
+    """Bool per image: the ensemble is fooled *and* the held-out checker confirms it on that same image (a
+    re-checked failure); two separate shares (ensemble, checker) would count images that fool only one of them."""
+    f, c = np.asarray(fooled, dtype=bool), np.asarray(checker_confirms, dtype=bool)
+    if f.shape != c.shape:
+        raise ValueError(f"{f.shape} ensemble verdicts but {c.shape} checker verdicts: one of each per image")
+    return f & c
+
+
+def confirmed_fraction(fooled, checker_confirms) -> float:
+    """Share of the images (e.g. one prompt's seeds) that are re-checked failures (:func:`confirmed`); NaN for none."""
+    both = confirmed(fooled, checker_confirms)
+    return float(both.mean()) if both.size else float("nan")
+
+
+def prompt_confirmed(fooled, checker_confirms, success_fraction: float) -> bool:
+    """Whether a prompt's failure is confirmed: at least ``success_fraction`` of its images (one per seed) fool the
+    ensemble *and* the checker (:func:`confirmed_fraction`), the prompt search's success rule applied per image."""
+    return confirmed_fraction(fooled, checker_confirms) >= success_fraction
 
 
 def _network_prints(member) -> set[str]:

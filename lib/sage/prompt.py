@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from lib.prompts import PromptError
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
-from lib.sage.latent import Residual, sample_with_residual, signed_step
+from lib.sage.latent import Residual, check_seeds, sample_with_residual, signed_step
 from lib.sage.loss import Ensemble
 from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl
 
@@ -372,13 +372,8 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     """
     import pandas as pd
 
-    _check_pipe(pipe)
-    ensemble.indices(cls)
-    if not seeds:
-        raise ValueError("need at least one seed")
-    check_grad_from_step(config.grad_from_step, steps)
+    check_prompt_search(pipe, ensemble, lm, [cls], seeds, steps, config)
     base = config.template.format(cls=cls)
-    lm.encode(base, room=config.n_words)  # fails early: unknown words, or no room in the LM's context for the words
     prompt, rows, best = base, [], math.nan
     scale = loss_scale_for(pipe)
     d = slot_dim(pipe)
@@ -439,6 +434,21 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     return pd.DataFrame(rows)
 
 
+def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
+                        steps: int, config: PromptSearch) -> None:
+    """Everything :func:`search_prompt` checks before rendering, for each of ``classes``: the pipeline, the seeds
+    (some, none repeated), ``grad_from_step``, the class (ensemble) and the template with the class for the LM
+    (known words, room for ``n_words`` more tokens in its context)."""
+    _check_pipe(pipe)
+    if not seeds:
+        raise ValueError("need at least one seed")
+    check_seeds(seeds)
+    check_grad_from_step(config.grad_from_step, steps)
+    for c in classes:
+        ensemble.indices(c)
+        lm.encode(config.template.format(cls=c), room=config.n_words)
+
+
 def check_grad_from_step(grad_from_step: int, steps: int) -> None:
     """Raise :class:`ValueError` unless ``0 <= grad_from_step < steps``: the slot embeddings reach the image only
     through the denoising steps run with gradient, so at least one must be."""
@@ -487,15 +497,15 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
 
     With ``out_dir`` each finished class is written at once (atomically) to
     ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
-    and every setting; with ``resume`` a finished class is loaded instead of searched again. ``progress``: tqdm bars
-    over the classes and each round's iterations.
+    and every setting; with ``resume`` a finished class is loaded instead of searched again. Every class is checked
+    (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
+    any other class is searched. ``progress``: tqdm bars over the classes and each round's iterations.
     """
     import pandas as pd
 
     from lib.sage.resume import campaign_key, write_parquet_atomic
 
-    for c in classes:  # every class checked before the first search
-        ensemble.indices(c)
+    check_prompt_search(pipe, ensemble, lm, classes, seeds, steps, config)  # every class, before the first search
     parts = []
     if progress:
         from tqdm import tqdm

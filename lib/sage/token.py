@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
-from lib.sage.latent import signed_step
+from lib.sage.latent import check_seeds, signed_step
 from lib.sage.loss import Ensemble
 from lib.sage.prompt import (
     _check_pipe, _replaced_embeddings, check_grad_from_step, encode_with_slots, render_with_slots, slot_dim,
@@ -79,6 +79,7 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     ensemble.check_distinct(source, target)
     if not prompts or not seeds:
         raise ValueError("need at least one training prompt and one seed")
+    check_seeds(seeds)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     check_grad_from_step(config.grad_from_step, steps)
@@ -186,10 +187,12 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
                    steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False):
     """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
-    ``return_images``: return ``(table, images with the token, images without)`` instead of the table.
+    ``return_images``: return ``(table, images with the token, images without)`` instead of the table. Repeated
+    seeds are a ``ValueError`` (each pair would count twice).
     """
     import pandas as pd
 
+    check_seeds(seeds)
     steps = int(steps or result.meta.get("steps", 25))
     guidance = float(guidance if guidance is not None else result.meta.get("guidance", 7.5))
     ps = [p for p in prompts for _ in seeds]

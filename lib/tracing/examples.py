@@ -30,11 +30,12 @@ def one_per_attribute(probes: pd.DataFrame, split: str = "test") -> pd.DataFrame
 
 def largest_gap_per_attribute(df: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     """Per attribute, the probe row whose traced (caption, seed) had the largest clean − corrupted CLIP-Score gap
-    (the clearest example of what the corruption removes)."""
+    (the clearest example of what the corruption removes), with that ``seed`` (the examples re-trace at it)."""
     items = df.drop_duplicates(["caption", "subject", "seed"]).assign(gap=lambda d: d["clean_score"] - d["corrupted_score"])
-    best = items.sort_values(["gap", "caption"], ascending=[False, True]).drop_duplicates("attribute")
-    keys = best.sort_values("attribute")[["caption", "subject"]]
-    return keys.merge(probes, on=["caption", "subject"], how="left")[["caption", "subject", "attribute", "split"]]
+    best = items.sort_values(["gap", "caption", "seed"], ascending=[False, True, True]).drop_duplicates("attribute")
+    keys = best.sort_values("attribute")[["caption", "subject", "seed"]]
+    return keys.merge(probes, on=["caption", "subject"], how="left")[["caption", "subject", "attribute", "split",
+                                                                      "seed"]]
 
 
 def largest_gap_item(df: pd.DataFrame) -> pd.Series:
@@ -53,16 +54,23 @@ def _corruption(cfg: SweepConfig, seed: int) -> Corruption:
     return Corruption(cfg.multiplier, cfg.noise_seed).at(seed)  # the sweep's noise for this (caption, seed)
 
 
+def _seed(row, seed: int | None) -> int:
+    """``seed`` when given, else the item's own ``seed`` column (``largest_gap_per_attribute``'s traced seed)."""
+    if seed is None and getattr(row, "seed", None) is None:
+        raise ValueError("the items have no 'seed' column: pass seed=...")
+    return int(row.seed if seed is None else seed)
+
+
 @torch.no_grad()
-def unet_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, table: pd.DataFrame, cfg: SweepConfig, seed: int,
-                  k: int = 3) -> list[Trace]:
-    """Per item: the ``k`` most causal layers of its attribute (``table``: ``report.unet_layer_table``) and the best
-    cross-attention layer, restored one at a time."""
+def unet_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, table: pd.DataFrame, cfg: SweepConfig,
+                  seed: int | None = None, k: int = 3) -> list[Trace]:
+    """Per item, at ``seed`` (None: the item's own ``seed``): the ``k`` most causal layers of its attribute
+    (``table``: ``report.unet_layer_table``) and the best cross-attention layer, restored one at a time."""
     out = []
     for row in items.itertuples():
-        layers = top_layers(table, row.attribute, k)
-        tr = trace_unet(pipe, row.caption, row.subject, seed, layers, steps=cfg.steps, guidance=cfg.guidance,
-                        corruption=_corruption(cfg, seed), batch_size=max(2, min(cfg.batch_size, len(layers) + 2)),
+        layers, s = top_layers(table, row.attribute, k), _seed(row, seed)
+        tr = trace_unet(pipe, row.caption, row.subject, s, layers, steps=cfg.steps, guidance=cfg.guidance,
+                        corruption=_corruption(cfg, s), batch_size=max(2, min(cfg.batch_size, len(layers) + 2)),
                         uncond=cfg.uncond, negative=cfg.negative)
         out.append(attach_scores(tr, scorer, row.caption))
     return out
@@ -76,15 +84,16 @@ def text_example_sites(pipe, encoder: str = "text_encoder") -> list[TextSite]:
 
 
 @torch.no_grad()
-def text_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, cfg: SweepConfig, seed: int,
+def text_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, cfg: SweepConfig, seed: int | None = None,
                   sites: Sequence[TextSite] | None = None) -> list[Trace]:
-    """Per item: each of ``sites`` (default ``text_example_sites``) restored at the last subject token."""
+    """Per item, at ``seed`` (None: the item's own ``seed``): each of ``sites`` (default ``text_example_sites``)
+    restored at the last subject token."""
     sites = text_example_sites(pipe) if sites is None else list(sites)
     out = []
     for row in items.itertuples():
-        last = subject_positions(pipe.tokenizer, row.caption, row.subject)[-1]
-        tr = trace_text(pipe, row.caption, row.subject, seed, sites, tokens=[last], steps=cfg.steps,
-                        guidance=cfg.guidance, corruption=_corruption(cfg, seed), batch_size=cfg.batch_size,
+        last, s = subject_positions(pipe.tokenizer, row.caption, row.subject)[-1], _seed(row, seed)
+        tr = trace_text(pipe, row.caption, row.subject, s, sites, tokens=[last], steps=cfg.steps,
+                        guidance=cfg.guidance, corruption=_corruption(cfg, s), batch_size=cfg.batch_size,
                         negative=cfg.negative)
         tr.labels = [label.split("@")[0] + "@last" for label in tr.labels]  # same columns for every caption
         out.append(attach_scores(tr, scorer, row.caption))
@@ -103,5 +112,5 @@ def example_scores(traces: Sequence[Trace], items: pd.DataFrame) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-__all__ = ["one_per_attribute", "attach_scores", "unet_examples", "text_examples", "text_example_sites",
-           "example_scores"]
+__all__ = ["one_per_attribute", "largest_gap_per_attribute", "largest_gap_item", "attach_scores", "unet_examples",
+           "text_examples", "text_example_sites", "example_scores"]

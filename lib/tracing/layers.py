@@ -126,21 +126,23 @@ def text_encoders(pipe) -> list[str]:
 
 def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str] = TEXT_KINDS,
                layers: Sequence[int] | None = None) -> list[TextSite]:
-    """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices."""
+    """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices, each from the
+    encoders that have it (SDXL: 12–31 from ``text_encoder_2`` only); a layer no encoder has is a ``LayerError``."""
     present = text_encoders(pipe)
     encoders = present if encoders is None else list(encoders)
     check_names(encoders, present, "text encoder")
     bad = sorted(set(kinds) - set(TEXT_KINDS))
     if bad:
         raise LayerError(f"unknown text-encoder site kind(s) {bad}; choose from {list(TEXT_KINDS)}")
-    sites = []
-    for enc in encoders:
-        model = getattr(pipe, enc)
-        depth, prefix = model.config.num_hidden_layers, layers_prefix(model)
-        idx = range(depth) if layers is None else list(layers)
-        wrong = [i for i in idx if not 0 <= i < depth]
+    depths = {enc: getattr(pipe, enc).config.num_hidden_layers for enc in encoders}
+    if layers is not None:
+        wrong = sorted({i for i in layers if not any(0 <= i < d for d in depths.values())})
         if wrong:
-            raise LayerError(f"{enc} has layers 0..{depth - 1}; got {wrong}")
-        sites += [TextSite(enc, i, k, prefix) for i in idx for k in kinds]
+            have = ", ".join(f"{enc} has layers 0..{d - 1}" for enc, d in depths.items())
+            raise LayerError(f"no text encoder has layer(s) {wrong}: {have}")
+    sites = []
+    for enc, depth in depths.items():
+        idx = range(depth) if layers is None else [i for i in layers if 0 <= i < depth]
+        sites += [TextSite(enc, i, k, layers_prefix(getattr(pipe, enc))) for i in idx for k in kinds]
     return sites
 

@@ -6,6 +6,7 @@ Each notebook composes these calls; the maps, tables and findings that differ li
 
 from __future__ import annotations
 
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 import pandas as pd
 
 from lib.loading import describe_source
-from lib.params import Param
+from lib.params import COMMON, Param, ParameterError
 from lib.scoring import check_scorer_spec
-from lib.tracing.layers import TEXT_KINDS
+from lib.tracing.layers import TEXT_KINDS, text_encoders
+from lib.tracing.probes import NAMED_SETS, probe_path
 from lib.tracing.report import pick_split
-from lib.tracing.sweep import SweepConfig, collect, load_probes, model_fingerprint, run_sweep, sweep_dir
+from lib.tracing.sweep import (SweepConfig, check_captions, collect, from_repo_root, load_probes, model_fingerprint,
+                               model_spec, run_sweep, sweep_dir)
 
 
 def check_tau(value: Any) -> None:
@@ -40,6 +43,8 @@ TRACE_PARAMS: dict[str, Param] = {
     "TAU": Param((str, float), check=check_tau),
     "SCORER": Param(str, check=check_scorer_spec), "MIN_GAP": Param(float, low=0.0),
     "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),
+    # a denoising loop holds the clean run and at least one more (SweepConfig); COMMON's other notebooks allow 1
+    "BATCH_SIZE": Param(int, low=2, high=COMMON["BATCH_SIZE"].high),
 }
 UNET_PARAMS: dict[str, Param] = {
     "LAYERS": Param(list, items=str, min_len=1, optional=True), "UNCOND": Param(str, choices=("restore", "own")),
@@ -61,13 +66,33 @@ def probes_match_model(probes: str, model: str) -> str | None:
     return None
 
 
+def check_splits(P: SimpleNamespace, probes: pd.DataFrame) -> None:
+    """``ParameterError`` when the selected probe rows cannot serve ``EVAL_SPLIT`` or ``TAU = "otsu"`` (which is
+    chosen on the validation split): caught before loading, not after the whole sweep."""
+    if probes.empty:
+        raise ParameterError(f"N_VAL={P.N_VAL}, N_TEST={P.N_TEST} select no rows of PROBES={P.PROBES!r}")
+    present = sorted(set(probes["split"]))
+    if P.EVAL_SPLIT != "all" and P.EVAL_SPLIT not in present:
+        raise ParameterError(f"EVAL_SPLIT={P.EVAL_SPLIT!r}: the selected probes have no such rows (splits present: "
+                             f"{present}); raise N_TEST / N_VAL or use EVAL_SPLIT='all'")
+    if P.TAU == "otsu" and "val" not in present:
+        raise ParameterError(f"TAU='otsu' is chosen on the 'val' split, but the selected probes have none (splits "
+                             f"present: {present}); give a numeric TAU or probes with 'val' rows")
+
+
 def load(P: SimpleNamespace):
-    """The pipeline, its CLIP-Score scorer and the selected probe rows (validation and test split)."""
+    """The pipeline, its CLIP-Score scorer and the selected probe rows (validation and test split).
+
+    The probe file, its captions (CLIP tokens: subject found once, at most 77 tokens) and the splits that
+    ``EVAL_SPLIT`` / ``TAU`` need are checked before the pipeline loads."""
     from lib.loading import load_pipeline
     from lib.scoring import scorer_for
+    from lib.tokenizer import build_clip_tokenizer
     from lib.tracing.probes import probe_path, select_probes
 
     probes = select_probes(load_probes(probe_path(P.PROBES)), P.N_VAL, P.N_TEST)  # before the heavy load
+    check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
+    check_splits(P, probes)
     message = probes_match_model(P.PROBES, P.MODEL)
     if message:
         warnings.warn(message, stacklevel=2)
@@ -76,37 +101,47 @@ def load(P: SimpleNamespace):
     return pipe, scorer, probes
 
 
+def traced_encoders(pipe, df: pd.DataFrame) -> list[str]:
+    """The pipeline's text encoders with rows in ``df`` (SDXL with ``TEXT_LAYERS`` all above 11: ``text_encoder_2``)."""
+    present = set(df["component"])
+    return [enc for enc in text_encoders(pipe) if enc in present]
+
+
 def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:
     """The notebook's settings as a ``SweepConfig`` (its hash names the sweep folder, so equal settings resume)."""
     extra = (dict(uncond=P.UNCOND, layers=tuple(P.LAYERS) if P.LAYERS else None) if mode == "unet" else
              dict(text_kinds=tuple(P.TEXT_KINDS), text_layers=tuple(P.TEXT_LAYERS) if P.TEXT_LAYERS else None))
-    return SweepConfig(model=P.MODEL, mode=mode, steps=P.STEPS, guidance=P.GUIDANCE, batch_size=P.BATCH_SIZE,
+    return SweepConfig(model=model_spec(P.MODEL), mode=mode, steps=P.STEPS, guidance=P.GUIDANCE, batch_size=P.BATCH_SIZE,
                        multiplier=P.NOISE, noise_seed=P.NOISE_SEED, fingerprint=model_fingerprint(pipe),
                        scorer=P.SCORER,
                        scorer_fingerprint=scorer.fingerprint(), **extra)
 
 
-def sweep_command(P: SimpleNamespace, cfg: SweepConfig, processes: int = 2) -> str:
+def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, processes: int = 2) -> str:
     """The ``accelerate launch`` command that traces the same configuration sharded over processes or GPUs.
 
-    It writes into ``OUTPUT_DIR/sweeps/<mode>-<hash>``, the folder this notebook reads, so a re-run of the notebook
-    with the same parameters and ``OUTPUT_DIR`` resumes from it (the CLI traces every probe row; the notebook keeps
-    its selection).
+    It writes into ``out/sweeps/<mode>-<hash>``, the folder this notebook reads: floats are printed exactly (``repr``)
+    and the model loads on the notebook's device type and dtype (both enter the weights fingerprint), so a re-run of
+    the notebook with the same parameters and ``OUTPUT_DIR`` resumes from it (the CLI traces every probe row; the
+    notebook keeps its selection).
     """
-    args = [f"--model {P.MODEL}", f"--probes {P.PROBES}", f"--mode {cfg.mode}",
-            f"--seeds {','.join(map(str, P.SEEDS))}", f"--steps {cfg.steps}", f"--guidance {cfg.guidance:g}",
-            f"--batch-size {cfg.batch_size}", f"--multiplier {cfg.multiplier:g}", f"--noise-seed {cfg.noise_seed}",
-            f"--scorer {cfg.scorer}"]
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    probes = P.PROBES if str(P.PROBES) in NAMED_SETS else from_repo_root(probe_path(P.PROBES))
+    args = [("--model", model_spec(P.MODEL)), ("--probes", probes), ("--mode", cfg.mode), ("--device", pipe.unet.device.type),
+            ("--dtype", dtype), ("--seeds", ",".join(map(str, P.SEEDS))), ("--steps", cfg.steps),
+            ("--guidance", repr(cfg.guidance)), ("--batch-size", cfg.batch_size),
+            ("--multiplier", repr(cfg.multiplier)), ("--noise-seed", cfg.noise_seed), ("--scorer", cfg.scorer)]
     if cfg.mode == "unet":
-        args.append(f"--uncond {cfg.uncond}")
+        args.append(("--uncond", cfg.uncond))
         if cfg.layers:
-            args.append(f"--layers {','.join(cfg.layers)}")
+            args.append(("--layers", ",".join(cfg.layers)))
     else:
-        args.append(f"--text-kinds {','.join(cfg.text_kinds)}")
+        args.append(("--text-kinds", ",".join(cfg.text_kinds)))
         if cfg.text_layers:
-            args.append(f"--text-layers {','.join(map(str, cfg.text_layers))}")
+            args.append(("--text-layers", ",".join(map(str, cfg.text_layers))))
+    args.append(("--out", from_repo_root(Path(out) / "sweeps")))
     return (f"accelerate launch --multi_gpu --num_processes {processes} -m lib.tracing.sweep "
-            + " ".join(args) + " --out <OUTPUT_DIR>/sweeps --nested")
+            + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in args) + " --nested")
 
 
 def trace(P: SimpleNamespace, cfg: SweepConfig, pipe, scorer, probes: pd.DataFrame, out: Path):

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
+from lib.paths import REPO_ROOT
 from lib.prompts import subject_positions
 from lib.scoring import ClipScorer
 from lib.tokenizer import build_clip_tokenizer
@@ -46,7 +47,8 @@ from lib.tracing.text_encoder import trace_text
 from lib.tracing.unet import trace_unet
 
 PROBE_COLUMNS: tuple[str, ...] = ("caption", "subject", "attribute", "split")
-ROW_KEY: tuple[str, ...] = ("caption", "subject", "seed", "component", "layer", "token")  # one traced run
+# one traced run; token_str tells grouped token restorations (token -1) apart
+ROW_KEY: tuple[str, ...] = ("caption", "subject", "seed", "component", "layer", "token", "token_str")
 CONFIG_FILE = "sweep.json"
 NOISE_SCHEME = "per-item"  # lib.tracing.corrupt: noise seeded by a hash of (noise_seed, caption, subject, seed)
 
@@ -110,6 +112,23 @@ class SweepConfig:
     def key(self) -> str:
         """A short hash of the whole config (folder names)."""
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def from_repo_root(path: str | Path) -> str:
+    """``path`` as a command run from the repo root names it: relative when inside the repo (no machine path in a
+    printed command), else absolute."""
+    p = Path(path).expanduser().resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
+
+
+def model_spec(model: str) -> str:
+    """``model`` as a sweep config records it: a local folder by :func:`from_repo_root` (the notebooks run in
+    ``notebooks/``, the CLI in the repo root: one folder, one spelling, one config hash); presets, twins and hub ids
+    as given."""
+    from lib.loading import describe_source
+
+    kind, where = describe_source(model)
+    return from_repo_root(where) if kind == "local" and model != "toy" else model
 
 
 def sweep_dir(root: str | Path, cfg: SweepConfig) -> Path:
@@ -320,7 +339,8 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
 
 def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None, min_gap: float = 0.0,
             probes: pd.DataFrame | str | Path | None = None, seeds: Sequence[int] | None = None) -> pd.DataFrame:
-    """Finished rows of a sweep folder, one per ``ROW_KEY``, with ``recovery``/``causal``/``tau``.
+    """Finished rows of a sweep folder, one per ``ROW_KEY``, with ``recovery``/``causal``/``tau``; ``SweepError`` when
+    one file holds two grouped token restorations with the same key (they would count as one).
 
     ``probes`` and ``seeds`` keep only those (caption, subject) pairs and seeds (``attribute``/``split`` taken from
     ``probes``) *before* ``τ`` is chosen on their ``val`` rows (when ``tau`` is None); without them, every row is used.
@@ -328,7 +348,13 @@ def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = 
     files = sorted(Path(out_dir).glob("*.parquet"))
     if not files:
         raise SweepError(f"no finished trace files in {out_dir}")
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = [pd.read_parquet(f) for f in files]
+    for f, d in zip(files, frames):  # grouped token restorations (token -1) told apart only by their token names
+        grouped = d[(d["component"] != "unet") & (d["token"] == -1)]
+        if grouped.duplicated(list(ROW_KEY)).any():
+            raise SweepError(f"{f}: two grouped token restorations share one row key {list(ROW_KEY)} (the same "
+                             "token names at other positions?); trace each group once")
+    df = pd.concat(frames, ignore_index=True)
     df = df.drop_duplicates(list(ROW_KEY), ignore_index=True)  # an item traced under two file names counts once
     if probes is not None:
         keep = load_probes(probes)[list(PROBE_COLUMNS)].drop_duplicates(["caption", "subject"])
@@ -371,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorer", default="auto", help="auto (toy CLIP for toy folders, random toy CLIP for twins, "
                     "open_clip ViT-L-14/openai otherwise), toy[:<folder>], random, openclip:<model>:<pretrained|none>")
     ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: this process's accelerate device; cuda: this process's GPU; cpu even on a GPU machine")
+    ap.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, "
+                    "bfloat16 (notebooks 04/05 print the dtype they loaded)")
     ap.add_argument("--nested", action="store_true",
                     help="write to OUT/<mode>-<config hash> (the folder notebooks 04/05 use under OUTPUT_DIR/sweeps "
                          "when given the same settings), so a notebook resumes from this sweep")
@@ -395,10 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SweepError("no seeds given")
     state = PartialState()
     index, count = process_share()
-    pipe = load_pipeline(args.model, device=str(state.device), dtype=args.dtype)
-    scorer = _scorer(args.model, args.scorer, str(state.device))
+    device = str(state.device) if args.device in ("auto", state.device.type) else args.device
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)  # device type and dtype enter the fingerprint
+    scorer = _scorer(args.model, args.scorer, str(pipe.unet.device))  # as notebooks 04/05 place it
     cfg = SweepConfig(
-        model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+        model=model_spec(args.model), mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
         multiplier=args.multiplier, noise_seed=args.noise_seed, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
