@@ -111,7 +111,8 @@ def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:
     """The notebook's settings as a ``SweepConfig`` (its hash names the sweep folder, so equal settings resume)."""
     extra = (dict(uncond=P.UNCOND, layers=tuple(P.LAYERS) if P.LAYERS else None) if mode == "unet" else
              dict(text_kinds=tuple(P.TEXT_KINDS), text_layers=tuple(P.TEXT_LAYERS) if P.TEXT_LAYERS else None))
-    return SweepConfig(model=model_spec(P.MODEL), mode=mode, steps=P.STEPS, guidance=P.GUIDANCE, batch_size=P.BATCH_SIZE,
+    return SweepConfig(model=model_spec(P.MODEL), mode=mode, steps=P.STEPS, guidance=P.GUIDANCE,
+                       batch_size=P.BATCH_SIZE,
                        multiplier=P.NOISE, noise_seed=P.NOISE_SEED, fingerprint=model_fingerprint(pipe),
                        scorer=P.SCORER,
                        scorer_fingerprint=scorer.fingerprint(), **extra)
@@ -127,7 +128,8 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, process
     """
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
     probes = P.PROBES if str(P.PROBES) in NAMED_SETS else from_repo_root(probe_path(P.PROBES))
-    args = [("--model", model_spec(P.MODEL)), ("--probes", probes), ("--mode", cfg.mode), ("--device", pipe.unet.device.type),
+    args = [("--model", model_spec(P.MODEL)), ("--probes", probes), ("--mode", cfg.mode),
+            ("--device", pipe.unet.device.type),
             ("--dtype", dtype), ("--seeds", ",".join(map(str, P.SEEDS))), ("--steps", cfg.steps),
             ("--guidance", repr(cfg.guidance)), ("--batch-size", cfg.batch_size),
             ("--multiplier", repr(cfg.multiplier)), ("--noise-seed", cfg.noise_seed), ("--scorer", cfg.scorer)]

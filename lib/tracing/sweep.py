@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)  # device type and dtype enter the fingerprint
     scorer = _scorer(args.model, args.scorer, str(pipe.unet.device))  # as notebooks 04/05 place it
     cfg = SweepConfig(
-        model=model_spec(args.model), mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+        model=model_spec(args.model), mode=args.mode, steps=args.steps, guidance=args.guidance,
+        batch_size=args.batch_size,
         multiplier=args.multiplier, noise_seed=args.noise_seed, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
