@@ -1,12 +1,22 @@
 """Shared fixtures: offline, deterministic, small."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Offline whatever the caller's environment says, with an empty Hugging Face home: no test reaches a hub, and none
+# reads (or writes) a user's cached weights.
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="t2i-probe-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
+import huggingface_hub.constants as hub  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not hub.HF_HUB_OFFLINE or hub.HF_HOME != os.environ["HF_HOME"]:
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py made it offline")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -26,7 +26,7 @@ from lib.sage.prompt import (
     word_embedding,
 )
 from lib.sage.token import TokenAttack, TokenResult, evaluate_token, load_token, save_token, train_token
-from lib.sampling import decode, denoise, encode, initial_latents
+from lib.sampling import decode, denoise, encode, initial_latents, make_scheduler, predict_noise
 from lib.scoring import ClipScorer
 from lib.twins import build_twin
 
@@ -258,6 +258,9 @@ def test_projection_keeps_the_norm_in_the_shell():
     lo, hi = shell_bounds(4 * 8 * 8, 3.0)
     norms = out.flatten(1).norm(dim=1)
     assert ((norms >= lo - 1e-4) & (norms <= hi + 1e-4)).all()
+    assert torch.allclose(norms[:2], torch.tensor([hi, lo]))  # each outlier onto its nearest boundary ...
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1)[:2], lat.flatten(1)[:2])
+    assert torch.allclose(cos, torch.ones(2))  # ... by rescaling it, not turning it
     inside = lat[2:].flatten().norm()
     if lo <= inside <= hi:
         assert torch.equal(out[2], lat[2])  # non-outliers untouched
@@ -277,6 +280,31 @@ def test_straight_through_value_is_the_plain_loop_and_gradient_reaches_the_laten
     assert not torch.allclose(x, plain, atol=1e-3)  # the literal residual changes the sampler
     with pytest.raises(ValueError, match="outside"):
         sample_with_residual(pipe, z, c, 3, 7.5, Residual(step=4))
+
+
+def test_the_residual_gradient_is_w_times_autograd_from_the_latent_entering_its_step(pipe, ens):
+    """Residual(k, w): ∇_z = w · ∂L/∂x_k, the plain autograd gradient from the latent entering step k (k = 0, w = 1: the
+    exact gradient through the whole loop; k = T: through the VAE only); the default w is √(1 − ᾱ) at step k."""
+    steps, z, c = 3, initial_latents(pipe, [3]), encode(pipe, ["a photo of a cat"])
+    loss = lambda x: ens.loss(ens.probs(decode(pipe, x)), "cat").sum()  # noqa: E731
+    sched = make_scheduler(pipe, steps)
+    alpha = [sched.alphas_cumprod[t] for t in sched.timesteps] + [sched.final_alpha_cumprod]
+    for k, w in ((0, 1.0), (1, 0.7), (1, None), (steps, None)):
+        x = z.clone()
+        for i, t in enumerate(sched.timesteps):  # the reference: the plain loop, differentiated from step k on
+            if i == k:
+                x = x.detach().requires_grad_(True)
+                x_k = x
+            with torch.set_grad_enabled(i >= k):
+                x = sched.step(predict_noise(pipe, sched.scale_model_input(x, t), t, c, 7.5), t, x).prev_sample
+        if k == steps:
+            x = x_k = x.detach().requires_grad_(True)
+        (ref,) = torch.autograd.grad(loss(x), x_k)
+        zg = z.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(loss(sample_with_residual(pipe, zg, c, steps, 7.5, Residual(k, w))), zg)
+        expected = float(torch.sqrt(1 - alpha[k])) if w is None else w
+        assert ref.abs().sum() > 0 and 0 < expected <= 1
+        assert torch.allclose(got, expected * ref, rtol=1e-5, atol=1e-8), (k, w, float((got - expected * ref).abs().max()))
 
 
 def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):

@@ -350,6 +350,15 @@ def test_the_latent_search_projects_every_step_onto_the_shell(pipe, monkeypatch)
     assert norms[None][-1] > hi  # without the projection the same steps leave the shell: the check is not vacuous
 
 
+def test_the_latent_search_keeps_delta_in_its_box_without_the_shell(pipe):
+    """lr 0.6 for 3 steps would take δ to ±1.8: the box stops it at each end (the shell projection, off here, comes
+    after the box and wins over it; see the test above)."""
+    for box in ((-1.0, 1.0), (-0.5, 0.25)):
+        cfg = LatentSearch(mode="lose", lr=0.6, iterations=3, delta_range=box, shell_sigmas=None, stop_on_success=False)
+        r = search_latent(pipe, edge_ensemble(), "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
+        assert (float(r.delta.min()), float(r.delta.max())) == box, (box, float(r.delta.min()), float(r.delta.max()))
+
+
 def test_the_token_clip_score_change_is_with_minus_without(pipe, monkeypatch):
     import lib.sage.token as T
 

@@ -103,10 +103,17 @@ def _residual_grad(p, steps: int = 3, k: int = 0):
     return g, stored
 
 
-def test_checkpointing_keeps_the_gradient_and_stores_less():
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)  # later test files keep conftest's thread count
+
+
+def test_checkpointing_keeps_the_gradient_and_stores_less(one_thread):
     from lib.speed import save_memory
 
-    torch.set_num_threads(1)
     p = _pipe()
     ref, plain = _residual_grad(p)
     _, plain1 = _residual_grad(p, k=2)  # one differentiated step instead of three

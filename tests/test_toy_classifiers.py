@@ -131,16 +131,33 @@ def test_clip_ranking_accuracy_with_an_oracle():
     assert clip_ranking_accuracy(Blind(), x, scenes, caps) == 0.0
 
 
-@pytest.mark.skipif(not (C.DEFAULT_DIR / C.CONFIG_NAME).exists(), reason="no trained classifiers in data/toy")
-@pytest.mark.xfail(strict=True, reason="known unmet bar (issue 3): the committed classifiers reach object 0.985 / 0.975 / "
-                   "0.980 (resnet / mobilenet / edges) on these renders, every other attribute >= 0.995 (Picasso style "
-                   "is the hardest); mobilenet needs another recipe or architecture (a GPU: --device cuda), then drop "
-                   "this marker")
-def test_committed_classifiers_reach_98_percent():
-    members = C.load_classifiers()
+@pytest.fixture(scope="module")
+def committed_table():
+    """Accuracy of the committed classifiers on 200 held-out renders: member × attribute (NaN: not read)."""
+    if not (C.DEFAULT_DIR / C.CONFIG_NAME).exists():
+        pytest.skip("no trained classifiers in data/toy")
     arr, scenes, _ = W.make_dataset(200, seed=12345, split="heldout")
-    table = accuracy_table(arr, scenes, members)
-    assert (table.fillna(1.0) >= 0.98).all().all(), table.round(3).to_string()
+    return accuracy_table(arr, scenes, C.load_classifiers())
+
+
+def test_committed_classifiers_reach_98_percent_on_every_attribute_but_object(committed_table):
+    """The bar (issue 3: >= 0.98 on renders) holds today for colour, style, action and character of every member."""
+    rest = committed_table.drop(columns="object")
+    assert (rest.fillna(1.0) >= 0.98).all().all(), rest.round(3).to_string()
+
+
+def test_committed_classifiers_object_accuracy_does_not_regress(committed_table):
+    """Object accuracy is below the bar (next test) but must not fall below what the committed weights measured
+    (0.985 / 0.975 / 0.980 for resnet / mobilenet / edges on these renders)."""
+    obj = committed_table["object"]
+    assert (obj >= 0.97).all(), obj.round(3).to_string()
+
+
+@pytest.mark.xfail(strict=True, reason="known unmet bar (issue 3): the committed classifiers reach object 0.985 / 0.975 / "
+                   "0.980 (resnet / mobilenet / edges) on these renders (Picasso style is the hardest); mobilenet needs "
+                   "another recipe or architecture (a GPU: --device cuda), then drop this marker")
+def test_committed_classifiers_reach_98_percent_on_objects(committed_table):
+    assert (committed_table["object"] >= 0.98).all(), committed_table["object"].round(3).to_string()
 
 
 @pytest.mark.skipif(not (C.DEFAULT_DIR / C.CONFIG_NAME).exists(), reason="no trained classifiers in data/toy")
