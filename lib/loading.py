@@ -99,7 +99,7 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
     else:
         pipe = _from_pretrained(kind, where, model, dt, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(dev)
+    pipe = pipe.to(dev)  # after _from_pretrained's check: no component holds tensors without data
     if dt == torch.float16 and is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' SDXL pipeline upcasts it as well)
     return pipe
@@ -137,8 +137,54 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                 f"e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
             ) from None
         first = (str(err).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"could not load the pipeline in {where} ({type(err).__name__}: {first}){hint}") from None
+        bad = _unreadable_weight_file(where) if kind == "local" else None
+        what = f": {bad} is unreadable" if bad else ""
+        raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
+            from None
+    if kind == "local":
+        gap = incomplete_weights(pipe, where)
+        if gap:
+            raise ModelLoadError(f"{gap[0]} lacks {len(gap[1])} of its module's tensors (e.g. {gap[1][0]}): "
+                                 f"the file is incomplete{hint}")
     return pipe
+
+
+def _unreadable_weight_file(folder: str | Path) -> Path | None:
+    """The first safetensors file in a pipeline folder's components whose header cannot be read (e.g. truncated)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*/*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open is what we look for
+            return file
+    return None
+
+
+def incomplete_weights(pipe, folder: str | Path) -> tuple[Path, list[str]] | None:
+    """The first weight file of a local pipeline folder that lacks tensors of its module, with their names (None if
+    none does). Both libraries load such a file without an error: diffusers leaves the tensors on the meta device
+    (the pipeline then fails to move, naming nothing), transformers fills them with random values (a text encoder
+    that silently differs). Transformers components are checked against the keys of their safetensors files."""
+    from safetensors import safe_open
+    from transformers import PreTrainedModel
+
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        sub = Path(folder) / name
+        files = sorted(sub.glob("*.safetensors"))
+        missing = [k for k, t in module.state_dict().items() if t.is_meta]
+        if not missing and files and isinstance(module, PreTrainedModel):
+            stored: set[str] = set()
+            for f in files:  # every shard and variant
+                with safe_open(str(f), "pt") as fh:
+                    stored.update(fh.keys())
+            missing = [k for k in module.state_dict() if k not in stored]
+        if missing:
+            return (files[0] if files else sub), missing
+    return None
 
 
 def tokenizer_problem(tokenizer, vocab_size: int, max_length: int) -> str | None:

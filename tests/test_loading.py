@@ -98,6 +98,31 @@ def _traceable(unet) -> tuple[list[str], list[str]]:
     return res, blocks
 
 
+@pytest.mark.parametrize("family, component", [("sd-v1", "unet"), ("sd-v2", "vae"), ("sdxl", "text_encoder_2")])
+@pytest.mark.parametrize("damage", ["lacks a tensor", "truncated"])
+def test_incomplete_or_truncated_weights_fail_in_one_line_naming_the_file(twin_dirs, tmp_path, family, component,
+                                                                          damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / family
+    shutil.copytree(twin_dirs[family], bad)
+    file = next((bad / component).glob("*.safetensors"))
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:  # diffusers leaves the tensor on the meta device, transformers fills it with random values: no error
+        state = load_file(file)
+        del state[sorted(state)[0]]
+        save_file(state, file)
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline(str(bad), device="cpu")
+    msg = str(err.value)
+    assert component in msg and "\n" not in msg, msg
+    if damage == "lacks a tensor":
+        assert f"{file} lacks 1 of its module's tensors" in msg, msg
+
+
 @pytest.mark.parametrize(
     "family, pipe_cls, n_resnets, n_blocks, encoders",
     [

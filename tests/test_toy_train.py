@@ -90,7 +90,8 @@ def test_a_missing_committed_file_can_be_restored_from_git():
 
 
 @pytest.mark.parametrize("damage", ["missing tokenizer.json", "missing tokenizer_config.json",
-                                    "tiny tokenizer.json", "no length limit", "corrupt unet"])
+                                    "tiny tokenizer.json", "no length limit", "corrupt unet",
+                                    "unet lacks a tensor", "text_encoder lacks a tensor"])
 def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path, damage, monkeypatch):
     import shutil
 
@@ -111,11 +112,22 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
         cfg = json.loads((tok / "tokenizer_config.json").read_text())
         del cfg["model_max_length"]
         (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    elif damage.endswith("lacks a tensor"):  # both libraries load such a file without an error of their own
+        from safetensors.torch import load_file, save_file
+
+        file = next((bad / damage.split()[0]).glob("*.safetensors"))
+        state = load_file(file)
+        del state[sorted(state)[-1]]
+        save_file(state, file)
     else:
         (bad / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
-    where = "unet" if damage == "corrupt unet" else "tokenizer"
+    where = damage.split()[-1 if damage == "corrupt unet" else 0] if "unet" in damage or "text_encoder" in damage \
+        else "tokenizer"
     with pytest.raises((FileNotFoundError, RuntimeError), match=f"{where}.*lib.toy.train --stage all"):
         T.load_toy_pipeline(bad)
+    if where == "text_encoder":  # CLIP-Score's model reads the same file
+        with pytest.raises(RuntimeError, match="text_encoder/model.safetensors .*lacks 1 of its module's tensors"):
+            T.load_toy_clip(bad)
     monkeypatch.setitem(loading.PRESETS, "toy", str(bad))  # the notebooks' path: load_pipeline("toy")
     with pytest.raises(ModelLoadError) as err:
         load_pipeline("toy")

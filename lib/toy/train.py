@@ -221,8 +221,11 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
         pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
         raise _corrupt(folder, err) from err
-    from lib.loading import tokenizer_problem
+    from lib.loading import incomplete_weights, tokenizer_problem
 
+    gap = incomplete_weights(pipe, folder)
+    if gap:
+        raise _corrupt(gap[0], KeyError(f"lacks {len(gap[1])} of its module's tensors, e.g. {gap[1][0]}"))
     cfg = pipe.text_encoder.config
     problem = tokenizer_problem(pipe.tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
     if problem:
@@ -255,9 +258,13 @@ def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float
     from transformers import CLIPTextModel
 
     try:
-        te = CLIPTextModel.from_pretrained(t_p.parent, torch_dtype=torch.float32, local_files_only=True)
+        te, info = CLIPTextModel.from_pretrained(t_p.parent, torch_dtype=torch.float32, local_files_only=True,
+                                                 output_loading_info=True)
     except Exception as err:  # noqa: BLE001
         raise _corrupt(t_p, err) from err
+    missing = sorted(info["missing_keys"])  # transformers filled them with random values
+    if missing:
+        raise _corrupt(t_p, KeyError(f"lacks {len(missing)} of its module's tensors, e.g. {missing[0]}"))
     try:
         model = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=vcfg["vision_config"],
                                      projection_dim=vcfg["projection_dim"]))
