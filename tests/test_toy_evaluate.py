@@ -43,6 +43,25 @@ def test_heldout_prompts_cover_every_pair_and_are_held_out():
         E.heldout_prompts(0)
 
 
+def test_every_scene_is_drawable_and_per_pair_is_bounded_by_the_distinct_scenes():
+    scenes = W.all_scenes()
+    assert len(set(scenes)) == len(scenes) == 4 * 6 * 4 * 3 + 10 * 9 * 6 * 4 * 3  # characters, then objects
+    rng = np.random.default_rng(0)
+    assert {W.sample_scene(rng, "any") for _ in range(2000)} <= set(scenes)
+    counts = E.scenes_per_pair()
+    assert counts["character=snoopy + style=van gogh"] == 12 == E.max_per_pair()  # 4 actions × 3 backgrounds
+    assert len(E.heldout_prompts(12, 0)) == 12 * len(counts)  # every distinct scene of the rarest pairs
+    with pytest.raises(ValueError, match=r"per_pair 13 .* \(12\); at most 12"):  # was an endless loop
+        E.heldout_prompts(13)
+
+
+@pytest.mark.parametrize("args, match", [(["--seeds", "0"], "seeds is empty"), (["--render-seeds", "0"], "render_seeds"),
+                                         (["--per-pair", "13"], "at most 12")])
+def test_bad_evaluation_arguments_fail_before_loading(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):  # tmp_path holds no world: loading would fail differently
+        E.main(["--model", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+
+
 def test_ensemble_predicts_every_family(members):
     ens = E.EnsembleClassifier(members)
     x = torch.rand(3, 3, 64, 64)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.params import distinct
 from lib.paths import TOY_DIR
 from lib.scoring import toy_clip_scorer
 from lib.toy import world as W
@@ -138,11 +139,31 @@ def _pair_name(a: str, va: str, b: str, vb: str) -> str:
     return f"{a}={va} + {b}={vb}"
 
 
+def scenes_per_pair() -> dict[str, int]:
+    """How many distinct scenes contain each held-out pair (``"color=red + object=triangle"`` → count): the most
+    prompts :func:`heldout_prompts` can draw for it."""
+    counts = {_pair_name(a, va, b, vb): 0 for (a, b), pairs in W.HELDOUT.items() for va, vb in sorted(pairs)}
+    for s in W.all_scenes():
+        for pair in W.heldout_pairs(s):
+            counts[_pair_name(*pair)] += 1
+    return counts
+
+
+def max_per_pair() -> int:
+    """The largest ``per_pair`` every held-out pair has distinct scenes for (12: a character in a style)."""
+    return min(scenes_per_pair().values())
+
+
 def heldout_prompts(per_pair: int = 2, seed: int = 0) -> list[EvalPrompt]:
     """``per_pair`` distinct scenes (with a caption) for each pair of :data:`world.HELDOUT`, drawn like the world draws
     scenes but kept only when they contain that pair: every prompt is held out from training."""
     if per_pair < 1:
         raise ValueError(f"per_pair must be >= 1, got {per_pair}")
+    short = {pair: n for pair, n in scenes_per_pair().items() if n < per_pair}
+    if short:
+        pair, n = min(short.items(), key=lambda kv: kv[1])
+        raise ValueError(f"per_pair {per_pair} asks for more distinct scenes than the held-out pair {pair} has ({n}); "
+                         f"at most {max_per_pair()}")
     rng = np.random.default_rng(seed)
     out: list[EvalPrompt] = []
     seen: set[W.Scene] = set()
@@ -591,11 +612,18 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
     import time
 
     t0 = time.time()
+    seeds, render_seeds = [int(s) for s in seeds], [int(s) for s in render_seeds]
+    for name, values in (("seeds", seeds), ("render_seeds", render_seeds)):  # bad input: before anything loads
+        if not values:
+            raise ValueError(f"{name} is empty: give at least one")
+        distinct(values, f"each of the {name} is one image per prompt")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    prompts = heldout_prompts(per_pair, prompt_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe, members, scorer = load_toy_world(model, device, classifiers)
     clf = with_ensemble(members)
-    prompts = heldout_prompts(per_pair, prompt_seed)
     ren = evaluate_renders(clf, prompts, render_seeds, scorer)
     gen, _ = evaluate_generations(pipe, clf, prompts, seeds, scorer, steps, guidance, batch_size)
     df = pd.concat([ren, gen], ignore_index=True)
@@ -605,8 +633,8 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
     table.to_csv(out / "quality.csv")
     members_table = family_accuracy(df, named_only=False)
     members_table.to_csv(out / "accuracy_by_member.csv")
-    settings = {"model": str(model), "seeds": list(map(int, seeds)), "per_pair": per_pair, "n_prompts": len(prompts),
-                "render_seeds": list(map(int, render_seeds)), "steps": steps, "guidance": guidance,
+    settings = {"model": str(model), "seeds": seeds, "per_pair": per_pair, "n_prompts": len(prompts),
+                "render_seeds": render_seeds, "steps": steps, "guidance": guidance,
                 "prompt_seed": prompt_seed, "device": device, "roundtrip": roundtrip}
     md = (f"Held-out prompts: {len(prompts)} ({per_pair} per held-out pair), {len(seeds)} seeds each; "
           f"renders: {len(render_seeds)} seeds each; DDIM {steps} steps, guidance {guidance}.\n\n"

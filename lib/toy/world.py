@@ -688,6 +688,16 @@ def sample_scene(rng: np.random.Generator | int, split: str = "train") -> Scene:
             return s
 
 
+def all_scenes() -> list[Scene]:
+    """Every scene the world can draw (:func:`sample_scene`'s support), in a fixed order."""
+    opt = lambda values: (None, *values)  # noqa: E731 - an attribute may be left out
+    rest = [(st, ac, bg) for st in opt(STYLES) for ac in opt(ACTIONS) for bg in opt(BACKGROUNDS)]
+    chars = [Scene(character=ch, style=st, action=ac, background=bg) for ch in CHARACTERS for st, ac, bg in rest]
+    objs = [Scene(object=ob, color=co, style=st, action=ac, background=bg)
+            for ob in OBJECTS for co in opt(COLORS) for st, ac, bg in rest]
+    return chars + objs
+
+
 def make_dataset(n: int, seed: int, split: str = "train") -> tuple[np.ndarray, list[Scene], list[str]]:
     """``n`` samples: (uint8 array n×64×64×3, scenes, captions), reproducible from ``seed``."""
     if n < 0:
@@ -736,6 +746,6 @@ def label_indices(scenes: list[Scene], attribute: str) -> np.ndarray:
 __all__ = [
     "OBJECTS", "COLORS", "STYLES", "NAMED_STYLES", "ACTIONS", "CHARACTERS", "BACKGROUNDS", "CHARACTER_OBJECT",
     "PREFIXES", "ATTRIBUTES", "VOCAB", "HELDOUT", "Scene", "render", "caption", "captions", "parse_caption",
-    "subject_span", "subject_char_span", "sample_scene", "make_dataset", "make_dataset_parallel", "is_heldout", "heldout_pairs",
+    "subject_span", "subject_char_span", "sample_scene", "all_scenes", "make_dataset", "make_dataset_parallel", "is_heldout", "heldout_pairs",
     "label_indices", "SIZE",
 ]
