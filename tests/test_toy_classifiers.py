@@ -91,6 +91,10 @@ def test_missing_and_corrupt_files(members, tmp_path):
     (tmp_path / "edges.safetensors").unlink()
     with pytest.raises(C.ClassifierLoadError, match="missing classifier weights .*edges.safetensors"):
         C.load_classifiers(tmp_path)
+    for members_entry in ([], {}, {"edges": "edges.safetensors"}):  # crashed, or loaded no classifier at all
+        (tmp_path / C.CONFIG_NAME).write_text(json.dumps({"members": members_entry}))
+        with pytest.raises(C.ClassifierLoadError, match="corrupt classifier config .*'members' must map"):
+            C.load_classifiers(tmp_path)
 
 
 def test_accuracy_tables(members, batch):

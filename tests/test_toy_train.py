@@ -171,6 +171,29 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
         T.run("everything", "cpu", work)
 
 
+def test_bad_training_sizes_and_missing_inputs_fail_before_any_rendering(tmp_path, monkeypatch):
+    from lib.toy import classifiers as C
+    from lib.toy import lm as LM
+
+    monkeypatch.setattr(T, "make_training_data", lambda cfg: pytest.fail("rendered before checking its input"))
+    for kw, match in ((dict(steps_override=0), "steps_override must be >= 1, got 0"),  # 0 was "not given"
+                      (dict(steps_override=-1), "steps_override must be >= 1"), (dict(n_train=0), "n_train"),
+                      (dict(budget_min=0.0), "budget_min")):
+        with pytest.raises(ValueError, match=match):
+            T.run("vae", "cpu", tmp_path / "never", **kw)
+    for stage, first in (("unet", "text_encoder/config.json"), ("vae-decoder", "vae/config.json"),
+                         ("clip-vision", "text_encoder/config.json")):
+        with pytest.raises(FileNotFoundError, match=f"toy model file missing: .*{first}"):
+            T.run(stage, "cpu", tmp_path / "never", steps_override=1)
+    assert not (tmp_path / "never").exists()
+    for steps in (-3, 0, {"edges": 0}):  # untrained weights were saved (or a ZeroDivisionError)
+        with pytest.raises(ValueError, match="steps must be >= 1"):
+            C.train_classifiers(tmp_path / "never", steps=steps)
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+        LM.train_lm(tmp_path / "never", steps=0)
+    assert not (tmp_path / "never").exists()
+
+
 def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path, monkeypatch):
     import shutil
 

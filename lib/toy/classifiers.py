@@ -226,6 +226,8 @@ def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.devic
     try:
         config = json.loads(cfg_path.read_text())
         specs = config["members"]
+        if not (isinstance(specs, dict) and specs and all(isinstance(v, dict) for v in specs.values())):
+            raise TypeError("'members' must map each member's name to its settings")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ClassifierLoadError(f"corrupt classifier config {cfg_path} ({err}); rebuild with: {REBUILD}") from None
     members = {}
@@ -333,6 +335,8 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
     temperature ``T``); the colour term skips channel-permuted images, whose colour no longer matches the teacher's.
     ``val`` (images, scenes) is only monitored (printed every ``eval_every`` steps), never used for selection.
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_member(name)
@@ -386,7 +390,11 @@ def train_member(name: str, images: torch.Tensor, targets: dict[str, torch.Tenso
 def member_steps(steps: int | dict[str, int], members: Sequence[str]) -> dict[str, int]:
     """Training steps of each of ``members``: one count for all, or a dict that overrides :data:`DEFAULT_STEPS`."""
     table = {**DEFAULT_STEPS, **steps} if isinstance(steps, dict) else dict.fromkeys(members, steps)
-    return {n: int(table[n]) for n in members}
+    out = {n: int(table[n]) for n in members}
+    bad = {n: k for n, k in out.items() if k < 1}
+    if bad:
+        raise ValueError(f"steps must be >= 1 for every member, got {bad}")
+    return out
 
 
 def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] = DEFAULT_STEPS, seed: int = 0,
@@ -420,6 +428,8 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     if unknown:
         raise ValueError(f"unknown members {unknown}; choose from {sorted(MEMBERS)}")
     per_member = member_steps(steps, members)
+    if n_train < 1 or n_eval < 1 or batch_size < 1:
+        raise ValueError(f"n_train, n_eval and batch_size must be >= 1, got {n_train}, {n_eval}, {batch_size}")
     if threads and str(device) == "cpu":
         torch.set_num_threads(threads)
     t0 = time.time()

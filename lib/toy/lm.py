@@ -102,6 +102,8 @@ def train_lm(out_dir: str | Path = DEFAULT_DIR, steps: int = 1500, seed: int = 0
              lr: float = 3e-3, split: str = "any", threads: int | None = 1) -> dict:
     """Train on freshly sampled captions (``split`` of the world, "any" by default: the grammar is the language) and
     save model + tokenizer + ``training.json`` to ``out_dir``."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

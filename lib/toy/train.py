@@ -162,7 +162,7 @@ def training_table(folder: str | Path = TOY_DIR):
     top-level entries are those of the latest run only."""
     import pandas as pd
 
-    record = json.loads(_require(Path(folder) / "TRAINING.json").read_text())
+    record = _read_json(_require(Path(folder) / "TRAINING.json"))
 
     def hardware(r: dict) -> str:
         hw = r.get("hardware") or record.get("hardware", {})
@@ -842,6 +842,14 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
 
 # ----------------------------------------------------------------------------------------------------------- main
 STAGES = ("clip", "vae", "unet", "all", "clip-vision", "vae-decoder", "unet-resume")
+_TE, _VAE = ("text_encoder/config.json", "text_encoder/model.safetensors"), ("vae/config.json",
+                                                                            "vae/diffusion_pytorch_model.safetensors")
+# the saved weights each stage starts from (checked before its training images are rendered)
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "clip": (), "vae": (), "all": (), "vae-decoder": _VAE, "unet": _TE + _VAE,
+    "clip-vision": _TE + ("clip_vision/config.json", "clip_vision/model.safetensors"),
+    "unet-resume": _TE + _VAE + ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
+}
 TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for the clip-vision stage
 
 
@@ -865,8 +873,11 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     if latent_channels is not None and stage not in ("vae", "all"):
         raise ValueError(f"latent_channels sizes a new VAE (stage vae or all), not stage {stage!r}: the UNet and the "
                          f"decoder continuation follow the VAE saved in the folder")
-    if batch is not None and batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    for name, value in (("batch", batch), ("steps_override", steps_override), ("n_train", n_train)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if budget_min is not None and not budget_min > 0:
+        raise ValueError(f"budget_min must be > 0 minutes, got {budget_min}")
     if latent_channels is not None and latent_channels < 1:
         raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     cfg = copy.deepcopy(CONFIGS[config])
@@ -888,10 +899,12 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     elif steps_override is not None:
         cfg["n_train"] = min(cfg["n_train"], 64)
     out = Path(out)
+    for rel in STAGE_INPUTS[stage]:  # before rendering up to 100,000 training images
+        _require(out / rel)
     out.mkdir(parents=True, exist_ok=True)
     samples = Path(samples_dir) if samples_dir else None
     log_path = out / "TRAINING.json"
-    record = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    record = _read_json(log_path) if log_path.is_file() else {}
     hardware = _hardware(cfg["device"])
     record.update({"config_name": config, "config": cfg, "hardware": hardware,
                    "steps_override": steps_override})
@@ -902,7 +915,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     for st in stages:
         c = cfg[st.split("-")[0]]  # a continuation uses its base stage's recipe
         c.update({k: v for k, v in (("budget_min", budget_min), ("batch", batch)) if v is not None})
-        steps = steps_override or c["steps"]
+        steps = c["steps"] if steps_override is None else steps_override
         ov = steps_override is not None
         if st in ("clip", "clip-vision"):
             res = train_clip(cfg, data, out, steps, ov, freeze_text=st == "clip-vision")
