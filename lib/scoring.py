@@ -165,7 +165,7 @@ def check_scorer_spec(spec: str) -> None:
 def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScorer:
     """The CLIP-Score model for ``model`` (tracing, the token attack, DiffQuickFix).
 
-    ``spec``: ``auto`` (a folder with the toy CLIP, e.g. ``toy`` → that CLIP; a shape twin → a random toy-size
+    ``spec``: ``auto`` (a toy-world folder, e.g. ``toy`` → its toy CLIP; a shape twin → a random toy-size
     CLIP; anything else → open_clip ViT-L/14 with OpenAI weights, as in the paper), ``toy`` / ``toy:<folder>``,
     ``random`` (random toy-size CLIP), or ``openclip:<model>:<pretrained|none>``.
     """
@@ -175,7 +175,8 @@ def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScore
 
     if spec == "auto":
         kind, where = describe_source(model)
-        if kind == "local" and (Path(where) / "clip_vision").is_dir():
+        toy = kind == "local" and any((Path(where) / f).exists() for f in ("clip_vision", "TRAINING.json"))
+        if toy:  # a toy world (lib.toy.train writes TRAINING.json): a missing clip_vision/ is named, not replaced
             return toy_clip_scorer(where, device=device)
         if kind == "twin":
             return random_toy_clip_scorer(device=device)

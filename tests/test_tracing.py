@@ -665,6 +665,18 @@ def test_scorer_for_twins_and_bad_specs():
         scorer_for("twin:sd-v1", "clip-l")
 
 
+def test_a_toy_world_without_its_clip_is_named_not_scored_by_another_clip(tmp_path):
+    import shutil
+
+    from lib.paths import TOY_DIR
+    from lib.scoring import scorer_for
+
+    world = tmp_path / "toy"
+    shutil.copytree(TOY_DIR, world, ignore=shutil.ignore_patterns("clip_vision", "classifiers", "lm"))
+    with pytest.raises(FileNotFoundError, match=r"clip_vision/config\.json.*--stage clip-vision"):
+        scorer_for(str(world))  # "auto" used to fall through to open_clip's OpenAI ViT-L/14 (a download)
+
+
 def test_the_seeded_random_scorer_leaves_the_callers_random_stream_alone():
     from lib.scoring import random_toy_clip_scorer
 

@@ -238,7 +238,8 @@ def predictions_frame(images: np.ndarray | torch.Tensor, meta: pd.DataFrame,
                       classifiers: Mapping[str, AttributeClassifier], scorer=None,
                       scenes: Sequence[W.Scene] | None = None) -> pd.DataFrame:
     """Tidy predictions: one row per (image, member, family) with ``truth``, ``pred``, ``correct`` and ``named``
-    (the prompt names that attribute), next to the image's ``meta`` columns (one row per image).
+    (the prompt names that attribute; a character names its object: "snoopy" is a dog), next to the image's ``meta``
+    columns (one row per image).
 
     Families with no truth for a scene (no color named) are left out.  With a CLIP ``scorer`` each image also gets a
     row (member "clip", family :data:`CLIP_FAMILY`): truth = its caption, pred = the best of it and its swaps.
