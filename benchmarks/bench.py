@@ -3,8 +3,9 @@
     python benchmarks/bench.py --list
     python benchmarks/bench.py --cases generate --size full --device cuda --dtype float16 --out $OUT/bench.json
 
-Every case gets warm-up runs, CUDA synchronisation around each timed run, and peak-memory accounting. On the
-device machine, diffusers and open_clip travel as wheels: see ``benchmarks/README.md``.
+Every case gets warm-up runs (timed and recorded apart: a compiled case compiles there), CUDA synchronisation around
+each timed run, and peak-memory accounting (allocated and reserved); after each case the shared pipeline's memory
+settings are reset (:meth:`Context.reset`), so the cases of one run are independent. On the device machine, diffusers and open_clip travel as wheels: see ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Result:
     min_s: float
     peak_mem_gib: float | None
     extra: dict = field(default_factory=dict)
+    warmup_s: list[float] = field(default_factory=list)  # each untimed warm-up call (a compiled case compiles here)
+    peak_reserved_gib: float | None = None  # what the caching allocator held (CUDA-graph pools included)
 
 
 @dataclass
@@ -60,6 +63,20 @@ class Context:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def reset(self) -> None:
+        """Undo what a case changed, so that the next one measures what its name says: every cached pipeline's
+        memory settings back to none (a SAGE case turns on VAE slicing and checkpointing, which would slice the next
+        case's decode), and the pipelines that are not the shared SD v1 twin dropped (their weights would count in
+        the next case's peak memory)."""
+        from lib.speed import save_memory
+
+        for family in [f for f in self._pipes if f != "sd-v1"]:
+            del self._pipes[family]
+        if "sd-v1" in self._pipes:
+            save_memory(self._pipes["sd-v1"], None, vae_slicing=False)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # A case takes the context and returns (a function to time, its parameters, extra facts to record).
@@ -109,9 +126,13 @@ def _register_method_cases() -> None:
 
 def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
     fn, params, extra = CASES[name](ctx)
+    warm = []
     for _ in range(warmup):
+        ctx.sync()
+        t0 = time.perf_counter()
         fn()
-    ctx.sync()
+        ctx.sync()
+        warm.append(time.perf_counter() - t0)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     times = []
@@ -121,10 +142,12 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         fn()
         ctx.sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+    cuda = ctx.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved(ctx.device) / 2**30 if cuda else None
     if "batch" in params:
         extra = {**extra, "s_per_image": statistics.median(times) / params["batch"]}
-    return Result(name, params, times, statistics.median(times), min(times), peak, extra)
+    return Result(name, params, times, statistics.median(times), min(times), peak, dict(extra), warm, reserved)
 
 
 def machine_facts() -> dict:
@@ -142,10 +165,19 @@ def environment(device: torch.device) -> dict:
     import diffusers
     import transformers
 
+    import subprocess
+
     env = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
-               transformers=transformers.__version__, cpu_threads=torch.get_num_threads())
+               transformers=transformers.__version__, cpu_threads=torch.get_num_threads(), argv=sys.argv[1:])
+    try:  # the device machine gets a copy of the working tree, possibly without .git
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(),
+                   gpu_mem_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
     return env
 
 
@@ -185,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(environment=environment(device), size=args.size, dtype=str(dtype), speed=speed, results=[])
     for name in names:
         res = time_case(name, ctx, args.warmup, args.repeats)
+        ctx.reset()
         report["results"].append(asdict(res))
-        mem = f", peak {res.peak_mem_gib:.1f} GiB" if res.peak_mem_gib is not None else ""
+        mem = (f", peak {res.peak_mem_gib:.1f} GiB (reserved {res.peak_reserved_gib:.1f})"
+               if res.peak_mem_gib is not None else "")
         print(f"{name}: median {res.median_s:.3f} s (min {res.min_s:.3f}){mem} {res.extra}", flush=True)
         if args.out:  # rewrite after every case, so a run cut short keeps what it measured
             write_json(args.out, report)

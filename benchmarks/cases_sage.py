@@ -64,13 +64,17 @@ def _memory_setup(pipe, checkpointing: str | None, vae_slicing: bool) -> dict:
 
 
 def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step: int | None = None,
-                        guidance: float = 7.5, seed: int = 0, batch: int = 1):
+                        guidance: float = 7.5, seed: int = 0, batch: int = 1, info: dict | None = None):
     """A closure running one latent-search iteration (state kept across calls, like the search) of ``batch``
     independent searches run together (:func:`lib.sage.latent.search_latents`: the per-search losses are summed,
-    so each δ gets its own search's gradient)."""
+    so each δ gets its own search's gradient). ``info`` (if given) is kept up to date with the float16 loss scale at
+    the start and now (a lower one means backward passes were repeated after an overflow) and whether the last
+    gradient was finite."""
     z = initial_latents(pipe, list(range(seed, seed + batch)))
     cond = encode(pipe, [PROMPT] * batch, None)
     state = {"delta": torch.zeros_like(z, dtype=torch.float32), "scale": loss_scale_for(pipe)}
+    info = {} if info is None else info
+    info["loss_scale_start"] = state["scale"]
     residual = Residual(step=residual_step)
 
     def run() -> float:
@@ -81,6 +85,7 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
         value = float(loss.detach())
         # float16: loss-scaled, the graph retained for a retry
         g, state["scale"] = scaled_grad(loss, delta, state["scale"], per_row=True)
+        info.update(loss_scale=state["scale"], grad_finite=bool(torch.isfinite(g).all()))
         del zp, probs, loss
         with torch.no_grad():
             d = signed_step(delta, g, 0.05, -1.0, 1.0)
@@ -192,11 +197,14 @@ def _case(batch: int, tie: float = 0.5, checkpointing: str | None = "blocks"):
         on = checkpointing is not None and ((full and ctx.device.type == "cuda") or checkpointing.startswith("steps"))
         memory = _memory_setup(pipe, checkpointing if on else None, True)
         ens = make_members("imagenet" if full else "small", ctx.device)
-        run = latent_iteration_fn(pipe, ens, steps, residual_step=k, batch=batch)
-        params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", **memory)
+        info: dict = {}  # filled in by the runs: bench.py records it after the timed ones
+        run = latent_iteration_fn(pipe, ens, steps, residual_step=k, batch=batch, info=info)
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", resolution=side,
+                      guidance=7.5, searches=batch, **memory)
         if batch > 1:
             params["batch"] = batch  # bench.py then also reports s_per_image: one iteration of one search
-        return run, params, {}
+        return run, params, info
 
     return build
 

@@ -52,3 +52,24 @@ def test_sage_case_without_checkpointing_runs_one_search(tmp_path):
     res = _tiny_sage_case("sage_latent_iter_k40_nockpt", tmp_path)
     assert res["params"]["checkpointing"] == "none" and "batch" not in res["params"]
     assert (res["params"]["steps"], res["params"]["residual_step"]) == (4, 3) and res["median_s"] > 0
+
+
+def test_a_case_leaves_nothing_behind_for_the_next():
+    """A SAGE case turns on VAE slicing and step checkpointing on the shared twin; the next case (a trace, a
+    generation) must get the pipeline back as built, and without the text-only twins of other cases."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import bench
+    import torch
+
+    from lib.sampling import step_checkpointing
+
+    bench._register_method_cases()
+    ctx = bench.Context(torch.device("cpu"), torch.float32, "tiny")
+    res = bench.time_case("sage_latent_iter_b8_steps", ctx, warmup=0, repeats=1)
+    pipe = ctx.pipe("sd-v1")
+    assert pipe.vae.use_slicing and step_checkpointing(pipe)  # what the case set (the test is not vacuous)
+    assert res.warmup_s == [] and res.extra["grad_finite"] is True and res.extra["loss_scale"] == 1.0
+    ctx._pipes["sd-v2-text"] = object()
+    ctx.reset()
+    assert not pipe.vae.use_slicing and not step_checkpointing(pipe) and not pipe.unet.is_gradient_checkpointing
+    assert list(ctx._pipes) == ["sd-v1"] and ctx.pipe("sd-v1") is pipe

@@ -791,6 +791,13 @@ def test_figures_render(tmp_path):
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)
+    beyond = table.assign(recovery=np.where(table["layer_index"] == 0, -1.2, table["recovery"]))
+    fig = unet_layer_map(beyond)  # a recovery below the colour range: the colour bar says so with a pointed end
+    assert fig.axes[-1].get_label() == "<colorbar>" and fig.axes[0].collections[0].colorbar.extend in ("min", "both")
+    plt.close(fig)
+    for fig in (token_group_maps(df), token_layer_maps(df, "objectstest")):  # a scale on every panel (12 layers: no
+        assert sum(a.get_label() == "<colorbar>" for a in fig.axes) == 3  # numbers in the cells)
+        plt.close(fig)
 
 
 # --- what notebooks 04/05 share (lib.tracing.notebook), checked without loading a model ----------------------------

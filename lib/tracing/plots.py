@@ -24,16 +24,19 @@ def unet_layer_map(table: pd.DataFrame, value: str = "recovery", title: str | No
     """Heatmap attribute × UNet layer (forward order) of ``value`` from ``lib.tracing.report.unet_layer_table``.
 
     Tick labels are short layer names coloured by kind (resnet grey, attn1 blue, attn2 red, ff green); layers that
-    pass the threshold are marked with a dot.
+    pass the threshold are marked with a red dot. Values outside [vmin, vmax] (a recovery can be negative or above 1)
+    take the end colours; the colour bar's pointed ends say so. Missing cells are grey.
     """
     piv = table.pivot(index="attribute", columns="layer_index", values=value).sort_index(axis=1)
     causal = table.pivot(index="attribute", columns="layer_index", values="causal").reindex_like(piv)
     names = table.drop_duplicates("layer_index").set_index("layer_index").reindex(piv.columns)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * piv.shape[1] + 2), 0.45 * piv.shape[0] + 1.9))
-    sns.heatmap(piv, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar_kws={"label": value, "pad": 0.01},
+    sns.heatmap(piv, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax,
+                cbar_kws={"label": value, "pad": 0.01, "extend": _extend(piv, vmin, vmax)},
                 xticklabels=list(names["short"]), yticklabels=True)
+    ax.set_facecolor("0.85")
     ys, xs = np.nonzero(causal.fillna(False).to_numpy(bool))
-    ax.scatter(xs + 0.5, ys + 0.5, s=6, c="white", marker="o", linewidths=0)
+    ax.scatter(xs + 0.5, ys + 0.5, s=7, c="red", marker="o", linewidths=0)
     ax.tick_params(axis="x", labelsize=5, rotation=90)
     ax.tick_params(axis="y", rotation=0)
     for tick, kind in zip(ax.get_xticklabels(), names["kind"]):
@@ -44,6 +47,12 @@ def unet_layer_map(table: pd.DataFrame, value: str = "recovery", title: str | No
                  fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _extend(values: pd.DataFrame, vmin: float, vmax: float) -> str:
+    """The colour bar's ``extend`` for ``values`` clipped to [vmin, vmax]: which ends have values beyond them."""
+    below, above = bool((values < vmin).any().any()), bool((values > vmax).any().any())
+    return {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[below, above]
 
 
 def unet_recovery_profile(table: pd.DataFrame, title: str | None = None, floor: float = -0.5):
@@ -131,15 +140,18 @@ def kind_bars(table: pd.DataFrame):
 def token_group_maps(df: pd.DataFrame, component: str = "text_encoder", split: str | None = "test",
                      kinds: Sequence[str] = ("hidden", "self_attn", "mlp"), value: str = "recovery"):
     """ROME-style panels, one per site kind: token group (rows) × text-encoder layer (columns); ``value`` averaged per
-    cell (``recovery``: the ratio of sums of ``report.text_token_table``, ``group_recovery``)."""
+    cell (``recovery``: the ratio of sums of ``report.text_token_table``, ``group_recovery``). Each panel has its
+    colour bar (values beyond [0, 1] take the end colours: pointed ends); missing cells are grey."""
     d = pick_split(df[df["component"] == component], split)
     tau = float(d["tau"].iloc[0])
     groups = [g for g in GROUP_ORDER if g in set(d["token_group"])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 0.38 * len(groups) + 1.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.38 * len(groups) + 1.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         piv = _cells(d[d["kind"] == kind], value).reindex(groups)
         sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
-                    vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6}, cbar=False)
+                    vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6},
+                    cbar_kws={"extend": _extend(piv, 0, 1), "pad": 0.02})
+        ax.set_facecolor("0.85")
         ax.set_title(kind, fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel("")
@@ -174,7 +186,9 @@ def token_layer_maps(df: pd.DataFrame, caption: str, seed: int | None = None, co
         piv = d[d["kind"] == kind].pivot_table(index="token", columns="layer_index", values=value, aggfunc="mean")
         piv = piv.reindex(toks["token"])
         sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
-                    vmin=0, vmax=1, cbar=kind == kinds[-1], yticklabels=labels if kind == kinds[0] else False)
+                    vmin=0, vmax=1, cbar_kws={"extend": _extend(piv, 0, 1), "pad": 0.02},
+                    yticklabels=labels if kind == kinds[0] else False)
+        ax.set_facecolor("0.85")  # missing cells
         ax.set_title(kind, fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel("")

@@ -60,21 +60,24 @@ def nonfinite(lat: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _copy_rows(unet: torch.nn.Module, plan: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """For each layer name: ``out[dst] = out[src]`` on its output (batch rows), via forward hooks."""
+    """For each layer name: ``out[dst] = out[src]`` on its output (batch rows), via forward hooks. The row indices
+    move to the UNet's device once, here: a compiled UNet then sees no host tensors (which would keep CUDA graphs off)."""
     modules = dict(unet.named_modules())
+    device = next(unet.parameters()).device
     handles = []
 
     def make(dst: torch.Tensor, src: torch.Tensor):
         def hook(module, args, out):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(module).__name__} returned {type(out).__name__}; expected a tensor")
-            return out.index_copy(0, dst.to(out.device), out.index_select(0, src.to(out.device)))
+            return out.index_copy(0, dst, out.index_select(0, src))
 
         return hook
 
     try:
         for name, (dst, src) in plan.items():
-            handles.append(modules[name].register_forward_hook(make(dst, src), prepend=True))
+            hook = make(dst.to(device), src.to(device))
+            handles.append(modules[name].register_forward_hook(hook, prepend=True))
         yield
     finally:
         for h in handles:
