@@ -5,7 +5,8 @@
 
 Every case gets warm-up runs (timed and recorded apart: a compiled case compiles there), CUDA synchronisation around
 each timed run, and peak-memory accounting (allocated and reserved); after each case the shared pipeline's memory
-settings are reset (:meth:`Context.reset`), so the cases of one run are independent. On the device machine, diffusers and open_clip travel as wheels: see ``benchmarks/README.md``.
+settings are reset (:meth:`Context.reset`), so the cases of one run are independent. On the device machine,
+diffusers and open_clip travel as wheels: see ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
