@@ -12,7 +12,6 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lib.paths import TOY_DIR
-from lib.sampling import is_sdxl
 
 # Preset name → hub id (or, for the toy world, the committed folder).
 PRESETS: dict[str, str] = {
@@ -82,7 +81,8 @@ def describe_source(model: str) -> tuple[str, str]:
 
 def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto", **kwargs):
     """Load a diffusers pipeline on ``device``/``dtype`` (auto: CUDA fp16 when present, else CPU fp32; an SDXL VAE
-    that asks for it (``force_upcast``) stays float32, as in diffusers' SDXL pipeline).
+    that asks for it (``force_upcast``) decodes in float32 at each :func:`lib.sampling.decode`, as in diffusers' SDXL
+    pipeline, so ``pipe(...)`` works as well).
 
     ``model`` is a preset (``toy``, ``sd-v1-4``, ``sd-v1-5``, ``sd-v2-1-base``, ``openjourney``, ``sdxl-base``), a
     hub id, a local diffusers folder, or a shape twin (``twin:sd-v1``, ``twin:sdxl:full``, ...). The safety checker
@@ -99,10 +99,7 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
     else:
         pipe = _from_pretrained(kind, where, model, dt, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(dev)  # after _from_pretrained's check: no component holds tensors without data
-    if dt == torch.float16 and is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' SDXL pipeline upcasts it as well)
-    return pipe
+    return pipe.to(dev)  # after _from_pretrained's check: no component holds tensors without data
 
 
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):

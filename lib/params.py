@@ -77,8 +77,8 @@ COMMON: dict[str, Param] = {
     "DEVICE": Param(str, choices=("auto", "cpu", "cuda")),
     "DTYPE": Param(str, choices=("auto", "float32", "float16", "bfloat16")),
     "SEEDS": Param(list, items=int, low=0, min_len=1, check=distinct),
-    "STEPS": Param(int, low=1, high=1000),
-    "GUIDANCE": Param(float, low=0.0, high=50.0),
+    "STEPS": Param(int, low=1, high=999),  # 999: the most DDIM steps SD's 1000-step schedule holds (steps_offset 1)
+    "GUIDANCE": Param(float, low=1.0, high=50.0),  # below 1 diffusers turns guidance off (lib.sampling)
     "BATCH_SIZE": Param(int, low=1, high=4096),
     "CHECKPOINTING": Param(str, choices=tuple(m for m in CHECKPOINTING if m), optional=True),  # lib.speed.save_memory
     "OUTPUT_DIR": Param(str, optional=True),

@@ -47,6 +47,9 @@ def subject_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: 
     """
     found = subject_occurrences(tokenizer, prompt, subject)
     if len(found) == 1:
+        if found[0][-1] >= tokenizer.model_max_length - 1:  # past the encoder's context (the end token's place)
+            raise PromptError(f"subject {subject!r} is at token positions {found[0]} of caption {prompt!r}, beyond the "
+                              f"{tokenizer.model_max_length}-token context; shorten the caption")
         return found[0]
     if found:
         raise PromptError(f"subject {subject!r} is named {len(found)} times in caption {prompt!r} (at token "

@@ -1,8 +1,12 @@
 """A plain, hookable classifier-free-guided sampling loop for SD 1.x / 2.x / XL pipelines.
 
 The methods need more control than ``pipe(...)`` gives (restoring activations at every step, gradients through
-the loop, per-seed latents), so they share this loop. It mirrors the diffusers pipelines: same text encoding,
-same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding.
+the loop, per-seed latents), so they share this loop. It mirrors the diffusers pipelines with a DDIM scheduler
+(checked bit for bit on the SD 1.x, 2.x and XL twins, negative prompts and batches included): same text encoding,
+same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding (SDXL's float16 VAE
+upcast to float32 for the decode, as its pipeline does). Not mirrored: diffusers switches guidance off for
+``g ≤ 1`` (this loop always applies the formula; at ``g = 1`` it is the conditional prediction), and
+``guidance_rescale`` (for zero-SNR v-prediction models; none of the presets is one) is not offered.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def encode(pipe, prompts: Sequence[str], negative: str | None = None, truncate: bool = False,
+def encode(pipe, prompts: str | Sequence[str], negative: str | None = None, truncate: bool = False,
            grad: bool = False) -> Conditioning:
     """Encode prompts (and the negative prompt for CFG) exactly as the pipeline would.
 
@@ -51,9 +55,9 @@ def encode(pipe, prompts: Sequence[str], negative: str | None = None, truncate: 
         return _encode(pipe, prompts, negative, truncate)
 
 
-def _encode(pipe, prompts: Sequence[str], negative: str | None, truncate: bool) -> Conditioning:
-    prompts = list(prompts)
-    check_length(pipe.tokenizer, prompts, truncate=truncate)
+def _encode(pipe, prompts: str | Sequence[str], negative: str | None, truncate: bool) -> Conditioning:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one prompt, not one per character
+    check_length(pipe.tokenizer, prompts + ([] if negative is None else [negative]), truncate=truncate)
     device = pipe.unet.device
     negative = None if negative is None else [negative] * len(prompts)
     if not is_sdxl(pipe):
@@ -80,8 +84,15 @@ def initial_latents(pipe, seeds: Sequence[int]) -> torch.Tensor:
 
 
 def make_scheduler(pipe, steps: int):
-    """A fresh DDIM scheduler (deterministic, eta = 0) with the pipeline's noise schedule."""
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    """A fresh DDIM scheduler (deterministic, eta = 0) with the pipeline's noise schedule. A config that does not say
+    ``clip_sample`` (old PNDM configs of SD v1) gets no x0 clipping, not DDIM's default clipping to [-1, 1]."""
+    cfg = pipe.scheduler.config
+    sched = DDIMScheduler.from_config(cfg, clip_sample=cfg.get("clip_sample", False))
+    last = (steps - 1) * (sched.config.num_train_timesteps // max(steps, 1)) + sched.config.steps_offset
+    if steps < 1 or (sched.config.timestep_spacing == "leading" and last >= sched.config.num_train_timesteps):
+        raise ValueError(f"{steps} DDIM steps do not fit this schedule of {sched.config.num_train_timesteps} "
+                         f"timesteps (steps_offset {sched.config.steps_offset}); use at most "
+                         f"{sched.config.num_train_timesteps - sched.config.steps_offset}")
     sched.set_timesteps(steps, device=pipe.unet.device)
     return sched
 
@@ -141,16 +152,25 @@ def denoise(pipe, latents: torch.Tensor, c: Conditioning, steps: int = 25, guida
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images in [0, 1], shape (B, 3, H, W)."""
+    """Latents → images in [0, 1], shape (B, 3, H, W). An SDXL VAE in float16 that asks for it (``force_upcast``: it
+    overflows in float16) decodes in float32 and goes back to float16 afterwards, as in diffusers' SDXL pipeline."""
     vae = pipe.vae
-    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    upcast = vae.dtype == torch.float16 and is_sdxl(pipe) and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
+def generate(pipe, prompts: str | Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
              negative: str | None = None) -> torch.Tensor:
     """Images for ``prompts[i]`` with ``seeds[i]`` (lengths must match), in [0, 1]."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     lat = denoise(pipe, initial_latents(pipe, seeds), encode(pipe, prompts, negative), steps, guidance)

@@ -49,7 +49,9 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` identical to ``openai/clip-vit-large-patch14``'s, built with no network access.
+    """A ``CLIPTokenizer`` identical to what transformers loads from ``openai/clip-vit-large-patch14``'s files, built
+    with no network access (like it, and unlike OpenAI's reference tokenizer, it neither unescapes HTML entities nor
+    repairs mis-decoded text with ftfy).
 
     ``pad_token="!"`` gives the OpenCLIP-style padding of SD 2.x's tokenizer and SDXL's second tokenizer.
     """

@@ -145,11 +145,20 @@ def test_shape_twins_load_through_the_user_loader(twin_dirs, family, pipe_cls, n
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
 
 
-@pytest.mark.parametrize("family, vae_dtype", [("sdxl", torch.float32), ("sd-v1", torch.float16)])
-def test_fp16_keeps_the_sdxl_vae_in_float32(twin_dirs, family, vae_dtype):
+@pytest.mark.parametrize("family, decode_dtype", [("sdxl", torch.float32), ("sd-v1", torch.float16)])
+def test_an_fp16_sdxl_vae_decodes_in_float32_and_the_pipeline_still_runs(twin_dirs, family, decode_dtype):
+    from lib.sampling import decode
+
     pipe = load_pipeline(str(twin_dirs[family]), device="cpu", dtype="float16")
     assert pipe.vae.config.force_upcast  # both twins ask for it; diffusers honours it for SDXL only
-    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == vae_dtype
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.float16  # as diffusers loads it: pipe(...) works
+    seen = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    img = decode(pipe, torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    hook.remove()
+    assert seen == [decode_dtype] and pipe.vae.dtype == torch.float16 and torch.isfinite(img).all()
+    out = pipe("a cat", num_inference_steps=1, output_type="pt").images  # crashed when the VAE was kept float32
+    assert out.shape == (1, 3, 64, 64)
 
 
 def test_sd_v1_twin_has_the_paper_layer_names():

@@ -29,3 +29,10 @@ def test_subject_tokenised_differently_in_the_caption():
     with pytest.raises(PromptError, match=r"subject 'car' \(tokens \['car</w>'\]\) not found in caption "
                                           r"'a photo of a carpet' \(tokens \[.*'carpet</w>'"):
         subject_positions(TOK, "a photo of a carpet", "car")
+
+
+def test_a_subject_beyond_the_context_is_refused():
+    tok = build_clip_tokenizer()
+    caption = "a photo of " + "very " * 80 + "snoopy"  # snoopy's tokens lie past the 77-token context
+    with pytest.raises(PromptError, match="beyond the 77-token context"):
+        subject_positions(tok, caption, "snoopy")
