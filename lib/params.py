@@ -40,9 +40,9 @@ class Param:
             raise ParameterError(f"{name}: expected {_tname(self.type)}, got {value!r} ({type(value).__name__})")
         if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
             raise ParameterError(f"{name}: NaN is not a valid value")
+        if self.min_len and len(value) < self.min_len:
+            raise ParameterError(f"{name}: needs at least {self.min_len} item(s), got {value!r}")
         if self.items is not None:
-            if len(value) < self.min_len:
-                raise ParameterError(f"{name}: needs at least {self.min_len} item(s), got {value!r}")
             for v in value:
                 if isinstance(v, bool) or not isinstance(v, self.items):
                     raise ParameterError(f"{name}: every item must be {_tname(self.items)}, got {v!r}")

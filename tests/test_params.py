@@ -108,3 +108,10 @@ def test_toy_folders_resolve_from_the_repo_root():
     assert resolve_toy_folder(None) == resolve_toy_folder("toy") == TOY_DIR
     assert resolve_toy_folder("data/toy") == REPO_ROOT / "data/toy"  # as 00's MODEL and 06's TOY_FOLDER take it
     assert resolve_toy_folder("/elsewhere/toy") == __import__("pathlib").Path("/elsewhere/toy")
+
+
+def test_min_len_holds_for_lists_without_an_item_type():
+    """06's PAIRS / MULTI_PAIRS: an empty list passed and failed after the model loaded, without naming PAIRS."""
+    with pytest.raises(ParameterError, match=r"PAIRS: needs at least 1 item\(s\), got \[\]"):
+        validate(dict(PAIRS=[]), PAIRS=Param(list, min_len=1))
+    assert validate(dict(PAIRS=[["a", "b"]]), PAIRS=Param(list, min_len=1)).PAIRS == [["a", "b"]]

@@ -372,6 +372,27 @@ def test_otsu_tau_is_chosen_on_layer_level_recoveries():
     assert choose_tau(pd.concat([df, df.assign(split="test", score=25.0)])) == tau  # only the val split counts
     table = unet_layer_table(mark_causal(df, tau), split="val")
     assert table["causal"].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="Otsu's threshold is undefined: all 3 recoveries"):  # was a silent 0.5
+        otsu(np.array([0.0, 0.004, 0.005]))
+
+
+def test_items_without_a_recovery_give_float_tables_and_a_clear_notebook_error(tmp_path, monkeypatch):
+    """A numeric τ with no gap above MIN_GAP: the tables were object-typed and the maps died in seaborn."""
+    from types import SimpleNamespace
+
+    from lib.tracing import notebook as tracing
+    from lib.tracing.report import unet_layer_table
+    from lib.tracing.score import group_recovery_ci
+
+    df = mark_causal(_gap_rows({0: [(30, 20, 25)], 1: [(30, 20, 22)]}), 0.5, min_gap=50.0)  # no gap above 50
+    ci = group_recovery_ci(df, ("layer",), min_gap=50.0)
+    assert ci.empty and ci.dtypes.tolist() == [float, float, float, int]
+    assert unet_layer_table(df, split="val")["recovery"].dtype == float
+    monkeypatch.setattr(tracing, "collect", lambda *a, **k: df)
+    P = SimpleNamespace(TAU=0.5, MIN_GAP=50.0, SEEDS=[0], EVAL_SPLIT="all")
+    with pytest.raises(ValueError, match="no item of EVAL_SPLIT='all' has a clean − corrupted CLIP-Score gap"):
+        tracing.table(P, tmp_path, None, tmp_path / "rows.parquet")
+    assert (tmp_path / "rows.parquet").is_file()  # the rows are kept
 
 
 def test_token_groups():

@@ -167,12 +167,17 @@ def table(P: SimpleNamespace, folder: Path, probes: pd.DataFrame, path: Path) ->
 
     ``TAU = "otsu"``: Otsu on the validation split's layer-level recoveries (ratio of sums per UNet (attribute, layer)
     or text cell, the values the tables compare to τ). Returns the rows, τ and the split the maps and findings use
-    (``None``: all rows); ``ValueError`` when ``EVAL_SPLIT`` names a split without rows (e.g. "test" with N_TEST 0).
+    (``None``: all rows); ``ValueError`` when ``EVAL_SPLIT`` names a split without rows (e.g. "test" with N_TEST 0) or
+    one in which no item has a recovery (no gap above ``MIN_GAP``).
     """
     df = collect(folder, tau=None if P.TAU == "otsu" else P.TAU, min_gap=P.MIN_GAP, probes=probes, seeds=P.SEEDS)
     df.to_parquet(path, index=False)
     tau = float(df["tau"].iloc[0])
     print(f"{len(df)} rows; tau = {tau:.3f} ({'Otsu on the validation split' if P.TAU == 'otsu' else 'given'})")
     split = None if P.EVAL_SPLIT == "all" else P.EVAL_SPLIT
-    pick_split(df, split)  # a split without rows fails here, not in the maps
+    rows = pick_split(df, split)  # a split without rows fails here, not in the maps
+    if not rows["recovery"].notna().any():
+        raise ValueError(f"no item of EVAL_SPLIT={P.EVAL_SPLIT!r} has a clean − corrupted CLIP-Score gap above "
+                         f"MIN_GAP={P.MIN_GAP:g}, so no recovery to map (e.g. random weights); the rows are saved in "
+                         f"{path.name}: lower MIN_GAP or pick another EVAL_SPLIT, the sweep resumes")
     return df, tau, split

@@ -136,6 +136,7 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
             lo = hi = value
         rows[key] = (value, lo, hi, len(g))
     out = pd.DataFrame.from_dict(rows, orient="index", columns=["recovery", "recovery_lo", "recovery_hi", "items"])
+    out = out.astype({"recovery": float, "recovery_lo": float, "recovery_hi": float, "items": int})  # also when empty
     out.index = pd.MultiIndex.from_tuples(out.index, names=list(by)) if len(by) > 1 else pd.Index(
         [k[0] if isinstance(k, tuple) else k for k in out.index], name=by[0])
     return out
@@ -154,7 +155,7 @@ def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
     v = np.clip(values[np.isfinite(values)], 0.0, 1.0)
     if len(v) == 0:
         raise ValueError("no finite recovery values to choose a threshold from")
-    best, best_t = -1.0, float(grid[len(grid) // 2])
+    best, best_t = -1.0, None
     for t in grid:
         lo, hi = v[v < t], v[v >= t]
         if len(lo) == 0 or len(hi) == 0:
@@ -162,6 +163,9 @@ def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
         between = len(lo) * len(hi) / len(v) ** 2 * (lo.mean() - hi.mean()) ** 2
         if between > best:
             best, best_t = between, float(t)
+    if best_t is None:  # was a silent 0.5, printed as Otsu's choice
+        raise ValueError(f"Otsu's threshold is undefined: all {len(v)} recoveries ({v.min():.3g}–{v.max():.3g}) lie on "
+                         f"one side of every grid value ({grid[0]:g}–{grid[-1]:g}); pass a numeric τ (TAU)")
     return best_t
 
 
