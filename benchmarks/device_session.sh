@@ -16,7 +16,9 @@
 #   logs and JSON of a cut-short step come back before the call's own limit (the run tool's timeout_s: give it ~600).
 set -o pipefail
 BUDGET=${BUDGET:-560}
-left() { echo $((BUDGET - SECONDS)); }  # seconds left of the budget
+left() { local l=$((BUDGET - SECONDS - ${1:-0})); [ "$l" -gt 1 ] || l=1; echo "$l"; }  # seconds left (minus $1), >= 1
+CUT="" FAILED=""
+record() { if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then CUT="$CUT $1"; else FAILED="$FAILED $1(rc $2)"; fi; }
 case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -25,7 +27,7 @@ mkdir -p "$OUT/samples"
 targets() {  # bench.py resets the shared pipeline after each case (a SAGE case's VAE slicing never reaches the next)
   timeout -k 10 "$(left)" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --out "$OUT/targets.json" \
     --cases quickfix_sd14,generate_sd14_b1,generate_sd14_b8,trace_sd14_unet70,generate_sd14_b32,sage_latent_iter,sage_latent_iter_b8 \
-    2>&1 | tee "$OUT/bench.log"
+    2>&1 | tee "$OUT/bench.log" || record targets $?
 }
 speed() {  # one process per compiled case: a case that fails to compile does not cost the others; each compiles in its warm-up
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -33,7 +35,7 @@ speed() {  # one process per compiled case: a case that fails to compile does no
   # stored activations expected), and 8 batched searches with each differentiated UNet call checkpointed whole
   timeout -k 10 200 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
     --cases sage_latent_iter_k40_nockpt,sage_latent_iter_b8_steps \
-    --out "$OUT/speed_eager.json" 2>&1 | tee -a "$OUT/speed.log"
+    --out "$OUT/speed_eager.json" 2>&1 | tee -a "$OUT/speed.log" || record speed_eager $?
   # case:mode:timeout:warmup (a killed case writes no JSON): CUDA graphs for the launch-bound single search first
   # (reduce-overhead records its graphs in the first calls, hence 2 warm-ups), then the batched one compiled
   for spec in sage_latent_iter_k40_nockpt:reduce-overhead:260:2 sage_latent_iter_b8_steps:default:200:1; do
@@ -41,7 +43,7 @@ speed() {  # one process per compiled case: a case that fails to compile does no
     rest=$(left); [ "$rest" -gt 60 ] || break; [ "$limit" -lt "$rest" ] || limit=$rest
     timeout -k 10 "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile --compile-mode "$mode" \
       --channels-last --cudnn-benchmark --warmup "$warmup" --repeats 2 --cases "$name" --out "$OUT/speed_${name}_$mode.json" \
-      2>&1 | tee -a "$OUT/speed.log"
+      2>&1 | tee -a "$OUT/speed.log" || record "${name}_$mode" $?
   done
 }
 trace() {  # the 70-layer trace: an eager baseline on this machine, then the compile modes not yet measured (default
@@ -49,13 +51,13 @@ trace() {  # the 70-layer trace: an eager baseline on this machine, then the com
   # capped so that max-autotune (minutes of autotuning on a fresh cache) still gets its turn
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
   timeout -k 10 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --warmup 1 --repeats 1 \
-    --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 | tee -a "$OUT/trace.log"
+    --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 | tee -a "$OUT/trace.log" || record trace_eager $?
   for spec in reduce-overhead:220:2 max-autotune-no-cudagraphs:400:1; do
     IFS=: read -r mode limit warmup <<< "$spec"
     rest=$(left); [ "$rest" -gt 90 ] || break; [ "$limit" -lt "$rest" ] || limit=$rest
     timeout -k 10 "$limit" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile \
       --compile-mode "$mode" --channels-last --cudnn-benchmark --warmup "$warmup" --repeats 2 --cases trace_sd14_unet70 \
-      --out "$OUT/trace_$mode.json" 2>&1 | tee -a "$OUT/trace.log"
+      --out "$OUT/trace_$mode.json" 2>&1 | tee -a "$OUT/trace.log" || record "trace_$mode" $?
   done
 }
 case "$1" in
@@ -75,12 +77,12 @@ case "$1" in
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet|unet-resume)  # unet-resume: CANDIDATE (carried) replaces the committed VAE and UNet here only, e.g. a 16-channel world
     if [ "$1" = unet-resume ] && [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
-    timeout -k 10 $(( $(left) - 15 )) python3 -m lib.toy.train --stage "$1" --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_$1.log"
+    timeout -k 10 "$(left 15)" python3 -m lib.toy.train --stage "$1" --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_$1.log"
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets ;;
   speed) speed ;;
   trace) trace ;;
 esac
-# a step cut short by its own limit is in the logs; the call itself ends normally, with what came back
-echo "done in ${SECONDS} s of ${BUDGET}; results: $(cd "$OUT" && ls *.json *.tgz 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/session.log"
-exit 0
+# a step cut short by its own limit is not a failure (its log says how far it got); a step that failed is
+echo "done in ${SECONDS} s of ${BUDGET}; cut short:${CUT:- none}; failed:${FAILED:- none}; results: $(cd "$OUT" && ls *.json *.tgz 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/session.log"
+[ -z "$FAILED" ]

@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lib.paths import TOY_DIR
+from lib.sampling import upcast_sdxl_vae
 
 # Preset name → hub id (or, for the toy world, the committed folder).
 PRESETS: dict[str, str] = {
@@ -81,8 +82,8 @@ def describe_source(model: str) -> tuple[str, str]:
 
 def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto", **kwargs):
     """Load a diffusers pipeline on ``device``/``dtype`` (auto: CUDA fp16 when present, else CPU fp32; an SDXL VAE
-    that asks for it (``force_upcast``) decodes in float32 at each :func:`lib.sampling.decode`, as in diffusers' SDXL
-    pipeline, so ``pipe(...)`` works as well).
+    that asks for it (``force_upcast``) is kept in float32, :func:`lib.sampling.upcast_sdxl_vae`; ``pipe(...)`` works
+    as well).
 
     ``model`` is a preset (``toy``, ``sd-v1-4``, ``sd-v1-5``, ``sd-v2-1-base``, ``openjourney``, ``sdxl-base``), a
     hub id, a local diffusers folder, or a shape twin (``twin:sd-v1``, ``twin:sdxl:full``, ...). The safety checker
@@ -99,7 +100,9 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
     else:
         pipe = _from_pretrained(kind, where, model, dt, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev)  # after _from_pretrained's check: no component holds tensors without data
+    pipe = pipe.to(dev)  # after _from_pretrained's check: no component holds tensors without data
+    upcast_sdxl_vae(pipe)  # SDXL's VAE overflows in float16; pipe(...) keeps working
+    return pipe
 
 
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
@@ -177,7 +180,9 @@ def incomplete_weights(pipe, folder: str | Path) -> tuple[Path, list[str]] | Non
             stored: set[str] = set()
             for f in files:  # every shard and variant
                 with safe_open(str(f), "pt") as fh:
-                    stored.update(fh.keys())
+                    for key in fh.keys():  # and every dotted suffix: transformers drops prefixes such as the
+                        parts = key.split(".")  # released SD text encoders' "text_model." at load
+                        stored.update(".".join(parts[i:]) for i in range(len(parts)))
             missing = [k for k in module.state_dict() if k not in stored]
         if missing:
             return (files[0] if files else sub), missing

@@ -4,7 +4,7 @@ The methods need more control than ``pipe(...)`` gives (restoring activations at
 the loop, per-seed latents), so they share this loop. It mirrors the diffusers pipelines with a DDIM scheduler
 (checked bit for bit on the SD 1.x, 2.x and XL twins, negative prompts and batches included): same text encoding,
 same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding (SDXL's float16 VAE
-upcast to float32 for the decode, as its pipeline does). Not mirrored: diffusers switches guidance off for
+decodes in float32, as in its pipeline). Not mirrored: diffusers switches guidance off for
 ``g ≤ 1`` (this loop always applies the formula; at ``g = 1`` it is the conditional prediction), and
 ``guidance_rescale`` (for zero-SNR v-prediction models; none of the presets is one) is not offered.
 """
@@ -151,18 +151,27 @@ def denoise(pipe, latents: torch.Tensor, c: Conditioning, steps: int = 25, guida
     return x
 
 
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images in [0, 1], shape (B, 3, H, W). An SDXL VAE in float16 that asks for it (``force_upcast``: it
-    overflows in float16) decodes in float32 and goes back to float16 afterwards, as in diffusers' SDXL pipeline."""
+def upcast_sdxl_vae(pipe) -> bool:
+    """Keep an SDXL VAE that asks for it (``force_upcast``: it overflows in float16) in float32 for good; True if it
+    was float16. For good, not per decode as diffusers' SDXL pipeline does: a backward pass through the decode (SAGE)
+    needs the weights autograd saved in the dtype they were used in. A pre-hook on the decoder's first layer casts
+    float16 latents to float32, so the pipeline's own decode (``pipe(...)``) still works."""
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and is_sdxl(pipe) and getattr(vae.config, "force_upcast", False)
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    finally:
-        if upcast:
-            vae.to(torch.float16)
+    if not (is_sdxl(pipe) and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
+        return False
+    vae.to(torch.float32)
+    first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+    first.register_forward_pre_hook(lambda module, args: tuple(
+        a.to(torch.float32) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return True
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [0, 1], shape (B, 3, H, W) (an SDXL VAE in float16 is upcast first:
+    :func:`upcast_sdxl_vae`)."""
+    upcast_sdxl_vae(pipe)
+    vae = pipe.vae
+    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 

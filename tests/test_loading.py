@@ -145,20 +145,45 @@ def test_shape_twins_load_through_the_user_loader(twin_dirs, family, pipe_cls, n
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
 
 
-@pytest.mark.parametrize("family, decode_dtype", [("sdxl", torch.float32), ("sd-v1", torch.float16)])
-def test_an_fp16_sdxl_vae_decodes_in_float32_and_the_pipeline_still_runs(twin_dirs, family, decode_dtype):
+@pytest.mark.parametrize("family, vae_dtype", [("sdxl", torch.float32), ("sd-v1", torch.float16)])
+def test_an_fp16_sdxl_vae_stays_float32_with_gradients_and_the_pipeline_still_runs(twin_dirs, family, vae_dtype):
     from lib.sampling import decode
 
     pipe = load_pipeline(str(twin_dirs[family]), device="cpu", dtype="float16")
     assert pipe.vae.config.force_upcast  # both twins ask for it; diffusers honours it for SDXL only
-    assert pipe.unet.dtype == pipe.vae.dtype == torch.float16  # as diffusers loads it: pipe(...) works
-    seen = []
-    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-    img = decode(pipe, torch.randn(1, 4, 8, 8, dtype=torch.float16))
-    hook.remove()
-    assert seen == [decode_dtype] and pipe.vae.dtype == torch.float16 and torch.isfinite(img).all()
-    out = pipe("a cat", num_inference_steps=1, output_type="pt").images  # crashed when the VAE was kept float32
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == vae_dtype
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float16, requires_grad=True)
+    decode(pipe, z).sum().backward()  # SAGE differentiates through the decode
+    assert torch.isfinite(z.grad).all() and pipe.vae.dtype == vae_dtype
+    out = pipe("a cat", num_inference_steps=1, output_type="pt").images  # fp16 latents into the float32 VAE
     assert out.shape == (1, 3, 64, 64)
+
+
+def test_a_pipeline_not_loaded_here_gets_its_sdxl_vae_upcast_at_the_first_decode():
+    from lib.sampling import decode
+
+    pipe = build_twin("sdxl", dtype=torch.float16)
+    assert pipe.vae.dtype == torch.float16
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float16, requires_grad=True)
+    decode(pipe, z).sum().backward()  # a per-call cast and cast back broke this backward pass
+    assert pipe.vae.dtype == torch.float32 and torch.isfinite(z.grad).all()
+
+
+def test_text_encoder_files_with_the_released_text_model_prefix_are_complete(twin_dirs, tmp_path):
+    """The hub's SD text encoders store "text_model.*" keys, which transformers drops at load: not missing tensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sd-v1"
+    shutil.copytree(twin_dirs["sd-v1"], folder)
+    file = folder / "text_encoder" / "model.safetensors"
+    state = load_file(file)
+    assert not any(k.startswith("text_model.") for k in state)  # saved by transformers 5: without the prefix
+    save_file({f"text_model.{k}": v for k, v in state.items()}, file, metadata={"format": "pt"})
+    pipe = load_pipeline(str(folder), device="cpu")
+    assert torch.equal(pipe.text_encoder.state_dict()["embeddings.token_embedding.weight"],
+                       state["embeddings.token_embedding.weight"])
 
 
 def test_sd_v1_twin_has_the_paper_layer_names():

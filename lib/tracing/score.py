@@ -165,7 +165,8 @@ def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
             best, best_t = between, float(t)
     if best_t is None:  # was a silent 0.5, printed as Otsu's choice
         raise ValueError(f"Otsu's threshold is undefined: all {len(v)} recoveries ({v.min():.3g}–{v.max():.3g}) lie on "
-                         f"one side of every grid value ({grid[0]:g}–{grid[-1]:g}); pass a numeric τ (TAU)")
+                         f"one side of every grid value ({grid[0]:g}–{grid[-1]:g}); pass a numeric τ (TAU): the "
+                         f"sweep's traced items are kept and resume")
     return best_t
 
 

@@ -63,14 +63,16 @@ def _copy_rows(unet: torch.nn.Module, plan: dict[str, tuple[torch.Tensor, torch.
     """For each layer name: ``out[dst] = out[src]`` on its output (batch rows), via forward hooks. The row indices
     move to the UNet's device once, here: a compiled UNet then sees no host tensors (which would keep CUDA graphs off)."""
     modules = dict(unet.named_modules())
-    device = next(unet.parameters()).device
+    first = next(unet.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     handles = []
 
     def make(dst: torch.Tensor, src: torch.Tensor):
         def hook(module, args, out):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(module).__name__} returned {type(out).__name__}; expected a tensor")
-            return out.index_copy(0, dst, out.index_select(0, src))
+            d, s = (dst, src) if dst.device == out.device else (dst.to(out.device), src.to(out.device))  # offload
+            return out.index_copy(0, d, out.index_select(0, s))
 
         return hook
 
