@@ -88,8 +88,10 @@ def make_scheduler(pipe, steps: int):
     ``clip_sample`` (old PNDM configs of SD v1) gets no x0 clipping, not DDIM's default clipping to [-1, 1]."""
     cfg = pipe.scheduler.config
     sched = DDIMScheduler.from_config(cfg, clip_sample=cfg.get("clip_sample", False))
-    last = (steps - 1) * (sched.config.num_train_timesteps // max(steps, 1)) + sched.config.steps_offset
-    if steps < 1 or (sched.config.timestep_spacing == "leading" and last >= sched.config.num_train_timesteps):
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    last = (steps - 1) * (sched.config.num_train_timesteps // steps) + sched.config.steps_offset
+    if sched.config.timestep_spacing == "leading" and last >= sched.config.num_train_timesteps:
         raise ValueError(f"{steps} DDIM steps do not fit this schedule of {sched.config.num_train_timesteps} "
                          f"timesteps (steps_offset {sched.config.steps_offset}); use at most "
                          f"{sched.config.num_train_timesteps - sched.config.steps_offset}")

@@ -159,11 +159,11 @@ def heldout_prompts(per_pair: int = 2, seed: int = 0) -> list[EvalPrompt]:
     scenes but kept only when they contain that pair: every prompt is held out from training."""
     if per_pair < 1:
         raise ValueError(f"per_pair must be >= 1, got {per_pair}")
-    short = {pair: n for pair, n in scenes_per_pair().items() if n < per_pair}
-    if short:
-        pair, n = min(short.items(), key=lambda kv: kv[1])
+    counts = scenes_per_pair()
+    pair, n = min(counts.items(), key=lambda kv: kv[1])
+    if n < per_pair:
         raise ValueError(f"per_pair {per_pair} asks for more distinct scenes than the held-out pair {pair} has ({n}); "
-                         f"at most {max_per_pair()}")
+                         f"at most {n}")
     rng = np.random.default_rng(seed)
     out: list[EvalPrompt] = []
     seen: set[W.Scene] = set()
