@@ -123,6 +123,13 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             opts.update(safety_checker=None, requires_safety_checker=False)
     except ValueError as err:
         raise ModelLoadError(f"{Path(where) / 'model_index.json'} is not valid JSON ({err}){hint}") from None
+    if kind == "local":
+        problem = text_to_image_problem(*_folder_parts(where))
+        if problem:  # cheap, from the configs, before the weights load
+            raise ModelLoadError(f"{where}: {problem}{hint}")
+        variant = None if "variant" in kwargs else only_variant(where)
+        if variant:  # e.g. only *.fp16.safetensors were downloaded
+            opts.update(variant=variant)
     opts.update(kwargs)
     if kind == "local":
         _check_tokenizers(where, hint)  # cheap, before the weights load
@@ -141,12 +148,65 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
             from None
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    problem = text_to_image_problem({k: v is not None for k, v in pipe.components.items()},
+                                    None if unet is None else int(unet.config.in_channels),
+                                    None if vae is None else int(vae.config.latent_channels))
+    if problem:
+        raise ModelLoadError(f"{where} ({type(pipe).__name__}): {problem}")
     if kind == "local":
         gap = incomplete_weights(pipe, where)
         if gap:
             raise ModelLoadError(f"{gap[0]} lacks {len(gap[1])} of its module's tensors (e.g. {gap[1][0]}): "
                                  f"the file is incomplete{hint}")
     return pipe
+
+
+def text_to_image_problem(present: dict[str, bool], unet_in: int | None, vae_latent: int | None) -> str | None:
+    """Why a pipeline with these components (name → present) and channel counts is not the text-to-image pipeline
+    these methods need (None if it is): an inpainting, depth or image-conditioned UNet takes more input channels than
+    the VAE's latent has; an SDXL refiner or image-to-image pipeline lacks the first text encoder; a text encoder
+    without its tokenizer cannot be prompted."""
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not present.get(name)]
+    if missing:
+        why = " (an SDXL refiner or image-to-image pipeline?)" if {"text_encoder", "tokenizer"} & set(missing) else ""
+        return f"no {' or '.join(missing)}{why}: these methods need a text-to-image pipeline"
+    if bool(present.get("text_encoder_2")) != bool(present.get("tokenizer_2")):
+        have, lack = ("text_encoder_2", "tokenizer_2")[:: 1 if present.get("text_encoder_2") else -1]
+        return f"it has a {have} but no {lack}; the second text encoder cannot be prompted without both"
+    if unet_in is not None and vae_latent is not None and unet_in != vae_latent:
+        return (f"its UNet takes {unet_in} input channels but the VAE's latent has {vae_latent}: an inpainting, "
+                "depth or image-conditioned model, not text-to-image")
+    return None
+
+
+def _folder_parts(where: str) -> tuple[dict[str, bool], int | None, int | None]:
+    """:func:`text_to_image_problem`'s inputs from a pipeline folder's ``model_index.json`` and component configs."""
+    folder = Path(where)
+    index = json.loads((folder / "model_index.json").read_text())
+    present = {k: isinstance(v, list) and v[-1] is not None for k, v in index.items() if not k.startswith("_")}
+
+    def channels(component: str, key: str) -> int | None:
+        cfg = folder / component / "config.json"
+        try:
+            return int(json.loads(cfg.read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # left to from_pretrained, which names what is wrong
+
+    return present, channels("unet", "in_channels"), channels("vae", "latent_channels")
+
+
+_WEIGHT_FILE = re.compile(  # plain, variant and sharded weight file names of diffusers and transformers components
+    r"^(?:diffusion_pytorch_model|model)(?:\.(?P<variant>\w+))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+
+
+def only_variant(folder: str | Path) -> str | None:
+    """The weight variant (e.g. ``fp16``) of a pipeline folder whose components hold only ``*.<variant>.*`` weight
+    files (as when only the fp16 files of a checkpoint were downloaded); None when some component has plain weights
+    or the variants differ. ``from_pretrained`` needs ``variant=`` for such a folder."""
+    names = [m["variant"] for f in Path(folder).glob("*/*") if (m := _WEIGHT_FILE.match(f.name))]
+    variants = set(names)
+    return variants.pop() if len(variants) == 1 and None not in variants else None
 
 
 def _unreadable_weight_file(folder: str | Path) -> Path | None:

@@ -6,11 +6,14 @@ the loop, per-seed latents), so they share this loop. It mirrors the diffusers p
 same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding (SDXL's float16 VAE
 decodes in float32, as in its pipeline). Not mirrored: diffusers switches guidance off for
 ``g ≤ 1`` (this loop always applies the formula; at ``g = 1`` it is the conditional prediction), and
-``guidance_rescale`` (for zero-SNR v-prediction models; none of the presets is one) is not offered.
+``guidance_rescale`` (for zero-SNR v-prediction models; none of the presets is one) is not offered, and a
+``linspace`` timestep spacing, which diffusers' DDIM steps off its own timesteps, is sampled as ``trailing``
+(:func:`make_scheduler`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -83,13 +86,27 @@ def initial_latents(pipe, seeds: Sequence[int]) -> torch.Tensor:
     return lat.to(pipe.unet.device, pipe.unet.dtype)
 
 
+class ScheduleWarning(UserWarning):
+    """The pipeline's scheduler config was adapted so that DDIM can step it (see :func:`make_scheduler`)."""
+
+
 def make_scheduler(pipe, steps: int):
     """A fresh DDIM scheduler (deterministic, eta = 0) with the pipeline's noise schedule. A config that does not say
-    ``clip_sample`` (old PNDM configs of SD v1) gets no x0 clipping, not DDIM's default clipping to [-1, 1]."""
-    cfg = pipe.scheduler.config
-    sched = DDIMScheduler.from_config(cfg, clip_sample=cfg.get("clip_sample", False))
+    ``clip_sample`` (old PNDM configs of SD v1) gets no x0 clipping, not DDIM's default clipping to [-1, 1].
+
+    ``timestep_spacing="linspace"`` (the default of Euler, LMS, DPM-Solver, UniPC and Heun configs) becomes
+    ``"trailing"`` with a :class:`ScheduleWarning`: DDIM always steps from ``t`` to ``t - 1000 // steps``, so on
+    linspace timesteps (999, 888, …, 0 for 10 steps) each step lands off the next timestep the UNet is given
+    (diffusers' own pipeline with a DDIM scheduler does the same). Trailing also starts at the last timestep."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    cfg = pipe.scheduler.config
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        warnings.warn("the scheduler config's timestep_spacing 'linspace' is stepped inconsistently by DDIM; "
+                      "sampling with 'trailing' instead", ScheduleWarning, stacklevel=2)
+        spacing = "trailing"
+    sched = DDIMScheduler.from_config(cfg, clip_sample=cfg.get("clip_sample", False), timestep_spacing=spacing)
     last = (steps - 1) * (sched.config.num_train_timesteps // steps) + sched.config.steps_offset
     if sched.config.timestep_spacing == "leading" and last >= sched.config.num_train_timesteps:
         raise ValueError(f"{steps} DDIM steps do not fit this schedule of {sched.config.num_train_timesteps} "

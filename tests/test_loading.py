@@ -203,3 +203,67 @@ def test_full_configs_are_the_released_ones():
 def test_twins_are_reproducible():
     a, b = build_twin("sd-v1", seed=3), build_twin("sd-v1", seed=3)
     assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
+
+
+def _edit_json(path, **changes):
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("family, kind, fragment", [
+    ("sd-v1", "inpainting", "its UNet takes 9 input channels but the VAE's latent has 4: an inpainting"),
+    ("sdxl", "refiner", "no text_encoder or tokenizer (an SDXL refiner or image-to-image pipeline?)"),
+    ("sdxl", "no tokenizer_2", "it has a text_encoder_2 but no tokenizer_2"),
+])
+def test_folders_that_are_not_text_to_image_are_refused_before_their_weights_load(twin_dirs, tmp_path, monkeypatch,
+                                                                                  family, kind, fragment):
+    """They loaded, then crashed deep inside sampling (a 9-channel latent in the DDIM step, a None tokenizer)."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / kind
+    shutil.copytree(twin_dirs[family], folder)
+    if kind == "inpainting":
+        _edit_json(folder / "unet" / "config.json", in_channels=9)
+    elif kind == "refiner":
+        _edit_json(folder / "model_index.json", text_encoder=[None, None], tokenizer=[None, None])
+    else:
+        _edit_json(folder / "model_index.json", tokenizer_2=[None, None])
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline(str(folder), device="cpu")
+    assert str(err.value).startswith(f"{folder}: {fragment}") and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_hub_pipeline_that_is_not_text_to_image_is_refused_once_loaded(monkeypatch):
+    from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    t = build_twin("sd-v1")
+    inpaint = StableDiffusionInpaintPipeline(
+        vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, scheduler=t.scheduler,
+        unet=UNet2DConditionModel(**{**unet_config("sd-v1"), "in_channels": 9}), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: inpaint)  # as if from the hub cache
+    with pytest.raises(ModelLoadError, match=r"^someone/inpainting \(StableDiffusionInpaintPipeline\): its UNet takes 9"):
+        load_pipeline("someone/inpainting", device="cpu")
+
+
+def test_a_folder_of_fp16_variant_files_only_loads_as_that_variant(tmp_path):
+    """Downloading only a checkpoint's *.fp16.safetensors is common (SDXL); from_pretrained needs variant='fp16'."""
+    from lib.loading import only_variant
+    from lib.sampling import generate
+
+    twin = build_twin("sd-v1")
+    twin.to(torch.float16).save_pretrained(tmp_path / "v16", variant="fp16")
+    twin.save_pretrained(tmp_path / "both")
+    twin.save_pretrained(tmp_path / "both", variant="fp16")
+    assert only_variant(tmp_path / "v16") == "fp16" and only_variant(tmp_path / "both") is None
+    pipe = load_pipeline(str(tmp_path / "v16"), device="cpu")  # was "no file named diffusion_pytorch_model.bin"
+    assert pipe.unet.dtype == torch.float32
+    ref = twin.to(torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
+    assert generate(pipe, "a cat", [0], steps=2).isfinite().all()
