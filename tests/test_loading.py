@@ -267,3 +267,21 @@ def test_a_folder_of_fp16_variant_files_only_loads_as_that_variant(tmp_path):
     ref = twin.to(torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
     assert generate(pipe, "a cat", [0], steps=2).isfinite().all()
+
+
+@pytest.mark.parametrize("device, fragment", [("mps", "MPS is not available"), ("cuda", "CUDA is not available"),
+                                              ("tpu", "unknown device 'tpu'")])
+def test_devices_this_machine_lacks_are_refused_before_loading(device, fragment, monkeypatch):
+    from lib.loading import resolve_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ModelLoadError, match=fragment):  # mps failed after the whole weight load, in torch's words
+        load_pipeline("toy", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ModelLoadError, match="'cuda:1' asked for, but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")
