@@ -178,7 +178,7 @@ def test_final_prompts_takes_the_first_find_else_the_best_round():
     assert final_prompts(odd, ["cat"]).prompt.tolist() == ["c2"] and not final_prompts(odd, ["cat"]).found.eq(True).any()
 
 
-def byte_level_lm(n_positions: int = 64, eos_appended: bool = True):
+def byte_level_lm(n_positions: int = 64, eos_appended: bool = True, bos_is_eos: bool = False):
     """A GPT-2 shaped LM with a byte-level BPE tokenizer (no unknown token), built offline; its tokenizer appends
     EOS like some hub tokenizers do. Random weights: the words it proposes are arbitrary, the code paths are not."""
     from tokenizers import ByteLevelBPETokenizer, processors
@@ -191,7 +191,8 @@ def byte_level_lm(n_positions: int = 64, eos_appended: bool = True):
     if eos_appended:
         bpe.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
                                                            special_tokens=[("<|endoftext|>", eos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                  **({"bos_token": "<|endoftext|>"} if bos_is_eos else {}))  # as GPT-2's own
     cfg = GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
                      eos_token_id=eos, bos_token_id=eos)
     with torch.random.fork_rng():  # the same weights every time, the global RNG untouched
@@ -210,6 +211,53 @@ def test_a_byte_level_hub_style_lm_proposes_words_and_drives_the_search(pipe):
     assert lm.end_prob("a photo of a cat") < 0.5  # the EOS token's probability (1.0 would mean "no EOS known")
     df = search_prompt(pipe, edge_ensemble(), lm, "cat", [0], steps=2, config=PromptSearch(n_words=1, iterations=1))
     assert len(df) == 1 and df.prompt[0] == f"a photo of a cat {df.word[0]}" and df.candidates[0] > 1
+
+
+def test_an_appended_eos_is_dropped_when_bos_is_eos_too():
+    """GPT-2-style tokenizers declare one token as BOS and EOS; the appended EOS stayed, so the LM proposed the
+    first words of a new text and end_prob measured P(EOS | ... EOS)."""
+    lm = byte_level_lm(bos_is_eos=True)
+    eos = lm.tokenizer.eos_token_id
+    assert lm.tokenizer.bos_token_id == eos and lm.tokenizer("a photo of a cat").input_ids[-1] == eos
+    assert lm.encode("a photo of a cat") == lm.tokenizer("a photo of a cat", add_special_tokens=False).input_ids
+    assert lm.encode("a photo of a cat") == byte_level_lm().encode("a photo of a cat")
+
+
+def test_the_end_of_sentence_check_reads_the_models_eos_when_the_tokenizer_has_none():
+    """A tokenizer saved without its EOS made end_prob 1.0 for every prompt: MIN_END_PROB silently off."""
+    from transformers import PreTrainedTokenizerFast
+
+    lm = byte_level_lm(eos_appended=False)
+    bare = CandidateLM(lm.model, PreTrainedTokenizerFast(tokenizer_object=lm.tokenizer.backend_tokenizer))
+    assert bare.tokenizer.eos_token_id is None and bare.eos_ids == lm.eos_ids == {lm.model.config.eos_token_id}
+    p = lm.end_prob("a photo of a cat")
+    assert bare.end_prob("a photo of a cat") == pytest.approx(p) and p < 0.5
+    lm.model.generation_config.eos_token_id = [lm.model.config.eos_token_id, 5]  # two ways to end, as Llama 3
+    try:
+        assert lm.eos_ids == {lm.model.config.eos_token_id, 5} and 5 in lm._special  # never proposed as a word
+        assert lm.end_prob("a photo of a cat") > p  # P(EOS) + P(token 5)
+    finally:
+        lm.model.generation_config.eos_token_id = lm.model.config.eos_token_id
+
+
+def test_a_template_the_lm_cannot_encode_is_a_prompt_error_without_an_unknown_token():
+    """A BPE vocabulary without an UNK token drops the characters it lacks ("zebra" became "ebra"); a word-level
+    vocabulary whose UNK the wrapper does not declare wrote "[UNK]" into the LM's context. Both passed silently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(["a photo of a cat sleeping on a beach", "a picture of a dog jumping in a city"] * 5,
+                            trainers.BpeTrainer(vocab_size=80, special_tokens=["<eos>"]))
+    word = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "photo": 2, "of": 3, "cat": 4}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    for backend in (bpe, word):
+        lm = CandidateLM(NextTokenTable(torch.zeros(backend.get_vocab_size(), backend.get_vocab_size()), 32),
+                         PreTrainedTokenizerFast(tokenizer_object=backend))  # no unk_token declared
+        assert lm.tokenizer.unk_token_id is None and len(lm.encode("a photo of a cat")) == 5
+        with pytest.raises(PromptError, match=r"cannot encode 'a photo of a zebra': unknown word\(s\) \['zebra'\]"):
+            lm.encode("a photo of a zebra")
 
 
 def test_a_template_longer_than_the_lm_context_is_a_prompt_error(pipe):
@@ -249,6 +297,19 @@ class NextTokenTable(nn.Module):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
+def table_lm(tok, nxt: dict[str, dict[str, float]], context: int = 32) -> CandidateLM:
+    """A :class:`NextTokenTable` LM over ``tok``'s vocabulary: after token ``last`` the logits ``nxt[last]`` (every
+    other token -20; a token without a row ends the text: EOS 6)."""
+    vocab = tok.get_vocab()
+    table = torch.full((len(vocab), len(vocab)), -20.0)
+    table[:, tok.eos_token_id] = 6.0
+    for last, row in nxt.items():
+        table[vocab[last]] = -20.0
+        for w, v in row.items():
+            table[vocab[last], vocab[w]] = v
+    return CandidateLM(NextTokenTable(table, context), tok)
+
+
 def subword_lm(context: int = 32) -> CandidateLM:
     """WordPiece pieces ("sle" + "##eping" = "sleeping"); after "a photo of a cat" the most probable token is the
     fragment "sle", whose most probable continuation is "##eping"; "zz" goes on with "##zz" for ever."""
@@ -261,16 +322,10 @@ def subword_lm(context: int = 32) -> CandidateLM:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    table = torch.full((len(vocab), len(vocab)), -20.0)
-    table[:, ids["[EOS]"]] = 6.0
     nxt = {"a": {"cat": 6.0}, "cat": {"sle": 6.0, "red": 5.0, "zz": 4.0, "on": 3.0, "[EOS]": 2.0},
            "sle": {"##eping": 6.0, "[EOS]": 1.0}, "##eping": {"on": 6.0, "[EOS]": 5.0}, "on": {"a": 6.0, "[EOS]": 1.0},
            "zz": {"##zz": 6.0, "[EOS]": 1.0}, "##zz": {"##zz": 6.0, "[EOS]": 1.0}}
-    for last, row in nxt.items():
-        table[ids[last]] = -20.0
-        for w, v in row.items():
-            table[ids[last], ids[w]] = v
-    return CandidateLM(NextTokenTable(table, context), tok)
+    return table_lm(tok, nxt, context)
 
 
 def test_a_subword_lm_proposes_whole_words_never_fragments():
@@ -282,6 +337,52 @@ def test_a_subword_lm_proposes_whole_words_never_fragments():
     # at the context's end a word that would need another piece is dropped too: 5 prompt tokens, context 6
     assert subword_lm(context=6).propose("a photo of a cat", 3, min_prob=1e-3) == ["red", "on"]
     assert subword_lm(context=7).propose("a photo of a cat", 3, min_prob=1e-3) == ["sleeping", "red", "on"]
+
+
+def test_a_word_continued_by_a_hyphen_or_apostrophe_is_a_fragment_and_punctuation_ends_a_word():
+    """"t" + "-shirt" and "don" + "'t" were proposed as the words "t" and "don"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[UNK]", "[EOS]", "a", "photo", "of", "cat", "t", "##-", "##shirt", "don", "##'", "##t", "red", "##,"]
+    tk = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    lm = table_lm(tok, {"a": {"cat": 6.0}, "cat": {"t": 6.0, "don": 5.0, "red": 4.0}, "t": {"##-": 6.0},
+                        "##-": {"##shirt": 6.0}, "don": {"##'": 6.0}, "##'": {"##t": 6.0}, "red": {"##,": 6.0}})
+    ids = lm.encode("a photo of a cat") + tok.convert_tokens_to_ids(["t", "##-", "##shirt", "don", "##'", "##t"])
+    assert tok.decode(ids) == "a photo of a cat t-shirt don't"
+    assert lm.propose("a photo of a cat", 3, min_prob=1e-3) == ["red"]  # "red," is a whole word
+
+
+def test_a_word_that_starts_with_a_bare_space_token_is_proposed():
+    """Small SentencePiece vocabularies split " on" as "▁" + "o" + "n"; the bare "▁" was never a word's start, so the
+    LM proposed nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "</s>", "▁a", "▁photo", "▁of", "▁cat", "▁", "o", "n", "▁red"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    lm = table_lm(tok, {"▁a": {"▁cat": 6.0}, "▁cat": {"▁": 6.0, "▁red": 5.0}, "▁": {"o": 6.0}, "o": {"n": 6.0}})
+    assert lm.propose("a photo of a cat", 3, min_prob=1e-3) == ["on", "red"]
+
+
+def test_the_prompt_campaign_key_follows_the_lm_tokenizer(pipe, tmp_path):
+    """Results found with one tokenizer were loaded for another over the same LM weights."""
+    from transformers import PreTrainedTokenizerFast
+
+    lm = byte_level_lm(eos_appended=False)
+    other = CandidateLM(lm.model, PreTrainedTokenizerFast(tokenizer_object=lm.tokenizer.backend_tokenizer,
+                                                          eos_token="<|endoftext|>", bos_token="<|endoftext|>"))
+    assert lm.fingerprint != other.fingerprint and lm.fingerprint == byte_level_lm(eos_appended=False).fingerprint
+    cfg = PromptSearch(n_words=1, iterations=0)
+    first = prompt_campaign(pipe, edge_ensemble(), lm, ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    again = prompt_campaign(pipe, edge_ensemble(), other, ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    assert not first.resumed.any() and not again.resumed.any() and len(list(tmp_path.glob("*.parquet"))) == 2
 
 
 def test_a_multi_piece_word_fills_the_lm_context_and_the_search_says_so(pipe):

@@ -27,6 +27,8 @@ vocabulary). :func:`categorize` is a rough, documented stand-in for the paper's 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -236,12 +238,12 @@ class CandidateLM:
         room for ``room`` more tokens after it."""
         tok = self.tokenizer
         ids = list(tok(prefix).input_ids)
-        if ids and len(ids) > 1 and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id \
-                and tok.eos_token_id != tok.bos_token_id:
-            ids = ids[:-1]  # a tokenizer that appends EOS: the LM must continue the text
-        unk = tok.unk_token_id
-        if not ids or (unk is not None and unk in ids and tok.unk_token not in prefix):
-            bad = [w for w in prefix.split() if unk is not None and unk in tok(w, add_special_tokens=False).input_ids]
+        eos = tok.eos_token_id
+        if len(ids) > 1 and eos is not None and ids[-1] == eos and \
+                tok(prefix, add_special_tokens=False).input_ids[-1:] != [eos]:
+            ids = ids[:-1]  # a tokenizer that appends EOS (BOS == EOS too): the LM must continue the text
+        if not ids or not self._encodes(prefix):
+            bad = [w for w in prefix.split() if not self._encodes(w)]
             raise PromptError(f"the LM's tokenizer cannot encode {prefix!r}: unknown word(s) {bad or '(all)'}; "
                               "use a template and class in its vocabulary")
         if self.context is not None and len(ids) + room > self.context:
@@ -250,15 +252,42 @@ class CandidateLM:
                               f"no room for {room} more; shorten the template or use an LM with a longer context")
         return ids
 
+    def _encodes(self, text: str) -> bool:
+        """Whether ``text`` survives the tokenizer's round trip (letters compared without whitespace or case): an
+        unknown word becomes an UNK token, or, in a vocabulary without one, loses the characters it cannot encode."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        back = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return bool(ids) and "".join(back.split()).lower() == "".join(text.split()).lower()
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer (vocabulary, merges, special tokens): resume keys change with it, not only with
+        the LM's weights."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        special = json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
+        return hashlib.sha1(f"{type(tok).__name__}{vocab}{special}".encode()).hexdigest()[:16]
+
     @torch.no_grad()
     def end_prob(self, prompt: str) -> float:
-        """The LM's probability that the text ends after ``prompt`` (1.0 for an LM without an EOS token)."""
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
+        """The LM's probability that the text ends after ``prompt``: of its EOS token(s), :attr:`eos_ids` (1.0 for an
+        LM that declares none)."""
+        eos = sorted(self.eos_ids)
+        if not eos:
             return 1.0
         ids = self.encode(prompt, room=0)  # scores the next token from the last position: no new position
         dev = next(self.model.parameters()).device
-        return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos])
+        return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos].sum())
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a text: the tokenizer's EOS and those of the model's config and generation config (a
+        tokenizer saved without its EOS no longer turns the end-of-sentence check off; Llama 3 declares two)."""
+        found = [self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None),
+                 getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)]
+        ids = {i for x in found for i in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(i, int)}
+        return {i for i in ids if 0 <= i < len(self.tokenizer)}
 
     @torch.no_grad()
     def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0,
@@ -268,10 +297,13 @@ class CandidateLM:
         grammar).
 
         A word may take several LM tokens (BPE, SentencePiece): a first token that starts a new alphabetic word
-        (" sle") is completed greedily: while the LM's most probable next token continues the word (decodes without a
-        leading space, alphabetic, not a special or EOS token) it is appended, up to ``max_pieces`` tokens in all
-        and within the LM's context. A word still unfinished there is dropped, also at the context's end (the LM
-        cannot continue it there): a fragment is never proposed. Words are ranked by their first token's
+        (" sle", or a bare space "▁" that small vocabularies put before "o" + "n") is completed greedily: while the
+        LM's most probable next token continues the word (decodes without a leading space, alphabetic, not a special
+        or EOS token) it is appended, up to ``max_pieces`` tokens in all and within the LM's context. The word is
+        whole when the next token starts with a space, is special or is punctuation that ends a word (",", ".", ...);
+        one continued by anything else ("t" + "-shirt", "don" + "'t", a character cut between byte tokens) is
+        dropped, as is a word still unfinished at ``max_pieces`` or at the context's end: a fragment is never
+        proposed. Words are ranked by their first token's
         probability (the probability of starting that word). A word-level LM (the toy one) needs no completion.
         """
         ids = self.encode(prefix)
@@ -287,7 +319,7 @@ class CandidateLM:
             if i in special:
                 continue
             new = self._added(ids, [i], base)
-            if new[:1].isspace() and new.strip().isalpha():
+            if new[:1].isspace() and new.strip().isalpha() or new == " ":  # " " alone: a word split as "▁" + "on"
                 firsts.append(i)
                 if len(words) + len(firsts) >= k:  # enough to fill k, unless some stay unfinished
                     words, firsts = _unique(words + self._complete(ids, base, firsts, max_pieces)), []
@@ -298,8 +330,7 @@ class CandidateLM:
     @property
     def _special(self) -> set[int]:
         """Special token ids, EOS included."""
-        eos = self.tokenizer.eos_token_id
-        return set(self.tokenizer.all_special_ids) | ({eos} if eos is not None else set())
+        return set(self.tokenizer.all_special_ids) | self.eos_ids
 
     def _logits(self, rows: list[list[int]]) -> torch.Tensor:
         """Next-token logits (B, vocab) after each row (rows of one length: no padding)."""
@@ -323,17 +354,22 @@ class CandidateLM:
             still = []
             for j, t in zip(open_, nxt):
                 more = self._added(ids + pieces[j], [t]) if t not in special else ""
-                if not (more and not more[:1].isspace() and more.isalpha()):  # the word ends here
+                if not more or more[0].isspace() or more[0] in _WORD_END:  # the word ends here
                     text = self.tokenizer.decode(ids + pieces[j], skip_special_tokens=True)
                     word = text[len(base):].strip().lower() if text.startswith(base) else ""
                     if word.isalpha():
                         done[j] = word
+                elif not more.isalpha():  # "t-shirt", "don't", "cafe" cut inside a character: a fragment
+                    continue
                 elif len(pieces[j]) < max_pieces and (self.context is None
                                                        or len(ids) + len(pieces[j]) < self.context):
                     pieces[j].append(t)
                     still.append(j)
             open_ = still
         return [done[j] for j in sorted(done)]
+
+
+_WORD_END = frozenset(",.;:!?)]}\"")  # punctuation after which the word before it is whole
 
 
 def _unique(words: list[str]) -> list[str]:
@@ -514,9 +550,9 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     for c in classes:
         path = None
         if out_dir is not None:
-            key = campaign_key(pipe, ensemble, {"lm": lm.model}, cls=c, seeds=list(seeds), steps=steps,
-                               guidance=guidance, config=asdict(config), class_words=list(class_words),
-                               attribute_words=list(attribute_words))
+            key = campaign_key(pipe, ensemble, {"lm": lm.model}, lm_tokenizer=getattr(lm, "fingerprint", None),
+                               cls=c, seeds=list(seeds), steps=steps, guidance=guidance, config=asdict(config),
+                               class_words=list(class_words), attribute_words=list(attribute_words))
             path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
         if path is not None and resume and path.is_file():
             df = pd.read_parquet(path).assign(resumed=True)
