@@ -119,8 +119,8 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
         from lib.toy.train import check_toy_folder
 
         try:
-            check_toy_folder(where)  # names the first missing file and the command that rebuilds it
-        except FileNotFoundError as err:
+            check_toy_folder(where)  # names the first missing file (or unfinished stage) and the command that fixes it
+        except (FileNotFoundError, RuntimeError) as err:
             raise ModelLoadError(str(err)) from None
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():

@@ -13,14 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lib.atomic import write_atomic  # noqa: E402
+
 
 def save_figure(fig, name: str, out_dir: Path, figures_dir: str | Path | None = None, dpi: int = 120) -> Path:
-    """Save ``fig`` as ``out_dir/name.png`` (no timestamps in the metadata) and copy it to ``figures_dir`` if given."""
+    """Save ``fig`` as ``out_dir/name.png`` (no timestamps in the metadata) and copy it to ``figures_dir`` if given;
+    both written atomically (an interrupted run leaves the previous figure, never a torn one)."""
     path = Path(out_dir) / f"{name}.png"
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
+                                               metadata={"Software": None}))
     if figures_dir:
-        Path(figures_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, Path(figures_dir) / path.name)
+        write_atomic(Path(figures_dir) / path.name, lambda tmp: shutil.copyfile(path, tmp))
     return path
 
 

@@ -32,3 +32,13 @@ def twin_dirs(tmp_path_factory):
         build_twin(fam).save_pretrained(root / fam)
         out[fam] = root / fam
     return out
+
+
+@pytest.fixture(scope="session")
+def dead_pid():
+    """The pid of a process that has exited (a killed writer's, for temporary-file clean-up)."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)

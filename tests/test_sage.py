@@ -467,7 +467,7 @@ def test_searches_without_a_usable_gradient_stop_and_say_why(pipe, lm, tmp_path)
     assert fine.stopped.isna().all()  # a usable gradient: no reason recorded
 
 
-def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_path, monkeypatch):
+def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_path, monkeypatch, dead_pid):
     import lib.sage.latent as L
 
     cfg = LatentSearch(mode="lose", iterations=2, stop_on_success=False)
@@ -478,9 +478,13 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     searched = []
     real = L.search_latents
     monkeypatch.setattr(L, "search_latents", lambda *a, **k: searched.append(k["seeds"]) or real(*a, **k))
+    from lib.atomic import HOST
+
+    stale = tmp_path / f".{Path(df.loc[1, 'path']).name}.{dead_pid}@{HOST}.0123456789ab.tmp"
+    stale.write_bytes(b"half")  # the killed run's half-written file
     df2, again = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0, 1, 2], steps=2, config=cfg,
                                  out_dir=tmp_path, batch_size=2)
-    assert searched == [[1]] and df2.resumed.tolist() == [True, False, True]
+    assert searched == [[1]] and df2.resumed.tolist() == [True, False, True] and not stale.exists()
     for a, b, resumed in zip(first, again, df2.resumed):
         # a loaded search is bit-identical; seed 1, searched alone this time, differs in the last bits of its losses
         assert a.history == (b.history if resumed else pytest.approx(b.history, abs=1e-5))
@@ -694,6 +698,27 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     assert searched == ["dog", "cat"]
 
 
+def test_prompt_campaign_searches_an_unreadable_class_again(pipe, ens, lm, tmp_path, monkeypatch, dead_pid):
+    """A truncated class file is searched again with a warning (it crashed the campaign); a killed writer's temporary
+    file is removed."""
+    import lib.sage.prompt as SP
+
+    cfg = PromptSearch(n_words=2, top_k=4, iterations=1, stop_on_success=False)
+    first = SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    (path,) = tmp_path.glob("prompt_rounds_*.parquet")
+    path.write_bytes(path.read_bytes()[:100])
+    stale = tmp_path / f".{path.name}.{dead_pid}.0123456789ab.tmp"  # the name SAGE's writer used before the host
+    stale.write_bytes(b"half")
+    searched = []
+    real = SP.search_prompt
+    monkeypatch.setattr(SP, "search_prompt", lambda *a, **k: searched.append(a[3]) or real(*a, **k))
+    with pytest.warns(UserWarning, match=f"unreadable prompt-search result {path.name}"):
+        again = SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, out_dir=tmp_path)
+    assert searched == ["cat"] and not again.resumed.any() and not stale.exists()
+    pd.testing.assert_frame_equal(again, first)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), first.drop(columns="resumed"))
+
+
 def test_prompt_campaign_checks_every_class_for_the_lm_before_any_search(pipe, lm, tmp_path, monkeypatch):
     """A later class the LM cannot encode (or a bad grad_from_step) fails before the first class is searched."""
     import lib.sage.prompt as SP
@@ -747,8 +772,9 @@ def test_token_attack_train_evaluate_save(pipe, ens, tmp_path):
     assert torch.equal(back.embedding, res.embedding) and back.target == "car" and back.meta["steps"] == 2
 
 
-def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path, monkeypatch):
+def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path, monkeypatch, dead_pid):
     import lib.sage.token as T
+    from lib.atomic import HOST
 
     prompts, seeds = ["a photo of a cat", "a cat on a beach", "a small cat"], [0, 1, 2]
     kw = dict(steps=2, guidance=7.5, checkpoint_dir=tmp_path)
@@ -769,8 +795,10 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
     key = T.token_key(pipe, ens, prompts, "cat", "car", seeds, 2, 7.5, cfg(5))
     ckpt = tmp_path / f"token_cat_to_car_{key}.ckpt.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # no temporary file left behind
+    stale = tmp_path / f".{ckpt.name}.{dead_pid}@{HOST}.0123456789ab.tmp"  # a SIGKILLed writer's, though
+    stale.write_bytes(b"half")
     again = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint_every=2, **kw)
-    assert again.meta["resumed_from"] == 2 and again.history == ref.history
+    assert again.meta["resumed_from"] == 2 and again.history == ref.history and not stale.exists()
     assert torch.equal(again.embedding, ref.embedding) and ref.meta["resumed_from"] == 0
     assert len(set(ref.history)) > 1  # the steps moved the loss: the comparison is not vacuous
     fresh = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), resume=False, **kw)

@@ -1,5 +1,6 @@
 """The toy-world quality measurement: held-out prompt set, tidy predictions, the quality table, the CLI's errors."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -233,3 +234,22 @@ def test_pair_grid_cli_on_the_committed_world(tmp_path):
     with pytest.raises(ValueError, match="fixed color"):
         E.main(["--pair-grid", "character", "color", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()  # refused before any folder, model or image
+
+
+def test_quality_run_writes_run_json_last(tmp_path, monkeypatch):
+    """``run.json`` marks a finished measurement: an interrupted run leaves a folder without it, never an earlier
+    run's ``run.json`` beside this run's tables."""
+    out = tmp_path / "q"
+    small = dict(seeds=[0], per_pair=1, render_seeds=[0], steps=1, batch_size=16)
+    table = E.run_quality(out, **small)
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_prompts"] == len(pd.read_csv(out / "prompts.csv")) == 15 and run["roundtrip"] == 0
+    assert pd.read_csv(out / "quality.csv", index_col=0).shape == table.shape and not list(out.glob(".*"))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "reconstruction_table", killed)  # the last measurement, after every table is written
+    with pytest.raises(KeyboardInterrupt):
+        E.run_quality(out, roundtrip=2, **small)
+    assert not (out / "run.json").exists() and (out / "quality.md").is_file() and not list(out.glob(".*"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,49 @@ def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp
     assert stages["unet"]["batch"] == 4 and stages["vae-decoder"]["batch"] == T.CONFIGS["cpu"]["vae"]["batch"]
     with pytest.raises(ValueError, match="unknown stage"):
         T.run("everything", "cpu", work)
+
+
+def test_an_interrupted_or_partial_retraining_is_refused_until_finished(toy_dir, tmp_path, monkeypatch):
+    """A killed ``--stage all`` left a new text encoder beside the old VAE and UNet, which loaded silently; now
+    TRAINING.json lists the unfinished stages and every loader refuses the folder, naming the commands that finish it."""
+    import shutil
+
+    from lib import loading
+    from lib.loading import ModelLoadError, load_pipeline
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "train_vae", killed)
+        with pytest.raises(KeyboardInterrupt):
+            T.run("all", "cpu", work, steps_override=2)  # the clip stage finished, the VAE stage was killed
+    todo = json.loads((work / "TRAINING.json").read_text())["unfinished"]
+    assert set(todo) == {"vae", "unet"} and todo["vae"].startswith("started ")
+    finish = f"run `python -m lib.toy.train --stage vae --out {work}`, then `python -m lib.toy.train --stage unet"
+    with pytest.raises(RuntimeError, match=r"unfinished \(vae: started .*; unet: started .*\): " + re.escape(finish)):
+        T.load_toy_pipeline(work)
+    monkeypatch.setitem(loading.PRESETS, "toy", str(work))  # the notebooks' path
+    with pytest.raises(ModelLoadError, match=re.escape(finish)):
+        load_pipeline("toy")
+    T.load_toy_clip(work)  # its stage finished: CLIP-Score still loads
+    with pytest.raises(RuntimeError, match="unfinished"):  # a UNet is not trained on a VAE an interrupted stage tore
+        T.run("unet", "cpu", work, steps_override=2)
+    T.run("vae", "cpu", work, steps_override=2)
+    with pytest.raises(RuntimeError, match=r"unfinished \(unet: started [^;]*\): run `[^`]*--stage unet --out"):
+        T.load_toy_pipeline(work)
+    T.run("unet", "cpu", work, steps_override=2)
+    assert "unfinished" not in json.loads((work / "TRAINING.json").read_text())
+    T.load_toy_pipeline(work)
+    T.run("clip", "cpu", work, steps_override=2)  # a new text encoder alone: the UNet was conditioned on the old one
+    with pytest.raises(RuntimeError, match="unet: trained on the text encoder that stage clip replaced"):
+        T.load_toy_pipeline(work)
+    T.run("unet-resume", "cpu", work, steps_override=2)  # continued on today's text encoder: no longer stale
+    T.load_toy_pipeline(work)
+    assert not any(k.startswith("unfinished") for k in json.loads((T.TOY_DIR / "TRAINING.json").read_text()))
 
 
 def test_bad_training_sizes_and_missing_inputs_fail_before_any_rendering(tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """Causal tracing on the tiny shape twins: layers, corruption, batched == unbatched restoration, scoring, sweeps."""
 
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from lib.paths import REPO_ROOT
 from lib.prompts import PromptError
-from lib.sampling import decode, denoise, encode, initial_latents
+from lib.sampling import decode, denoise, initial_latents
 from lib.scoring import ClipScorer
 from lib.tracing.corrupt import (Corruption, corrupted, embedding_std, encode_pair, encoder_noise_seed,
                                  item_noise_seed, token_embedding)
@@ -474,6 +473,37 @@ def test_probe_selections_share_item_files(tmp_path):
     assert run_sweep(p, toy_scorer(), PROBES, [0], out, cfg, 0, 1, progress=False) == []
 
 
+def test_damaged_sweep_folders_are_retraced_or_refused(tmp_path, dead_pid):
+    """A truncated item file is named by ``collect`` and, on a rerun, set aside and traced again (a killed writer's
+    temporary file removed); a folder whose ``sweep.json`` is gone or unreadable is refused: its items' settings are
+    unknown."""
+    from lib.atomic import HOST
+
+    p = pipe("sd-v1")
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]))
+    out = tmp_path / "sweep"
+    files = run_sweep(p, toy_scorer(), PROBES.iloc[:2], [0], out, cfg, 0, 1, progress=False)
+    whole = pd.read_parquet(files[0])
+    files[0].write_bytes(files[0].read_bytes()[:200])  # a truncated copy
+    with pytest.raises(SweepError, match=f"{files[0].name} is not a readable parquet file"):
+        collect(out, tau=0.5)
+    stale = out / f".{files[0].name}.{dead_pid}@{HOST}.0123456789ab.tmp"
+    stale.write_bytes(b"half")
+    with pytest.warns(UserWarning, match=f"{files[0].name} is not a readable parquet file.*set aside"):
+        again = run_sweep(p, toy_scorer(), PROBES.iloc[:2], [0], out, cfg, 0, 1, progress=False)
+    assert again == [files[0]] and not stale.exists() and (out / f"{files[0].name}.unreadable").is_file()
+    pd.testing.assert_frame_equal(pd.read_parquet(files[0]), whole)
+    assert len(collect(out, tau=0.5)) == 2
+    (out / "sweep.json").write_text('{"model": "twin')
+    with pytest.raises(SweepError, match="sweep.json is not valid JSON.*delete the whole folder"):
+        run_sweep(p, toy_scorer(), PROBES.iloc[:2], [0], out, cfg, 0, 1, progress=False)
+    (out / "sweep.json").unlink()  # what "delete it" used to invite: the old items then passed for the new config's
+    with pytest.raises(SweepError, match="holds trace files but no sweep.json.*delete the whole folder"):
+        run_sweep(p, toy_scorer(), PROBES.iloc[:2], [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1,
+                  progress=False)
+    assert not (out / "sweep.json").exists()
+
+
 def _item_rows(caption: str, recoveries, split: str = "val", seed: int = 0) -> pd.DataFrame:
     from lib.tracing.score import COLUMNS
 
@@ -543,27 +573,6 @@ def test_cli_checks_probes_before_loading_the_pipeline(tmp_path, monkeypatch, ro
     with pytest.raises((SweepError, PromptError), match=error):
         main(["--model", "twin:sd-v1", "--probes", str(probes), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
-
-
-def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, monkeypatch):
-    from lib.tracing.sweep import _HOST, _write_atomic, remove_stale_tmp
-
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    _write_atomic(PROBES, tmp_path / "done.parquet")
-    assert len(synced) == 1 and pd.read_parquet(tmp_path / "done.parquet").equals(PROBES)
-    assert not list(tmp_path.glob(".*.tmp"))
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a process that has exited
-    stale = [tmp_path / f".unet_s0_x.parquet.{pid}@{_HOST}.tmp", tmp_path / f".unet_00000_s0_y.parquet.{pid}.tmp"]
-    live = [tmp_path / f".unet_s0_z.parquet.{os.getppid()}@{_HOST}.tmp",  # a live process (pytest's parent)
-            tmp_path / f".unet_s0_w.parquet.{pid}@some-other-host.tmp"]  # another machine's: never touched
-    for f in stale + live:
-        f.write_bytes(b"partial")
-    assert sorted(remove_stale_tmp(tmp_path)) == sorted(stale)
-    assert all(f.exists() for f in live) and not any(f.exists() for f in stale)
 
 
 def test_accelerate_launch_splits_items(tmp_path):

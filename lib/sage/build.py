@@ -14,7 +14,6 @@ Real classifiers need their weights in the local caches (no downloads here); the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -38,6 +38,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from lib.atomic import remove_stale_tmp
 from lib.params import distinct
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.loss import Ensemble, Goal
@@ -330,6 +331,8 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
     paths: dict[int, Path] = {}
     done: dict[int, LatentResult] = {}
     if out_dir is not None:
+        if Path(out_dir).is_dir():
+            remove_stale_tmp(out_dir)  # a killed run's half-written file
         key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size)
         paths = {s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
                  for s in seeds}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -533,15 +534,18 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
 
     With ``out_dir`` each finished class is written at once (atomically) to
     ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
-    and every setting; with ``resume`` a finished class is loaded instead of searched again. Every class is checked
+    and every setting; with ``resume`` a finished class is loaded instead of searched again (an unreadable file: searched
+    again, with a warning). Every class is checked
     (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
     any other class is searched. ``progress``: tqdm bars over the classes and each round's iterations.
     """
     import pandas as pd
 
-    from lib.sage.resume import campaign_key, write_parquet_atomic
+    from lib.sage.resume import campaign_key, remove_stale_tmp, write_parquet_atomic
 
     check_prompt_search(pipe, ensemble, lm, classes, seeds, steps, config)  # every class, before the first search
+    if out_dir is not None and Path(out_dir).is_dir():
+        remove_stale_tmp(out_dir)  # a killed run's half-written file
     parts = []
     if progress:
         from tqdm import tqdm
@@ -554,13 +558,9 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
                                cls=c, seeds=list(seeds), steps=steps, guidance=guidance, config=asdict(config),
                                class_words=list(class_words), attribute_words=list(attribute_words))
             path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
-        if path is not None and resume and path.is_file():
-            df = pd.read_parquet(path).assign(resumed=True)
-            if "stopped" not in df:  # written before searches recorded why they stopped
-                df["stopped"] = None
-            for col in ("loss_prompt", "best_loss"):  # written before the prompts' own losses were recorded
-                if col not in df:
-                    df[col] = math.nan
+        df = _read_rounds(path) if path is not None and resume and path.is_file() else None
+        if df is not None:
+            df = df.assign(resumed=True)
         else:
             df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
                                progress).assign(cls=c)
@@ -569,6 +569,26 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
             df = df.assign(resumed=False)
         parts.append(df)
     return pd.concat(parts, ignore_index=True)
+
+
+def _read_rounds(path: Path):
+    """A class's finished rounds written by :func:`prompt_campaign`, with the columns older files lack; None (and a
+    warning: the class is searched again and the file overwritten) when the file is unreadable."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: search again, say so
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        warnings.warn(f"ignoring unreadable prompt-search result {path.name} ({why}); searching its class again",
+                      stacklevel=3)
+        return None
+    if "stopped" not in df:  # written before searches recorded why they stopped
+        df["stopped"] = None
+    for col in ("loss_prompt", "best_loss"):  # written before the prompts' own losses were recorded
+        if col not in df:
+            df[col] = math.nan
+    return df
 
 
 # ------------------------------------------------------------------------------------------------ failure categories

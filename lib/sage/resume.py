@@ -1,22 +1,20 @@
 """Resumable SAGE campaigns: a key hashing everything a result depends on, and atomic table writes.
 
-A campaign writes each finished item (:func:`write_parquet_atomic`, :func:`write_safetensors_atomic`: a unique
-temporary file, fsynced, then renamed) under a name that carries :func:`campaign_key`, so a rerun with the same weights
-and settings loads it, and any other weights or settings (a retrained classifier with the same name included) start
-fresh instead of reusing a stale result.
+A campaign writes each finished item (:func:`~lib.atomic.write_parquet_atomic`, :func:`write_safetensors_atomic`: a
+unique temporary file, fsynced, then renamed; :func:`~lib.atomic.remove_stale_tmp` clears a killed writer's) under a
+name that carries :func:`campaign_key`, so a rerun with the same weights and settings loads it, and any other weights
+or settings (a retrained classifier with the same name included) start fresh instead of reusing a stale result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from lib.atomic import remove_stale_tmp, write_atomic, write_parquet_atomic  # noqa: F401  (re-exported)
 from lib.loading import model_fingerprint, weights_fingerprint
 
 
@@ -76,48 +74,9 @@ def _is_part(value) -> bool:
     return (callable(value) and hasattr(value, "labels")) or hasattr(value, "image_features")
 
 
-def write_parquet_atomic(df, path: str | Path) -> Path:
-    """``df`` to ``path`` atomically (:func:`write_atomic`)."""
-    return write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
-
-
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """``tensors`` (moved to the CPU) and string ``metadata`` to ``path`` atomically (:func:`write_atomic`)."""
+    """``tensors`` (moved to the CPU) and string ``metadata`` to ``path`` atomically (:func:`lib.atomic.write_atomic`)."""
     from safetensors.torch import save_file
 
     cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     return write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` through ``write(tmp)``: a temporary file in the same folder, unique to this writer (pid and a
-    random suffix: two writers never share one; created by ``write``, so with the usual permissions), flushed to
-    disk (fsync) and renamed over ``path``, then the folder fsynced where the OS allows. An interrupted or failed
-    write leaves ``path`` as it was and no temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the writer closed it: its data may still sit in the OS cache
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

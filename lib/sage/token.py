@@ -41,7 +41,7 @@ from lib.sage.prompt import (
     _check_pipe, _replaced_embeddings, check_grad_from_step, encode_with_slots, render_with_slots, slot_dim,
     slot_ids,
 )
-from lib.sage.resume import campaign_key, write_safetensors_atomic
+from lib.sage.resume import campaign_key, remove_stale_tmp, write_safetensors_atomic
 from lib.sampling import is_sdxl
 
 
@@ -90,6 +90,8 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     history: list[float] = []
     checkpoint, saved_scale = None, None
     if checkpoint_dir is not None:
+        if Path(checkpoint_dir).is_dir():
+            remove_stale_tmp(checkpoint_dir)  # a killed run's half-written checkpoint
         key = token_key(pipe, ensemble, prompts, source, target, seeds, steps, guidance, config)
         checkpoint = Path(checkpoint_dir) / f"token_{source}_to_{target}_{key}.ckpt.safetensors"
         state = _load_checkpoint(checkpoint) if resume else None

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.atomic import write_csv_atomic, write_text_atomic
 from lib.params import distinct
 from lib.paths import TOY_DIR
 from lib.scoring import toy_clip_scorer
@@ -607,7 +608,9 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
                 classifiers: str | Path | None = None, roundtrip: int = 0) -> pd.DataFrame:
     """Measure the quality table on held-out prompts and write ``predictions.csv`` (tidy), ``prompts.csv``,
     ``quality.csv``, ``quality.md`` and ``run.json`` (settings, wall time, hardware) to ``out``; returns the table.
-    ``roundtrip`` > 0 also writes ``roundtrip.csv`` (:func:`reconstruction_table` on that many held-out renders)."""
+    ``roundtrip`` > 0 also writes ``roundtrip.csv`` (:func:`reconstruction_table` on that many held-out renders).
+    Each file is written atomically and ``run.json`` last (an earlier one is deleted first): a folder without
+    ``run.json`` holds an interrupted run's mix of files."""
     import json
     import platform
     import time
@@ -629,11 +632,12 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
     gen, _ = evaluate_generations(pipe, clf, prompts, seeds, scorer, steps, guidance, batch_size)
     df = pd.concat([ren, gen], ignore_index=True)
     table = quality_table(df)
-    df.to_csv(out / "predictions.csv", index=False)
-    prompts_frame(prompts).to_csv(out / "prompts.csv", index=False)
-    table.to_csv(out / "quality.csv")
     members_table = family_accuracy(df, named_only=False)
-    members_table.to_csv(out / "accuracy_by_member.csv")
+    (out / "run.json").unlink(missing_ok=True)  # written last: a folder without it holds an unfinished run's files
+    write_csv_atomic(df, out / "predictions.csv")
+    write_csv_atomic(prompts_frame(prompts), out / "prompts.csv")
+    write_csv_atomic(table, out / "quality.csv", index=True)
+    write_csv_atomic(members_table, out / "accuracy_by_member.csv", index=True)
     settings = {"model": str(model), "seeds": seeds, "per_pair": per_pair, "n_prompts": len(prompts),
                 "render_seeds": render_seeds, "steps": steps, "guidance": guidance,
                 "prompt_seed": prompt_seed, "device": device, "roundtrip": roundtrip}
@@ -641,12 +645,12 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
           f"renders: {len(render_seeds)} seeds each; DDIM {steps} steps, guidance {guidance}.\n\n"
           + to_markdown(table) + "\n\nAll images, \"none\" truths included, per member:\n\n"
           + to_markdown(members_table) + "\n")
-    (out / "quality.md").write_text(md)
+    write_text_atomic(md, out / "quality.md")
     if roundtrip:
-        reconstruction_table(pipe.vae, members, roundtrip).to_csv(out / "roundtrip.csv", index=False)
-    (out / "run.json").write_text(json.dumps({**settings, "wall_s": round(time.time() - t0, 1),
-                                              "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                                              "machine": platform.platform()}, indent=1) + "\n")
+        write_csv_atomic(reconstruction_table(pipe.vae, members, roundtrip), out / "roundtrip.csv")
+    write_text_atomic(json.dumps({**settings, "wall_s": round(time.time() - t0, 1),
+                                  "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                                  "machine": platform.platform()}, indent=1) + "\n", out / "run.json")
     return table
 
 
@@ -690,8 +694,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         pipe, members, _ = load_toy_world(a.model, a.device, a.classifiers)
         grid = pair_grid(pipe, members, rows, cols, n=a.pair_n, seed=a.prompt_seed, steps=a.steps,
                          guidance=a.guidance, batch_size=a.batch_size, sources=a.pair_sources)
-        grid.to_csv(out / "pair_grid.csv", index=False)
-        (out / "pair_grid.md").write_text(pair_grid_markdown(grid))
+        write_csv_atomic(grid, out / "pair_grid.csv")
+        write_text_atomic(pair_grid_markdown(grid), out / "pair_grid.md")
         from lib.plotting import save_figure
 
         save_figure(pair_grid_figure(grid), "pair_grid", out)

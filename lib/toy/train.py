@@ -4,7 +4,9 @@
 
 Writes a diffusers folder that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline
 (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``, fp16 safetensors), the toy CLIP's vision tower and
-projections in ``clip_vision/`` (see :func:`load_toy_clip`), and ``TRAINING.json`` (steps, losses, wall time, hardware).
+projections in ``clip_vision/`` (see :func:`load_toy_clip`), and ``TRAINING.json`` (steps, losses, wall time, hardware;
+``unfinished``: the stages an interrupted run left, or whose UNet a new text encoder or VAE made stale, which the
+loaders refuse: :func:`check_finished`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.atomic import write_text_atomic
 from lib.paths import TOY_DIR
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
@@ -202,13 +205,47 @@ def _corrupt(path: Path, err: Exception) -> RuntimeError:
                         f"{rebuild_hint(path)}")
 
 
+# the stages whose weights each loader reads: an unfinished one of them (UNFINISHED in TRAINING.json) refuses the load
+PIPELINE_STAGES = ("clip", "vae", "vae-decoder", "unet", "unet-resume")
+CLIP_STAGES = ("clip", "clip-vision")
+UNFINISHED = "unfinished"  # TRAINING.json: stage -> why its weights cannot be trusted (interrupted, or stale)
+
+
+def check_finished(folder: str | Path, stages: tuple[str, ...]) -> None:
+    """``RuntimeError`` (one line, with the commands that finish it) when ``folder/TRAINING.json`` lists one of
+    ``stages`` as unfinished: a training run was interrupted, or a new text encoder or VAE made the UNet stale."""
+    folder = Path(folder)
+    log = folder / "TRAINING.json"
+    record = _read_json(log) if log.is_file() else {}
+    todo = record.get(UNFINISHED, {}) if isinstance(record, dict) else {}
+    hit = [st for st in STAGES if st in todo and st in stages]
+    if not hit:
+        return
+    why = "; ".join(f"{st}: {todo[st]}" for st in hit)
+    redo = ", then ".join(f"`python -m lib.toy.train --stage {st} --out {folder}`" for st in _redo(todo))
+    try:
+        folder.resolve().relative_to(TOY_DIR.resolve())
+        restore = ", or restore the committed toy world with `git checkout -- data/toy`"
+    except ValueError:
+        restore = ""
+    raise RuntimeError(f"toy world {folder} is unfinished ({why}): run {redo} (README, \"Training\"){restore}")
+
+
+def _redo(todo: dict) -> list[str]:
+    """The unfinished stages in training order; a continuation is left out when its fresh stage reruns."""
+    return [st for st in STAGES if st in todo and not (st.split("-")[0] != st and st.split("-")[0] in todo)]
+
+
 def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
+    """``folder`` when it holds every file the toy pipeline loads and no unfinished training stage
+    (:func:`check_finished`); else ``FileNotFoundError`` / ``RuntimeError`` naming the file and the rebuild command."""
     folder = Path(folder)
     for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
                 "scheduler/scheduler_config.json"):
         _require(folder / rel)
+    check_finished(folder, PIPELINE_STAGES)
     return folder
 
 
@@ -246,10 +283,15 @@ def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float
 
     Images go in as :func:`clip_preprocess` makes them (64×64, values in [-1, 1]).
     """
+    check_finished(folder, CLIP_STAGES)
+    return _read_toy_clip(Path(folder), dtype)
+
+
+def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
+    """:func:`load_toy_clip` without the unfinished-stage check (the ``clip-vision`` stage continues its own)."""
     from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
 
-    folder = Path(folder)
     tcfg_p, t_p = _require(folder / "text_encoder/config.json"), _require(folder / "text_encoder/model.safetensors")
     vcfg_p, v_p = _require(folder / "clip_vision/config.json"), _require(folder / "clip_vision/model.safetensors")
     tcfg, vcfg = _read_json(tcfg_p), _read_json(vcfg_p)
@@ -477,14 +519,13 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
     measuring instrument, while the text encoder, VAE and UNet never see a held-out combination.
     """
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
 
     c = cfg["clip"]
     dev = cfg["device"]
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] + 1)
     tok = build_clip_tokenizer()
-    model = (load_toy_clip(out) if freeze_text else new_clip()).to(dev).train()
+    model = (_read_toy_clip(out) if freeze_text else new_clip()).to(dev).train()
     if freeze_text:
         model.text_model.requires_grad_(False).eval()
     caps = data["captions"]
@@ -851,6 +892,11 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "unet-resume": _TE + _VAE + ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
 }
 TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for the clip-vision stage
+# the stages whose weights a stage starts from (their files: STAGE_INPUTS)
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {"unet": ("clip", "vae", "vae-decoder"), "clip-vision": ("clip",),
+                                           "unet-resume": ("clip", "vae", "vae-decoder"), "vae-decoder": ("vae",)}
+# a fresh text encoder or VAE leaves the UNet trained on the old one: marked unfinished until a UNet stage runs
+STALE_AFTER: dict[str, tuple[str, ...]] = {"clip": ("unet",), "vae": ("unet",)}
 
 
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
@@ -901,6 +947,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     out = Path(out)
     for rel in STAGE_INPUTS[stage]:  # before rendering up to 100,000 training images
         _require(out / rel)
+    check_finished(out, STAGE_NEEDS.get(stage, ()))  # nor from weights an interrupted stage may have torn
     out.mkdir(parents=True, exist_ok=True)
     samples = Path(samples_dir) if samples_dir else None
     log_path = out / "TRAINING.json"
@@ -911,6 +958,14 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record.setdefault("stages", {})
     data = make_training_data(cfg)
     stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    todo = record.setdefault(UNFINISHED, {})
+    for st in stages:  # before any weight is written: an interrupted run leaves its stages marked
+        todo[st] = f"started {started}, not finished"
+        for later in STALE_AFTER.get(st, ()):
+            todo.setdefault(later, f"trained on the {'text encoder' if st == 'clip' else 'VAE'} that stage {st} "
+                                   f"replaced on {started}")
+    write_text_atomic(json.dumps(record, indent=1), log_path)
     t_all = time.time()
     for st in stages:
         c = cfg[st.split("-")[0]]  # a continuation uses its base stage's recipe
@@ -937,10 +992,14 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
         record["stages"][key] = res
-        log_path.write_text(json.dumps(record, indent=1))
+        for done in (st, "unet", "unet-resume") if st.startswith("unet") else (st,):  # a UNet trained on today's
+            todo.pop(done, None)  # text encoder and VAE is no longer stale
+        if not todo:
+            record.pop(UNFINISHED, None)
+        write_text_atomic(json.dumps(record, indent=1), log_path)
         print(f"[{st}] done in {res['wall_s'] / 60:.1f} min", flush=True)
     record["total_wall_s_this_run"] = round(time.time() - t_all, 1)
-    log_path.write_text(json.dumps(record, indent=1))
+    write_text_atomic(json.dumps(record, indent=1), log_path)
     return record
 
 

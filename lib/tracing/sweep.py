@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 import torch
 
+from lib.atomic import remove_stale_tmp, write_parquet_atomic, write_text_atomic
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.paths import REPO_ROOT
 from lib.prompts import subject_positions
@@ -193,56 +193,48 @@ def shard(items: Sequence, index: int, count: int) -> list:
     return list(items[index::count])
 
 
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
-_TMP_NAME = re.compile(r"\..+\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?\.tmp")
+def _readable(path: Path) -> bool:
+    """Whether ``path`` is a whole parquet file (its footer reads): a truncated copy is not."""
+    import pyarrow.parquet as pq
 
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.tmp")
-
-
-def _fsync_replace(tmp: Path, path: Path, write) -> None:
-    """``write(f)`` into ``tmp``, flush and fsync it, then rename it to ``path`` (no torn file after a crash)."""
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    _fsync_replace(_tmp_path(path), path, lambda f: df.to_parquet(f, index=False))
-
-
-def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        pq.read_metadata(path)
+    except Exception:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a torn file
         return False
-    except PermissionError:  # another user's live process
-        return True
     return True
 
 
-def remove_stale_tmp(out: Path) -> list[Path]:
-    """Delete temporary files of killed writers: this machine's (or host-less) ones whose pid is not alive."""
-    removed = []
-    for f in out.glob(".*.tmp"):
-        m = _TMP_NAME.fullmatch(f.name)
-        if m is None or m["host"] not in (None, _HOST) or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
-            continue
-        f.unlink(missing_ok=True)
-        removed.append(f)
-    return removed
+def set_aside_unreadable(out: Path) -> list[Path]:
+    """Rename the folder's unreadable item files (a truncated copy, a full disk) to ``<name>.unreadable`` with a
+    warning, so their items are traced again instead of counting as finished; returns the new paths."""
+    import warnings
+
+    moved = []
+    for f in sorted(out.glob("*.parquet")):
+        if not _readable(f):
+            moved.append(f.rename(f.with_name(f.name + ".unreadable")))
+            warnings.warn(f"{f} is not a readable parquet file (a truncated copy?): set aside as {moved[-1].name}, "
+                          "its item is traced again", stacklevel=3)
+    return moved
 
 
 def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
+    """Write ``sweep.json``, or check that the folder's is ``cfg``; a folder with item files but no readable config
+    cannot be resumed (its items' settings are unknown)."""
     path = out_dir / CONFIG_FILE
+    fix = "use another output folder, or delete the whole folder to start over"
     if path.exists():
-        if json.loads(path.read_text()) != json.loads(cfg.to_json()):
-            raise SweepError(f"{path} holds a different sweep config; use another output folder or delete it")
+        try:
+            held = json.loads(path.read_text())
+        except ValueError as err:
+            raise SweepError(f"{path} is not valid JSON ({err}): the settings of the traces in {out_dir} are "
+                             f"unknown; {fix}") from None
+        if held != json.loads(cfg.to_json()):
+            raise SweepError(f"{path} holds a different sweep config; {fix}")
         return
-    _fsync_replace(_tmp_path(path), path, lambda f: f.write(cfg.to_json().encode()))
+    if any(out_dir.glob("*.parquet")):
+        raise SweepError(f"{out_dir} holds trace files but no {CONFIG_FILE}: their settings are unknown; {fix}")
+    write_text_atomic(cfg.to_json(), path)
 
 
 def check_captions(tokenizer, probes: pd.DataFrame) -> None:
@@ -324,6 +316,7 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg)
     remove_stale_tmp(out)
+    set_aside_unreadable(out)
     names, legacy = finished(out)
     mine = [it for it in share if not it.done(cfg.mode, names, legacy)]
     written = []
@@ -332,7 +325,7 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     for item in tqdm(mine, desc=f"trace {cfg.mode} [{process_index}/{num_processes}]", disable=not progress):
         rows = run_item(pipe, scorer, item, cfg)
         path = out / item.filename(cfg.mode)
-        _write_atomic(rows, path)
+        write_parquet_atomic(rows, path)
         written.append(path)
     return written
 
@@ -348,6 +341,10 @@ def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = 
     files = sorted(Path(out_dir).glob("*.parquet"))
     if not files:
         raise SweepError(f"no finished trace files in {out_dir}")
+    bad = [f for f in files if not _readable(f)]
+    if bad:
+        raise SweepError(f"{bad[0]} is not a readable parquet file (a truncated copy?) ({len(bad)} such file(s) in "
+                         f"{out_dir}); rerun the sweep into this folder to set them aside and trace their items again")
     frames = [pd.read_parquet(f) for f in files]
     for f, d in zip(files, frames):  # grouped token restorations (token -1) told apart only by their token names
         grouped = d[(d["component"] != "unet") & (d["token"] == -1)]

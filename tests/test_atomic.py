@@ -1,0 +1,57 @@
+"""Atomic result files (lib.atomic): whole or absent, and a killed writer's temporary file cleaned up."""
+
+import os
+
+import pandas as pd
+import pytest
+
+from lib.atomic import HOST, remove_stale_tmp, tmp_path, write_csv_atomic, write_parquet_atomic, write_text_atomic
+
+
+def test_writes_are_fsynced_renamed_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    df = pd.DataFrame(dict(a=[1, 2], b=["x", "y"]))
+    write_parquet_atomic(df, tmp_path / "t.parquet")
+    assert len(synced) == 2  # the file, then the folder that holds the new name
+    write_csv_atomic(df, tmp_path / "t.csv")
+    write_text_atomic("ünï\n", tmp_path / "sub" / "t.md")
+    assert pd.read_parquet(tmp_path / "t.parquet").equals(df) and pd.read_csv(tmp_path / "t.csv").equals(df)
+    assert (tmp_path / "sub" / "t.md").read_text(encoding="utf-8") == "ünï\n"
+    assert not list(tmp_path.rglob(".*.tmp"))
+    a, b = tmp_path_of(tmp_path), tmp_path_of(tmp_path)
+    assert a != b and a.parent == tmp_path and a.name.startswith(".t.parquet.") and f"{os.getpid()}@{HOST}" in a.name
+
+
+def tmp_path_of(folder):
+    return tmp_path(folder / "t.parquet")
+
+
+def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
+    pid = dead_pid
+    stale = [tmp_path_of(tmp_path).with_name(f".t.parquet.{pid}@{HOST}.0123456789ab.tmp"),  # today's names
+             tmp_path / f".unet_s0_x.parquet.{pid}@{HOST}.tmp",  # tracing's before the random suffix
+             tmp_path / f".unet_00000_s0_y.parquet.{pid}.tmp",  # tracing's oldest, host-less
+             tmp_path / f".latent_lose_cat_0_k.safetensors.{pid}.a1b2c3d4e5f6.tmp"]  # SAGE's before the host
+    live = [tmp_path / f".unet_s0_z.parquet.{os.getppid()}@{HOST}.tmp",  # a live process (pytest's parent)
+            tmp_path / f".unet_s0_w.parquet.{pid}@some-other-host.tmp",  # another machine's: never touched
+            tmp_path / f".r.parquet.{os.getppid()}.123456789012.tmp",  # a live SAGE writer whose suffix is all digits
+            tmp_path / f".notes.{pid}.txt"]  # not a temporary file
+    for f in stale + live:
+        f.write_bytes(b"partial")
+    assert sorted(remove_stale_tmp(tmp_path)) == sorted(stale)
+    assert all(f.exists() for f in live) and not any(f.exists() for f in stale)
+
+
+def test_an_interrupted_write_keeps_the_old_file(tmp_path):
+    write_text_atomic("old", tmp_path / "t.md")
+
+    class Bad(pd.DataFrame):
+        def to_csv(self, *a, **k):
+            open(a[0], "w").write("half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv_atomic(Bad(dict(a=[1])), tmp_path / "t.md")
+    assert (tmp_path / "t.md").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.md"]
