@@ -400,3 +400,22 @@ def test_training_table_gives_each_stage_its_own_hardware(tmp_path):
     assert training_table(tmp_path).loc["vae", "hardware"] == "Some CPU (cpu, 2 threads)"
     with pytest.raises(FileNotFoundError, match="TRAINING.json"):
         training_table(tmp_path / "missing")
+
+
+def test_unfinished_marks_follow_the_stages():
+    todo: dict = {}
+    T.mark_started(todo, ("vae",), "t0")
+    assert todo == {"vae": "started t0, not finished", "unet": "trained on the VAE that stage vae replaced on t0"}
+    todo["vae-decoder"] = "started t-1, not finished"  # an earlier interrupted continuation
+    T.mark_done(todo, "vae")  # a fresh VAE replaces the decoder that continuation was writing
+    assert set(todo) == {"unet"}
+    T.mark_started(todo, ("clip-vision",), "t1")
+    T.mark_done(todo, "clip-vision")
+    assert set(todo) == {"unet"}
+    T.mark_started(todo, ("clip",), "t2")  # the UNet's earlier staleness keeps its first reason
+    assert todo["unet"].endswith("stage vae replaced on t0") and T._redo(todo) == ["clip", "unet"]
+    T.mark_done(todo, "clip")
+    todo["unet-resume"] = "started t3, not finished"
+    assert T._redo(todo) == ["unet"]  # a fresh UNet covers the continuation
+    T.mark_done(todo, "unet-resume")
+    assert todo == {}

@@ -899,6 +899,25 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {"unet": ("clip", "vae", "vae-decoder"
 STALE_AFTER: dict[str, tuple[str, ...]] = {"clip": ("unet",), "vae": ("unet",)}
 
 
+def mark_started(todo: dict[str, str], stages: tuple[str, ...], when: str) -> None:
+    """Mark ``stages`` unfinished in ``todo`` (``TRAINING.json``'s ``unfinished``) before they write any weight, and
+    the UNet stale after a fresh text encoder or VAE (:data:`STALE_AFTER`): an interrupted run leaves its marks."""
+    for st in stages:
+        todo[st] = f"started {when}, not finished"
+        for later in STALE_AFTER.get(st, ()):
+            todo.setdefault(later, f"trained on the {'text encoder' if st == 'clip' else 'VAE'} that stage {st} "
+                                   f"replaced on {when}")
+
+
+def mark_done(todo: dict[str, str], stage: str) -> None:
+    """Clear ``stage``'s mark; a fresh stage also clears its continuations' (their weights are replaced), and a
+    UNet stage the UNet's staleness (trained on today's text encoder and VAE)."""
+    base = stage.split("-")[0]
+    for st in list(todo):
+        if st == stage or stage == base and st.startswith(f"{base}-") or base == "unet" and st.startswith("unet"):
+            del todo[st]
+
+
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
         budget_min: float | None = None, threads: int | None = None, train_split: str = "train",
@@ -958,13 +977,8 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     record.setdefault("stages", {})
     data = make_training_data(cfg)
     stages = ("clip", "vae", "unet") if stage == "all" else (stage,)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
     todo = record.setdefault(UNFINISHED, {})
-    for st in stages:  # before any weight is written: an interrupted run leaves its stages marked
-        todo[st] = f"started {started}, not finished"
-        for later in STALE_AFTER.get(st, ()):
-            todo.setdefault(later, f"trained on the {'text encoder' if st == 'clip' else 'VAE'} that stage {st} "
-                                   f"replaced on {started}")
+    mark_started(todo, stages, time.strftime("%Y-%m-%d %H:%M:%S"))  # before any weight is written
     write_text_atomic(json.dumps(record, indent=1), log_path)
     t_all = time.time()
     for st in stages:
@@ -992,8 +1006,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         while key in record["stages"] and st.endswith(("-vision", "-decoder", "-resume")):  # keep every continuation's log
             key, n = f"{st}-{n}", n + 1
         record["stages"][key] = res
-        for done in (st, "unet", "unet-resume") if st.startswith("unet") else (st,):  # a UNet trained on today's
-            todo.pop(done, None)  # text encoder and VAE is no longer stale
+        mark_done(todo, st)
         if not todo:
             record.pop(UNFINISHED, None)
         write_text_atomic(json.dumps(record, indent=1), log_path)
