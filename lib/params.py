@@ -101,12 +101,28 @@ def check_step(P: SimpleNamespace, name: str, inclusive: bool = False) -> None:
         raise ParameterError(f"{name}={value} must be {'<=' if inclusive else '<'} STEPS={P.STEPS}")
 
 
-def validate(values: Mapping[str, Any], **extra: Param) -> SimpleNamespace:
+def positive(value: Any) -> None:
+    """A ``check``: the value (every item of a list) must be > 0 (``low`` is inclusive)."""
+    bad = [v for v in (value if isinstance(value, list) else [value]) if not v > 0]
+    if bad:
+        raise ValueError(f"must be > 0, got {bad[0]!r}")
+
+
+def check_disjoint(P: SimpleNamespace, name: str, other: str, why: str) -> None:
+    """``P.<name>`` and ``P.<other>`` (lists) must share no item; ``ParameterError`` naming the shared ones."""
+    both = sorted(set(getattr(P, name)) & set(getattr(P, other)))
+    if both:
+        raise ParameterError(f"{name} and {other} share {both}: {why}")
+
+
+def validate(values: Mapping[str, Any], **extra: Param | None) -> SimpleNamespace:
     """Check ``values`` (the notebook's parameters) against ``COMMON`` plus ``extra``; return them as a namespace.
 
-    Unknown names are an error too, so a misspelt papermill ``-p`` is caught instead of silently ignored.
+    Unknown names are an error too, so a misspelt papermill ``-p`` is caught instead of silently ignored; a notebook
+    passes ``NAME=None`` for a ``COMMON`` parameter it does not take, which is then unknown as well (a ``-p DTYPE``
+    that the notebook would never read).
     """
-    specs = {**COMMON, **extra}
+    specs = {k: v for k, v in {**COMMON, **extra}.items() if v is not None}
     unknown = sorted(set(values) - set(specs))
     if unknown:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(specs))}")

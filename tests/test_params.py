@@ -115,3 +115,96 @@ def test_min_len_holds_for_lists_without_an_item_type():
     with pytest.raises(ParameterError, match=r"PAIRS: needs at least 1 item\(s\), got \[\]"):
         validate(dict(PAIRS=[]), PAIRS=Param(list, min_len=1))
     assert validate(dict(PAIRS=[["a", "b"]]), PAIRS=Param(list, min_len=1)).PAIRS == [["a", "b"]]
+
+
+def _validate_cell(name: str, tmp_path, **over):
+    """Run notebook ``name``'s parameters cell, the papermill overrides and its validating cell (the one calling
+    ``validate``) in one namespace, as the kernel would: the checks a bad ``-p`` meets before any model loads."""
+    import json
+    import os
+
+    from lib.paths import REPO_ROOT
+
+    cells = json.loads((REPO_ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    check = next(c for c in cells if "P = validate(" in "".join(c["source"]))
+    ns: dict = {}
+    exec("".join(params["source"]), ns)
+    ns.update(OUTPUT_DIR=str(tmp_path / "out"), **over)
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT / "notebooks")  # where papermill runs them
+    try:
+        exec("".join(check["source"]).replace("display(", "print("), ns)
+    finally:
+        os.chdir(cwd)
+    return ns["P"]
+
+
+NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own checks, before its model loads
+    ("00_toy_world", dict(DTYPE="float16"), "unknown parameter(s) DTYPE"),  # a COMMON name the notebook never reads
+    ("00_toy_world", dict(CHECKPOINTING="blocks"), "unknown parameter(s) CHECKPOINTING"),
+    ("01_sage_latent_search", dict(CLASSES=["cat", "dog", "cat"]), "CLASSES: ['cat', 'dog', 'cat'] repeat ['cat']"),
+    ("01_sage_latent_search", dict(DELTA_MAX=0.0), "DELTA_MAX: must be > 0, got 0.0"),
+    ("02_sage_prompt_search", dict(BATCH_SIZE=4), "unknown parameter(s) BATCH_SIZE"),
+    ("02_sage_prompt_search", dict(CLASSES=["cat", "cat"]), "CLASSES: ['cat', 'cat'] repeat ['cat']"),
+    ("02_sage_prompt_search", dict(EMB_RANGE=0.0), "EMB_RANGE: must be > 0"),
+    ("02_sage_prompt_search", dict(SUCCESS_FRACTION=0.0), "SUCCESS_FRACTION: must be > 0"),
+    ("02_sage_prompt_search", dict(LM="no_such_org/no-such-lm"), "LM: hub LM 'no_such_org/no-such-lm' is not in the local cache"),
+    ("02_sage_prompt_search", dict(LM="."), "LM: '.' is a folder without config.json"),
+    ("03_sage_token_attack", dict(TEST_SEEDS=[3, 100]), "SEEDS and TEST_SEEDS share [3]"),
+    ("03_sage_token_attack", dict(EMB_RANGE=0.0), "EMB_RANGE: must be > 0"),
+    ("03_sage_token_attack", dict(MODEL="twin:sd-v1", N_TRAIN_PROMPTS=10, N_TEST_PROMPTS=7),
+     "10 + 7 captions of 'cat' (N_TRAIN_PROMPTS + N_TEST_PROMPTS): only 16 captions of 'cat' available, 17 asked"),
+    ("03_sage_token_attack", dict(SOURCE="zebra"), "'zebra' is not a toy-world object"),
+    ("04_causal_tracing_unet", dict(DTYPE="float16"), "unknown parameter(s) DTYPE"),
+    ("04_causal_tracing_unet", dict(NOISE=0.0), "NOISE: must be > 0"),
+    ("04_causal_tracing_unet", dict(LAYERS=["mid_block.resnets.0", "mid_block.resnets.0"]), "each is traced once"),
+    ("05_causal_tracing_text_encoder", dict(TEXT_KINDS=["mlp", "mlp"]), "TEXT_KINDS: ['mlp', 'mlp'] repeat ['mlp']"),
+    ("05_causal_tracing_text_encoder", dict(TEXT_LAYERS=[0, 0]), "TEXT_LAYERS: [0, 0] repeat [0]"),
+    ("06_diffquickfix", dict(DTYPE="float16"), "unknown parameter(s) DTYPE"),
+    ("06_diffquickfix", dict(SWEEP_LAYERS=[1, 1]), "SWEEP_LAYERS: [1, 1] repeat [1]"),
+    ("06_diffquickfix", dict(TOY_FOLDER="data/toy/classifiers/.."), None),  # the toy world itself: accepted
+]
+
+
+@pytest.mark.parametrize("name, over, message", NOTEBOOK_REFUSALS)
+def test_notebooks_refuse_bad_parameters_before_loading(name, over, message, tmp_path, monkeypatch):
+    import lib.loading
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
+    if message is None:
+        _validate_cell(name, tmp_path, **over)
+        return
+    with pytest.raises(ParameterError) as err:
+        _validate_cell(name, tmp_path, **over)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_toy_folder_without_its_clip_is_refused_by_06(tmp_path):
+    (tmp_path / "toy" / "classifiers").mkdir(parents=True)
+    with pytest.raises(ParameterError, match="TOY_FOLDER: .* has no clip_vision/ folder"):
+        _validate_cell("06_diffquickfix", tmp_path, TOY_FOLDER=str(tmp_path / "toy"))
+
+
+def test_positive_and_disjoint_checks():
+    from types import SimpleNamespace
+
+    from lib.params import check_disjoint, positive
+
+    assert validate(dict(X=1e-9), X=Param(float, low=0.0, check=positive)).X == 1e-9
+    with pytest.raises(ParameterError, match=r"X: must be > 0, got -1"):
+        validate(dict(X=[2, -1]), X=Param(list, items=int, check=positive))
+    check_disjoint(SimpleNamespace(A=[0, 1], B=[2]), "A", "B", "why")
+    with pytest.raises(ParameterError, match=r"A and B share \[1\]: why"):
+        check_disjoint(SimpleNamespace(A=[0, 1], B=[1, 2]), "A", "B", "why")
+    assert not hasattr(validate(dict(MODEL="toy")), "DTYPE")
+    with pytest.raises(ParameterError, match=r"unknown parameter\(s\) DTYPE"):
+        validate(dict(DTYPE="auto"), DTYPE=None)
+
+
+@pytest.mark.parametrize("name", ["00_toy_world", "01_sage_latent_search", "02_sage_prompt_search",
+                                  "03_sage_token_attack", "04_causal_tracing_unet", "05_causal_tracing_text_encoder",
+                                  "06_diffquickfix"])
+def test_every_notebooks_defaults_pass_its_checks(name, tmp_path):
+    P = _validate_cell(name, tmp_path)
+    assert P.OUTPUT_DIR == str(tmp_path / "out")

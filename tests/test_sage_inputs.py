@@ -542,3 +542,28 @@ def test_atomic_writes_sync_use_unique_temporary_names_and_leave_nothing_behind(
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(target))["x"], torch.ones(3))
+
+
+def test_setup_checks_members_heads_and_classes_before_the_pipeline_loads(monkeypatch):
+    """A misspelt member, a checker inside the ensemble, an unknown head or class failed after the (for SD,
+    minutes-long) pipeline load."""
+    from types import SimpleNamespace
+
+    import lib.loading
+    from lib.sage.build import setup
+    from lib.sage.loss import UnknownClassError
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded first"))
+    P = SimpleNamespace(MODEL="toy", DEVICE="cpu", DTYPE="auto", CHECKPOINTING=None, ENSEMBLE=["resent"],
+                        CHECKER=None, ATTRIBUTE="object")
+    with pytest.raises(ValueError, match="unknown member spec 'resent'"):
+        setup(P, ["cat"])
+    P.ENSEMBLE, P.CHECKER = ["resnet", "edges"], "toy:resnet"
+    with pytest.raises(ValueError, match="checker 'toy:resnet' is also an ensemble member"):
+        setup(P, ["cat"])
+    P.CHECKER, P.ATTRIBUTE = "mobilenet", "flavour"
+    with pytest.raises(ValueError, match="has no 'flavour' head"):
+        setup(P, ["cat"])
+    P.ATTRIBUTE = "object"
+    with pytest.raises(UnknownClassError, match="zebra"):
+        setup(P, ["cat", "zebra"])

@@ -121,16 +121,19 @@ TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 
 def setup(P, classes: Sequence[str], criteria: Criteria = Criteria()):
     """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
-    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked."""
-    from lib.loading import load_pipeline
+    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked.
+
+    The ensemble is built and the classes checked first: a misspelt member, head or class fails in one line before the
+    (for SD, minutes-long) pipeline load."""
+    from lib.loading import load_pipeline, resolve_device
     from lib.speed import save_memory
 
+    ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(resolve_device(P.DEVICE)),
+                                  attribute=P.ATTRIBUTE, criteria=criteria)
+    check_classes(ens, classes, checker)
     pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
     freeze_pipeline(pipe)
     save_memory(pipe, P.CHECKPOINTING)
-    ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(pipe.unet.device), attribute=P.ATTRIBUTE,
-                                  criteria=criteria)
-    check_classes(ens, classes, checker)
     print("ensemble:", ens.names, "| checker:", getattr(checker, "name", None))
     return pipe, ens, checker
 
@@ -157,6 +160,39 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
         raise ModelLoadError(f"could not load the LM in {where} ({type(err).__name__}: {first}).{hint}") from None
 
 
+def check_lm(lm: str) -> None:
+    """A ``Param`` check of the prompt search's ``LM`` before anything loads: ``"toy"`` needs its files, a local folder
+    its ``config.json``, a hub id (offline) its config in the local cache; ``ValueError`` naming what is missing."""
+    from lib.toy import lm as toy_lm
+
+    if lm == "toy":
+        missing = [rel for rel in TOY_LM_FILES if not (toy_lm.DEFAULT_DIR / rel).is_file()]
+        if missing:
+            raise ValueError(f"toy LM file missing: {toy_lm.DEFAULT_DIR / missing[0]}. Rebuild it with "
+                             f"`{toy_lm.REBUILD}` (from the repo root)")
+        return
+    from pathlib import Path
+
+    where = Path(lm).expanduser()
+    if where.is_dir():
+        if not (where / "config.json").is_file():
+            raise ValueError(f"{lm!r} is a folder without config.json: not a transformers causal-LM folder")
+        return
+    from lib.loading import describe_source
+
+    kind, _ = describe_source(lm)
+    if kind != "hub":
+        raise ValueError(f"{lm!r} is neither 'toy', an existing folder nor a hub id")
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(lm, "config.json"), str):
+            raise ValueError(f"hub LM {lm!r} is not in the local cache and HF_HUB_OFFLINE is set: download it first "
+                             "or give its local folder")
+
+
 def clip_scorer(model: str, device: str = "cpu"):
     """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` (``auto``): the toy CLIP for the toy world, a
     random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache)."""
@@ -180,6 +216,17 @@ def vocabulary(model: str, ensemble: Ensemble | None = None) -> tuple[tuple[str,
         for m in ensemble.members:
             classes |= {str(l).lower() for l in m.labels}
     return tuple(sorted(classes)), ATTRIBUTE_WORDS_REAL
+
+
+def check_caption_count(model: str, cls: str, n_train: int, n_test: int) -> None:
+    """Before any model loads: ``cls`` has ``n_train + n_test`` captions (:func:`class_captions`; notebook 03's
+    ``N_TRAIN_PROMPTS`` and ``N_TEST_PROMPTS``), else a one-line ``ParameterError``."""
+    from lib.params import ParameterError
+
+    try:
+        class_captions(model, cls, n_train + n_test)
+    except ValueError as err:
+        raise ParameterError(f"{n_train} + {n_test} captions of {cls!r} (N_TRAIN_PROMPTS + N_TEST_PROMPTS): {err}") from None
 
 
 def class_captions(model: str, cls: str, n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:

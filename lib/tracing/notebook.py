@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from lib.loading import describe_source
-from lib.params import COMMON, Param, ParameterError
+from lib.params import COMMON, Param, ParameterError, distinct, positive
 from lib.scoring import check_scorer_spec
 from lib.tracing.layers import TEXT_KINDS, text_encoders
 from lib.tracing.probes import NAMED_SETS, probe_path
@@ -34,12 +34,15 @@ def check_text_kinds(value: list[str]) -> None:
     bad = sorted(set(value) - set(TEXT_KINDS))
     if bad:
         raise ValueError(f"unknown kind(s) {bad}; choose from {', '.join(TEXT_KINDS)}")
+    distinct(value, "each is traced once")
 
 
 # The parameters both notebooks take besides lib.params.COMMON; each adds its own (UNET_PARAMS / TEXT_PARAMS).
-TRACE_PARAMS: dict[str, Param] = {
+TRACE_PARAMS: dict[str, Param | None] = {
+    "DTYPE": None, "CHECKPOINTING": None,  # COMMON's, not taken: the pipeline loads in load_pipeline's default dtype
     "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
-    "NOISE": Param(float, low=0.0, high=100.0), "NOISE_SEED": Param(int, low=0),
+    # no noise, no clean - corrupted gap: every item would fail to score, after the whole sweep
+    "NOISE": Param(float, low=0.0, high=100.0, check=positive), "NOISE_SEED": Param(int, low=0),
     "TAU": Param((str, float), check=check_tau),
     "SCORER": Param(str, check=check_scorer_spec), "MIN_GAP": Param(float, low=0.0),
     "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),
@@ -47,11 +50,13 @@ TRACE_PARAMS: dict[str, Param] = {
     "BATCH_SIZE": Param(int, low=2, high=COMMON["BATCH_SIZE"].high),
 }
 UNET_PARAMS: dict[str, Param] = {
-    "LAYERS": Param(list, items=str, min_len=1, optional=True), "UNCOND": Param(str, choices=("restore", "own")),
+    "LAYERS": Param(list, items=str, min_len=1, optional=True, check=lambda v: distinct(v, "each is traced once")),
+    "UNCOND": Param(str, choices=("restore", "own")),
 }
 TEXT_PARAMS: dict[str, Param] = {
     "TEXT_KINDS": Param(list, items=str, min_len=1, check=check_text_kinds),
-    "TEXT_LAYERS": Param(list, items=int, low=0, min_len=1, optional=True),
+    "TEXT_LAYERS": Param(list, items=int, low=0, min_len=1, optional=True,
+                         check=lambda v: distinct(v, "each is traced once")),
 }
 
 
