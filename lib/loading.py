@@ -122,6 +122,13 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             check_toy_folder(where)  # names the first missing file (or unfinished stage) and the command that fixes it
         except (FileNotFoundError, RuntimeError) as err:
             raise ModelLoadError(str(err)) from None
+    elif kind == "local" and (Path(where) / "TRAINING.json").is_file():  # a toy world lib.toy.train wrote elsewhere
+        from lib.toy.train import PIPELINE_STAGES, check_finished
+
+        try:
+            check_finished(where, PIPELINE_STAGES)  # an interrupted or stale stage: refused, with what finishes it
+        except RuntimeError as err:
+            raise ModelLoadError(str(err)) from None
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
         raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")

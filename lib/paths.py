@@ -14,6 +14,13 @@ FIGURES_DIR = REPO_ROOT / "figures"
 RUNS_DIR = Path(os.environ.get("T2I_RUNS_DIR") or REPO_ROOT / "runs")
 
 
+def from_repo_root(path: str | Path) -> str:
+    """``path`` as a command run from the repo root names it: relative when inside the repo (no machine path in a
+    printed command), else absolute."""
+    p = Path(path).expanduser().resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
+
+
 def output_dir(path: str | Path | None, default_name: str) -> Path:
     """Resolve a notebook's output folder (relative paths are taken from the repo root) and create it."""
     out = RUNS_DIR / default_name if path in (None, "") else Path(path)

@@ -241,7 +241,10 @@ def test_quality_run_writes_run_json_last(tmp_path, monkeypatch):
     run's ``run.json`` beside this run's tables."""
     out = tmp_path / "q"
     small = dict(seeds=[0], per_pair=1, render_seeds=[0], steps=1, batch_size=16)
-    table = E.run_quality(out, **small)
+    E.run_quality(out, roundtrip=2, **small)
+    assert len(pd.read_csv(out / "roundtrip.csv"))
+    table = E.run_quality(out, **small)  # without a round trip: the earlier run's table is not left beside it
+    assert not (out / "roundtrip.csv").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["n_prompts"] == len(pd.read_csv(out / "prompts.csv")) == 15 and run["roundtrip"] == 0
     assert pd.read_csv(out / "quality.csv", index_col=0).shape == table.shape and not list(out.glob(".*"))

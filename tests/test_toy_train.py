@@ -192,17 +192,20 @@ def test_an_interrupted_or_partial_retraining_is_refused_until_finished(toy_dir,
             T.run("all", "cpu", work, steps_override=2)  # the clip stage finished, the VAE stage was killed
     todo = json.loads((work / "TRAINING.json").read_text())["unfinished"]
     assert set(todo) == {"vae", "unet"} and todo["vae"].startswith("started ")
-    finish = f"run `python -m lib.toy.train --stage vae --out {work}`, then `python -m lib.toy.train --stage unet"
+    finish = (f"run `python -m lib.toy.train --stage vae --config cpu --out {work}`, then "
+              f"`python -m lib.toy.train --stage unet --config cpu --out {work}`")
     with pytest.raises(RuntimeError, match=r"unfinished \(vae: started .*; unet: started .*\): " + re.escape(finish)):
         T.load_toy_pipeline(work)
     monkeypatch.setitem(loading.PRESETS, "toy", str(work))  # the notebooks' path
     with pytest.raises(ModelLoadError, match=re.escape(finish)):
         load_pipeline("toy")
+    with pytest.raises(ModelLoadError, match=re.escape(finish)):  # the folder by its path, as notebooks 01-05 take it
+        load_pipeline(str(work))
     T.load_toy_clip(work)  # its stage finished: CLIP-Score still loads
     with pytest.raises(RuntimeError, match="unfinished"):  # a UNet is not trained on a VAE an interrupted stage tore
         T.run("unet", "cpu", work, steps_override=2)
     T.run("vae", "cpu", work, steps_override=2)
-    with pytest.raises(RuntimeError, match=r"unfinished \(unet: started [^;]*\): run `[^`]*--stage unet --out"):
+    with pytest.raises(RuntimeError, match=r"unfinished \(unet: started [^;]*\): run `[^`]*--stage unet --config cpu --out"):
         T.load_toy_pipeline(work)
     T.run("unet", "cpu", work, steps_override=2)
     assert "unfinished" not in json.loads((work / "TRAINING.json").read_text())

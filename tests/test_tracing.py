@@ -504,6 +504,21 @@ def test_damaged_sweep_folders_are_retraced_or_refused(tmp_path, dead_pid):
     assert not (out / "sweep.json").exists()
 
 
+def test_two_processes_setting_aside_one_file_do_not_crash(tmp_path, monkeypatch):
+    """Every shard process scans the folder: the one that renames an unreadable file second finds it gone."""
+    import lib.tracing.sweep as S
+
+    bad = tmp_path / "unet_s0_x.parquet"
+    bad.write_bytes(b"torn")
+
+    def other_process_first(f):
+        f.rename(f.with_name(f.name + ".unreadable"))  # the other process, between this one's read and rename
+        return False
+
+    monkeypatch.setattr(S, "_readable", other_process_first)
+    assert S.set_aside_unreadable(tmp_path) == [] and (tmp_path / "unet_s0_x.parquet.unreadable").is_file()
+
+
 def _item_rows(caption: str, recoveries, split: str = "val", seed: int = 0) -> pd.DataFrame:
     from lib.tracing.score import COLUMNS
 

@@ -162,7 +162,8 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
 
 def check_lm(lm: str) -> None:
     """A ``Param`` check of the prompt search's ``LM`` before anything loads: ``"toy"`` needs its files, a local folder
-    its ``config.json``, a hub id (offline) its config in the local cache; ``ValueError`` naming what is missing."""
+    its ``config.json``, a hub id (``gpt2``, ``org/name``) its config in the local cache when the hub is offline;
+    ``ValueError`` naming what is missing."""
     from lib.toy import lm as toy_lm
 
     if lm == "toy":
@@ -178,18 +179,15 @@ def check_lm(lm: str) -> None:
         if not (where / "config.json").is_file():
             raise ValueError(f"{lm!r} is a folder without config.json: not a transformers causal-LM folder")
         return
-    from lib.loading import describe_source
+    if lm.startswith((".", "/", "~")) or lm.count("/") > 1 or "\\" in lm:
+        raise ValueError(f"LM folder not found: {lm}")
+    import huggingface_hub.constants as hub
 
-    kind, _ = describe_source(lm)
-    if kind != "hub":
-        raise ValueError(f"{lm!r} is neither 'toy', an existing folder nor a hub id")
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE; online, a hub id is only known when it downloads
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(lm, "config.json"), str):
-            raise ValueError(f"hub LM {lm!r} is not in the local cache and HF_HUB_OFFLINE is set: download it first "
+            raise ValueError(f"hub LM {lm!r} is not in the local cache and the hub is offline: download it first "
                              "or give its local folder")
 
 
@@ -223,6 +221,10 @@ def check_caption_count(model: str, cls: str, n_train: int, n_test: int) -> None
     ``N_TRAIN_PROMPTS`` and ``N_TEST_PROMPTS``), else a one-line ``ParameterError``."""
     from lib.params import ParameterError
 
+    try:
+        class_captions(model, cls, 0)
+    except ValueError as err:
+        raise ParameterError(f"SOURCE: {err}") from None
     try:
         class_captions(model, cls, n_train + n_test)
     except ValueError as err:

@@ -634,6 +634,7 @@ def run_quality(out: str | Path, model: str | Path = TOY_DIR, seeds: Sequence[in
     table = quality_table(df)
     members_table = family_accuracy(df, named_only=False)
     (out / "run.json").unlink(missing_ok=True)  # written last: a folder without it holds an unfinished run's files
+    (out / "roundtrip.csv").unlink(missing_ok=True)  # an earlier run's, whose run.json is gone; written again below
     write_csv_atomic(df, out / "predictions.csv")
     write_csv_atomic(prompts_frame(prompts), out / "prompts.csv")
     write_csv_atomic(table, out / "quality.csv", index=True)

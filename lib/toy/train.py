@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.atomic import write_text_atomic
-from lib.paths import TOY_DIR
+from lib.paths import TOY_DIR, from_repo_root
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
 
@@ -222,7 +222,10 @@ def check_finished(folder: str | Path, stages: tuple[str, ...]) -> None:
     if not hit:
         return
     why = "; ".join(f"{st}: {todo[st]}" for st in hit)
-    redo = ", then ".join(f"`python -m lib.toy.train --stage {st} --out {folder}`" for st in _redo(todo))
+    config = record.get("config_name", "cpu")  # the interrupted run's (a run records it before marking its stages)
+    where = from_repo_root(folder)
+    redo = ", then ".join(f"`python -m lib.toy.train --stage {st} --config {config} --out {where}`"
+                          + (" with its flags in the README" if "-" in st else "") for st in _redo(todo))
     try:
         folder.resolve().relative_to(TOY_DIR.resolve())
         restore = ", or restore the committed toy world with `git checkout -- data/toy`"

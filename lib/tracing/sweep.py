@@ -36,7 +36,7 @@ import torch
 
 from lib.atomic import remove_stale_tmp, write_parquet_atomic, write_text_atomic
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
-from lib.paths import REPO_ROOT
+from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.prompts import subject_positions
 from lib.scoring import ClipScorer
 from lib.tokenizer import build_clip_tokenizer
@@ -112,13 +112,6 @@ class SweepConfig:
     def key(self) -> str:
         """A short hash of the whole config (folder names)."""
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def from_repo_root(path: str | Path) -> str:
-    """``path`` as a command run from the repo root names it: relative when inside the repo (no machine path in a
-    printed command), else absolute."""
-    p = Path(path).expanduser().resolve()
-    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
 
 def model_spec(model: str) -> str:
@@ -212,7 +205,10 @@ def set_aside_unreadable(out: Path) -> list[Path]:
     moved = []
     for f in sorted(out.glob("*.parquet")):
         if not _readable(f):
-            moved.append(f.rename(f.with_name(f.name + ".unreadable")))
+            try:
+                moved.append(f.rename(f.with_name(f.name + ".unreadable")))
+            except FileNotFoundError:  # another process of this sweep set it aside first
+                continue
             warnings.warn(f"{f} is not a readable parquet file (a truncated copy?): set aside as {moved[-1].name}, "
                           "its item is traced again", stacklevel=3)
     return moved
