@@ -217,9 +217,16 @@ def test_edit_at_any_layer_and_out_of_range():
         e = quickfix(p, "van gogh", "painting", layer=layer)
         (path,) = e.deltas
         assert f"layers.{layer}.self_attn.out_proj.weight" in path and e.deltas[path].abs().sum() > 0
-    for bad in (n, -1, 1.5, True):
+    for bad in (n, -1):
         with pytest.raises(EditError, match="out of range"):
             quickfix(p, "van gogh", "painting", layer=bad)
+    for bad in (1.5, True, "0", torch.tensor([0, 1])):
+        with pytest.raises(EditError, match="layer must be an integer index"):
+            quickfix(p, "van gogh", "painting", layer=bad)
+    import numpy as np
+
+    e = quickfix(p, "van gogh", "painting", layer=np.int64(5))  # a sweep over np.arange
+    assert e.meta["layer"] == {"text_encoder": 5} and type(e.meta["layer"]["text_encoder"]) is int
 
 
 def test_fit_at_one_layer_equals_a_single_ridge_solve():
@@ -250,6 +257,15 @@ def test_bad_inputs_are_clear_errors():
         quickfix(p, "van gogh", "painting", encoders=["text_encoder_2"])
     with pytest.raises(EditError, match="needs a '\\{\\}'"):
         quickfix(p, "van gogh", "painting", templates=("no slot",))
+    for lam in ("0.01", True, None):
+        with pytest.raises(EditError, match="λ must be a finite number >= 0"):
+            quickfix(p, "van gogh", "painting", lam=lam)
+    assert quickfix(p, "van gogh", "painting", encoders="text_encoder").meta["encoders"] == ["text_encoder"]
+    xl = pipe("sdxl")
+    with pytest.raises(EditError, match=r"does not match the edited encoders .*no layer for \['text_encoder_2'\]"):
+        quickfix(xl, "van gogh", "painting", layer={"text_encoder": 0})
+    with pytest.raises(EditError, match=r"\['text_encoder_2'\] not edited"):
+        quickfix(xl, "van gogh", "painting", layer={"text_encoder": 0, "text_encoder_2": 1}, encoders=["text_encoder"])
 
 
 # --- apply / revert / save / load ------------------------------------------------------------------------------------
@@ -274,6 +290,36 @@ def test_apply_revert_is_bit_exact_and_exclusive():
     with pytest.raises(RuntimeError), e.applied(p):
         raise RuntimeError("boom")
     assert not e.is_applied(p) and all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+
+
+def test_an_edit_lives_on_its_weights_whichever_pipeline_holds_them():
+    """Two pipelines built from one set of components share the weights: an edit applied through one is applied for
+    both (two edits used to stack, and reverting both left the first baked in); a model that already holds the edit
+    (saved with it applied, then loaded) refuses it a second time."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    p = pipe()
+    before = _weights(p)
+    twin = StableDiffusionPipeline(**p.components)
+    a, b = quickfix(p, "van gogh", "painting"), quickfix(p, "snoopy", "dog")
+    a.apply(p)
+    assert a.is_applied(twin)
+    with pytest.raises(EditError, match="another edit is applied"):
+        b.apply(twin)
+    a.revert(twin)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(p).items())
+    with a.applied(p):
+        reloaded = copy.deepcopy(p.text_encoder)
+        state = {k: v.clone() for k, v in p.text_encoder.state_dict().items()}
+    fresh = StableDiffusionPipeline(**{**p.components, "text_encoder": reloaded})
+    reloaded.load_state_dict(state)
+    for param in reloaded.parameters():  # a model loaded from disk: the weights hold the edit, no record of it
+        param.__dict__.pop("_t2i_applied_edit", None)
+    with pytest.raises(EditError, match="already holds this edit .*add the change twice"):
+        a.apply(fresh)
+    assert not a.is_applied(fresh) and all(torch.equal(v, before[k]) for k, v in _weights(p).items())
 
 
 def test_save_load_round_trip_is_a_small_delta(tmp_path):
@@ -423,6 +469,10 @@ def test_evaluation_prompts_exclude_edit_prompts_and_hold_the_concept():
     assert E.concept_prompts("snoopy", 3, seed=0, exclude=ex) == got[:3]
     un = E.unrelated_prompts(["snoopy", "van gogh"], 10, seed=1)
     assert all(s.character != "snoopy" and s.style != "van gogh" for _, s in un)
+    # an object anchor's scenes are edited too, and "grumpy cat" holds the word: neither is "unrelated"
+    kept = E.preservation_prompts([["cat", "dog"], ["van gogh", "painting"]], 300, seed=0)
+    assert not any(s.object == "cat" or "cat" in c.split() or s.style in ("van gogh", "painting") for c, s in kept)
+    assert any(s.object == "dog" for _, s in kept)  # an object target stays: plain dogs must be preserved
 
 
 def test_caption_prompts_are_in_distribution_and_avoid_the_evaluation():

@@ -79,15 +79,15 @@ class CrossAttentionEdit(WeightEdit):
         layers = cross_attention_projections(pipe.unet, projections)
         keys, tgts = collect_embeddings(pipe, [a for a, _ in pairs], [t for _, t in pairs], templates, prompts, align)
         ridge = RidgeProblem(keys, lam)
-        deltas, shapes, prints = {}, {}, {}
+        deltas, shapes, prints, edited = {}, {}, {}, {}
         for path, linear in layers.items():
             w0 = linear.weight.detach().to(keys.device, torch.float64)
             w_new = ridge.solve(w0, tgts @ w0.T)  # values: the old projection of the target's embeddings
             deltas[path] = (w_new - w0).to("cpu", torch.float32)
-            shapes[path], prints[path] = list(w0.shape), _fingerprint(w0)
+            shapes[path], prints[path], edited[path] = list(w0.shape), _fingerprint(w0), _fingerprint(w_new)
         meta = dict(
             anchors=[a for a, _ in pairs], targets=[t for _, t in pairs], lam=float(lam), projections=list(projections),
-            shapes=shapes, fingerprints=prints,
+            shapes=shapes, fingerprints=prints, edited_fingerprints=edited,
             solve=dict(n_keys=int(keys.shape[0]), lam_effective=ridge.lam_effective, condition=ridge.condition),
             templates=list(templates), prompts={k: list(v) for k, v in (prompts or {}).items()}, align=align,
             model=_model_name(pipe), fit_seconds=time.perf_counter() - t0,

@@ -141,11 +141,21 @@ def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple
 
     def free(s: W.Scene) -> W.Scene | None:
         if any(getattr(s, c.attribute) == c.value for c in avoid if c.attribute != "object") or any(
-                s.object == c.value and s.character is None for c in avoid if c.attribute == "object"):
+                s.object == c.value and s.character is None or c.value in (s.character or "").split()
+                for c in avoid if c.attribute == "object"):  # "grumpy cat" holds the word "cat"
             return None
         return s
 
     return _distinct_prompts(n, seed, free)
+
+
+def preservation_prompts(pairs: Iterable[Sequence[str]], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:
+    """:func:`unrelated_prompts` for edits of ``(anchor, target)`` ``pairs``: none holds an anchor (the edit changes
+    those) or a style or character target; an object target (snoopy → dog) stays: plain dogs must be preserved."""
+    pairs = [tuple(p) for p in pairs]
+    return unrelated_prompts(list(dict.fromkeys([a for a, _ in pairs] + [t for _, t in pairs
+                                                                           if concept(t).attribute != "object"])),
+                             n, seed)
 
 
 # A few misspellings per toy concept, as people type them (the paper's robustness demo); others are generated.

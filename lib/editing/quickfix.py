@@ -24,6 +24,8 @@ share: the ridge solve, its check against gradient descent, and :class:`WeightEd
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 import re
 import time
 import uuid
@@ -84,7 +86,8 @@ class RidgeProblem:
     condition: float = field(init=False)
 
     def __post_init__(self) -> None:
-        if not (self.lam >= 0 and float(self.lam) < float("inf")):
+        if isinstance(self.lam, bool) or not isinstance(self.lam, numbers.Real) or not (
+                self.lam >= 0 and float(self.lam) < float("inf")):
             raise EditError(f"λ must be a finite number >= 0, got {self.lam!r}")
         k = self.keys.to(torch.float64)
         if k.ndim != 2 or k.shape[0] == 0:
@@ -384,7 +387,14 @@ def _fingerprint(w: torch.Tensor) -> list[float]:
     return [float(flat.double().norm())] + flat[::step][:16].double().cpu().tolist()
 
 
-_STATE_ATTR = "_weight_edits"  # on the pipeline: {param path: (edit uid, original tensor)}
+_STATE_ATTR = "_t2i_applied_edit"  # on each edited Parameter: (edit uid, original tensor). On the weight, not the
+# pipeline: two pipelines built from the same components share it, and a swapped-in module starts clean
+
+
+def _same(fingerprint: list[float] | None, p: torch.Tensor) -> bool:
+    """Whether weight ``p`` matches a :func:`_fingerprint` (dtype-tolerant)."""
+    return fingerprint is not None and torch.allclose(torch.tensor(_fingerprint(p)), torch.tensor(fingerprint),
+                                                      rtol=1e-2, atol=1e-3)
 
 
 @dataclass(eq=False)
@@ -392,8 +402,9 @@ class WeightEdit:
     """Additive float32 deltas on named weights of a pipeline, with exact revert and a small safetensors file.
 
     ``deltas`` maps ``"component:param.name"`` (e.g. ``"text_encoder:encoder.layers.0.self_attn.out_proj.weight"``)
-    to ``W_new − W_old``; ``meta`` is JSON-serialisable. :meth:`apply` keeps the original tensors on the pipeline,
-    so :meth:`revert` restores them bit for bit; a weight can carry one applied edit at a time.
+    to ``W_new − W_old``; ``meta`` is JSON-serialisable (``fingerprints`` / ``edited_fingerprints``: signatures of
+    the weights before and after, which :meth:`apply` checks). :meth:`apply` keeps each original tensor on its weight,
+    so :meth:`revert` restores it bit for bit; a weight carries one applied edit at a time, whichever pipeline holds it.
     """
 
     deltas: dict[str, torch.Tensor]
@@ -431,8 +442,11 @@ class WeightEdit:
         self._params(pipe)
 
     def is_applied(self, pipe) -> bool:
-        state = getattr(pipe, _STATE_ATTR, {})
-        return all(state.get(p, (None,))[0] == self.uid for p in self.deltas)
+        try:
+            params = self._params(pipe)
+        except EditError:
+            return False
+        return all(getattr(p, _STATE_ATTR, (None,))[0] == self.uid for p in params.values())
 
     def apply(self, pipe) -> "WeightEdit":
         """Add the deltas to the pipeline's weights (in place, in their dtype); returns ``self``.
@@ -442,16 +456,17 @@ class WeightEdit:
         load that component in float32 (a small Δ on float16 weights is partly rounded away).
         """
         params = self._params(pipe)
-        state: dict = pipe.__dict__.setdefault(_STATE_ATTR, {})
-        busy = [p for p in params if p in state]
+        busy = [path for path, p in params.items() if hasattr(p, _STATE_ATTR)]
         if busy:
-            mine = all(state[p][0] == self.uid for p in busy)
+            mine = all(getattr(params[path], _STATE_ATTR)[0] == self.uid for path in busy)
             raise EditError(("this edit is already applied" if mine else "another edit is applied to "
                              + ", ".join(busy)) + "; revert it first")
         for path, p in params.items():
             ref = self.meta.get("fingerprints", {}).get(path)
-            if ref is not None and not torch.allclose(torch.tensor(_fingerprint(p)), torch.tensor(ref),
-                                                      rtol=1e-2, atol=1e-3):
+            if _same(self.meta.get("edited_fingerprints", {}).get(path), p) and not _same(ref, p):
+                raise EditError(f"{path} already holds this edit (a model saved with it applied?): applying it "
+                                "again would add the change twice")
+            if ref is not None and not _same(ref, p):
                 warnings.warn(f"{path} differs from the weight this edit was fitted on", FingerprintWarning,
                               stacklevel=2)
         self.rounding_error = {}
@@ -459,7 +474,7 @@ class WeightEdit:
             for path, p in params.items():
                 orig = p.detach().clone()
                 delta = self.deltas[path].to(p.device, torch.float64)
-                state[path] = (self.uid, orig)
+                setattr(p, _STATE_ATTR, (self.uid, orig))
                 p.copy_((orig.double() + delta).to(p.dtype))
                 self.rounding_error[path] = float((p.double() - orig.double() - delta).norm()
                                                   / delta.norm().clamp_min(1e-300))
@@ -476,13 +491,12 @@ class WeightEdit:
 
     def revert(self, pipe) -> "WeightEdit":
         """Restore the exact original weights; returns ``self``."""
-        state: dict = getattr(pipe, _STATE_ATTR, {})
-        if not self.deltas or any(state.get(p, (None,))[0] != self.uid for p in self.deltas):
+        if not self.deltas or not self.is_applied(pipe):
             raise EditError("this edit is not applied to this pipeline; nothing to revert")
-        params = self._params(pipe)
         with torch.no_grad():
-            for path, p in params.items():
-                p.copy_(state.pop(path)[1])
+            for p in self._params(pipe).values():
+                p.copy_(getattr(p, _STATE_ATTR)[1])
+                delattr(p, _STATE_ATTR)
         return self
 
     @contextmanager
@@ -589,9 +603,20 @@ def encoder_layers(text_encoder) -> torch.nn.ModuleList:
 def out_proj(text_encoder, layer: int) -> torch.nn.Linear:
     """``encoder.layers[layer].self_attn.out_proj``, with a clear error for a layer out of range."""
     layers = encoder_layers(text_encoder)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+    layer = layer_index(layer)
+    if not 0 <= layer < len(layers):
         raise EditError(f"layer {layer!r} is out of range: this text encoder has layers 0..{len(layers) - 1}")
     return layers[layer].self_attn.out_proj
+
+
+def layer_index(layer) -> int:
+    """``layer`` as a Python int (numpy and torch integers too: a sweep over ``np.arange``), else :class:`EditError`."""
+    try:
+        if isinstance(layer, bool) or isinstance(layer, torch.Tensor) and layer.ndim:
+            raise TypeError
+        return operator.index(layer)
+    except TypeError:
+        raise EditError(f"layer must be an integer index, got {layer!r} ({type(layer).__name__})") from None
 
 
 class _Stop(Exception):
@@ -678,13 +703,19 @@ class QuickFixEdit(WeightEdit):
         """
         t0 = time.perf_counter()
         pairs = concept_pairs(anchors, targets)
-        names = list(encoders) if encoders is not None else encoder_names(pipe)
+        names = [encoders] if isinstance(encoders, str) else list(encoders) if encoders is not None \
+            else encoder_names(pipe)
         if not names:
             raise EditError("the pipeline has no CLIP text encoder to edit")
         unknown = [n for n in names if n not in encoder_names(pipe)]
         if unknown:
             raise EditError(f"unknown encoder(s) {unknown}; this pipeline has {encoder_names(pipe)}")
-        layers = {n: (layer[n] if isinstance(layer, Mapping) else layer) for n in names}
+        if isinstance(layer, Mapping):
+            lacking, extra = [n for n in names if n not in layer], [n for n in layer if n not in names]
+            if lacking or extra:
+                raise EditError(f"layer mapping {dict(layer)} does not match the edited encoders {names}: "
+                                + (f"no layer for {lacking}" if lacking else f"{extra} not edited (encoders=...)"))
+        layers = {n: layer_index(layer[n] if isinstance(layer, Mapping) else layer) for n in names}
         deltas, info = {}, {}
         for n in names:
             kv = collect_keys_values(pipe, [a for a, _ in pairs], [t for _, t in pairs], layers[n], n, templates,
@@ -694,11 +725,12 @@ class QuickFixEdit(WeightEdit):
             deltas[kv.param] = (w_new - kv.weight.to(w_new.device)).to("cpu", torch.float32)
             info[n] = dict(param=kv.param, layer=layers[n], shape=list(kv.weight.shape), n_keys=int(kv.keys.shape[0]),
                            lam_effective=ridge.lam_effective, condition=ridge.condition,
-                           fingerprint=_fingerprint(kv.weight))
+                           fingerprint=_fingerprint(kv.weight), edited=_fingerprint(w_new))
         meta = dict(
             anchors=[a for a, _ in pairs], targets=[t for _, t in pairs], layer=layers, lam=float(lam),
             encoders=names, shapes={i["param"]: i["shape"] for i in info.values()},
             fingerprints={i["param"]: i["fingerprint"] for i in info.values()},
+            edited_fingerprints={i["param"]: i["edited"] for i in info.values()},
             solve={n: {k: i[k] for k in ("n_keys", "lam_effective", "condition")} for n, i in info.items()},
             templates=list(templates), prompts={k: list(v) for k, v in (prompts or {}).items()}, align=align,
             subtract_bias=subtract_bias, model=_model_name(pipe), fit_seconds=time.perf_counter() - t0,
