@@ -356,18 +356,30 @@ def test_group_recovery_interval_resamples_items():
         group_recovery_ci(df, ("layer",), level=95)
 
 
+def test_tau_is_the_middle_of_the_gap_between_the_groups():
+    """Every grid value between the groups splits them alike; the first one sat just above the lower group, so a test
+    layer a little above the validation's non-causal values was called causal (review, 2026-12-06)."""
+    from lib.tracing.score import TAU_GRID, middle_of_best
+
+    assert otsu(np.array([0, .02, .05, .1, .15, .6, .8, .95, 1])) == pytest.approx(0.38)  # gap 0.16 … 0.60
+    assert otsu(np.array([0.0, 0.3, 0.31])) == pytest.approx(0.17)  # gap 0.05 … 0.30: one group at the grid's end
+    assert middle_of_best([0, 2, 2, 2, 1, 2], TAU_GRID[:6]) == TAU_GRID[2]  # the first run of equal best scores
+    df = _rows([20.0, 21.0, 29.0, 30.0])  # recoveries 0, 0.1, 0.9, 1
+    assert choose_tau(df.assign(ok=[False, False, True, True]), labels="ok") == pytest.approx(0.50)  # 0.11 … 0.90
+
+
 def test_otsu_tau_is_chosen_on_layer_level_recoveries():
-    """Per-row values (clipped) {0, 1, .1, .1, .9, .9, 1, 1} would give τ = 0.11; the layer recoveries the tables
-    threshold, {3/11, .1, .9, 1}, give 0.28."""
+    """Per-row values (clipped) {0, 1, .1, .1, .9, .9, 1, 1} would give τ = 0.50 (the middle of 0.11–0.90); the layer
+    recoveries the tables threshold, {3/11, .1, .9, 1}, give 0.59 (the middle of 0.28–0.90)."""
     from lib.tracing.report import unet_layer_table
 
     cells = {0: [(30, 20, 20), (21, 20, 23)], 1: [(30, 20, 21), (21, 20, 20.1)], 2: [(30, 20, 29), (21, 20, 20.9)],
              3: [(30, 20, 30), (21, 20, 21)]}
     df = _gap_rows(cells)
     tau = choose_tau(df)
-    assert tau == otsu(np.array([3 / 11, 0.1, 0.9, 1.0])) == pytest.approx(0.28)
-    assert otsu(recovery(df).to_numpy()) == pytest.approx(0.11)
-    assert choose_tau(df.assign(component="text_encoder", kind="mlp", token_group="after")) == pytest.approx(0.28)
+    assert tau == otsu(np.array([3 / 11, 0.1, 0.9, 1.0])) == pytest.approx(0.59)
+    assert otsu(recovery(df).to_numpy()) == pytest.approx(0.50)
+    assert choose_tau(df.assign(component="text_encoder", kind="mlp", token_group="after")) == pytest.approx(0.59)
     assert choose_tau(pd.concat([df, df.assign(split="test", score=25.0)])) == tau  # only the val split counts
     table = unet_layer_table(mark_causal(df, tau), split="val")
     assert table["causal"].tolist() == [False, False, True, True]

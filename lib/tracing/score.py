@@ -150,19 +150,29 @@ def layer_recoveries(df: pd.DataFrame, min_gap: float | None = None) -> np.ndarr
     return np.concatenate([p.to_numpy(float) for p in parts]) if parts else np.zeros(0)
 
 
+def middle_of_best(scores: Sequence[float], grid: np.ndarray) -> float:
+    """The grid value in the middle of the first run of equal best ``scores``: every threshold in a gap between two
+    groups scores the same, and the middle of the gap, not its low edge just above the lower group, is the threshold
+    that new values (the test split) cross least by chance."""
+    s = np.asarray(scores, dtype=float)
+    i0 = i1 = int(np.argmax(s))
+    while i1 + 1 < len(s) and s[i1 + 1] == s[i0]:
+        i1 += 1
+    return float(grid[(i0 + i1) // 2])
+
+
 def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
-    """The grid threshold maximising the between-group variance of ``values`` (clipped to [0, 1])."""
-    v = np.clip(values[np.isfinite(values)], 0.0, 1.0)
+    """The grid threshold maximising the between-group variance of ``values`` (clipped to [0, 1]); of the equal best
+    ones (one split of the values), the middle (:func:`middle_of_best`)."""
+    v = np.round(np.clip(values[np.isfinite(values)], 0.0, 1.0), 9)  # 0.8999999999 (a ratio of sums) is 0.9
     if len(v) == 0:
         raise ValueError("no finite recovery values to choose a threshold from")
-    best, best_t = -1.0, None
-    for t in grid:
+    between = np.full(len(grid), -1.0)
+    for i, t in enumerate(grid):
         lo, hi = v[v < t], v[v >= t]
-        if len(lo) == 0 or len(hi) == 0:
-            continue
-        between = len(lo) * len(hi) / len(v) ** 2 * (lo.mean() - hi.mean()) ** 2
-        if between > best:
-            best, best_t = between, float(t)
+        if len(lo) and len(hi):
+            between[i] = len(lo) * len(hi) / len(v) ** 2 * (lo.mean() - hi.mean()) ** 2
+    best_t = middle_of_best(between, grid) if between.max() >= 0 else None
     if best_t is None:  # was a silent 0.5, printed as Otsu's choice
         raise ValueError(f"Otsu's threshold is undefined: all {len(v)} recoveries ({v.min():.3g}–{v.max():.3g}) lie on "
                          f"one side of every grid value ({grid[0]:g}–{grid[-1]:g}); pass a numeric τ (TAU): the "
@@ -173,7 +183,8 @@ def otsu(values: np.ndarray, grid: np.ndarray = TAU_GRID) -> float:
 def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", min_gap: float = 0.0,
                grid: np.ndarray = TAU_GRID) -> float:
     """``τ`` from the rows of ``split``: best balanced accuracy of the row recoveries against bool column ``labels``,
-    else Otsu on the split's group recoveries (``layer_recoveries``: the values the layer verdicts compare to ``τ``)."""
+    else Otsu on the split's group recoveries (``layer_recoveries``: the values the layer verdicts compare to ``τ``);
+    in both, the middle of the equal best thresholds (:func:`middle_of_best`)."""
     val = df[df["split"] == split]
     if val.empty:
         raise ValueError(f"no rows with split == {split!r} to choose the threshold on")
@@ -190,7 +201,7 @@ def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", 
         raise ValueError(f"column {labels!r} needs both True and False rows among finite recoveries")
     acc = [0.5 * (((r[ok] >= t) & y[ok]).sum() / y[ok].sum() + ((r[ok] < t) & ~y[ok]).sum() / (~y[ok]).sum())
            for t in grid]
-    return float(grid[int(np.argmax(acc))])
+    return middle_of_best(acc, grid)
 
 
 def mark_causal(df: pd.DataFrame, tau: float, min_gap: float = 0.0) -> pd.DataFrame:
