@@ -354,6 +354,20 @@ def test_group_recovery_interval_resamples_items():
     assert counts[["cells", "causal", "surely", "possibly"]].values.tolist() == [[3, 2, 2, 3]]
     with pytest.raises(ValueError, match="level"):
         group_recovery_ci(df, ("layer",), level=95)
+    assert ci["probes"].tolist() == [3, 4, 1]  # one seed per caption: a probe is an item
+
+
+def test_the_seeds_of_one_caption_are_resampled_together():
+    """Caption c0 recovers 0.2 and c1 0.8 under each of 3 seeds: drawn as 2 probes, a quarter of the resamples are
+    all-c0 (0.2) and a quarter all-c1 (0.8), so the 95% interval is [0.2, 0.8]; drawn as 6 independent items it was
+    narrower (all six from c0 has probability 1/64 < 2.5%)."""
+    from lib.tracing.score import group_recovery_ci
+
+    base = _gap_rows({0: [(30, 20, 22), (30, 20, 28)]}, split="test").assign(subject="s")
+    df = pd.concat([base.assign(seed=s) for s in range(3)], ignore_index=True)
+    ci = group_recovery_ci(df, ("layer",), min_gap=0.0)
+    assert ci.loc["l0", ["recovery", "recovery_lo", "recovery_hi"]].tolist() == pytest.approx([0.5, 0.2, 0.8])
+    assert ci.loc["l0", ["items", "probes"]].tolist() == [6, 2]
 
 
 def test_tau_is_the_middle_of_the_gap_between_the_groups():

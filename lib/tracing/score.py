@@ -111,22 +111,27 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
                       min_gap: float | None = None) -> pd.DataFrame:
     """``group_recovery`` per group of ``by`` (sorted) with a percentile bootstrap interval at ``level``.
 
-    The resampled unit is the item (caption, subject, seed): all rows of one item in a group (e.g. the several tokens
-    of a text token group) are drawn together, since they share the item's clean and corrupted scores. Fixed ``seed``:
-    the same rows give the same interval. A group with a single item gets its value as both bounds (no spread to
-    resample); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items``.
+    The resampled unit is the probe (caption, subject) with all its rows: the several tokens of a text token group
+    share an item's clean and corrupted scores, and the image seeds of one caption are not independent draws (resampled
+    one by one, 3 seeds of 6 captions made the intervals too narrow; review, 2026-12-06); with one seed per caption it
+    is the item. Fixed ``seed``: the same rows give the same interval. A group with a single probe gets its value as
+    both bounds (no spread to resample); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items`` (the
+    group's (caption, subject, seed) items) and ``probes``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    item = [c for c in ("caption", "subject", "seed") if c in df.columns]
-    if not item:  # no item columns: every row is its own item
-        df, item = df.assign(_row=np.arange(len(df))), ["_row"]
+    probe = [c for c in ("caption", "subject") if c in df.columns] or [c for c in ("seed",) if c in df.columns]
+    item = probe + [c for c in ("seed",) if c in df.columns and c not in probe]
+    if not probe:  # no item columns: every row is its own item
+        df, probe, item = df.assign(_row=np.arange(len(df))), ["_row"], ["_row"]
     parts = _gaps(df, list(by) + item, min_gap).dropna(subset=["num"])
-    per_item = parts.groupby(list(by) + item, sort=True)[["num", "den"]].sum()
+    levels = list(range(len(by)))
+    items = {k: len(g) for k, g in parts.groupby(list(by) + item, sort=True).size().groupby(level=levels, sort=True)}
+    per_probe = parts.groupby(list(by) + probe, sort=True)[["num", "den"]].sum()
     rng = np.random.default_rng(seed)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     rows = {}
-    for key, g in per_item.groupby(level=list(range(len(by))), sort=True):
+    for key, g in per_probe.groupby(level=levels, sort=True):
         num, den = g["num"].to_numpy(float), g["den"].to_numpy(float)
         value = num.sum() / den.sum()
         if len(g) > 1:
@@ -134,9 +139,11 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
             lo, hi = np.percentile(num[idx].sum(1) / den[idx].sum(1), q)
         else:
             lo = hi = value
-        rows[key] = (value, lo, hi, len(g))
-    out = pd.DataFrame.from_dict(rows, orient="index", columns=["recovery", "recovery_lo", "recovery_hi", "items"])
-    out = out.astype({"recovery": float, "recovery_lo": float, "recovery_hi": float, "items": int})  # also when empty
+        rows[key] = (value, lo, hi, items[key], len(g))
+    out = pd.DataFrame.from_dict(rows, orient="index",
+                                 columns=["recovery", "recovery_lo", "recovery_hi", "items", "probes"])
+    out = out.astype({"recovery": float, "recovery_lo": float, "recovery_hi": float, "items": int,
+                      "probes": int})  # also when empty
     out.index = pd.MultiIndex.from_tuples(out.index, names=list(by)) if len(by) > 1 else pd.Index(
         [k[0] if isinstance(k, tuple) else k for k in out.index], name=by[0])
     return out
