@@ -567,3 +567,16 @@ def test_setup_checks_members_heads_and_classes_before_the_pipeline_loads(monkey
     P.ATTRIBUTE = "object"
     with pytest.raises(UnknownClassError, match="zebra"):
         setup(P, ["cat", "zebra"])
+
+
+def test_a_missing_toy_lm_is_named_with_its_rebuild_command(tmp_path, monkeypatch):
+    from lib.loading import ModelLoadError
+    from lib.sage.build import check_lm, load_lm
+    from lib.toy import lm as toy_lm
+
+    monkeypatch.setattr(toy_lm, "DEFAULT_DIR", tmp_path)
+    with pytest.raises(ValueError, match=f"toy LM file missing: {tmp_path / 'config.json'}. Rebuild it with `"):
+        check_lm("toy")
+    with pytest.raises(ModelLoadError, match=r"toy LM file missing: .*config\.json\. Rebuild it with `.*` \(from the "
+                                             r"repo root\)\.$"):
+        load_lm("toy")

@@ -411,7 +411,7 @@ def test_items_without_a_recovery_give_float_tables_and_a_clear_notebook_error(t
 
     df = mark_causal(_gap_rows({0: [(30, 20, 25)], 1: [(30, 20, 22)]}), 0.5, min_gap=50.0)  # no gap above 50
     ci = group_recovery_ci(df, ("layer",), min_gap=50.0)
-    assert ci.empty and ci.dtypes.tolist() == [float, float, float, int]
+    assert ci.empty and ci.dtypes.tolist() == [float, float, float, int, int]  # recovery, lo, hi, items, probes
     assert unet_layer_table(df, split="val")["recovery"].dtype == float
     monkeypatch.setattr(tracing, "collect", lambda *a, **k: df)
     P = SimpleNamespace(TAU=0.5, MIN_GAP=50.0, SEEDS=[0], EVAL_SPLIT="all")

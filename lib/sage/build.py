@@ -150,9 +150,10 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
     where = toy_lm.DEFAULT_DIR if lm == "toy" else lm
     hint = f" Rebuild it with `{toy_lm.REBUILD}` (from the repo root)." if lm == "toy" else ""
     if lm == "toy":
-        for rel in TOY_LM_FILES:
-            if not (where / rel).is_file():
-                raise ModelLoadError(f"toy LM file missing: {where / rel}.{hint}")
+        try:
+            check_lm(lm)  # names the first missing file and the rebuild command
+        except ValueError as err:
+            raise ModelLoadError(f"{err}.") from None
     try:
         return CandidateLM(where, device=device)
     except Exception as err:  # noqa: BLE001 - transformers' errors span many lines and rarely name the file
