@@ -516,9 +516,21 @@ def test_generate_images_applies_and_reverts_the_edit():
     e = quickfix(p, "van gogh", "painting")
     a = E.generate_images(p, ["a van gogh painting"], [0, 1], steps=2, guidance=3.0)
     b = E.generate_images(p, ["a van gogh painting"], [0, 1], steps=2, guidance=3.0, edit=e, batch_size=1)
-    assert a.shape == b.shape == (2, 3, 64, 64) and not torch.equal(a, b)
+    assert a.shape == b.shape == (2, 3, 64, 64)
+    assert (a - b).abs().amax((1, 2, 3)).min() > 1e-3  # every image, not only the first batch, saw the edit
     assert all(torch.equal(v, before[k]) for k, v in _weights(p).items())
-    warnings.simplefilter("default")
+    with e.applied(p):  # the same edit applied by hand, all in one batch
+        ref = E.generate_images(p, ["a van gogh painting"], [0, 1], steps=2, guidance=3.0, batch_size=2)
+    torch.testing.assert_close(b, ref, atol=1e-5, rtol=0)
+
+
+def test_generate_images_is_prompt_major():
+    p = pipe()
+    prompts, seeds = ["a van gogh painting", "a photo of a dog"], [3, 4]
+    got = E.generate_images(p, prompts, seeds, steps=2, guidance=3.0, batch_size=3)
+    alone = torch.cat([E.generate_images(p, [q], [s], steps=2, guidance=3.0) for q in prompts for s in seeds])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+    assert (got[0] - got[1]).abs().max() > 1e-3 and (got[0] - got[2]).abs().max() > 1e-3  # seeds and prompts differ
 
 
 def test_benchmark_cases_time_the_edit(tmp_path):
@@ -535,3 +547,47 @@ def test_benchmark_cases_time_the_edit(tmp_path):
     res = {r["case"]: r for r in json.loads(out.read_text())["results"]}
     assert res["quickfix_sd14"]["median_s"] > 0 and res["quickfix_sd14"]["extra"]["n_keys"] == {"text_encoder": 586}
     assert len(res["quickfix_sdxl"]["extra"]["weights"]) == 2
+
+
+def test_evaluate_edit_rows_line_up_with_prompts_seeds_and_conditions(monkeypatch):
+    """Each row's prediction, accuracy and CLIP-Score belong to its own (condition, prompt, seed) image."""
+    import numpy as np
+
+    from lib.toy.classifiers import AttributeClassifier
+
+    objects = list(W.OBJECTS)
+
+    def fake_images(pipe, prompts, seeds, steps, guidance, edit=None, batch_size=64, progress=None):
+        # image value = index of the object it shows: the prompt's own object, or "star" under the edit
+        shown = [objects.index("star") if edit is not None else objects.index(p.split()[-1])
+                 for p in prompts for _ in seeds]
+        return torch.tensor(shown, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
+
+    class ObjectReader(AttributeClassifier):  # reads the object index off the pixels
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.name, self.families = "reader", ("object",)
+            self.labels = {"object": objects}
+
+        def forward(self, x):
+            return {"object": torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), len(objects)).float() * 10}
+
+    class Scorer:  # 1 where the caption names the object the image shows
+        def score(self, images, captions):
+            return torch.tensor([float(objects[int(v)] in c) for v, c in zip(images[:, 0, 0, 0], captions)])
+
+    monkeypatch.setattr(E, "generate_images", fake_images)
+    prompts, seeds = ["a photo of a dog", "a photo of a cat", "a photo of a fish"], [7, 8]
+    scenes = [W.Scene(object=p.split()[-1]) for p in prompts]
+    df = E.evaluate_edit(None, ObjectReader(), {"unedited": None, "edited": object()}, prompts, scenes, seeds,
+                         steps=1, guidance=1.0, scorer=Scorer(), score_captions={"own": prompts})
+    assert df["condition"].tolist() == ["unedited"] * 6 + ["edited"] * 6
+    assert df["prompt_id"].tolist() == [0, 0, 1, 1, 2, 2] * 2 and df["seed"].tolist() == [7, 8] * 6
+    assert df["prompt"].tolist() == [p for p in prompts for _ in seeds] * 2
+    assert df["pred_object"].tolist() == ["dog", "dog", "cat", "cat", "fish", "fish"] + ["star"] * 6
+    assert df["accuracy"].tolist() == [1.0] * 6 + [0.0] * 6
+    assert df["clip_own"].tolist() == [1.0] * 6 + [0.0] * 6
+    assert np.isnan(E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, seeds, steps=1,
+                                    guidance=1.0, score_captions={"own": prompts})["clip_own"]).all()
+    with pytest.raises(ValueError, match="3 prompts but 2 scenes"):
+        E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes[:2], seeds, steps=1, guidance=1.0)

@@ -285,3 +285,17 @@ def test_devices_this_machine_lacks_are_refused_before_loading(device, fragment,
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ModelLoadError, match="'cuda:1' asked for, but this machine has 1 CUDA device"):
         resolve_device("cuda:1")
+
+
+def test_auto_device_and_dtype_follow_the_machine(monkeypatch):
+    """``auto``: CUDA with float16 where CUDA is present, else CPU with float32 (the README's promise)."""
+    from lib.loading import resolve_device, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", torch.device("cuda:0")) == torch.float16
+    assert resolve_dtype("bf16", "cuda") == torch.bfloat16 and resolve_dtype(torch.float64) == torch.float64
+    with pytest.raises(ModelLoadError, match="unknown dtype 'fp64'; choose auto, float32, fp32, float16"):
+        resolve_dtype("fp64")

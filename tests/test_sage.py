@@ -262,8 +262,8 @@ def test_projection_keeps_the_norm_in_the_shell():
     cos = torch.nn.functional.cosine_similarity(out.flatten(1)[:2], lat.flatten(1)[:2])
     assert torch.allclose(cos, torch.ones(2))  # ... by rescaling it, not turning it
     inside = lat[2:].flatten().norm()
-    if lo <= inside <= hi:
-        assert torch.equal(out[2], lat[2])  # non-outliers untouched
+    assert lo <= inside <= hi  # the third latent is a non-outlier ...
+    assert torch.equal(out[2], lat[2])  # ... and left untouched
 
 
 def test_straight_through_value_is_the_plain_loop_and_gradient_reaches_the_latent(pipe, ens):
@@ -365,17 +365,17 @@ def test_a_successful_search_leaves_the_batch(pipe):
 def test_wrong_shape_latent_raises(pipe, ens, tmp_path):
     with pytest.raises(LatentShapeError, match=r"expects \(B, 4, 8, 8\)"):
         check_latent(pipe, torch.zeros(1, 4, 16, 16))
-    with pytest.raises(LatentShapeError):
+    with pytest.raises(LatentShapeError, match=r"latent has shape \(4, 8, 8\); this pipeline expects \(B, 4, 8, 8\)"):
         search_latent(pipe, ens, "a cat", "cat", latent=torch.zeros(4, 8, 8), steps=2)
     with pytest.raises(ValueError, match="exactly one"):
         search_latent(pipe, ens, "a cat", "cat", steps=2)
-    with pytest.raises(UnknownClassError):
+    with pytest.raises(UnknownClassError, match="class 'zebra' is not a label of member 'a'.*its labels: cat, dog, car"):
         search_latent(pipe, ens, "a cat", "zebra", seed=0, steps=2)
     from safetensors.torch import save_file
 
     save_file({"latent": torch.zeros(1, 4, 9, 9)}, str(tmp_path / "bad.safetensors"),
               metadata={"prompt": "a cat", "steps": "2", "guidance": "7.5"})
-    with pytest.raises(LatentShapeError):
+    with pytest.raises(LatentShapeError, match=r"latent has shape \(1, 4, 9, 9\)"):
         render_latent(pipe, tmp_path / "bad.safetensors")
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lib.scoring import ClipScorer, openclip_scorer
@@ -22,6 +23,12 @@ def test_clip_score_is_100_times_clamped_cosine():
     assert torch.allclose(s.score(red, ["green"]), torch.tensor([0.0]))
     assert torch.allclose(s.score(red, ["anti"]), torch.tensor([0.0]))  # negative cosine clamps to 0
     assert s.rank(red, ["red", "anti"]).tolist() == [[1.0, -1.0]]
+    yellow = torch.zeros(1, 3, 8, 8)
+    yellow[:, :2] = 1  # cosine 1/sqrt(2) with "red"
+    assert torch.allclose(s.score(yellow, ["red"]), torch.tensor([100 / 2**0.5]))
+    assert torch.allclose(s.score(torch.cat([red, yellow]), ["green", "green"]), torch.tensor([0.0, 100 / 2**0.5]))
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        s.score(torch.cat([red, yellow]), ["red"])
 
 
 def test_openclip_path_runs_offline_with_random_weights():

@@ -76,9 +76,14 @@ def test_save_load_round_trip(members, batch, tmp_path):
     with torch.no_grad():
         for name, m in loaded.items():
             assert m.labels == members[name].labels
+            stored = {k: v.half().float() for k, v in members[name].state_dict().items()}  # fp16 storage
+            got = m.state_dict()
+            assert set(got) == set(stored)
+            for k, v in stored.items():
+                assert torch.equal(got[k].float(), v), k
             a, b = m(x), members[name](x)
-            for f in m.families:  # fp16 storage
-                torch.testing.assert_close(a[f], b[f], atol=0.05, rtol=0.05)
+            for f in m.families:  # the fp16-rounded weights give the same logits up to fp16's precision
+                torch.testing.assert_close(a[f], b[f], atol=2e-2, rtol=1e-2)
 
 
 def test_missing_and_corrupt_files(members, tmp_path):
@@ -105,6 +110,28 @@ def test_accuracy_tables(members, batch):
     table = accuracy_table(counts)
     assert set(table.index) == set(members) and np.isnan(table.loc["edges", "color"])
     assert table.equals(accuracy_table(x, scenes, members))
+
+
+def test_accuracy_counts_and_table_values_with_fixed_predictions():
+    scenes = [W.Scene(object="dog", color="red"), W.Scene(object="cat", color="blue"), W.Scene(character="nemo"),
+              W.Scene(object="star", color="red", style="monet")]
+
+    class Fixed:  # object: 3 of 4 right; color: 1 of the 3 scored (nemo has none); style: all 4 right
+        families = ("object", "color", "style")
+
+        def predict(self, images):
+            return {"object": ["dog", "dog", "fish", "star"], "color": ["red", "red", "green", "green"],
+                    "style": ["none", "none", "none", "monet"]}
+
+    counts = attribute_accuracy(torch.zeros(4, 3, 8, 8), scenes, {"fixed": Fixed()})
+    got = {(r.family, r.value): (r.correct, r.n) for r in counts.itertuples()}
+    assert got == {("object", "dog"): (1, 1), ("object", "cat"): (0, 1), ("object", "fish"): (1, 1),
+                   ("object", "star"): (1, 1), ("color", "red"): (1, 2), ("color", "blue"): (0, 1),
+                   ("style", "none"): (3, 3), ("style", "monet"): (1, 1)}
+    table = accuracy_table(counts)
+    assert table.loc["fixed"].to_dict() == {"object": 0.75, "color": 1 / 3, "style": 1.0}
+    with pytest.raises(ValueError, match="4 images but 3 scenes"):
+        attribute_accuracy(torch.zeros(4, 3, 8, 8), scenes[:3], {"fixed": Fixed()})
 
 
 def test_swap_captions_parse_to_swapped_scenes():
@@ -145,16 +172,25 @@ def committed_table():
 
 
 def test_committed_classifiers_reach_98_percent_on_every_attribute_but_object(committed_table):
-    """The bar (issue 3: >= 0.98 on renders) holds today for colour, style, action and character of every member."""
+    """The bar (issue 3: >= 0.98 on renders) holds today for colour, style, action and character of every member;
+    the only head missing is the colour-blind edge member's colour (a lost head would otherwise read as a pass)."""
     rest = committed_table.drop(columns="object")
+    missing = {(m, f) for m in rest.index for f in rest.columns if np.isnan(rest.loc[m, f])}
+    assert missing == {("edges", "color")}, missing
     assert (rest.fillna(1.0) >= 0.98).all().all(), rest.round(3).to_string()
 
 
+# What the committed weights measure on these 200 renders; a member may not lose a single image of it.
+COMMITTED_OBJECT_ACCURACY = {"resnet": 0.985, "mobilenet": 0.975, "edges": 0.980}
+
+
 def test_committed_classifiers_object_accuracy_does_not_regress(committed_table):
-    """Object accuracy is below the bar (next test) but must not fall below what the committed weights measured
-    (0.985 / 0.975 / 0.980 for resnet / mobilenet / edges on these renders)."""
+    """Object accuracy is below the bar (next test) but no member may fall below what the committed weights
+    measured (``COMMITTED_OBJECT_ACCURACY``; one image is 0.005)."""
     obj = committed_table["object"]
-    assert (obj >= 0.97).all(), obj.round(3).to_string()
+    assert set(obj.index) == set(COMMITTED_OBJECT_ACCURACY)
+    for member, floor in COMMITTED_OBJECT_ACCURACY.items():
+        assert obj[member] >= floor - 1e-9, obj.round(3).to_string()
 
 
 @pytest.mark.xfail(strict=True, reason="known unmet bar (issue 3): the committed classifiers reach object 0.985 / 0.975 / "
@@ -179,6 +215,18 @@ def test_rebuild_command_reproduces_the_committed_recipe():
     for name, spec in config["members"].items():
         built = C.build_member(name).config()
         assert {k: spec[k] for k in built} == built, name
+
+
+def test_a_member_trained_alone_equals_the_same_member_trained_with_others(tmp_path):
+    """Each member trains independently from ``seed`` on the same data (the docstring's promise), byte for byte."""
+    kw = dict(n_train=16, n_eval=8, batch_size=4)
+    C.train_classifiers(tmp_path / "both", steps={"edges": 2, "mobilenet": 2}, members=["mobilenet", "edges"], **kw)
+    C.train_classifiers(tmp_path / "alone", steps={"edges": 2}, members=["edges"], **kw)
+    C.train_classifiers(tmp_path / "again", steps={"edges": 2}, members=["edges"], **kw)
+    edges = [(tmp_path / d / "edges.safetensors").read_bytes() for d in ("both", "alone", "again")]
+    assert edges[0] == edges[1] == edges[2]
+    C.train_classifiers(tmp_path / "seed1", steps={"edges": 2}, members=["edges"], seed=1, **kw)
+    assert (tmp_path / "seed1" / "edges.safetensors").read_bytes() != edges[0]  # the seed does decide
 
 
 def test_retraining_one_member_keeps_the_others(tmp_path, members):
@@ -265,3 +313,17 @@ def test_rebuild_committed_runs_both_stages(tmp_path):
         assert (record["continues"]["seed"], record["continues"]["lr"]) == (0, 3e-3)
         assert "continues" not in record["continues"]
     assert set(meta["training"]) == set(C.MEMBERS) == set(cont["steps"])
+
+
+def test_the_ensemble_is_the_mean_of_its_members_log_probabilities(members, batch):
+    from lib.editing.evaluate import classify
+
+    x = batch[0]
+    with torch.no_grad():
+        lp = C.ensemble_log_probs(members, x)
+        for f in C.FAMILIES:
+            having = [m(x)[f].log_softmax(-1) for m in members.values() if f in m.families]
+            torch.testing.assert_close(lp[f], torch.stack(having).mean(0))
+    assert "color" in lp and "color" not in members["edges"].families  # a family some members lack is still read
+    one = classify({"resnet": members["resnet"]}, x)
+    assert one.to_dict("list") == members["resnet"].predict(x)  # a one-member ensemble predicts as the member does

@@ -283,6 +283,16 @@ def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_pa
     assert any(W.is_heldout(W.parse_caption(n)) for n in negs[1] if n)
 
 
+def test_a_rerun_with_the_same_steps_repeats_the_weights_byte_for_byte(tmp_path):
+    """The README's promise: ``--steps-override N`` (the counts TRAINING.json records) repeats a run step for step."""
+    for d in ("a", "b"):
+        T.run("all", "cpu", tmp_path / d, steps_override=2, n_train=64)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(files) == 4  # text encoder, CLIP vision tower, VAE, UNet
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_committed_toy_world_fits_30_mb_and_logs_its_training():
     from lib.paths import TOY_DIR
 

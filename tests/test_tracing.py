@@ -447,7 +447,7 @@ def test_probe_loader_and_sharding(tmp_path):
     parts = [shard(items, i, 2) for i in range(2)]
     assert len(items) == 6 and sorted(parts[0] + parts[1], key=items.index) == items
     assert not set(parts[0]) & set(parts[1]) and len(shard(items, 2, 3)) == 2
-    with pytest.raises(SweepError):
+    with pytest.raises(SweepError, match="bad shard 2 of 2"):
         shard(items, 2, 2)
 
 
