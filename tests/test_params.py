@@ -145,6 +145,7 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     ("00_toy_world", dict(CHECKPOINTING="blocks"), "unknown parameter(s) CHECKPOINTING"),
     ("01_sage_latent_search", dict(CLASSES=["cat", "dog", "cat"]), "CLASSES: ['cat', 'dog', 'cat'] repeat ['cat']"),
     ("01_sage_latent_search", dict(DELTA_MAX=0.0), "DELTA_MAX: must be > 0, got 0.0"),
+    ("01_sage_latent_search", dict(RESIDUAL_WEIGHT=0.0), "RESIDUAL_WEIGHT: must be > 0, got 0.0"),  # a zero gradient
     ("02_sage_prompt_search", dict(BATCH_SIZE=4), "unknown parameter(s) BATCH_SIZE"),
     ("02_sage_prompt_search", dict(CLASSES=["cat", "cat"]), "CLASSES: ['cat', 'cat'] repeat ['cat']"),
     ("02_sage_prompt_search", dict(EMB_RANGE=0.0), "EMB_RANGE: must be > 0"),

@@ -12,7 +12,7 @@ from torch import nn
 from lib.prompts import PromptError
 from lib.sage.gradient import FP16_LOSS_SCALE, grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import (
-    LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell,
+    LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell, read_result,
     render_latent, sample_with_residual, save_latent, search_latent, search_latents, shell_bounds, signed_step,
 )
 from lib.sage.loss import (
@@ -181,7 +181,28 @@ def test_timm_member_preprocessing_and_groups():
     assert img.grad.abs().sum() > 0
     ens = Ensemble([m], groups=imagenet_groups())
     assert len(ens.indices("cat")[0]) == 5 and ens.indices("tabby") == [[281]]
-    assert len(ens.indices("crane")[0]) == 2  # a duplicated ImageNet name resolves to both classes
+    assert len(set(m.labels)) == 1000  # ImageNet's three doubled first synonyms are told apart ...
+    assert ens.indices("dog") == [list(range(151, 269))]  # ... so "dog" is dogs only (not 474, the cardigan sweater)
+    assert ens.indices("bird") == [[i for a, b in ((7, 25), (80, 101), (127, 147)) for i in range(a, b)]]  # no crane
+    assert ens.indices("crane (bird)") == [[134]] and ens.indices("crane (machine)") == [[517]]
+    with pytest.raises(UnknownClassError, match="near matches: 'crane \\(bird\\)', 'crane \\(machine\\)'"):
+        ens.indices("crane")
+
+
+def test_timm_member_resizes_and_crops_as_timms_eval_transform():
+    """Each member's own preprocessing: shorter side to floor(size / crop_pct), then torchvision's centre crop."""
+    import math
+
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as TV
+
+    for crop_pct in (0.875, 0.9, 0.95):
+        net = timm.create_model("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay={"crop_pct": crop_pct})
+        m = timm_member("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay={"crop_pct": crop_pct})
+        tf = create_transform(**resolve_data_config({}, model=net))
+        (resize,) = [t.size for t in tf.transforms if isinstance(t, TV.Resize)]
+        assert m.resize == (resize if isinstance(resize, int) else resize[0]) == math.floor(160 / crop_pct)
 
 
 def test_clip_member_zero_shot():
@@ -305,6 +326,35 @@ def test_the_residual_gradient_is_w_times_autograd_from_the_latent_entering_its_
         expected = float(torch.sqrt(1 - alpha[k])) if w is None else w
         assert ref.abs().sum() > 0 and 0 < expected <= 1
         assert torch.allclose(got, expected * ref, rtol=1e-5, atol=1e-8), (k, w, float((got - expected * ref).abs().max()))
+
+
+def test_a_batched_search_reports_the_image_render_latent_gives(pipe, ens, tmp_path, monkeypatch):
+    """The reported image is rendered as render_latent renders it: the prompt encoded alone, without gradient.
+    A batch encoding that rounds differently (as GPU kernels may) must not reach the reported image."""
+    import lib.sage.latent as L
+
+    real = L.encode
+    monkeypatch.setattr(L, "encode", lambda pipe, prompts, *a, **k: _nudged(real(pipe, prompts, *a, **k), prompts))
+    cfg = LatentSearch(mode="lose", iterations=0)
+    for seeds in ([0, 1], [2]):
+        for r in search_latents(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg):
+            path = save_latent(tmp_path / f"z{r.meta['seed']}.safetensors", r)
+            assert torch.equal(r.image, render_latent(pipe, path))
+            assert r.meta["batch_solo_max_diff"] > 0 if len(seeds) > 1 else r.meta["batch_solo_max_diff"] == 0
+
+
+def _nudged(c, prompts):
+    """A batch's conditioning shifted by 1e-3 (a batch of one unchanged)."""
+    if not isinstance(prompts, str) and len(prompts) > 1:
+        c.cond = c.cond + 1e-3
+    return c
+
+
+def test_a_read_result_has_the_types_of_a_fresh_one(pipe, ens, tmp_path):
+    cfg = LatentSearch(mode="lose", iterations=1, lr=0.05, residual=Residual(1, 0.5))
+    r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=2, guidance=3.0, config=cfg)
+    back = read_result(save_latent(tmp_path / "z.safetensors", r))
+    assert back.meta == r.meta and back.history == r.history and torch.equal(back.latent, r.latent)
 
 
 def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):
@@ -834,6 +884,14 @@ def test_ssr_recheck_and_renderer_check(ens):
         recheck(torch.rand(1, 3, 16, 16), ens.members[0], "cat", ensemble=ens)
     ok = recheck(torch.rand(2, 3, 16, 16), const_member([0.0, 5.0, 0.0], name="held-out"), "cat", ensemble=ens)
     assert ok.tolist() == [True, True]
+    from lib.scoring import random_toy_clip_scorer
+
+    scorer = random_toy_clip_scorer()  # two CLIP members on one CLIP (its scorer is no module) are one classifier
+    a, b = ClipMember(scorer, LABELS, name="clip-a"), ClipMember(scorer, LABELS, name="clip-b")
+    with pytest.raises(ValueError, match="member of the ensemble"):
+        recheck(torch.rand(1, 3, 16, 16), b, "cat", ensemble=Ensemble([a]))
+    other = ClipMember(random_toy_clip_scorer(seed=1), LABELS, name="clip-c")
+    assert len(recheck(torch.rand(1, 3, 16, 16), other, "cat", ensemble=Ensemble([a]))) == 1
     tab = renderer_check(["a photo of a red cat", "a photo of a cat zzz"], "cat")
     assert tab.parsed.tolist() == [True, False] and tab.asks_for_class[0] == True  # noqa: E712
 

@@ -445,8 +445,10 @@ def test_the_latent_search_projects_every_step_onto_the_shell(pipe, monkeypatch)
         seen.clear()
         cfg = LatentSearch(mode="lose", lr=1.0, iterations=3, shell_sigmas=sigmas, stop_on_success=False)
         r = search_latent(pipe, edge_ensemble(), "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
-        assert r.iterations == 3 and len(seen) == 4 and r.delta.abs().max() > 0.9  # large steps were taken
-        norms[sigmas] = [float(z.float().norm()) for z in seen[1:]]  # every latent after a step
+        # 4 search renders, then the reported latent rendered once more as render_latent renders it
+        assert r.iterations == 3 and len(seen) == 5 and r.delta.abs().max() > 0.9  # large steps were taken
+        assert torch.equal(seen[-1], r.latent)
+        norms[sigmas] = [float(z.float().norm()) for z in seen[1:4]]  # every latent after a step
     assert all(lo - 1e-4 <= n <= hi + 1e-4 for n in norms[1.0]), (lo, hi, norms[1.0])
     assert norms[None][-1] > hi  # without the projection the same steps leave the shell: the check is not vacuous
 

@@ -24,7 +24,7 @@ Steps ``k … T−1``, the VAE decode and the classifiers run with gradient. ``r
 steps ``w`` only rescales the gradient in straight-through mode, so it does not change the search there.
 
 Failure types: type 1 (distorted: no label confident, goal ``uncertain``), type 2 (a different label confident,
-goal ``other``), or ``lose`` (the class is lost, either way). Found latents are saved as safetensors with everything
+goal ``other``), or ``lose`` (the class is lost, whatever the members see instead). Found latents are saved as safetensors with everything
 needed to re-render them exactly (:func:`save_latent`, :func:`render_latent`).
 """
 
@@ -209,10 +209,11 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     search after 3 iterations, δ by up to 0.30 after 8). :func:`latent_campaign` therefore keys its results by the
     batch size.
 
-    With more than one search the returned image is the latent rendered alone (what :func:`render_latent` and a
-    resumed campaign give), judged again: a search counts as ``found`` only if that solo image fools the ensemble
-    too. ``meta["batch_solo_max_diff"]`` is the largest pixel difference between the batched and the solo image
-    (0 for one search), ``meta["solo_fooled"]`` the solo image's verdict.
+    The returned image is the latent rendered alone and without gradient, the prompt encoded alone (exactly what
+    :func:`render_latent` and a resumed campaign give), judged again: a search counts as ``found`` only if that solo
+    image fools the ensemble too (on a GPU, batched or gradient-recording kernels may round differently).
+    ``meta["batch_solo_max_diff"]`` is the largest pixel difference between the search's image and the solo one
+    (0 on the CPU for one search), ``meta["solo_fooled"]`` the solo image's verdict.
     """
     if config.mode not in MODE_GOAL:
         raise ValueError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_GOAL)}")
@@ -275,15 +276,14 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
             active = [active[j] for j in keep]
             delta[active] = step
     results = []
+    with torch.no_grad():
+        cond_one = encode(pipe, [prompt], negative)  # the prompt encoded as render_latent encodes it: alone
     for b in range(n):
         loss_v, zp, d, batch_img, fooled = found[b] if found[b] is not None else best[b]
-        img, diff = batch_img, 0.0
-        if n > 1:  # the image exactly as render_latent re-renders it (alone, not in a batch), judged again
-            with torch.no_grad():
-                img = decode(pipe, sample_with_residual(pipe, zp, cond_all.select([b]), steps, guidance,
-                                                        config.residual, grad=False))
-                fooled = bool(ensemble.judge(ensemble.probs(img), cls, config.mode)[0])
-            diff = float((img.float() - batch_img.float()).abs().max())
+        with torch.no_grad():  # the image exactly as render_latent re-renders it (alone, no gradient), judged again
+            img = decode(pipe, sample_with_residual(pipe, zp, cond_one, steps, guidance, config.residual, grad=False))
+            fooled = bool(ensemble.judge(ensemble.probs(img), cls, config.mode)[0])
+        diff = float((img.float() - batch_img.float()).abs().max())
         meta = dict(seed=None if seeds is None else seeds[b], prompt=prompt, negative=negative, steps=steps,
                     guidance=guidance, cls=cls, mode=config.mode, goal=goal, lr=config.lr,
                     residual_mode=config.residual.mode, residual_step=config.residual.step,
@@ -419,8 +419,10 @@ def read_result(path: str | Path) -> LatentResult:
     keys = ("seed", "prompt", "negative", "steps", "guidance", "cls", "mode", "goal", "lr", "residual_mode",
             "residual_step", "residual_weight", "stopped", "batch_solo_max_diff", "solo_fooled")
     info = {k: meta.get(k) or None for k in keys}
-    if info["seed"] is not None:
-        info["seed"] = int(info["seed"])
+    for k, cast in (("seed", int), ("steps", int), ("residual_step", int), ("guidance", float), ("lr", float),
+                    ("residual_weight", float)):  # typed as a fresh search's meta
+        if info[k] is not None:
+            info[k] = cast(info[k])
     if info["batch_solo_max_diff"] is not None:  # absent from files written before it was recorded
         info["batch_solo_max_diff"] = float(info["batch_solo_max_diff"])
     if info["solo_fooled"] is not None:

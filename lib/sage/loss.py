@@ -33,6 +33,8 @@ listing near matches.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -88,7 +90,7 @@ class TimmMember(nn.Module):
         cfg = resolve_data_config({}, model=model)
         self.model, self.labels, self.name = model.eval(), tuple(labels), name
         self.size = int(cfg["input_size"][-1])
-        self.resize = int(round(self.size / float(cfg.get("crop_pct") or 1.0)))
+        self.resize = math.floor(self.size / float(cfg.get("crop_pct") or 1.0))  # as timm's eval transform
         self.mode = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
@@ -96,21 +98,26 @@ class TimmMember(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.device, torch.float32)
         x = F.interpolate(x, size=(self.resize, self.resize), mode=self.mode, align_corners=False, antialias=True)
-        off = (self.resize - self.size) // 2
+        off = int(round((self.resize - self.size) / 2.0))  # torchvision's CenterCrop
         x = x[..., off : off + self.size, off : off + self.size]
         p = next(self.model.parameters())
         return self.model(((x - self.mean) / self.std).to(p.dtype)).float()
 
 
-def imagenet_labels() -> tuple[str, ...]:
-    """ImageNet-1k label names: the first synonym of each class, lower case ("tabby", "tiger cat", ...).
+# The three first synonyms ImageNet-1k uses twice, told apart (else "dog" would take in the cardigan sweater with the
+# Cardigan corgi, and "bird" the construction crane).
+_IMAGENET_DUPLICATES = {134: "crane (bird)", 517: "crane (machine)", 264: "cardigan welsh corgi", 639: "tank suit"}
 
-    Three names occur twice ("crane", "cardigan", "maillot"): a name resolves to all its classes.
-    """
+
+def imagenet_labels() -> tuple[str, ...]:
+    """ImageNet-1k label names, one per class and all distinct: the first synonym of each class, lower case ("tabby",
+    "tiger cat", ...), except where two classes share it (``_IMAGENET_DUPLICATES``: "crane (bird)" / "crane
+    (machine)", "cardigan welsh corgi" / "cardigan", "maillot" / "tank suit")."""
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    return tuple(info.index_to_description(i).split(",")[0].strip().lower() for i in range(1000))
+    return tuple(_IMAGENET_DUPLICATES.get(i) or info.index_to_description(i).split(",")[0].strip().lower()
+                 for i in range(1000))
 
 
 # Coarse ImageNet classes as index ranges of the WordNet hierarchy (approximate; extend as needed).
@@ -290,7 +297,9 @@ class Ensemble(nn.Module):
             wanted = self.groups.get(key, (key,))
             idx = [i for i, l in enumerate(labels) if l in {w.lower() for w in wanted}]
             if not idx:
-                near = difflib.get_close_matches(key, sorted(set(labels) | set(self.groups)), n=5, cutoff=0.5)
+                names = sorted(set(labels) | set(self.groups))
+                near = [l for l in names if re.search(rf"\b{re.escape(key)}\b", l)][:5]  # "crane" → "crane (bird)"
+                near += [l for l in difflib.get_close_matches(key, names, n=5, cutoff=0.5) if l not in near][:5 - len(near)]
                 if near:
                     hint = f"; near matches: {', '.join(repr(n) for n in near)}"
                 elif len(labels) <= 50:

@@ -93,7 +93,8 @@ def _network_prints(member) -> set[str]:
         seen.add(id(m))
         if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters()):
             found.add(weights_fingerprint({"net": m}))
-        todo += [getattr(m, a) for a in ("member", "inner", "classifier", "model") if getattr(m, a, None) is not None]
+        todo += [getattr(m, a) for a in ("member", "inner", "classifier", "model", "scorer", "module")
+                 if getattr(m, a, None) is not None]  # a CLIP member's scorer is no module: its CLIP is .module
     return found
 
 
