@@ -32,6 +32,7 @@ class ClipScorer:
     std: tuple[float, float, float] = OPENAI_STD
     device: torch.device = torch.device("cpu")
     module: nn.Module | None = None
+    architecture: str = ""  # what the weights do not show but the scores depend on (e.g. "quick_gelu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,6 +59,7 @@ class ClipScorer:
         from lib.loading import weights_fingerprint
 
         prep = f"{self.image_size}|{tuple(self.mean)}|{tuple(self.std)}"
+        prep += f"|{self.architecture}" if self.architecture else ""
         return weights_fingerprint({"clip": self.module}) + "-" + hashlib.sha1(prep.encode()).hexdigest()[:6]
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -85,10 +87,16 @@ class ClipScorer:
 
 
 def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "openai", device: str = "cpu") -> ClipScorer:
-    """open_clip's CLIP (ViT-L/14 with OpenAI weights, as in the papers); ``pretrained=None`` for random weights."""
+    """open_clip's CLIP (ViT-L/14 with OpenAI weights, as in the papers); ``pretrained=None`` for random weights.
+
+    Built with the activation its weights were trained with: OpenAI's CLIPs use QuickGELU, which open_clip's plain
+    ``ViT-L-14`` config lacks (open_clip only warns and loads them into a GELU model, which quietly moves every score).
+    """
     import open_clip
 
-    model = open_clip.create_model(model_name, pretrained=pretrained, device=device).eval()
+    quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+    model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                   force_quick_gelu=quick_gelu).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
     return ClipScorer(
@@ -100,6 +108,7 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
         std=tuple(getattr(model.visual, "image_std", None) or OPENAI_STD),
         device=torch.device(device),
         module=model,
+        architecture="quick_gelu" if quick_gelu else "",
     )
 
 

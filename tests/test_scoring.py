@@ -37,3 +37,32 @@ def test_openclip_path_runs_offline_with_random_weights():
     out = s.score(x, ["a cat", "a dog"])
     out.sum().backward()
     assert out.shape == (2,) and (out >= 0).all() and x.grad is not None
+
+
+def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
+    """open_clip's plain ViT configs use GELU; OpenAI's weights need QuickGELU (open_clip only warns). The weights
+    are replaced by random ones here (no download): what is checked is the model the scorer builds around them."""
+    import warnings
+
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    real = open_clip.create_model
+    seen = {}
+
+    def no_download(name, pretrained=None, **kwargs):
+        seen.update(kwargs, pretrained=pretrained)
+        return real(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = openclip_scorer("ViT-B-32", "openai")
+    assert seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
+    assert isinstance(s.module.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    plain = openclip_scorer("ViT-B-32", None)  # random weights: the config's own activation
+    assert seen["force_quick_gelu"] is False and not isinstance(plain.module.visual.transformer.resblocks[0].mlp.gelu,
+                                                                QuickGELU)
+    plain.module.load_state_dict(s.module.state_dict())
+    assert plain.fingerprint() != s.fingerprint()  # same weights, other activation: scores never mixed on resume
+    assert s.architecture == "quick_gelu" and plain.architecture == ""
