@@ -113,8 +113,21 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
     return pipe
 
 
+def cached_snapshot(repo_id: str) -> str | None:
+    """The folder of ``repo_id``'s cached snapshot (its ``main``) in the Hugging Face cache, without any network
+    access; None when it is not cached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or an unreadable cache entry): the hub path decides
+        return None
+
+
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
     toy = model == "toy"
+    if kind == "hub" and "revision" not in kwargs and (snapshot := cached_snapshot(where)) is not None:
+        kind, where = "local", snapshot  # a cached hub id is a folder: its variant, tokenizers and weights are checked
     if toy:
         from lib.toy.train import check_toy_folder
 
@@ -151,14 +164,24 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     try:
         pipe = DiffusionPipeline.from_pretrained(where, **opts)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line saying what to do
-        if kind == "hub" and isinstance(err, (OSError, ValueError)):
-            raise ModelLoadError(
-                f"weights for {where!r} are not available locally and cannot be downloaded here "
-                f"({type(err).__name__}){'' if model in PRESETS else f'; no local folder {model!r} exists either'}; "
-                "download them elsewhere and pass the local folder instead, "
-                f"e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
-            ) from None
         first = (str(err).strip().splitlines() or [""])[0]
+        if kind == "hub":
+            from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+            if isinstance(err, GatedRepoError):
+                raise ModelLoadError(f"{where!r} is gated: accept its licence on the hub and log in (hf auth login), "
+                                     f"or pass a local folder of its weights ({first})") from None
+            if isinstance(err, RepositoryNotFoundError):
+                raise ModelLoadError(f"no model {where!r} on the hub (a typo, or a private repo?)"
+                                     + ("" if model in PRESETS else f"; no local folder {model!r} exists either"))\
+                    from None
+            if isinstance(err, (OSError, ValueError)):  # not in the cache (a cached id loads as a folder, above)
+                elsewhere = "" if model in PRESETS else f"; no local folder {model!r} exists either"
+                raise ModelLoadError(
+                    f"weights for {where!r} are not available locally and cannot be downloaded here "
+                    f"({type(err).__name__}){elsewhere}; download them elsewhere and pass the local "
+                    f"folder instead, e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
+                ) from None
         bad = _unreadable_weight_file(where) if kind == "local" else None
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
@@ -59,6 +60,13 @@ class Param:
         return value
 
 
+def _device_name(value: str) -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it: :func:`lib.loading.resolve_device`,
+    before the weights load)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+        raise ValueError(f"{value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
 def _known_model(value: str) -> None:
     describe_source(value)  # raises ModelLoadError with the list of presets
 
@@ -74,7 +82,7 @@ def distinct(values: Sequence, why: str = "each is one run") -> None:
 # Parameters that several notebooks share; a notebook passes its own extras to ``validate``.
 COMMON: dict[str, Param] = {
     "MODEL": Param(str, check=_known_model),
-    "DEVICE": Param(str, choices=("auto", "cpu", "cuda")),
+    "DEVICE": Param(str, check=_device_name),
     "DTYPE": Param(str, choices=("auto", "float32", "float16", "bfloat16")),
     "SEEDS": Param(list, items=int, low=0, min_len=1, check=distinct),
     "STEPS": Param(int, low=1, high=999),  # 999: the most DDIM steps SD's 1000-step schedule holds (steps_offset 1)

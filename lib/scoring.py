@@ -95,8 +95,17 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
     import open_clip
 
     quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
-    model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
-                                   force_quick_gelu=quick_gelu).eval()
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                       force_quick_gelu=quick_gelu).eval()
+    except RuntimeError as err:
+        if "Failed to download" not in str(err):
+            raise
+        from lib.loading import ModelLoadError
+
+        raise ModelLoadError(f"open_clip {model_name} weights {pretrained!r} are not available locally and cannot be "
+                             "downloaded here: fetch them where the hub is reachable (they go to the Hugging Face "
+                             "cache), or give SCORER='openclip:<model>:<a local checkpoint file>'") from None
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
     return ClipScorer(

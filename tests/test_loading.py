@@ -299,3 +299,40 @@ def test_auto_device_and_dtype_follow_the_machine(monkeypatch):
     assert resolve_dtype("bf16", "cuda") == torch.bfloat16 and resolve_dtype(torch.float64) == torch.float64
     with pytest.raises(ModelLoadError, match="unknown dtype 'fp64'; choose auto, float32, fp32, float16"):
         resolve_dtype("fp64")
+
+
+def test_a_cached_hub_id_loads_as_a_folder_with_its_only_variant(tmp_path, monkeypatch):
+    """A hub id in the Hugging Face cache with only its *.fp16.* weights (as `variant="fp16"` downloads leave it)
+    loads offline: its cached snapshot gets every local folder's checks, the variant included."""
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    twin = build_twin("sd-v1")
+    twin.to(torch.float16).save_pretrained(repo / "snapshots" / "abc123", variant="fp16")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    pipe = load_pipeline("someone/tiny-sd", device="cpu")
+    ref = twin.to(torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
+    (repo / "snapshots" / "abc123" / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"torn")
+    with pytest.raises(ModelLoadError, match="abc123.*diffusion_pytorch_model.fp16.safetensors is unreadable"):
+        load_pipeline("someone/tiny-sd", device="cpu")  # named in the cache, not "not available locally"
+
+
+@pytest.mark.parametrize("error, fragment", [("gated", "is gated: accept its licence"),
+                                             ("missing", "no model 'someone/private' on the hub")])
+def test_hub_failures_other_than_a_missing_cache_say_what_they_are(error, fragment, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    def fail(*a, **k):
+        cls = GatedRepoError if error == "gated" else RepositoryNotFoundError
+        err = cls.__new__(cls)  # as the hub raises it, without an HTTP response to build it from
+        Exception.__init__(err, "401 Client Error")
+        raise err
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fail)
+    with pytest.raises(ModelLoadError, match=fragment) as err:
+        load_pipeline("someone/private", device="cpu")
+    assert "not available locally" not in str(err.value) and "\n" not in str(err.value)

@@ -17,7 +17,8 @@ def test_valid_parameters_pass_and_ints_become_floats():
         (dict(SEEDS=[0, "1"]), "every item must be int"),
         (dict(SEEDS=[0, 1, 0]), "SEEDS: [0, 1, 0] repeat [0]"),
         (dict(MODEL="sd-v9"), "MODEL: unknown model"),
-        (dict(DEVICE="tpu"), "not one of"),
+        (dict(DEVICE="tpu"), "DEVICE: 'tpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+        (dict(DEVICE="cuda:x"), "DEVICE: 'cuda:x' is not one of"),
         (dict(CHECKPOINTING="layers"), "CHECKPOINTING: 'layers' is not one of 'blocks', 'steps', 'steps+blocks'"),
         (dict(STPES=3), "unknown parameter(s) STPES"),
         (dict(STEPS=True), "expected int"),
@@ -27,6 +28,11 @@ def test_bad_parameters_are_named(values, fragment):
     with pytest.raises(ParameterError) as err:
         validate(values)
     assert fragment in str(err.value)
+
+
+def test_every_device_the_loader_takes_is_a_valid_parameter():
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert validate(dict(DEVICE=device)).DEVICE == device
 
 
 def test_nan_is_refused_and_ints_stand_for_floats_in_mixed_types():

@@ -66,3 +66,23 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
     plain.module.load_state_dict(s.module.state_dict())
     assert plain.fingerprint() != s.fingerprint()  # same weights, other activation: scores never mixed on resume
     assert s.architecture == "quick_gelu" and plain.architecture == ""
+
+
+def test_missing_openai_clip_weights_fail_in_one_line_before_the_pipeline_loads(monkeypatch):
+    """Offline with an empty cache (conftest): one line, and the tracing notebooks' load stops before the pipeline."""
+    from types import SimpleNamespace
+
+    import lib.loading
+    from lib.loading import ModelLoadError
+    from lib.tracing import notebook as TN
+
+    with pytest.raises(ModelLoadError, match="open_clip ViT-B-32 weights 'openai' are not available locally") as err:
+        openclip_scorer("ViT-B-32", "openai")
+    assert "\n" not in str(err.value)
+    loads = []
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: loads.append(a))
+    P = SimpleNamespace(PROBES="toy", N_VAL=1, N_TEST=1, MODEL="toy", DEVICE="cpu", SCORER="openclip:ViT-B-32:openai",
+                        EVAL_SPLIT="all", TAU=0.3)
+    with pytest.raises(ModelLoadError, match="not available locally"):
+        TN.load(P)
+    assert loads == []

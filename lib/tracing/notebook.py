@@ -90,7 +90,7 @@ def load(P: SimpleNamespace):
 
     The probe file, its captions (CLIP tokens: subject found once, at most 77 tokens) and the splits that
     ``EVAL_SPLIT`` / ``TAU`` need are checked before the pipeline loads."""
-    from lib.loading import load_pipeline
+    from lib.loading import load_pipeline, resolve_device
     from lib.scoring import scorer_for
     from lib.tokenizer import build_clip_tokenizer
     from lib.tracing.probes import probe_path, select_probes
@@ -101,8 +101,8 @@ def load(P: SimpleNamespace):
     message = probes_match_model(P.PROBES, P.MODEL)
     if message:
         warnings.warn(message, stacklevel=2)
+    scorer = scorer_for(P.MODEL, P.SCORER, device=str(resolve_device(P.DEVICE)))  # a missing CLIP fails first
     pipe = load_pipeline(P.MODEL, device=P.DEVICE)
-    scorer = scorer_for(P.MODEL, P.SCORER, device=str(pipe.unet.device))
     return pipe, scorer, probes
 
 
