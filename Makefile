@@ -20,7 +20,7 @@ export ATEN_CPU_CAPABILITY ?= avx2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 export MKL_ENABLE_INSTRUCTIONS ?= AVX2
 
-.PHONY: help install test unit nbval figures notebooks-update bench clean
+.PHONY: help install test unit nbval figures notebooks-update bench wheels clean
 
 help:
 	@echo "make test     - install into $(VENV) if needed, run pytest and the nbval notebook checks"
@@ -64,6 +64,13 @@ notebooks-update: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --help
+
+# What the lent GPU box lacks (benchmarks/README.md), for its Python 3.12: carry .whl (git-ignored) to the device call.
+wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  diffusers==0.42.1 open_clip_torch==3.3.0 kornia==0.9.0 kornia_rs==0.2.0 ftfy==6.3.1 wcwidth==0.9.5
+	@du -sh .whl
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -128,13 +128,15 @@ def _register_method_cases() -> None:
 def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
     fn, params, extra = CASES[name](ctx)
     warm = []
-    for _ in range(warmup):
+    for i in range(warmup):
         ctx.sync()
         t0 = time.perf_counter()
         fn()
         ctx.sync()
         warm.append(time.perf_counter() - t0)
+        print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s", flush=True)  # a case cut short still says how far
     if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached while compiling do not count towards the timed runs' reserved peak
         torch.cuda.reset_peak_memory_stats(ctx.device)
     times = []
     for _ in range(repeats):
@@ -146,8 +148,14 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
     cuda = ctx.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved(ctx.device) / 2**30 if cuda else None
-    if "batch" in params:
-        extra = {**extra, "s_per_image": statistics.median(times) / params["batch"]}
+    if "batch" in params:  # a SAGE case's batch is of independent searches, a generation's of images
+        unit = "search" if "searches" in params else "image"
+        extra = {**extra, f"s_per_{unit}": statistics.median(times) / params["batch"]}
+    if ctx.speed.get("compile"):  # a row labelled compiled that fell back (graph breaks, skipped CUDA graphs) says so
+        from torch._dynamo.utils import counters
+
+        extra = {**extra, "compile_counters": {k: dict(v) for k, v in counters.items()
+                                               if k in ("stats", "inductor", "graph_break", "recompiles") and v}}
     return Result(name, params, times, statistics.median(times), min(times), peak, dict(extra), warm, reserved)
 
 
@@ -175,11 +183,30 @@ def environment(device: torch.device) -> dict:
                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
+    env["commit"] = env["commit"] or os.environ.get("T2I_COMMIT")  # given in the device call's command line
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version(),
                    gpu_mem_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
     return env
+
+
+def summary_rows(paths: list[Path]) -> list[str]:
+    """One markdown row per measured case of bench.py's JSON files (for notebooks/RESULTS.md): case, speed settings,
+    median and min seconds, seconds per image or search, peak allocated / reserved GiB, warm-ups, GPU, commit."""
+    rows = ["| case | speed | median s | min s | per image / search | peak GiB (reserved) | warm-ups s | device | commit |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        env, speed = report.get("environment", {}), report.get("speed", {})
+        how = ", ".join(f"{k}={v}" if v is not True else k for k, v in speed.items() if v is not None) or "eager"
+        for r in report.get("results", []):
+            per = next((f"{v:.3f} s/{k[6:]}" for k, v in r["extra"].items() if k.startswith("s_per_")), "")
+            mem = "" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} ({r['peak_reserved_gib']:.1f})"
+            warm = " / ".join(f"{w:.1f}" for w in r["warmup_s"])
+            rows.append(f"| {r['case']} | {how} | {r['median_s']:.3f} | {r['min_s']:.3f} | {per} | {mem} | {warm} | "
+                        f"{env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {env.get('commit')} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m])
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                    help="print one markdown row per case of these result files and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print("\n".join(summary_rows(args.summarize)))
+        return 0
     if args.list:
         print("\n".join(sorted(CASES)))
         return 0

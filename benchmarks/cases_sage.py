@@ -78,6 +78,7 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
     residual = Residual(step=residual_step)
 
     def run() -> float:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graph trees (no-op without them)
         delta = state["delta"].requires_grad_(True)
         zp = (z.float() + delta).to(z.dtype)
         probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
@@ -203,7 +204,7 @@ def _case(batch: int, tie: float = 0.5, checkpointing: str | None = "blocks"):
         params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", resolution=side,
                       guidance=7.5, searches=batch, **memory)
         if batch > 1:
-            params["batch"] = batch  # bench.py then also reports s_per_image: one iteration of one search
+            params["batch"] = batch  # bench.py then also reports s_per_search: one iteration of one search
         return run, params, info
 
     return build

@@ -30,6 +30,7 @@ def _trace(ctx):
 
     @torch.no_grad()
     def run():
+        torch.compiler.cudagraph_mark_step_begin()  # a new trace for CUDA graph trees (no-op without them)
         return trace_unet(pipe, CAPTION, SUBJECT, seed=0, steps=steps, guidance=7.5, batch_size=TRACE_BATCH)
 
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -9,12 +9,34 @@ from lib.paths import REPO_ROOT
 def test_harness_times_a_case_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
-           "generate_sd14_b1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+           "generate_sd14_b1", "--warmup", "1", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "T2I_COMMIT": "abc1234"}, cwd="/")
     report = json.loads(out.read_text())
     (res,) = report["results"]
     assert res["case"] == "generate_sd14_b1" and res["params"]["batch"] == 1 and res["median_s"] > 0
-    assert report["environment"]["torch"]
+    assert report["environment"]["torch"] and len(res["warmup_s"]) == 1
+    assert "generate_sd14_b1: warm-up 1/1" in proc.stdout  # printed as it happens: a case cut short says how far
+    assert report["environment"]["commit"]  # this checkout's, or T2I_COMMIT where there is no .git
+    summary = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--summarize", str(out)],
+                             check=True, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert len(summary) == 3 and summary[0].startswith("| case | speed |")
+    cells = [c.strip() for c in summary[2].strip("|").split("|")]
+    assert cells[:3] == ["generate_sd14_b1", "eager", f"{res['median_s']:.3f}"]
+    assert cells[4] == f"{res['extra']['s_per_image']:.3f} s/image" and cells[7].startswith("cpu")
+
+
+def test_the_commit_comes_from_t2i_commit_without_git(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import bench
+    import torch
+
+    monkeypatch.setenv("T2I_COMMIT", "abc1234")
+    def no_git(*a, **k):
+        raise OSError("no git here")
+
+    monkeypatch.setattr(subprocess, "run", no_git)  # bench imports subprocess inside environment()
+    assert bench.environment(torch.device("cpu"))["commit"] == "abc1234"
 
 
 def test_unknown_case_is_a_clear_error():
@@ -44,7 +66,7 @@ def _tiny_sage_case(name: str, tmp_path) -> dict:
 
 def test_batched_sage_case_reports_the_time_per_search(tmp_path):
     res = _tiny_sage_case("sage_latent_iter_b8_steps", tmp_path)
-    assert res["params"]["batch"] == 8 and res["extra"]["s_per_image"] == res["median_s"] / 8
+    assert res["params"]["batch"] == 8 and res["extra"]["s_per_search"] == res["median_s"] / 8
     assert res["params"]["checkpointing"] == "steps" and res["params"]["vae_slicing"] is True
 
 
