@@ -43,8 +43,9 @@ unit: $(STAMP)
 # An empty Hugging Face cache (as tests/conftest.py gives the unit tests): a user's cached weights never leak in.
 nbval: $(STAMP)
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "nbval: no notebooks/NN_*.ipynb found" >&2; exit 1; fi
-	@tmp=$$(mktemp -d) && T2I_RUNS_DIR=$$tmp HF_HOME=$$tmp/hf $(BIN)/python -m pytest -q -p no:cacheprovider --nbval \
-	    --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	@tmp=$$(mktemp -d) && T2I_RUNS_DIR=$$tmp HF_HOME=$$tmp/hf HF_HUB_CACHE=$$tmp/hf/hub \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
 	  rc=$$?; rm -rf $$tmp; exit $$rc
 
 figures: $(STAMP)

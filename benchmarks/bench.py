@@ -126,6 +126,10 @@ def _register_method_cases() -> None:
 
 
 def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
+    if ctx.speed.get("compile"):
+        from torch._dynamo.utils import counters
+
+        counters.clear()  # process-wide: each case reports its own compile counters
     fn, params, extra = CASES[name](ctx)
     warm = []
     for i in range(warmup):
@@ -194,16 +198,21 @@ def environment(device: torch.device) -> dict:
 def summary_rows(paths: list[Path]) -> list[str]:
     """One markdown row per measured case of bench.py's JSON files (for notebooks/RESULTS.md): case, speed settings,
     median and min seconds, seconds per image or search, peak allocated / reserved GiB, warm-ups, GPU, commit."""
-    rows = ["| case | speed | median s | min s | per image / search | peak GiB (reserved) | warm-ups s | device | commit |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | speed | median s | min s | per image / search | peak GiB (reserved) | warm-ups s | device "
+            "| commit |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
-        report = json.loads(Path(path).read_text())
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:  # one unreadable file does not cost the others' rows
+            rows.append(f"| {Path(path).name}: unreadable ({type(err).__name__}) |  |  |  |  |  |  |  |  |")
+            continue
         env, speed = report.get("environment", {}), report.get("speed", {})
         how = ", ".join(f"{k}={v}" if v is not True else k for k, v in speed.items() if v is not None) or "eager"
         for r in report.get("results", []):
-            per = next((f"{v:.3f} s/{k[6:]}" for k, v in r["extra"].items() if k.startswith("s_per_")), "")
-            mem = "" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} ({r['peak_reserved_gib']:.1f})"
-            warm = " / ".join(f"{w:.1f}" for w in r["warmup_s"])
+            per = next((f"{v:.3f} s/{k[6:]}" for k, v in r.get("extra", {}).items() if k.startswith("s_per_")), "")
+            peak, reserved = r.get("peak_mem_gib"), r.get("peak_reserved_gib")
+            mem = "" if peak is None else f"{peak:.1f}" + ("" if reserved is None else f" ({reserved:.1f})")
+            warm = " / ".join(f"{w:.1f}" for w in r.get("warmup_s", []))
             rows.append(f"| {r['case']} | {how} | {r['median_s']:.3f} | {r['min_s']:.3f} | {per} | {mem} | {warm} | "
                         f"{env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {env.get('commit')} |")
     return rows

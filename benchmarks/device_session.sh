@@ -84,7 +84,8 @@ case "$1" in
   speed) speed ;;
   trace) trace ;;
 esac
-ls "$OUT"/*.json >/dev/null 2>&1 && python3 benchmarks/bench.py --summarize "$OUT"/*.json 2>&1 | tee -a "$OUT/session.log"
+ls "$OUT"/*.json >/dev/null 2>&1 &&  # one markdown row per measured case, for notebooks/RESULTS.md
+  python3 benchmarks/bench.py --summarize "$OUT"/*.json 2>&1 | tee -a "$OUT/session.log"
 # a step cut short by its own limit is not a failure (its log says how far it got); a step that failed is
 echo "done in ${SECONDS} s of ${BUDGET}; cut short:${CUT:- none}; failed:${FAILED:- none}; results: $(cd "$OUT" && ls *.json *.tgz 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/session.log"
 [ -z "$FAILED" ]

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -74,16 +75,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(folder: str | Path) -> list[Path]:
+STALE_AFTER_S = 60.0  # a writer writes and renames its temporary file within seconds
+
+
+def remove_stale_tmp(folder: str | Path, min_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Delete the temporary files of killed writers in ``folder``: this machine's (or host-less) ones whose process is
-    gone. Live writers' files, other machines' (a shared folder) and files of other names are left alone."""
-    removed = []
+    gone and that nothing has written for ``min_age_s`` seconds. Live writers' files, other machines' (a shared
+    folder), files of other names and recent ones are left alone: a process of another container that shares this
+    host name and the folder but not the pid numbers may be writing it (a recent killed writer's file goes at the
+    next resume)."""
+    removed, now = [], time.time()
     for f in Path(folder).glob(".*.tmp"):
         m = next((m for m in (p.fullmatch(f.name) for p in _TMP_NAMES) if m), None)
         if m is None or m.groupdict().get("host") not in (None, HOST):
             continue
         pid = int(m["pid"])
         if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            if now - f.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:  # renamed or removed meanwhile
             continue
         f.unlink(missing_ok=True)
         removed.append(f)

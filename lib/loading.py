@@ -39,7 +39,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ModelLoadError(f"unknown device {device!r} ({err}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ModelLoadError(f"unknown device {device!r} ({err}); use 'auto', 'cpu', 'cuda', 'cuda:N' or "
+                             "'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -115,19 +116,29 @@ def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.d
 
 def cached_snapshot(repo_id: str) -> str | None:
     """The folder of ``repo_id``'s cached snapshot (its ``main``) in the Hugging Face cache, without any network
-    access; None when it is not cached."""
+    access, also when the cache knows it to be incomplete (a diffusers download never holds every file of a repo);
+    None when it is not cached."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached (or an unreadable cache entry): the hub path decides
+    except IncompleteSnapshotError as err:
+        return err.snapshot_path
+    except (LocalEntryNotFoundError, OSError, ValueError):  # not cached, or not a repo id: the hub path decides
         return None
+
+
+_CACHE_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "subfolder")
 
 
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
     toy = model == "toy"
-    if kind == "hub" and "revision" not in kwargs and (snapshot := cached_snapshot(where)) is not None:
-        kind, where = "local", snapshot  # a cached hub id is a folder: its variant, tokenizers and weights are checked
+    repo_id = where
+    if kind == "hub" and _hub_offline() and not set(_CACHE_KWARGS) & set(kwargs):
+        snapshot = cached_snapshot(where)
+        if snapshot is not None:  # offline, a cached hub id is a folder: its variant, tokenizers, weights are checked
+            kind, where = "local", snapshot
     if toy:
         from lib.toy.train import check_toy_folder
 
@@ -186,6 +197,8 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
             from None
+    if where != repo_id:
+        pipe.register_to_config(_name_or_path=repo_id)  # the hub id, not this machine's cache path
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
     problem = text_to_image_problem({k: v is not None for k, v in pipe.components.items()},
                                     None if unet is None else int(unet.config.in_channels),
@@ -198,6 +211,13 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             raise ModelLoadError(f"{gap[0]} lacks {len(gap[1])} of its module's tensors (e.g. {gap[1][0]}): "
                                  f"the file is incomplete{hint}")
     return pipe
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``, read now: notebooks may set it late)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def text_to_image_problem(present: dict[str, bool], unet_in: int | None, vae_latent: int | None) -> str | None:

@@ -61,8 +61,8 @@ class Param:
 
 
 def _device_name(value: str) -> None:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it: :func:`lib.loading.resolve_device`,
-    before the weights load)."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it:
+    :func:`lib.loading.resolve_device`, before the weights load)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
         raise ValueError(f"{value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 

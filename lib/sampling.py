@@ -187,10 +187,21 @@ def upcast_sdxl_vae(pipe) -> bool:
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents → images in [0, 1], shape (B, 3, H, W) (an SDXL VAE in float16 is upcast first:
-    :func:`upcast_sdxl_vae`)."""
+    :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std`` (some SDXL fine-tunes) gets
+    its latents de-normalised with them, as the SDXL pipeline does."""
     upcast_sdxl_vae(pipe)
     vae = pipe.vae
-    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    z = latents.to(vae.dtype)
+    if mean is not None and std is not None:
+        if not len(mean) == len(std) == z.shape[1]:
+            raise ValueError(f"the VAE config's latents_mean / latents_std have {len(mean)} / {len(std)} values for "
+                             f"latents of {z.shape[1]} channels")
+        shape = (1, len(mean), 1, 1)
+        z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
+    else:
+        z = z / vae.config.scaling_factor
+    img = vae.decode(z).sample
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -105,7 +105,11 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
 
         raise ModelLoadError(f"open_clip {model_name} weights {pretrained!r} are not available locally and cannot be "
                              "downloaded here: fetch them where the hub is reachable (they go to the Hugging Face "
-                             "cache), or give SCORER='openclip:<model>:<a local checkpoint file>'") from None
+                             "cache), or give SCORER='openclip:<model>:<a local checkpoint file>' (OpenAI weights: "
+                             "<model> with -quickgelu, e.g. ViT-L-14-quickgelu)") from None
+    from open_clip.transformer import QuickGELU
+
+    quick_gelu = any(isinstance(m, QuickGELU) for m in model.modules())  # as built (a -quickgelu config, or forced)
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
     return ClipScorer(

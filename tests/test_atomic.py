@@ -1,6 +1,7 @@
 """Atomic result files (lib.atomic): whole or absent, and a killed writer's temporary file cleaned up."""
 
 import os
+import time
 
 import pandas as pd
 import pytest
@@ -38,10 +39,14 @@ def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
             tmp_path / f".unet_s0_w.parquet.{pid}@some-other-host.tmp",  # another machine's: never touched
             tmp_path / f".r.parquet.{os.getppid()}.123456789012.tmp",  # a live SAGE writer whose suffix is all digits
             tmp_path / f".notes.{pid}.txt"]  # not a temporary file
-    for f in stale + live:
+    recent = tmp_path / f".t.parquet.{pid}@{HOST}.0123456789ac.tmp"  # a dead pid, but written a moment ago
+    for f in stale + live + [recent]:
         f.write_bytes(b"partial")
+        if f != recent:
+            os.utime(f, (time.time() - 120, time.time() - 120))  # not written for two minutes
     assert sorted(remove_stale_tmp(tmp_path)) == sorted(stale)
-    assert all(f.exists() for f in live) and not any(f.exists() for f in stale)
+    assert all(f.exists() for f in live + [recent]) and not any(f.exists() for f in stale)
+    assert remove_stale_tmp(tmp_path, min_age_s=0) == [recent]
 
 
 def test_an_interrupted_write_keeps_the_old_file(tmp_path):

@@ -27,7 +27,7 @@ def test_harness_times_a_case_and_writes_json(tmp_path):
 
 
 def test_the_commit_comes_from_t2i_commit_without_git(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import bench
     import torch
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -312,7 +314,11 @@ def test_a_cached_hub_id_loads_as_a_folder_with_its_only_variant(tmp_path, monke
     twin.to(torch.float16).save_pretrained(repo / "snapshots" / "abc123", variant="fp16")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
+    (repo / "trees").mkdir()  # the hub's listing of the repo: files a diffusers download never fetches
+    listing = {f: {"size": 1, "blob_id": "0" * 40} for f in ("model_index.json", "flax_model.msgpack", "v1.ckpt")}
+    (repo / "trees" / "abc123.json").write_text(json.dumps({"format_version": 1, "files": listing}))
     pipe = load_pipeline("someone/tiny-sd", device="cpu")
+    assert pipe.name_or_path == "someone/tiny-sd"  # the hub id is recorded (edits' meta), not this machine's cache path
     ref = twin.to(torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
     (repo / "snapshots" / "abc123" / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"torn")

@@ -1,5 +1,6 @@
 """SAGE on the tiny SD v1 twin (64 px, 2–3 steps) with small random classifier members: shapes, gradients, errors."""
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -198,8 +199,9 @@ def test_timm_member_resizes_and_crops_as_timms_eval_transform():
     from torchvision import transforms as TV
 
     for crop_pct in (0.875, 0.9, 0.95):
-        net = timm.create_model("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay={"crop_pct": crop_pct})
-        m = timm_member("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay={"crop_pct": crop_pct})
+        overlay = {"crop_pct": crop_pct}
+        net = timm.create_model("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay=overlay)
+        m = timm_member("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay=overlay)
         tf = create_transform(**resolve_data_config({}, model=net))
         (resize,) = [t.size for t in tf.transforms if isinstance(t, TV.Resize)]
         assert m.resize == (resize if isinstance(resize, int) else resize[0]) == math.floor(160 / crop_pct)
@@ -355,6 +357,7 @@ def test_a_read_result_has_the_types_of_a_fresh_one(pipe, ens, tmp_path):
     r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=2, guidance=3.0, config=cfg)
     back = read_result(save_latent(tmp_path / "z.safetensors", r))
     assert back.meta == r.meta and back.history == r.history and torch.equal(back.latent, r.latent)
+    assert {k: type(v) for k, v in back.meta.items()} == {k: type(v) for k, v in r.meta.items()}  # 2 == 2.0 too
 
 
 def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):
@@ -419,7 +422,7 @@ def test_wrong_shape_latent_raises(pipe, ens, tmp_path):
         search_latent(pipe, ens, "a cat", "cat", latent=torch.zeros(4, 8, 8), steps=2)
     with pytest.raises(ValueError, match="exactly one"):
         search_latent(pipe, ens, "a cat", "cat", steps=2)
-    with pytest.raises(UnknownClassError, match="class 'zebra' is not a label of member 'a'.*its labels: cat, dog, car"):
+    with pytest.raises(UnknownClassError, match="class 'zebra' is not a label of member 'a'.*labels: cat, dog, car"):
         search_latent(pipe, ens, "a cat", "zebra", seed=0, steps=2)
     from safetensors.torch import save_file
 
@@ -532,6 +535,7 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
 
     stale = tmp_path / f".{Path(df.loc[1, 'path']).name}.{dead_pid}@{HOST}.0123456789ab.tmp"
     stale.write_bytes(b"half")  # the killed run's half-written file
+    os.utime(stale, (0, 0))  # untouched since long ago (recent ones are left: lib.atomic)
     df2, again = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0, 1, 2], steps=2, config=cfg,
                                  out_dir=tmp_path, batch_size=2)
     assert searched == [[1]] and df2.resumed.tolist() == [True, False, True] and not stale.exists()
@@ -759,6 +763,7 @@ def test_prompt_campaign_searches_an_unreadable_class_again(pipe, ens, lm, tmp_p
     path.write_bytes(path.read_bytes()[:100])
     stale = tmp_path / f".{path.name}.{dead_pid}.0123456789ab.tmp"  # the name SAGE's writer used before the host
     stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))  # untouched since long ago (recent ones are left: lib.atomic)
     searched = []
     real = SP.search_prompt
     monkeypatch.setattr(SP, "search_prompt", lambda *a, **k: searched.append(a[3]) or real(*a, **k))
@@ -847,6 +852,7 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # no temporary file left behind
     stale = tmp_path / f".{ckpt.name}.{dead_pid}@{HOST}.0123456789ab.tmp"  # a SIGKILLed writer's, though
     stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))  # untouched since long ago (recent ones are left: lib.atomic)
     again = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), checkpoint_every=2, **kw)
     assert again.meta["resumed_from"] == 2 and again.history == ref.history and not stale.exists()
     assert torch.equal(again.embedding, ref.embedding) and ref.meta["resumed_from"] == 0

@@ -110,3 +110,35 @@ def test_every_timestep_spacing_follows_its_own_trajectory(spacing):
         warnings.simplefilter("ignore", ScheduleWarning)
         out = denoise(pipe, a0.sqrt() * x0 + (1 - a0).sqrt() * noise, cond, steps=10, guidance=1.0)
     assert torch.allclose(out, af.sqrt() * x0 + (1 - af).sqrt() * noise, atol=1e-4), spacing
+
+
+def test_a_vae_with_latent_statistics_decodes_as_the_sdxl_pipeline_does():
+    """Some SDXL fine-tunes (e.g. Playground v2.5) give latents_mean / latents_std in the VAE config."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    pipe = build_twin("sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    config = {k: v for k, v in pipe.vae.config.items() if k != "_use_default_values"}  # else the new values are dropped
+    vae = AutoencoderKL.from_config(dict(config, latents_mean=[0.5, -0.3, 0.2, 0.1], latents_std=[2.0, 0.5, 1.5, 1.0]))
+    assert vae.config.latents_mean is not None
+    vae.load_state_dict(pipe.vae.state_dict())
+    lat = initial_latents(pipe, [5])
+    before = generate(pipe, "a photo of a cat", [5], steps=2, guidance=5.0)
+    pipe.vae = vae
+    pipe.register_modules(vae=vae)
+    ref = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=5.0, latents=lat.clone(),
+               output_type="pt").images
+    ours = generate(pipe, "a photo of a cat", [5], steps=2, guidance=5.0)
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    assert (ours - before).abs().max() > 1e-2  # the statistics matter: the check is not vacuous
+
+
+def test_latent_statistics_of_the_wrong_length_are_named():
+    from diffusers import AutoencoderKL
+
+    pipe = build_twin("sd-v1")
+    config = {k: v for k, v in pipe.vae.config.items() if k != "_use_default_values"}
+    pipe.vae = AutoencoderKL.from_config(dict(config, latents_mean=[0.0], latents_std=[1.0]))
+    with pytest.raises(ValueError, match="latents_mean / latents_std have 1 / 1 values for latents of 4 channels"):
+        decode(pipe, initial_latents(pipe, [0]))

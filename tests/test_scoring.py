@@ -86,3 +86,10 @@ def test_missing_openai_clip_weights_fail_in_one_line_before_the_pipeline_loads(
     with pytest.raises(ModelLoadError, match="not available locally"):
         TN.load(P)
     assert loads == []
+
+
+def test_a_quickgelu_config_is_recorded_as_built():
+    """A local OpenAI checkpoint goes with a -quickgelu config (no tag to read the activation from): the scorer's
+    fingerprint follows the model as built."""
+    s = openclip_scorer("ViT-B-32-quickgelu", None)
+    assert s.architecture == "quick_gelu"

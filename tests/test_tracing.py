@@ -1,5 +1,6 @@
 """Causal tracing on the tiny shape twins: layers, corruption, batched == unbatched restoration, scoring, sweeps."""
 
+import os
 import subprocess
 import sys
 
@@ -515,6 +516,7 @@ def test_damaged_sweep_folders_are_retraced_or_refused(tmp_path, dead_pid):
         collect(out, tau=0.5)
     stale = out / f".{files[0].name}.{dead_pid}@{HOST}.0123456789ab.tmp"
     stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))  # untouched since long ago (recent ones are left: lib.atomic)
     with pytest.warns(UserWarning, match=f"{files[0].name} is not a readable parquet file.*set aside"):
         again = run_sweep(p, toy_scorer(), PROBES.iloc[:2], [0], out, cfg, 0, 1, progress=False)
     assert again == [files[0]] and not stale.exists() and (out / f"{files[0].name}.unreadable").is_file()

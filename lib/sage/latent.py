@@ -24,8 +24,8 @@ Steps ``k … T−1``, the VAE decode and the classifiers run with gradient. ``r
 steps ``w`` only rescales the gradient in straight-through mode, so it does not change the search there.
 
 Failure types: type 1 (distorted: no label confident, goal ``uncertain``), type 2 (a different label confident,
-goal ``other``), or ``lose`` (the class is lost, whatever the members see instead). Found latents are saved as safetensors with everything
-needed to re-render them exactly (:func:`save_latent`, :func:`render_latent`).
+goal ``other``), or ``lose`` (the class is lost, whatever the members see instead). Found latents are saved as
+safetensors with everything needed to re-render them exactly (:func:`save_latent`, :func:`render_latent`).
 """
 
 from __future__ import annotations

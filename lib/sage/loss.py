@@ -299,7 +299,8 @@ class Ensemble(nn.Module):
             if not idx:
                 names = sorted(set(labels) | set(self.groups))
                 near = [l for l in names if re.search(rf"\b{re.escape(key)}\b", l)][:5]  # "crane" → "crane (bird)"
-                near += [l for l in difflib.get_close_matches(key, names, n=5, cutoff=0.5) if l not in near][:5 - len(near)]
+                close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+                near += [l for l in close if l not in near][: 5 - len(near)]
                 if near:
                     hint = f"; near matches: {', '.join(repr(n) for n in near)}"
                 elif len(labels) <= 50:
