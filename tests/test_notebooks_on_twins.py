@@ -9,7 +9,7 @@ TINY = {"MODEL": "twin:sdxl", "STEPS": 2}
 CASES = {
     # the memory savings a GPU run of SD needs (lib.speed.save_memory), through the gradient passes of 01 and 02
     "01_sage_latent_search": dict(CLASSES=["cat"], SEEDS=[0], MODES=["type1"], ITERATIONS=1, CHECKPOINTING="steps"),
-    "02_sage_prompt_search": dict(CLASSES=["cat"], SEEDS=[0], ITERATIONS=2, N_WORDS=1, TOP_K=3, CHECKPOINTING="blocks"),
+    "02_sage_prompt_search": dict(CLASSES=["cat"], SEEDS=[0], EVAL_SEEDS=[1], ITERATIONS=2, N_WORDS=1, TOP_K=3, CHECKPOINTING="blocks"),
     "03_sage_token_attack": dict(SEEDS=[0], TEST_SEEDS=[1], ITERATIONS=2, N_TRAIN_PROMPTS=2, N_TEST_PROMPTS=1,
                                  BATCH_SIZE=1),
     # random weights: the corruption does not lower CLIP-Score, so no Otsu threshold exists; a numeric τ is used

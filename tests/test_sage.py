@@ -809,6 +809,10 @@ def test_categories():
     assert categorize(base + " dog on", base, "cat", LABELS) == "concept overwrite"
     assert categorize(base + " red", base, "cat", LABELS, ["red"]) == "attribute"
     assert categorize(base + " sleeping cat", base, "cat", LABELS, ["red"]) == "context"
+    imagenet = ("tabby", "tiger cat", "dog", "cat")  # "tabby" names the class itself (its ImageNet group), "dog" not
+    assert categorize(base + " tabby sleeping", base, "cat", imagenet, same_class=("tabby", "tiger cat")) == "context"
+    assert categorize(base + " tabby sleeping", base, "cat", imagenet) == "concept overwrite"  # without the group
+    assert categorize(base + " dog", base, "cat", imagenet, same_class=("tabby",)) == "concept overwrite"
 
 
 # --------------------------------------------------------------------------------------------------- token attack

@@ -21,6 +21,7 @@ from lib.sage.prompt import CandidateLM, PromptError, PromptSearch, final_prompt
 from lib.sage.resume import campaign_key, member_settings, write_atomic, write_parquet_atomic, write_safetensors_atomic
 from lib.sage.token import TokenAttack, TokenResult, evaluate_token, train_token
 from lib.scoring import ClipScorer
+from lib.twins import build_twin
 from test_sage import LABELS, const_member, one_thread, pipe, small_net  # noqa: F401 - shared fixtures and helpers
 
 NOTEBOOK_02_COLUMNS = ["cls", "round", "prompt", "word", "cosine", "loss_start", "loss_end", "loss_prompt", "best_loss",
@@ -199,6 +200,39 @@ def byte_level_lm(n_positions: int = 64, eos_appended: bool = True, bos_is_eos: 
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
     return CandidateLM(model, tok)
+
+
+def test_a_sentence_end_counts_as_the_end_of_the_text():
+    """A web-text LM ends a caption with "." far more often than with EOS: MIN_END_PROB would refuse every prompt."""
+    tok = byte_level_lm().tokenizer
+    vocab = tok.get_vocab()
+    table = torch.full((len(vocab), len(vocab)), -20.0)
+    table[vocab["Ġcat"], vocab["."]] = 6.0  # after "... cat": "." nearly surely, EOS (-20) almost never
+    lm = CandidateLM(NextTokenTable(table, 64), tok)
+    assert vocab["."] in lm.end_ids and tok.eos_token_id in lm.end_ids
+    assert lm.end_prob("a photo of a cat") > 0.99
+    table[vocab["Ġcat"], vocab["."]], table[vocab["Ġcat"], vocab["Ġsleeping"]] = -20.0, 6.0  # a word comes next
+    assert lm.end_prob("a photo of a cat") < 0.01
+    from lib.sage.build import load_lm
+
+    toy = load_lm("toy")  # its vocabulary has no "." (it would be its unknown token): EOS alone, as before
+    assert toy.end_ids == toy.eos_ids
+
+
+def test_the_nearest_word_on_sdxl_weighs_both_encoders_alike():
+    from lib.sage.prompt import slot_cosine
+
+    twin = build_twin("sdxl")
+    d1, d2 = (te.get_input_embeddings().embedding_dim for te in (twin.text_encoder, twin.text_encoder_2))
+    slot = torch.cat([torch.ones(d1), torch.ones(d2)])[None]
+    a = torch.cat([torch.ones(d1), -10 * torch.ones(d2)])  # first encoder agrees, second (large norm) opposes
+    b = torch.cat([-torch.ones(d1), 0.5 * torch.ones(d2) + 0.5 * torch.randn(d2)])
+    cos = slot_cosine(twin, torch.stack([a, b]), slot)
+    assert torch.allclose(cos[0], torch.tensor(0.0), atol=1e-6)  # mean of +1 and -1
+    assert cos[1] < 0  # -1 and well under +1
+    sd1 = build_twin("sd-v1")
+    w = torch.randn(3, d1)
+    torch.testing.assert_close(slot_cosine(sd1, w, slot[:, :d1]), torch.nn.functional.cosine_similarity(w, slot[:, :d1]))
 
 
 def test_a_byte_level_hub_style_lm_proposes_words_and_drives_the_search(pipe):

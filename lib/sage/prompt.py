@@ -17,12 +17,12 @@ Each round (seed pseudo-code, one word per round):
 
 A prompt is a found failure when the ensemble is fooled (``lose``) on at least ``success_fraction`` of the seeds
 (ours: 0.5; the paper does not say) *and* it is a complete sentence for the LM: the LM's probability of ending the text
-there (its EOS token) is at least ``min_end_prob`` (ours: 0.1; 0 turns the check off), so that "a photo of a cat on"
+there (its EOS token, or a token of its own for ".", "!", "?" or a newline) is at least ``min_end_prob`` (ours: 0.1; 0 turns the check off), so that "a photo of a cat on"
 is grown further instead of being reported. Gradients reach the embeddings through every denoising step from
 ``grad_from_step`` on (0: full backpropagation; later: truncated, cheaper). On SDXL a slot embedding is the
 concatenation of one embedding per text encoder (768 + 1280 dimensions), each inserted into its own encoder, and word
-embeddings (the nearest-candidate choice) are concatenated the same way (the two CLIP tokenizers share their
-vocabulary). :func:`categorize` is a rough, documented stand-in for the paper's ten hand-made failure categories.
+embeddings are concatenated the same way (the two CLIP tokenizers share their vocabulary); the nearest candidate is
+the one with the highest mean of the two encoders' cosines (:func:`slot_cosine`). :func:`categorize` is a rough, documented stand-in for the paper's ten hand-made failure categories.
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ def token_table(pipe) -> torch.Tensor:
 def slot_dim(pipe) -> int:
     """Dimensions of one slot embedding: the token-embedding width (summed over SDXL's two encoders)."""
     return sum(te.get_input_embeddings().embedding_dim for te in _encoders(pipe))
+
+
+def slot_cosine(pipe, words: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of ``words`` to ``slot`` (last dimension: :func:`slot_dim`); on SDXL the mean of the two
+    encoders' cosines, so that the wider, larger-normed second table does not decide alone."""
+    dims = [te.get_input_embeddings().embedding_dim for te in _encoders(pipe)]
+    parts = zip(words.split(dims, dim=-1), slot.split(dims, dim=-1))
+    return torch.stack([F.cosine_similarity(w, s, dim=-1) for w, s in parts]).mean(0)
 
 
 def word_embedding(pipe, word: str) -> torch.Tensor:
@@ -272,14 +280,27 @@ class CandidateLM:
 
     @torch.no_grad()
     def end_prob(self, prompt: str) -> float:
-        """The LM's probability that the text ends after ``prompt``: of its EOS token(s), :attr:`eos_ids` (1.0 for an
-        LM that declares none)."""
-        eos = sorted(self.eos_ids)
-        if not eos:
+        """The LM's probability that the text ends after ``prompt``: of its EOS token(s), :attr:`eos_ids`, or of a
+        sentence-ending token, :attr:`end_ids` (a web-text LM rarely puts EOS right after a caption; 1.0 for an LM that
+        declares no EOS)."""
+        if not self.eos_ids:
             return 1.0
+        eos = sorted(self.end_ids)
         ids = self.encode(prompt, room=0)  # scores the next token from the last position: no new position
         dev = next(self.model.parameters()).device
         return float(self.model(torch.tensor([ids], device=dev)).logits[0, -1].float().softmax(-1)[eos].sum())
+
+    @property
+    def end_ids(self) -> set[int]:
+        """:attr:`eos_ids` and the tokens that end a sentence in this vocabulary: ".", "!", "?" or a newline, each
+        when it is one token of its own (with or without a leading space), not the unknown token."""
+        tok, ids = self.tokenizer, set(self.eos_ids)
+        for end in (".", "!", "?", "\n"):
+            for text in (end, " " + end):
+                enc = tok(text, add_special_tokens=False).input_ids
+                if len(enc) == 1 and enc[0] != tok.unk_token_id:
+                    ids.add(enc[0])
+        return ids
 
     @property
     def eos_ids(self) -> set[int]:
@@ -447,7 +468,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                 break
             emb = signed_step(emb.detach(), g, config.lr, lo, hi)
         table = torch.stack([word_embedding(pipe, w) for w in cands])
-        cos = F.cosine_similarity(table, emb[0].detach().float()[None], dim=-1)
+        cos = slot_cosine(pipe, table, emb[0].detach().float()[None])
         pick = int(cos.argmax())
         prompt = f"{prompt} {cands[pick]}"
         with torch.no_grad():
@@ -464,7 +485,8 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
                          loss_prompt=loss_p, best_loss=best, p_class=p_cls, fooled_fraction=fooled, end_prob=end,
                          found=found,
-                         category=categorize(prompt, base, cls, class_words, attribute_words) if found else None,
+                         category=categorize(prompt, base, cls, class_words, attribute_words,
+                                            ensemble.groups.get(cls.strip().lower(), ())) if found else None,
                          stopped=stopped))
         if found and config.stop_on_success:
             break
@@ -600,14 +622,16 @@ CATEGORIES: dict[str, str] = {
 
 
 def categorize(prompt: str, base: str, cls: str, class_words: Sequence[str] = (),
-               attribute_words: Sequence[str] = ()) -> str:
+               attribute_words: Sequence[str] = (), same_class: Sequence[str] = ()) -> str:
     """Approximate failure category of a found prompt from the words added to ``base`` (see :data:`CATEGORIES`).
+    ``same_class``: names of ``cls`` itself (an ImageNet group's labels, "tabby" for "cat"): not another class.
 
     A heuristic on words only, not a judgement of the image: the paper's ten categories were made by hand.
     """
     added = " " + prompt[len(base):].strip().lower() + " " if prompt.startswith(base) else " " + prompt.lower() + " "
     has = lambda words: any(f" {w.lower()} " in added for w in words)  # noqa: E731
-    if has([w for w in class_words if w.lower() != cls.lower()]):
+    same = {cls.strip().lower()} | {w.strip().lower() for w in same_class}
+    if has([w for w in class_words if w.strip().lower() not in same]):
         return "concept overwrite"
     if has(attribute_words):
         return "attribute"
