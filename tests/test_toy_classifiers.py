@@ -200,6 +200,33 @@ def test_committed_classifiers_reach_98_percent_on_objects(committed_table):
     assert (committed_table["object"] >= 0.98).all(), committed_table["object"].round(3).to_string()
 
 
+@pytest.fixture(scope="module")
+def named_table():
+    """Accuracy of the committed classifiers on the scenes of 1,000 held-out renders that name each attribute ("none"
+    truths left out: 99 of the 1,000 have a character, so the all-scene figure says little about characters)."""
+    if not (C.DEFAULT_DIR / C.CONFIG_NAME).exists():
+        pytest.skip("no trained classifiers in data/toy")
+    arr, scenes, _ = W.make_dataset(1000, seed=12345, split="heldout")
+    counts = attribute_accuracy(arr, scenes, C.load_classifiers())
+    return accuracy_table(counts[counts.value != C.NONE])
+
+
+def test_committed_classifiers_on_scenes_that_name_the_attribute(named_table):
+    """>= 0.98 for every member and attribute but object and the edge member's character (0.970 on these 99
+    character scenes, 3 misses; next test); those two may not fall below what the committed weights measure."""
+    rest = named_table.drop(columns="object")
+    ok = rest.fillna(1.0) >= 0.98
+    ok.loc["edges", "character"] = True  # the known miss, checked below
+    assert ok.all().all(), rest.round(3).to_string()
+    assert named_table.loc["edges", "character"] >= 96 / 99 - 1e-9, named_table.round(3).to_string()
+
+
+@pytest.mark.xfail(strict=True, reason="known unmet bar (issue 3): the edge member reads characters on character scenes "
+                   "at 0.970 (99 scenes of 1,000 held-out renders; 0.948 on another 1,000): it sees only Canny edges")
+def test_the_edge_member_reads_characters_at_98_percent(named_table):
+    assert named_table.loc["edges", "character"] >= 0.98, named_table.round(3).to_string()
+
+
 @pytest.mark.skipif(not (C.DEFAULT_DIR / C.CONFIG_NAME).exists(), reason="no trained classifiers in data/toy")
 def test_rebuild_command_reproduces_the_committed_recipe():
     """The default steps and architectures are those the committed weights were trained with."""

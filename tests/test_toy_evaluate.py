@@ -91,6 +91,20 @@ def test_render_predictions_and_quality_table(members):
     assert ("render", "ensemble") in acc.index and E.CLIP_FAMILY in acc.columns
 
 
+def test_the_character_row_scores_character_scenes_only():
+    """32 character images (16 right) among 240: the bar is about drawing characters, not about reading "none"."""
+    def rows(source):
+        named = [dict(truth="snoopy", correct=i < 16, named=True) for i in range(32)]
+        absent = [dict(truth=C.NONE, correct=True, named=False) for _ in range(208)]
+        return pd.DataFrame(named + absent).assign(source=source, member="ensemble", family="character")
+
+    table = E.quality_table(pd.concat([rows("render"), rows("generated")], ignore_index=True))
+    row = table.loc["character"]
+    assert row["renders"] == row["generated"] == 0.5 and row["n renders"] == row["n generated"] == 32
+    assert row["renders (incl. absent)"] == row["generated (incl. absent)"] == (16 + 208) / 240
+    assert not row["meets bar"]
+
+
 def test_generation_is_batched_and_ordered(members):
     from lib.sampling import generate
     from lib.twins import build_twin
@@ -150,6 +164,10 @@ def test_vae_roundtrip_table_compares_renders_with_their_reconstructions(members
     blurred = E.reconstruction_table(_BlurVAE(), members, n=12, seed=3)
     assert (blurred.mse > 0.001).all()
     assert blurred.render.tolist() == same.render.tolist()  # the renders' column does not depend on the VAE
+    _, scenes, _ = W.make_dataset(12, 3, "heldout")
+    chars = sum(s.character is not None for s in scenes)
+    row = same[(same.member == "ensemble") & (same.family == "character")].iloc[0]
+    assert row["n"] == 12 and row["n named"] == chars  # named: the character scenes only
 
 
 class _NemoIfBright:
