@@ -213,7 +213,8 @@ def summary_rows(paths: list[Path]) -> list[str]:
             peak, reserved = r.get("peak_mem_gib"), r.get("peak_reserved_gib")
             mem = "" if peak is None else f"{peak:.1f}" + ("" if reserved is None else f" ({reserved:.1f})")
             warm = " / ".join(f"{w:.1f}" for w in r.get("warmup_s", []))
-            rows.append(f"| {r['case']} | {how} | {r['median_s']:.3f} | {r['min_s']:.3f} | {per} | {mem} | {warm} | "
+            med, low = r.get("median_s", float("nan")), r.get("min_s", float("nan"))
+            rows.append(f"| {r.get('case', '?')} | {how} | {med:.3f} | {low:.3f} | {per} | {mem} | {warm} | "
                         f"{env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {env.get('commit')} |")
     return rows
 

@@ -212,8 +212,8 @@ def named_table():
 
 
 def test_committed_classifiers_on_scenes_that_name_the_attribute(named_table):
-    """>= 0.98 for every member and attribute but object and the edge member's character (0.970 on these 99
-    character scenes, 3 misses; next test); those two may not fall below what the committed weights measure."""
+    """>= 0.98 for every member and attribute but object (its floors: the tests above) and the edge member's
+    character (0.970 on these 99 character scenes, 3 misses; next test), which may not fall below that."""
     rest = named_table.drop(columns="object")
     ok = rest.fillna(1.0) >= 0.98
     ok.loc["edges", "character"] = True  # the known miss, checked below

@@ -164,10 +164,12 @@ def test_vae_roundtrip_table_compares_renders_with_their_reconstructions(members
     blurred = E.reconstruction_table(_BlurVAE(), members, n=12, seed=3)
     assert (blurred.mse > 0.001).all()
     assert blurred.render.tolist() == same.render.tolist()  # the renders' column does not depend on the VAE
-    _, scenes, _ = W.make_dataset(12, 3, "heldout")
+    _, scenes, _ = W.make_dataset(12, 7, "heldout")
     chars = sum(s.character is not None for s in scenes)
-    row = same[(same.member == "ensemble") & (same.family == "character")].iloc[0]
-    assert row["n"] == 12 and row["n named"] == chars  # named: the character scenes only
+    named = E.reconstruction_table(_IdentityVAE(), members, n=12, seed=7)
+    row = named[(named.member == "ensemble") & (named.family == "character")].iloc[0]
+    assert chars == 3 and row["n"] == 12 and row["n named"] == chars  # named: the character scenes only
+    assert row["render named"] == row["roundtrip named"]  # the identity VAE changes nothing
 
 
 class _NemoIfBright:

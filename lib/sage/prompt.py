@@ -27,6 +27,7 @@ the one with the highest mean of the two encoders' cosines (:func:`slot_cosine`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -294,7 +295,11 @@ class CandidateLM:
     def end_ids(self) -> set[int]:
         """:attr:`eos_ids` and the tokens that end a sentence in this vocabulary: ".", "!", "?" or a newline, each
         when it is one token of its own (with or without a leading space), not the unknown token."""
-        tok, ids = self.tokenizer, set(self.eos_ids)
+        return set(self.eos_ids) | self._sentence_end_ids
+
+    @functools.cached_property
+    def _sentence_end_ids(self) -> set[int]:
+        tok, ids = self.tokenizer, set()
         for end in (".", "!", "?", "\n"):
             for text in (end, " " + end):
                 enc = tok(text, add_special_tokens=False).input_ids
@@ -578,7 +583,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
         if out_dir is not None:
             key = campaign_key(pipe, ensemble, {"lm": lm.model}, lm_tokenizer=getattr(lm, "fingerprint", None),
                                cls=c, seeds=list(seeds), steps=steps, guidance=guidance, config=asdict(config),
-                               class_words=list(class_words), attribute_words=list(attribute_words))
+                               class_words=list(class_words), attribute_words=list(attribute_words),
+                               rules=RULES)
             path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
         df = _read_rounds(path) if path is not None and resume and path.is_file() else None
         if df is not None:
@@ -614,6 +620,11 @@ def _read_rounds(path: Path):
 
 
 # ------------------------------------------------------------------------------------------------ failure categories
+# The version of the search's rules in its resume key: 2 (2026-12-06) ends a text at a one-token ".", "!", "?" or
+# newline too, takes SDXL's nearest word by the mean of the two encoders' cosines and keeps a class's own group out of
+# "concept overwrite"; campaigns saved under rules 1 are searched again, not resumed.
+RULES = 2
+
 CATEGORIES: dict[str, str] = {
     "concept overwrite": "an added word names another class (another object takes over the image)",
     "attribute": "an added word is an attribute (color, style, material...) that displaces the class",

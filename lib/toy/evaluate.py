@@ -450,29 +450,29 @@ def vae_roundtrip(vae, images: np.ndarray | torch.Tensor, batch_size: int = 100)
 def reconstruction_table(vae, classifiers: Mapping[str, AttributeClassifier], n: int = 1000,
                          seed: int = 10_000) -> pd.DataFrame:
     """Accuracy per member (ensemble included) and family on ``n`` held-out renders and on their VAE round trips:
+    what the classifiers can read in an image that has passed through the latent space (generated images always
     have). Columns: member, family, n, render, roundtrip (all scored scenes, "none" truths included), n named, render
     named, roundtrip named (only scenes that name the attribute: a character row over character scenes, most scenes
     having none), mse (the round trip's pixel MSE in [0, 1] units)."""
-    from lib.toy.classifiers import heldout_accuracy
-
     arr, scenes, _ = W.make_dataset(n, seed, "heldout")
     x = to_tensor(arr)
     rec = vae_roundtrip(vae, x)
     mse = float(((rec - x) ** 2).mean())
-    scored = {f: sum(scene_label(s, f) is not None for s in scenes) for f in FAMILIES}
-    named = {f: [i for i, s in enumerate(scenes) if scene_label(s, f) not in (None, NONE)] for f in FAMILIES}
+    members = with_ensemble(classifiers)
+    counts = {k: attribute_accuracy(v, scenes, members) for k, v in (("render", x), ("roundtrip", rec))}
+    table = {k: accuracy_table(c) for k, c in counts.items()}
+    named = {k: accuracy_table(c[c.value != NONE]) for k, c in counts.items()}
+    c = counts["render"]
+    n_all = c[c.member == c.member.iloc[0]].groupby("family").n.sum()  # the same scenes for every member
+    n_named = c[(c.member == c.member.iloc[0]) & (c.value != NONE)].groupby("family").n.sum()
     rows = []
-    for name, m in with_ensemble(classifiers).items():
-        a, b = heldout_accuracy(m, x, scenes), heldout_accuracy(m, rec, scenes)
-        pa, pb = m.predict(x), m.predict(rec)
+    for name, m in members.items():
         for f in m.families:
-            truth = [scene_label(scenes[i], f) for i in named[f]]
-
-            def right(pred: dict[str, list[str]]) -> float:
-                return float(np.mean([pred[f][i] == t for i, t in zip(named[f], truth)])) if truth else float("nan")
-
-            rows.append({"member": name, "family": f, "n": scored[f], "render": a[f], "roundtrip": b[f],
-                         "n named": len(truth), "render named": right(pa), "roundtrip named": right(pb), "mse": mse})
+            get = lambda t: float(t.loc[name, f]) if f in t.columns and name in t.index else float("nan")  # noqa: E731
+            rows.append({"member": name, "family": f, "n": int(n_all.get(f, 0)), "render": get(table["render"]),
+                         "roundtrip": get(table["roundtrip"]), "n named": int(n_named.get(f, 0)),
+                         "render named": get(named["render"]), "roundtrip named": get(named["roundtrip"]),
+                         "mse": mse})
     return pd.DataFrame(rows)
 
 
