@@ -135,7 +135,7 @@ _CACHE_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", 
 def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kwargs):
     toy = model == "toy"
     repo_id = where
-    if kind == "hub" and _hub_offline() and not set(_CACHE_KWARGS) & set(kwargs):
+    if kind == "hub" and hub_offline() and not set(_CACHE_KWARGS) & set(kwargs):
         snapshot = cached_snapshot(where)
         if snapshot is not None:  # offline, a cached hub id is a folder: its variant, tokenizers, weights are checked
             kind, where = "local", snapshot
@@ -213,7 +213,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     return pipe
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``, read now: notebooks may set it late)."""
     from huggingface_hub import constants
 

@@ -182,9 +182,9 @@ def check_lm(lm: str) -> None:
         return
     if lm.startswith((".", "/", "~")) or lm.count("/") > 1 or "\\" in lm:
         raise ValueError(f"LM folder not found: {lm}")
-    import huggingface_hub.constants as hub
+    from lib.loading import hub_offline
 
-    if hub.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE; online, a hub id is only known when it downloads
+    if hub_offline():  # online, a hub id is only known when it downloads
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(lm, "config.json"), str):
