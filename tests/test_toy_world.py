@@ -120,6 +120,10 @@ def test_bad_inputs():
         W.parse_caption("a photo of a magenta star")
     with pytest.raises(ValueError, match="empty caption. Valid vocabulary"):
         W.parse_caption("")
+    with pytest.raises(ValueError, match="character 'snoopy' has a fixed color, so 'red' cannot describe it"):
+        W.parse_caption("a photo of a red snoopy on a beach")
+    with pytest.raises(ValueError, match="character 'grumpy cat' is already a cat; write 'grumpy cat' alone"):
+        W.parse_caption("a grumpy cat cat sleeping")
     with pytest.raises(ValueError, match="split must be 'train', 'heldout' or 'any', got 'test'"):
         W.sample_scene(0, "test")
     with pytest.raises(TypeError, match="numpy Generator or an int seed, got str"):

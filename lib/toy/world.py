@@ -636,6 +636,13 @@ def parse_caption(text: str) -> Scene:
         return Scene(object=words[0], style=style, action=action, background=background)
     if len(words) == 2 and words[0] in COLORS and words[1] in OBJECTS:
         return Scene(object=words[1], color=words[0], style=style, action=action, background=background)
+    if len(words) > 1 and words[0] in COLORS and " ".join(words[1:]) in CHARACTERS:
+        raise ValueError(f"caption {text!r}: character {' '.join(words[1:])!r} has a fixed color, so {words[0]!r} "
+                         "cannot describe it; characters take actions, styles and backgrounds only")
+    for ch in CHARACTERS:
+        if rest == f"{ch} {CHARACTER_OBJECT[ch]}":
+            raise ValueError(f"caption {text!r}: character {ch!r} is already a {CHARACTER_OBJECT[ch]}; "
+                             f"write {ch!r} alone")
     raise _unknown("subject", rest, text)
 
 
