@@ -255,7 +255,7 @@ def test_bad_inputs_are_clear_errors():
         quickfix(p, "van gogh", "painting", prompts={"van gogh": ["a photo of monet"], "painting": ["a painting"]})
     with pytest.raises(EditError, match="unknown encoder"):
         quickfix(p, "van gogh", "painting", encoders=["text_encoder_2"])
-    with pytest.raises(EditError, match="needs a '\\{\\}'"):
+    with pytest.raises(EditError, match="needs exactly one '\\{\\}'"):
         quickfix(p, "van gogh", "painting", templates=("no slot",))
     for lam in ("0.01", True, None):
         with pytest.raises(EditError, match="λ must be a finite number >= 0"):
@@ -551,7 +551,6 @@ def test_benchmark_cases_time_the_edit(tmp_path):
 
 def test_evaluate_edit_rows_line_up_with_prompts_seeds_and_conditions(monkeypatch):
     """Each row's prediction, accuracy and CLIP-Score belong to its own (condition, prompt, seed) image."""
-    import numpy as np
 
     from lib.toy.classifiers import AttributeClassifier
 
@@ -587,7 +586,76 @@ def test_evaluate_edit_rows_line_up_with_prompts_seeds_and_conditions(monkeypatc
     assert df["pred_object"].tolist() == ["dog", "dog", "cat", "cat", "fish", "fish"] + ["star"] * 6
     assert df["accuracy"].tolist() == [1.0] * 6 + [0.0] * 6
     assert df["clip_own"].tolist() == [1.0] * 6 + [0.0] * 6
-    assert np.isnan(E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, seeds, steps=1,
-                                    guidance=1.0, score_captions={"own": prompts})["clip_own"]).all()
+    monkeypatch.setattr(E, "generate_images", lambda *a, **k: pytest.fail("generated before the inputs were checked"))
+    with pytest.raises(ValueError, match=r"given without a scorer"):  # was a silent NaN column
+        E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, seeds, steps=1, guidance=1.0,
+                        score_captions={"own": prompts})
+    with pytest.raises(ValueError, match=r"one caption per prompt \(3\), got \{'own': 2\}"):
+        E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, seeds, steps=1, guidance=1.0,
+                        scorer=Scorer(), score_captions={"own": prompts[:2]})
+    with pytest.raises(ValueError, match=r"repeated seeds \[7, 7\]"):
+        E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, [7, 7], steps=1, guidance=1.0)
     with pytest.raises(ValueError, match="3 prompts but 2 scenes"):
         E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes[:2], seeds, steps=1, guidance=1.0)
+
+
+def test_a_shared_prompt_mapping_never_pairs_another_edits_anchor_prompts_as_target_prompts():
+    """One mapping of anchors' prompts serves several edits; for the edit snoopy → dog it must not take the entry of
+    "dog" (another edit's anchor) as snoopy's target prompts ('a painting of snoopy' → 'a blue dog spinning')."""
+    tok = pipe().tokenizer
+    shared = {"snoopy": ["a painting of snoopy on a beach"], "dog": ["a blue dog spinning on a beach"],
+              "van gogh": ["a cat by van gogh"]}
+    with pytest.raises(EditError, match=r"prompts holds \['dog'\] .* phrases of other edits \['van gogh'\]"):
+        align_prompts(tok, "snoopy", "dog", prompts=shared)
+    own = align_prompts(tok, "snoopy", "dog", prompts={"snoopy": shared["snoopy"]})
+    assert own[0].target_prompt == "a painting of dog on a beach"
+    other = align_prompts(tok, "van gogh", "painting", prompts=shared)  # no key names this edit's target: fine
+    assert other[0].target_prompt == "a cat by painting"
+    with pytest.raises(EditError, match=r"prompts\['van gogh'\] must be a list of prompt strings"):
+        align_prompts(tok, "van gogh", "painting", prompts={"van gogh": "a cat by van gogh"})
+
+
+def test_templates_need_exactly_one_slot_and_may_hold_other_braces():
+    tok = pipe().tokenizer
+    with pytest.raises(EditError, match="exactly one '\\{\\}'"):
+        align_prompts(tok, "van gogh", "painting", templates=["{} and {}"])
+    braced = align_prompts(tok, "van gogh", "painting", templates=["a {style} of {}"])[0]
+    assert (braced.anchor_prompt, braced.target_prompt) == ("a {style} of van gogh", "a {style} of painting")
+
+
+def test_gradient_descent_gap_needs_a_unique_optimum_and_handles_an_optimal_start():
+    g = torch.Generator().manual_seed(0)
+    k, w = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g)  # 5 keys in 16 dimensions
+    with pytest.raises(EditError, match="no unique solution; pass the λ the edit used"):
+        gradient_descent_gap(k, torch.randn(5, 8, generator=g), w, 0.0)
+    k, w = k.double(), w.double()
+    gap = gradient_descent_gap(k, k @ w.T, w, 0.01)  # the values are what W_old already gives: nothing to update
+    assert gap.iterations == 0 and gap.objective_iterative == 0.0 and gap.rel_weight < 1e-10  # was NaN (0/0 step)
+
+
+def test_a_failed_save_leaves_the_previous_edit_file_intact(tmp_path, monkeypatch):
+    import sys
+
+    Q = sys.modules["lib.editing.quickfix"]  # the package exports a function of the module's name
+    p = pipe()
+    e = quickfix(p, "van gogh", "painting")
+    path = e.save(tmp_path / "vg")
+    before = path.read_bytes(), path.with_suffix(".json").read_text()
+
+    def torn(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Q, "save_file", torn)
+    with pytest.raises(OSError, match="disk full"):
+        quickfix(p, "snoopy", "dog").save(path, overwrite=True)
+    assert (path.read_bytes(), path.with_suffix(".json").read_text()) == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["vg.json", "vg.safetensors"]  # no temporary file left
+
+
+def test_a_tokenizer_longer_than_the_encoder_is_refused(monkeypatch):
+    p = pipe()
+    monkeypatch.setattr(p.tokenizer, "model_max_length", int(1e30))
+    with pytest.raises(EditError, match="model_max_length=1000000000000000019884624838656, but the encoder has 77"):
+        collect_keys_values(p, "van gogh", "painting")

@@ -249,6 +249,13 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
     """
     if len(prompts) != len(scenes):
         raise ValueError(f"{len(prompts)} prompts but {len(scenes)} scenes")
+    bad = {k: len(v) for k, v in (score_captions or {}).items() if len(v) != len(prompts)}
+    if bad:  # before any image is generated
+        raise ValueError(f"score_captions lists must have one caption per prompt ({len(prompts)}), got {bad}")
+    if score_captions and scorer is None:
+        raise ValueError(f"score_captions {sorted(score_captions)} given without a scorer to score them")
+    if len(set(int(s) for s in seeds)) != len(seeds):
+        raise ValueError(f"repeated seeds {list(seeds)}: each (prompt, seed) image would count twice")
     frames, images = [], {}
     for name, edit in conditions.items():
         imgs = generate_images(pipe, prompts, seeds, steps, guidance, edit, batch_size, progress)
@@ -264,7 +271,7 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
         df["accuracy"] = scene_accuracy(pred.rename(columns=lambda c: c[5:]), rep_scenes).values
         for key, caps in (score_captions or {}).items():
             rep = [c for c in caps for _ in seeds]
-            df[f"clip_{key}"] = scorer.score(imgs, rep).cpu().numpy() if scorer is not None else np.nan
+            df[f"clip_{key}"] = scorer.score(imgs, rep).cpu().numpy()
         frames.append(df)
         if keep_images:
             images[name] = imgs

@@ -24,6 +24,7 @@ share: the ridge solve, its check against gradient descent, and :class:`WeightEd
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import operator
 import re
@@ -39,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lib.atomic import write_atomic, write_text_atomic
 from lib.prompts import PromptError, check_length, subject_not_found, subject_occurrences
 
 TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
@@ -98,7 +100,12 @@ class RidgeProblem:
         eig = torch.linalg.eigvalsh(gram)  # ascending, >= 0 up to rounding
         lo, hi = float(eig[0]), float(eig[-1])
         lam_eff = float(self.lam)
-        if hi + lam_eff <= 0 or (hi + lam_eff) > self.max_condition * (lo + lam_eff):
+        if math.isinf(self.max_condition):  # λ as given (gradient_descent_gap's reference solve)
+            if lo + lam_eff <= 0:
+                raise EditError(f"λ = {lam_eff:g} with singular keys (smallest eigenvalue of Σkkᵀ {lo:.3g}: fewer "
+                                "independent keys than dimensions) has no unique solution; pass the λ the edit used "
+                                "(edit.meta['solve'][<encoder>]['lam_effective'])")
+        elif hi + lam_eff <= 0 or (hi + lam_eff) > self.max_condition * (lo + lam_eff):
             lam_eff = max((hi - self.max_condition * lo) / (self.max_condition - 1), lam_eff, 1e-300)
             warnings.warn(
                 f"ill-conditioned edit: cond(λI + Σkkᵀ) = {(hi + self.lam) / max(lo + self.lam, 1e-300):.3g} with "
@@ -174,9 +181,12 @@ def gradient_descent_gap(keys: torch.Tensor, values: torch.Tensor, weight: torch
     it = 0
     if method == "cg":
         g = grad(u)
-        g0 = float(g.abs().max()) or 1.0
+        g0 = float(g.abs().max())
         p = -g
         for it in range(1, max_iter + 1):
+            if g0 == 0.0:  # W_old is already the optimum (v = W_old k): no step to take, and 0/0 below
+                it = 0
+                break
             ur = u.detach().requires_grad_(True)
             hp = torch.autograd.grad((grad(ur, create_graph=True) * p).sum(), ur)[0]  # Hessian · p
             u = u + (-(g * p).sum() / (p * hp).sum()) * p
@@ -244,20 +254,30 @@ def _norm(phrase: str) -> str:
 
 def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
                        pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """``prompts`` keyed by normalised phrase (keys naming other phrases are ignored, so one mapping can serve
-    several edits); :class:`EditError` for two keys naming one phrase, or prompts for a phrase that is both an anchor
-    and a target here (its prompts would be paired with another anchor's)."""
+    """``prompts`` keyed by normalised phrase (keys naming other phrases are ignored, so one mapping of anchors'
+    prompts can serve several edits); :class:`EditError` for two keys naming one phrase, a value that is not a list of
+    strings, prompts for a phrase that is both an anchor and a target here (its prompts would be paired with another
+    anchor's), or a mapping that holds other edits' phrases and this edit's target (a shared mapping: the target's
+    entry is another edit's anchor prompts, which would silently be paired with this edit's anchor prompts)."""
     out: dict[str, list[str]] = {}
     for key, value in (prompts or {}).items():
         k = _norm(key)
         if k in out:
             raise EditError(f"prompts are given twice for {key!r} (keys are matched case-insensitively)")
+        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            raise EditError(f"prompts[{key!r}] must be a list of prompt strings, got {value!r}")
         out[k] = list(value)
     anchors, targets = {_norm(x) for x, _ in pairs}, {_norm(y) for _, y in pairs}
     both = [k for k in out if k in anchors and k in targets]
     if both:
         raise EditError(f"prompts given for {both}, which are both an anchor and a target: give the anchors' prompts "
                         "only (each target prompt is then its anchor prompt with the phrase replaced)")
+    others = sorted(k for k in out if k not in anchors | targets)
+    named = sorted(k for k in out if k in targets)
+    if others and named:  # a mapping shared with other edits: its entry for this target is another edit's anchor's
+        raise EditError(f"prompts holds {named} (a target here: its prompts would be taken as the target prompts) and "
+                        f"phrases of other edits {others}: pass this edit's anchors' prompts only, or its anchors' "
+                        "and targets' prompts alone")
     return out
 
 
@@ -280,7 +300,7 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
                   align: Align = "pad") -> list[PromptPair]:
     """Anchor and target prompts with the positions whose keys and values enter the edit (see the module doc).
 
-    Prompts are ``template.format(phrase)`` for each template, or ``prompts[phrase]`` when given (keys matched
+    Prompts are each template with its ``{}`` replaced by the phrase, or ``prompts[phrase]`` when given (keys matched
     case-insensitively; anchor and target lists are paired in order; see :func:`_prompts_by_phrase` for the keys
     refused). When ``prompts`` holds an anchor but not its target, the target prompts are the
     anchor's with the phrase replaced ("a dog, in the style of van gogh" → "a dog, in the style of painting"), so
@@ -294,21 +314,21 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     if align not in ("pad", "truncate"):
         raise EditError(f"align must be 'pad' or 'truncate', got {align!r}")
     templates = list(templates)
-    if not templates or any("{}" not in t for t in templates):
-        raise EditError(f"every template needs a '{{}}' for the phrase, got {templates!r}")
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise EditError(f"every template needs exactly one '{{}}' for the phrase, got {templates!r}")
     pairs = concept_pairs(anchors, targets)
     given = _prompts_by_phrase(prompts, pairs)
     length = int(tokenizer.model_max_length)
     out = []
     for anchor, target in pairs:
-        a_prompts = list(given.get(_norm(anchor)) or [t.format(anchor) for t in templates])
+        a_prompts = list(given.get(_norm(anchor)) or [t.replace("{}", anchor) for t in templates])
         if given.get(_norm(target)):
             t_prompts, t_before = list(given[_norm(target)]), [None] * len(given[_norm(target)])
         elif given.get(_norm(anchor)):
             t_prompts = [substitute(p, anchor, target) for p in a_prompts]
             t_before = [_text_before(p, anchor) for p in a_prompts]
         else:
-            t_prompts, t_before = [t.format(target) for t in templates], [t.split("{}")[0] for t in templates]
+            t_prompts, t_before = [t.replace("{}", target) for t in templates], [t.split("{}")[0] for t in templates]
         if len(a_prompts) != len(t_prompts):
             raise EditError(f"{len(a_prompts)} prompts for anchor {anchor!r} but {len(t_prompts)} for target "
                             f"{target!r}; they are paired in order")
@@ -523,8 +543,9 @@ class WeightEdit:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "format_version": FORMAT_VERSION}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.deltas.items()}
-        save_file(tensors, str(path), metadata={"edit": json.dumps(meta)})
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        # each file through a temporary one and a rename: a killed save leaves the previous edit intact
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"edit": json.dumps(meta)}))
+        write_text_atomic(json.dumps(meta, indent=2) + "\n", path.with_suffix(".json"))
         return path
 
     @classmethod
@@ -670,6 +691,11 @@ def collect_keys_values(pipe, anchors: str | Sequence[str], targets: str | Seque
     if te is None or tok is None:
         raise EditError(f"the pipeline has no {encoder!r} with a tokenizer; encoders here: {encoder_names(pipe)}")
     proj = out_proj(te, layer)
+    n_pos = getattr(getattr(te, "config", None), "max_position_embeddings", None)
+    if n_pos is not None and int(tok.model_max_length) != int(n_pos):
+        raise EditError(f"{encoder}'s tokenizer pads to model_max_length={tok.model_max_length}, but the encoder has "
+                        f"{n_pos} positions (a tokenizer built without its config?); set tokenizer.model_max_length = "
+                        f"{n_pos}")
     pairs = align_prompts(tok, anchors, targets, templates, prompts, align)
     texts = [p.anchor_prompt for p in pairs] + [p.target_prompt for p in pairs]
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
