@@ -11,14 +11,15 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PYTHONHASHSEED := 0
-# Notebook outputs are checked by nbval: the same thread count everywhere keeps CPU reductions in the same order.
-export OMP_NUM_THREADS ?= 2
+# Notebook outputs are checked by nbval: the same thread count everywhere keeps CPU reductions in the same order
+# (`override`: a value already in the shell, e.g. a scheduler's OMP_NUM_THREADS=1, would otherwise win).
+override export OMP_NUM_THREADS := 2
 # ... and the same vector instruction set: on an AVX-512 machine PyTorch, oneDNN and MKL otherwise pick other kernels
 # than on an AVX2 one and the last digits move (a SAGE search then diverges). Pinned to AVX2, an AVX-512 machine
 # reproduces the committed outputs (checked 2026-12-04 on an AMD EPYC with AVX-512: notebook 04 failed unpinned, passed pinned).
-export ATEN_CPU_CAPABILITY ?= avx2
-export ONEDNN_MAX_CPU_ISA ?= AVX2
-export MKL_ENABLE_INSTRUCTIONS ?= AVX2
+override export ATEN_CPU_CAPABILITY := avx2
+override export ONEDNN_MAX_CPU_ISA := AVX2
+override export MKL_ENABLE_INSTRUCTIONS := AVX2
 
 .PHONY: help install test unit nbval figures notebooks-update bench wheels clean
 

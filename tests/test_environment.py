@@ -30,3 +30,29 @@ def test_constraints_pin_every_direct_dependency():
     reqs = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
     names = {_norm(re.split(r"[<>=!~ ]", r)[0]) for r in reqs}
     assert names <= pins, f"unpinned: {sorted(names - pins)}"
+
+
+def test_every_third_party_import_of_lib_is_declared():
+    """A package ``lib`` imports must be declared, not arrive through another one's dependencies (huggingface_hub and
+    tokenizers came with transformers before they were declared)."""
+    import ast
+    import importlib.metadata as md
+    import sys
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    declared = {_norm(re.split(r"[<>=!~ ]", r)[0]) for r in reqs}
+    via = {"ipython": "ipykernel"}  # IPython (display helpers) is part of the notebooks extra's kernel
+    modules = set()
+    for f in (REPO_ROOT / "lib").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    dists = md.packages_distributions()
+    third = sorted(m for m in modules if m not in sys.stdlib_module_names and m != "lib")
+    assert "huggingface_hub" in third and "tokenizers" in third  # the scan sees the imports it must check
+    missing = {m: dists.get(m) for m in third
+               if not any(_norm(d) in declared or via.get(_norm(d)) in declared for d in dists.get(m, []))}
+    assert not missing, f"imported by lib but not declared in pyproject.toml: {missing}"
