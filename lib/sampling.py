@@ -116,6 +116,23 @@ def make_scheduler(pipe, steps: int):
     return sched
 
 
+def scheduler_settings(pipe) -> dict:
+    """The pipeline's scheduler config (the noise schedule :func:`make_scheduler` builds every DDIM sampler from),
+    without diffusers' bookkeeping entries (``_diffusers_version``, ``_use_default_values``, ...)."""
+    sched = getattr(pipe, "scheduler", None)
+    config = getattr(sched, "config", None) or {}
+    return {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+
+
+def scheduler_fingerprint(pipe) -> str:
+    """A short hash of :func:`scheduler_settings` (resume keys: another noise schedule never reuses results)."""
+    import hashlib
+    import json
+
+    blob = json.dumps(scheduler_settings(pipe), sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:10]
+
+
 _STEP_CHECKPOINTING = "_lib_step_checkpointing"
 
 

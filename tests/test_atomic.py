@@ -60,3 +60,23 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_csv_atomic(Bad(dict(a=[1])), tmp_path / "t.md")
     assert (tmp_path / "t.md").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.md"]
+
+
+def test_lib_writes_result_files_only_through_lib_atomic():
+    """A result file written straight onto its final path is torn by a kill mid-write (and a fixed temporary name is
+    shared by two writers): every such write in ``lib`` goes through ``lib.atomic``. Model folders written by
+    ``save_pretrained`` (several files, rebuilt by rerunning the training) are the listed exception."""
+    import re
+
+    from lib.paths import REPO_ROOT
+
+    direct = re.compile(r"\.(to_csv|to_parquet|write_text|write_bytes|savefig)\(|(?<![\w.])save_file\(|json\.dump\(")
+    allowed = re.compile(r"lambda tmp|def write_")  # the writer passed to write_atomic, or lib.atomic's own helpers
+    found = []
+    for f in sorted((REPO_ROOT / "lib").rglob("*.py")):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if direct.search(code) and not allowed.search(code) and not code.lstrip().startswith("from "):
+                found.append(f"{f.relative_to(REPO_ROOT)}:{n}: {line.strip()}")
+    found = [x for x in found if not x.startswith("lib/atomic.py")]
+    assert not found, "non-atomic writes:\n" + "\n".join(found)

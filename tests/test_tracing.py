@@ -325,7 +325,8 @@ def test_layer_recovery_is_the_ratio_of_sums():
 
 def test_group_recovery_interval_resamples_items():
     """The point value is the ratio of sums; items with one ratio give a zero-width interval, varied ones a proper
-    interval around it; an item's several rows (tokens of one group) are drawn together; same rows, same interval."""
+    interval around it, a single item none (NaN: nothing to resample, not certainty); an item's several rows (tokens
+    of one group) are drawn together; same rows, same interval."""
     from lib.tracing.report import interval_counts, text_token_table, unet_layer_table
     from lib.tracing.score import group_recovery, group_recovery_ci
 
@@ -336,23 +337,26 @@ def test_group_recovery_interval_resamples_items():
     assert ci["recovery"].to_numpy() == pytest.approx(group_recovery(df, ("layer",)).to_numpy())
     assert ci.loc["l0", "recovery_lo"] == pytest.approx(0.5) and ci.loc["l0", "recovery_hi"] == pytest.approx(0.5)
     assert ci.loc["l1", "recovery_lo"] < ci.loc["l1", "recovery"] < ci.loc["l1", "recovery_hi"]
-    assert ci.loc["l2", ["recovery_lo", "recovery_hi"]].tolist() == pytest.approx([0.7, 0.7])  # one item
+    assert ci.loc["l2", "recovery"] == pytest.approx(0.7)
+    assert ci.loc["l2", ["recovery_lo", "recovery_hi"]].isna().all()  # one item: no interval
     assert ci["items"].tolist() == [3, 4, 1]
     pd.testing.assert_frame_equal(ci, group_recovery_ci(df, ("layer",)))
     narrow = group_recovery_ci(df, ("layer",), level=0.5)
     assert narrow.loc["l1", "recovery_hi"] - narrow.loc["l1", "recovery_lo"] < (
         ci.loc["l1", "recovery_hi"] - ci.loc["l1", "recovery_lo"])
-    # two rows of one item (two tokens of a group) with recoveries 0 and 1: one unit, ratio 0.5, no spread
-    two = _gap_rows({0: [(30, 20, 20)]}).assign(subject="s", seed=0)
+    # two items, each with two rows (two tokens of a group) of recoveries 0 and 1: each one unit of ratio 0.5, so no
+    # spread (drawn row by row, resamples of 0s or 1s would spread the interval)
+    two = _gap_rows({0: [(30, 20, 20), (30, 20, 20)]}).assign(subject="s", seed=0)
     two = mark_causal(pd.concat([two, two.assign(score=30.0)]), tau=0.5)
     assert group_recovery_ci(two, ("layer",)).loc["l0", ["recovery_lo", "recovery_hi"]].tolist() == [0.5, 0.5]
     table = unet_layer_table(df)
-    assert (table["recovery_lo"] <= table["recovery"] + 1e-12).all() and (table["recovery"] <= table["recovery_hi"]
-                                                                          + 1e-12).all()
+    bounded = table.dropna(subset=["recovery_lo"])
+    assert len(bounded) == 2 and (bounded["recovery_lo"] <= bounded["recovery"] + 1e-12).all()
+    assert (bounded["recovery"] <= bounded["recovery_hi"] + 1e-12).all()
     text = text_token_table(df.assign(component="text_encoder", kind="mlp", token_group="eos"))
-    assert text["recovery_hi"].tolist() == pytest.approx(table["recovery_hi"].tolist())
+    assert text["recovery_hi"].tolist() == pytest.approx(table["recovery_hi"].tolist(), nan_ok=True)
     counts = interval_counts(table.assign(tau=0.45), ["attribute"])  # l0 0.5 (no spread), l1 12/45 (hi > .45), l2 0.7
-    assert counts[["cells", "causal", "surely", "possibly"]].values.tolist() == [[3, 2, 2, 3]]
+    assert counts[["cells", "causal", "surely", "possibly", "no_interval"]].values.tolist() == [[3, 2, 1, 2, 1]]
     with pytest.raises(ValueError, match="level"):
         group_recovery_ci(df, ("layer",), level=95)
     assert ci["probes"].tolist() == [3, 4, 1]  # one seed per caption: a probe is an item
@@ -480,6 +484,36 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
         run_sweep(p, toy_scorer(), PROBES, [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1, progress=False)
     with pytest.raises(SweepError, match="empty"):
         run_sweep(p, toy_scorer(), PROBES.iloc[:0], [0], tmp_path / "x", cfg, 0, 1, progress=False)
+
+
+def test_a_sweep_refuses_other_weights_schedules_and_bad_settings_before_writing(tmp_path):
+    """A config names the weights and noise schedule its rows come from: run with another pipeline, it would add that
+    pipeline's rows to the folder and resume the first one's as done. Bad settings fail before ``sweep.json``."""
+    import copy
+    import dataclasses
+
+    from lib.sampling import scheduler_fingerprint
+    from lib.tracing.sweep import model_fingerprint
+
+    p = pipe("sd-v1")
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]),
+                      fingerprint=model_fingerprint(p), scheduler=scheduler_fingerprint(p))
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepError, match="pipeline's weights differ"):
+        run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], out, dataclasses.replace(cfg, fingerprint="0" * 16), 0, 1,
+                  progress=False)
+    v_pred = copy.copy(p)
+    v_pred.scheduler = type(p.scheduler).from_config(p.scheduler.config, prediction_type="v_prediction")
+    assert scheduler_fingerprint(v_pred) != cfg.scheduler
+    with pytest.raises(SweepError, match="scheduler config differs"):
+        run_sweep(v_pred, toy_scorer(), PROBES.iloc[:1], [0], out, cfg, 0, 1, progress=False)
+    with pytest.raises(SweepError, match="limit must be >= 1"):
+        run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], out, cfg, 0, 1, limit=0, progress=False)
+    assert not out.exists()  # nothing written, so a corrected rerun into this folder is accepted
+    for bad, match in ((dict(steps=0), "steps must be an integer in"), (dict(steps=2.5), "steps must be"),
+                       (dict(multiplier=0.0), "multiplier .* must be > 0"), (dict(guidance=float("nan")), "guidance")):
+        with pytest.raises(SweepError, match=match):
+            SweepConfig(model="m", **bad)
 
 
 def test_probe_selections_share_item_files(tmp_path):
@@ -802,8 +836,10 @@ def test_reports_and_findings_on_synthetic_rows():
     part = table[~((table["kind"] == "attn2") & table["layer"].str.startswith("up_blocks"))]  # 7 attn2 traced
     assert "objects: 0/7 causal" in unet_findings(part)["measured"].iloc[1]
     tt = text_token_table(df)
-    assert text_findings(tt)["verdict"].tolist() == ["reproduced"]
-    assert text_findings(tt, kinds=("hidden", "self_attn", "mlp"))["verdict"].tolist() == ["not reproduced"]
+    assert text_findings(tt)["verdict"].tolist() == ["reproduced", "reproduced"]  # objects, style
+    assert text_findings(tt, kinds=("hidden", "self_attn", "mlp"))["verdict"].tolist() == ["not reproduced"] * 2
+    assert set(tt.loc[tt["unaffected"], "token_group"]) == {"bos", "before"}
+    assert (text_findings(tt)["eval_split"] == "test").all() and (unet_findings(table)["tau"] == 0.5).all()
     assert short_layer("up_blocks.3.attentions.2.transformer_blocks.0.ff") == "u3.a2.ff"
     assert short_layer("text_encoder.encoder.layers.0.self_attn") == "L0.self_attn"
     top = top_layers(table, "objects", k=2)
@@ -817,6 +853,43 @@ def test_reports_and_findings_on_synthetic_rows():
     assert undetermined["verdict"].str.startswith("undetermined").all()
 
 
+def test_text_cells_are_per_attribute():
+    """Objects recover at layer-0 self-attention @last_subject and color nowhere: pooled, the cell would pass τ on
+    objects' strength (0.475 ≥ 0.4) and call the finding reproduced for both; per attribute it holds for objects only."""
+    from lib.tracing.report import text_findings, text_token_table
+
+    df = _synthetic_rows().query("component == 'text_encoder' and split == 'test'").copy()
+    df["attribute"] = df["attribute"].map({"objects": "objects", "style": "color"})
+    hit = (df["kind"] == "self_attn") & (df["layer_index"] == 0) & (df["token_group"] == "last_subject")
+    df.loc[df["attribute"] == "color", "score"] = 20.0  # color: nothing recovers
+    df.loc[(df["attribute"] == "objects") & ~hit, "score"] = 20.0
+    tt = text_token_table(mark_causal(df, tau=0.4))
+    assert len(tt) == 2 * 2 * 3 * 4  # attribute × layer × kind × token group
+    cell = tt[(tt["kind"] == "self_attn") & (tt["layer_index"] == 0) & (tt["token_group"] == "last_subject")]
+    assert cell.set_index("attribute")["recovery"].to_dict() == pytest.approx({"color": 0.0, "objects": 0.95})
+    found = text_findings(tt)
+    assert found["verdict"].tolist() == ["not reproduced", "reproduced"]
+    assert found["finding"].str.startswith(("text_encoder, color:", "text_encoder, objects:")).all()
+
+
+def test_otsu_leaves_out_text_cells_the_corruption_cannot_reach():
+    """bos/before states are the same in the clean and the corrupted run (causal mask), so their recovery is 0 by
+    construction: adding such cells must not move τ (counted, they pull it down)."""
+    from lib.tracing.score import UNAFFECTED_GROUPS, layer_recoveries
+
+    rows = _synthetic_rows().query("component == 'text_encoder' and split == 'val'").copy()
+    rows["score"] = 20.0 + 10 * rows["token"].map({2: 0.35, 3: 0.8}).fillna(0.0)  # last_subject 0.35, eos 0.8
+    rows.loc[(rows["token_group"] == "eos") & (rows["layer_index"] == 1) & (rows["kind"] == "mlp"), "score"] = 22.0
+    affected = rows[~rows["token_group"].isin(UNAFFECTED_GROUPS)]
+    unaffected = rows[rows["token_group"].isin(UNAFFECTED_GROUPS)]
+    more = pd.concat([unaffected.assign(layer_index=unaffected["layer_index"] + k) for k in range(2, 8)])
+    tau = choose_tau(affected)
+    assert choose_tau(rows) == tau == choose_tau(pd.concat([rows, more]))
+    assert len(layer_recoveries(pd.concat([rows, more]), 0.0)) == len(layer_recoveries(affected, 0.0)) == 24
+    counted = otsu(np.concatenate([layer_recoveries(affected, 0.0), np.zeros(len(unaffected) + len(more))]))
+    assert counted < tau  # what counting them would do
+
+
 def test_findings_about_untraced_layers_are_undetermined():
     from lib.tracing.report import NOT_TRACED, text_findings, text_token_table, unet_findings, unet_layer_table
 
@@ -828,7 +901,7 @@ def test_findings_about_untraced_layers_are_undetermined():
     assert no_style["verdict"].tolist()[1:] == ["reproduced", NOT_TRACED]
     tt = text_token_table(df)
     no_target = tt[~((tt["kind"] == "self_attn") & (tt["layer_index"] == 0))]
-    assert text_findings(no_target)["verdict"].tolist() == [NOT_TRACED]
+    assert text_findings(no_target)["verdict"].tolist() == [NOT_TRACED, NOT_TRACED]
 
 
 def test_a_requested_split_without_rows_is_an_error():
@@ -868,8 +941,10 @@ def test_figures_render(tmp_path):
     fig = unet_layer_map(beyond)  # a recovery below the colour range: the colour bar says so with a pointed end
     assert fig.axes[-1].get_label() == "<colorbar>" and fig.axes[0].collections[0].colorbar.extend in ("min", "both")
     plt.close(fig)
-    for fig in (token_group_maps(df), token_layer_maps(df, "objectstest")):  # a scale on every panel (12 layers: no
-        assert sum(a.get_label() == "<colorbar>" for a in fig.axes) == 3  # numbers in the cells)
+    # a scale on every panel: one per kind, per attribute in the group maps (objects, style), per kind in one caption's
+    for fig, panels in ((token_group_maps(df), 2 * 3), (token_layer_maps(df, "objectstest"), 3)):
+        assert sum(a.get_label() == "<colorbar>" for a in fig.axes) == panels
+        assert len({a.get_title() for a in fig.axes if a.get_label() != "<colorbar>"}) == panels
         plt.close(fig)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from lib.atomic import remove_stale_tmp, write_atomic, write_parquet_atomic  # noqa: F401  (re-exported)
 from lib.loading import model_fingerprint, weights_fingerprint
+from lib.sampling import scheduler_settings  # noqa: F401  (re-exported)
 
 
 def campaign_key(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = None, **settings) -> str:
@@ -33,14 +34,6 @@ def campaign_key(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = No
                                                    non_persistent=True),
                 groups=sorted(ensemble.groups.items()), criteria=vars(ensemble.criteria), settings=settings)
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def scheduler_settings(pipe) -> dict:
-    """The pipeline's scheduler config (the noise schedule every search's DDIM sampler is built from), without
-    diffusers' bookkeeping entries (``_diffusers_version``, ``_use_default_values``, ...)."""
-    sched = getattr(pipe, "scheduler", None)
-    config = getattr(sched, "config", None) or {}
-    return {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
 
 
 _SCALARS = (bool, int, float, str)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lib.atomic import write_atomic, write_text_atomic
 from lib.paths import TOY_DIR
 from lib.toy import world as W
 
@@ -197,20 +197,16 @@ def _save_weights(name: str, member: AttributeClassifier, folder: str | Path) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in member.state_dict().items()}
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
+    write_atomic(folder / f"{name}.safetensors", lambda tmp: save_file(state, str(tmp)))  # a per-writer temp name
 
 
 def _write_config(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None) -> Path:
-    """``config.json`` for ``members`` whose weights are in ``folder`` (written to a temporary name and renamed)."""
+    """``config.json`` for ``members`` whose weights are in ``folder`` (written atomically: ``lib.atomic``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"members": {n: {**m.config(), "weights": f"{n}.safetensors"} for n, m in members.items()},
               "rebuild": REBUILD, **(extra or {})}
-    tmp = folder / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, folder / CONFIG_NAME)
+    write_text_atomic(json.dumps(config, indent=2) + "\n", folder / CONFIG_NAME)
     return folder
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lib.atomic import write_text_atomic
 from lib.paths import TOY_DIR
 from lib.toy import world as W
 
@@ -157,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in rows:
         print(json.dumps(r), flush=True)
     if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "latent_probe.json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(json.dumps(rows, indent=1) + "\n", Path(a.out) / "latent_probe.json")
 
 
 if __name__ == "__main__":

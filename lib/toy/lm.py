@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lib.atomic import write_text_atomic
 from lib.paths import TOY_DIR
 from lib.toy import world as W
 
@@ -138,7 +139,7 @@ def train_lm(out_dir: str | Path = DEFAULT_DIR, steps: int = 1500, seed: int = 0
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomic(json.dumps(info, indent=2) + "\n", out / "training.json")
     return info
 
 

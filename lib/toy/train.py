@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.atomic import write_text_atomic
+from lib.atomic import write_atomic, write_text_atomic
 from lib.paths import TOY_DIR, from_repo_root
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
@@ -573,12 +573,12 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
     if not freeze_text:
         _save_text_encoder(model, out)
     vis = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items() if not k.startswith("text_model.")}
-    (out / "clip_vision").mkdir(parents=True, exist_ok=True)
-    save_file(vis, str(out / "clip_vision/model.safetensors"))
-    (out / "clip_vision/config.json").write_text(json.dumps(
+    write_atomic(out / "clip_vision/model.safetensors", lambda tmp: save_file(vis, str(tmp)))
+    write_text_atomic(json.dumps(
         {"vision_config": model.config.vision_config.to_dict(), "projection_dim": model.config.projection_dim,
          "pixel_convention": "64x64 RGB, values image/127.5 - 1 (lib.toy.train.clip_preprocess)",
-         "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1))
+         "text_tower": "../text_encoder (CLIPTextModel); assemble with lib.toy.train.load_toy_clip"}, indent=1),
+        out / "clip_vision/config.json")
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], hard_negatives=True, final_acc=acc,
                        final_hardneg_acc=hard, text_frozen=freeze_text)
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import pandas as pd
 
+from lib.atomic import write_parquet_atomic
 from lib.loading import describe_source
 from lib.params import COMMON, Param, ParameterError, distinct, positive
+from lib.sampling import scheduler_fingerprint
 from lib.scoring import check_scorer_spec
 from lib.tracing.layers import TEXT_KINDS, text_encoders
 from lib.tracing.probes import NAMED_SETS, probe_path
@@ -119,7 +121,7 @@ def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:
     return SweepConfig(model=model_spec(P.MODEL), mode=mode, steps=P.STEPS, guidance=P.GUIDANCE,
                        batch_size=P.BATCH_SIZE,
                        multiplier=P.NOISE, noise_seed=P.NOISE_SEED, fingerprint=model_fingerprint(pipe),
-                       scorer=P.SCORER,
+                       scheduler=scheduler_fingerprint(pipe), scorer=P.SCORER,
                        scorer_fingerprint=scorer.fingerprint(), **extra)
 
 
@@ -176,7 +178,7 @@ def table(P: SimpleNamespace, folder: Path, probes: pd.DataFrame, path: Path) ->
     one in which no item has a recovery (no gap above ``MIN_GAP``).
     """
     df = collect(folder, tau=None if P.TAU == "otsu" else P.TAU, min_gap=P.MIN_GAP, probes=probes, seeds=P.SEEDS)
-    df.to_parquet(path, index=False)
+    write_parquet_atomic(df, path)
     tau = float(df["tau"].iloc[0])
     print(f"{len(df)} rows; tau = {tau:.3f} ({'Otsu on the validation split' if P.TAU == 'otsu' else 'given'})")
     split = None if P.EVAL_SPLIT == "all" else P.EVAL_SPLIT

@@ -94,29 +94,37 @@ def text_recovery_profile(table: pd.DataFrame, component: str = "text_encoder",
                           kinds: Sequence[str] = ("hidden", "self_attn", "mlp"),
                           groups: Sequence[str] = ("subject", "last_subject", "after", "eos")):
     """ROME's line plots: recovery per text-encoder layer for each token group (lines) with 95% bootstrap intervals
-    over items (``text_token_table``), one panel per site kind; τ dashed."""
+    over items (``text_token_table``), one row of panels per attribute, one column per site kind; τ dashed."""
     t = table[table["component"] == component]
     kinds = [k for k in kinds if k in set(t["kind"])]
     if t.empty or not kinds:
         raise ValueError(f"no rows of {component!r} for kinds {list(kinds)} in the table")
     tau = float(t["tau"].iloc[0])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 2.6), sharey=True, squeeze=False)
+    attrs = sorted(t["attribute"].unique())
+    fig, axes = plt.subplots(len(attrs), len(kinds), figsize=(3.2 * len(kinds), 2.1 * len(attrs) + 0.5), sharey=True,
+                             sharex=True, squeeze=False)
     palette = dict(zip(GROUP_ORDER, sns.color_palette("tab10", len(GROUP_ORDER))))
-    for ax, kind in zip(axes[0], kinds):
-        for g in [g for g in groups if g in set(t["token_group"])]:
-            d = t[(t["kind"] == kind) & (t["token_group"] == g)].sort_values("layer_index")
-            ax.fill_between(d["layer_index"], d["recovery_lo"], d["recovery_hi"], color=palette[g], alpha=0.2, lw=0)
-            ax.plot(d["layer_index"], d["recovery"], marker="o", ms=3, lw=1, color=palette[g], label=g)
-        ax.axhline(tau, color="black", lw=0.8, ls="--")
-        ax.set_title(kind, fontsize=9)
+    for row, attr in zip(axes, attrs):
+        a = t[t["attribute"] == attr]
+        for ax, kind in zip(row, kinds):
+            for g in [g for g in groups if g in set(a["token_group"])]:
+                d = a[(a["kind"] == kind) & (a["token_group"] == g)].sort_values("layer_index")
+                ax.fill_between(d["layer_index"], d["recovery_lo"], d["recovery_hi"], color=palette[g], alpha=0.2,
+                                lw=0)
+                ax.plot(d["layer_index"], d["recovery"], marker="o", ms=3, lw=1, color=palette[g], label=g)
+            ax.axhline(tau, color="black", lw=0.8, ls="--")
+            ax.set_title(f"{attr} · {kind}", fontsize=8)
+            ax.set_xticks(sorted(t["layer_index"].unique()))
+            ax.tick_params(labelsize=7)
+        row[0].set_ylabel("recovery", fontsize=8)
+    for ax in axes[-1]:
         ax.set_xlabel("layer")
-        ax.set_xticks(sorted(t["layer_index"].unique()))
-        ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel("recovery")
-    axes[0, -1].legend(fontsize=6, loc="upper right")
-    fig.suptitle(f"{component}: recovery by layer and token group, 95% bootstrap intervals (τ = {tau:.2f} dashed)",
-                 fontsize=9)
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(list(handles.values()), list(handles), fontsize=6, ncols=len(handles), loc="lower center",
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"{component}: recovery by layer and token group, per attribute; 95% bootstrap intervals "
+                 f"(τ = {tau:.2f} dashed)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
@@ -139,23 +147,30 @@ def kind_bars(table: pd.DataFrame):
 
 def token_group_maps(df: pd.DataFrame, component: str = "text_encoder", split: str | None = "test",
                      kinds: Sequence[str] = ("hidden", "self_attn", "mlp"), value: str = "recovery"):
-    """ROME-style panels, one per site kind: token group (rows) × text-encoder layer (columns); ``value`` averaged per
-    cell (``recovery``: the ratio of sums of ``report.text_token_table``, ``group_recovery``). Each panel has its
-    colour bar (values beyond [0, 1] take the end colours: pointed ends); missing cells are grey."""
+    """ROME-style panels, one row per attribute and one column per site kind: token group (rows) × text-encoder layer
+    (columns); ``value`` per cell (``recovery``: the ratio of sums of ``report.text_token_table``,
+    ``group_recovery``, over the attribute's captions). Each panel has its colour bar (values beyond [0, 1] take the
+    end colours: pointed ends); missing cells are grey."""
     d = pick_split(df[df["component"] == component], split)
     tau = float(d["tau"].iloc[0])
     groups = [g for g in GROUP_ORDER if g in set(d["token_group"])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.38 * len(groups) + 1.4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        piv = _cells(d[d["kind"] == kind], value).reindex(groups)
-        sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
-                    vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6},
-                    cbar_kws={"extend": _extend(piv, 0, 1), "pad": 0.02})
-        ax.set_facecolor("0.85")
-        ax.set_title(kind, fontsize=9)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("")
-    fig.suptitle(f"{component}: restoring one state at one token group ({value}; τ = {tau:.2f})", fontsize=9)
+    attrs = sorted(d["attribute"].unique())
+    fig, axes = plt.subplots(len(attrs), len(kinds), figsize=(3.6 * len(kinds), (0.3 * len(groups) + 0.7) * len(attrs)
+                                                              + 0.6), squeeze=False)
+    for row, attr in zip(axes, attrs):
+        a = d[d["attribute"] == attr]
+        for ax, kind in zip(row, kinds):
+            piv = _cells(a[a["kind"] == kind], value).reindex(groups)
+            sns.heatmap(piv, ax=ax, cmap={"hidden": "Purples", "self_attn": "Greens", "mlp": "Reds"}.get(kind, "viridis"),
+                        vmin=0, vmax=1, annot=piv.shape[1] <= 6, fmt=".2f", annot_kws={"fontsize": 6},
+                        cbar_kws={"extend": _extend(piv, 0, 1), "pad": 0.02})
+            ax.set_facecolor("0.85")
+            ax.set_title(f"{attr} · {kind}", fontsize=8)
+            ax.set_xlabel("layer" if attr == attrs[-1] else "")
+            ax.set_ylabel("")
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{component}: restoring one state at one token group, per attribute ({value}; τ = {tau:.2f})",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.atomic import write_csv_atomic
 from lib.paths import DATA_DIR
 
 PROBES_DIR = DATA_DIR / "probes"
@@ -91,7 +92,7 @@ def select_probes(probes: pd.DataFrame, n_val: int | None = None, n_test: int | 
 
 def main() -> None:
     path = NAMED_SETS["toy"]
-    toy_probe_set().to_csv(path, index=False)
+    write_csv_atomic(toy_probe_set(), path)
     print(f"wrote {path}")
 
 

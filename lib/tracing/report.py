@@ -1,10 +1,13 @@
 """Tables that notebooks 04 and 05 print: score gaps, per-layer summaries, and the paper's findings checked.
 
 All functions take the tidy rows of ``lib.tracing.sweep.collect`` (with ``recovery``, ``causal`` and ``tau``).
-Layer-level rule: an (attribute, layer) — or a (component, kind, layer, token group) cell of the text encoder — is
+Layer-level rule: an (attribute, layer) — or an (attribute, component, kind, layer, token group) cell of the text
+encoder — is
 *causal* when its recovery ``Σ(score − corrupted) / Σ(clean − corrupted)`` over its rows on ``split`` with a defined
 row recovery (``lib.tracing.score.group_recovery``) is at least ``τ``; ``τ = "otsu"`` is chosen on these same group
 recoveries of the validation split. The row-level ``causal`` flag (row recovery ≥ ``τ``) is kept in the rows.
+Tables and findings carry ``tau`` and ``eval_split`` (``"all"``: the validation rows ``τ`` was chosen on are counted
+too, an in-sample reading).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lib.tracing.layers import unet_kind
-from lib.tracing.score import TEXT_GROUP, UNET_GROUP, group_recovery_ci
+from lib.tracing.score import TEXT_GROUP, UNAFFECTED_GROUPS, UNET_GROUP, group_recovery_ci
 
 GROUP_ORDER: tuple[str, ...] = ("bos", "before", "subject", "last_subject", "after", "eos")
 
@@ -88,6 +91,7 @@ def unet_layer_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFra
     t["short"] = t["layer"].map(short_layer)
     t["causal"] = t["recovery"] >= tau
     t["tau"] = tau
+    t["eval_split"] = split or "all"
     return t.sort_values(["attribute", "layer_index"]).reset_index(drop=True)
 
 
@@ -105,26 +109,32 @@ def unet_causal_counts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def text_token_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFrame:
-    """Per (component, kind, layer, token group): ``recovery`` (ratio of sums, ``group_recovery``) with its 95%
-    bootstrap interval over items (``recovery_lo``/``recovery_hi``), fraction of causal rows, n, and the cell-level
-    ``causal`` (``recovery ≥ τ``)."""
+    """Per (attribute, component, kind, layer, token group): ``recovery`` (ratio of sums, ``group_recovery``) with its
+    95% bootstrap interval over items (``recovery_lo``/``recovery_hi``), fraction of causal rows, n, the cell-level
+    ``causal`` (``recovery ≥ τ``) and ``unaffected`` (a token before the subject: the corruption cannot reach it, so
+    its recovery is 0 by construction; ``lib.tracing.score.UNAFFECTED_GROUPS``)."""
     d = pick_split(df[df["component"] != "unet"], split)
     tau = float(d["tau"].iloc[0])
     t = d.groupby(list(TEXT_GROUP), sort=True).agg(causal_frac=("causal", "mean"), n=("score", "size"))
     t = t.join(group_recovery_ci(d, TEXT_GROUP))[["recovery", "recovery_lo", "recovery_hi", "causal_frac", "n"]]
     t = t.reset_index()
     t["causal"] = t["recovery"] >= tau
+    t["unaffected"] = t["token_group"].isin(UNAFFECTED_GROUPS)
     t["tau"] = tau
+    t["eval_split"] = split or "all"
     return t
 
 
 def interval_counts(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """Per group of ``by``: cells (layers), causal (recovery ≥ τ), *surely* causal (the 95% interval's lower end ≥ τ)
-    and *possibly* causal (its upper end ≥ τ), from ``unet_layer_table`` / ``text_token_table``."""
+    """Per group of ``by``: cells (layers), causal (recovery ≥ τ), *surely* causal (the 95% interval's lower end ≥ τ),
+    *possibly* causal (its upper end ≥ τ) and cells with a recovery but no interval (a single probe), from
+    ``unet_layer_table`` / ``text_token_table``."""
     tau = table["tau"]
     t = table.assign(cells=1, causal=table["causal"].astype(int), surely=(table["recovery_lo"] >= tau).astype(int),
-                     possibly=(table["recovery_hi"] >= tau).astype(int))
-    return t.groupby(list(by), sort=True)[["cells", "causal", "surely", "possibly"]].sum().reset_index()
+                     possibly=(table["recovery_hi"] >= tau).astype(int),
+                     no_interval=(table["recovery"].notna() & table["recovery_lo"].isna()).astype(int))
+    cols = ["cells", "causal", "surely", "possibly", "no_interval"]
+    return t.groupby(list(by), sort=True)[cols].sum().reset_index()
 
 
 def _fmt(x: float) -> str:
@@ -174,14 +184,23 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
         measured="; ".join(f"{a}: recovery {_fmt(f.loc[a, 'recovery'])}{' (causal)' if f.loc[a, 'causal'] else ''}"
                            for a in f.index),
         verdict=_verdict(style_only, defined, traced="style" in f.index)))
-    return pd.DataFrame(rows)
+    return _with_reading(pd.DataFrame(rows), table)
+
+
+def _with_reading(findings: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``findings`` with the ``tau`` and ``eval_split`` of the table they read (``"all"``: in-sample for τ)."""
+    for col in ("tau", "eval_split"):
+        findings[col] = table[col].iloc[0] if col in table and len(table) else np.nan
+    return findings
 
 
 def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp")) -> pd.DataFrame:
-    """The paper's text-encoder finding: one causal state, layer-0 self-attention at the last subject token
-    (``undetermined (not traced)`` for an encoder whose table lacks that cell)."""
+    """The paper's text-encoder finding, per encoder and attribute (the paper claims it for every attribute): one
+    causal state, layer-0 self-attention at the last subject token (``undetermined (not traced)`` where the table
+    lacks that cell). Cells are compared within one attribute's captions, since which token groups a caption has
+    depends on its subject."""
     rows = []
-    for enc, t in table.groupby("component", sort=True):
+    for (enc, attr), t in table.groupby(["component", "attribute"], sort=True):
         t = t[t["kind"].isin(kinds)]
         causal = t[t["causal"]].sort_values("recovery", ascending=False)
         cells = [f"{r.kind} L{r.layer_index} @{r.token_group} ({_fmt(r.recovery)})" for r in causal.itertuples()]
@@ -189,13 +208,14 @@ def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp
         best = t.sort_values("recovery", ascending=False).head(1)
         ok = len(causal) == 1 and len(target) == 1 and bool(target["causal"].iloc[0])
         rows.append(dict(
-            finding=f"{enc}: a single causal {'/'.join(kinds)} state, layer-0 self-attention at the last subject token",
+            finding=f"{enc}, {attr}: a single causal {'/'.join(kinds)} state, layer-0 self-attention at the last "
+                    "subject token",
             measured=(f"causal cells: {', '.join(cells) if cells else 'none'}; self_attn L0 @last_subject recovery "
                       f"{_fmt(target['recovery'].iloc[0]) if len(target) else 'n/a'}; best cell "
                       + (f"{best['kind'].iloc[0]} L{best['layer_index'].iloc[0]} @{best['token_group'].iloc[0]}"
                          if len(best) else "n/a")),
             verdict=_verdict(ok, bool(t["recovery"].notna().any()), traced=len(target) > 0)))
-    return pd.DataFrame(rows)
+    return _with_reading(pd.DataFrame(rows, columns=["finding", "measured", "verdict"]), table)
 
 
 def top_layers(table: pd.DataFrame, attribute: str, k: int = 3, extra_kinds: Sequence[str] = ("attn2",)) -> list[str]:

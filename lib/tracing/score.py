@@ -5,15 +5,18 @@ Rule. For a restored run with CLIP-Score ``s`` (against the caption), clean scor
 undefined (NaN, never causal) when the gap ``s_clean − s_corr`` is at most ``min_gap`` (the corruption did not lower
 the score) or when a run produced NaN. A row is causal when ``r ≥ τ``.
 
-A group of rows — an (attribute, UNet layer), ``UNET_GROUP``, or a (component, kind, layer, token group) text cell,
-``TEXT_GROUP`` — has the recovery ``Σ(s − s_corr) / Σ(s_clean − s_corr)`` over its rows with a defined ``r``
+A group of rows — an (attribute, UNet layer), ``UNET_GROUP``, or an (attribute, component, kind, layer, token group)
+text cell, ``TEXT_GROUP`` — has the recovery ``Σ(s − s_corr) / Σ(s_clean − s_corr)`` over its rows with a defined ``r``
 (``group_recovery``; ROME's average: mean restored score relative to mean clean and corrupted scores), so an item
 with a tiny gap cannot dominate; the group is causal when that ratio is ``≥ τ`` (``lib.tracing.report``).
 
 ``τ`` is chosen on the validation split (``split == "val"``) by ``choose_tau``: without labels, Otsu's threshold of
 the validation split's group recoveries (the statistic the layer verdicts threshold; clipped to [0, 1]): the ``τ``
 that best separates them into two groups, since restoring a non-causal state leaves the recovery near 0 and a causal
-one brings it near 1. With per-row labels (e.g. "the restored image shows the attribute", from a classifier of the toy
+one brings it near 1. Text cells at tokens before the subject (``UNAFFECTED_GROUPS``) are left out of that pool: the
+CLIP text encoder is causally masked and the noise touches only the subject's tokens, so their states are the same in
+the clean and the corrupted run and their recovery is 0 by construction, not a measurement; counted, they would pull
+``τ`` down. With per-row labels (e.g. "the restored image shows the attribute", from a classifier of the toy
 world) the ``τ`` of the grid with the best balanced accuracy on the row recoveries. ``τ`` stays a parameter
 everywhere (``mark_causal(df, tau=...)``).
 """
@@ -34,8 +37,12 @@ COLUMNS: tuple[str, ...] = (
     "layer_index", "token", "token_str", "token_group", "score", "clean_score", "corrupted_score", "nan",
 )
 TAU_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+MIN_GAP = 1.0  # default smallest clean − corrupted CLIP-Score gap with a recovery (notebooks 04/05's MIN_GAP)
 UNET_GROUP: tuple[str, ...] = ("attribute", "layer", "layer_index")  # a cell of report.unet_layer_table
-TEXT_GROUP: tuple[str, ...] = ("component", "kind", "layer_index", "token_group")  # a cell of report.text_token_table
+# a cell of report.text_token_table: per attribute, since which token group a caption's subject reaches depends on it
+# (multi-token subjects, "van gogh", are mostly styles), so pooling the attributes would compare different captions
+TEXT_GROUP: tuple[str, ...] = ("attribute", "component", "kind", "layer_index", "token_group")
+UNAFFECTED_GROUPS: tuple[str, ...] = ("bos", "before")  # before the subject: unchanged by its corruption (causal mask)
 
 
 @torch.no_grad()
@@ -114,8 +121,8 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
     The resampled unit is the probe (caption, subject) with all its rows: the several tokens of a text token group
     share an item's clean and corrupted scores, and the image seeds of one caption are not independent draws (resampled
     one by one, 3 seeds of 6 captions made the intervals too narrow; review, 2026-12-06); with one seed per caption it
-    is the item. Fixed ``seed``: the same rows give the same interval. A group with a single probe gets its value as
-    both bounds (no spread to resample); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items`` (the
+    is the item. Fixed ``seed``: the same rows give the same interval. A group with a single probe has no interval
+    (NaN bounds: nothing to resample, and a zero-width interval would read as certainty); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items`` (the
     group's (caption, subject, seed) items) and ``probes``.
     """
     if not 0.0 < level < 1.0:
@@ -138,7 +145,7 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
             idx = rng.integers(0, len(g), size=(n_boot, len(g)))
             lo, hi = np.percentile(num[idx].sum(1) / den[idx].sum(1), q)
         else:
-            lo = hi = value
+            lo = hi = np.nan
         rows[key] = (value, lo, hi, items[key], len(g))
     out = pd.DataFrame.from_dict(rows, orient="index",
                                  columns=["recovery", "recovery_lo", "recovery_hi", "items", "probes"])
@@ -150,9 +157,11 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
 
 
 def layer_recoveries(df: pd.DataFrame, min_gap: float | None = None) -> np.ndarray:
-    """The group recoveries the reports threshold: UNet rows per ``UNET_GROUP``, text rows per ``TEXT_GROUP``."""
+    """The group recoveries the reports threshold: UNet rows per ``UNET_GROUP``, text rows per ``TEXT_GROUP`` (cells
+    of ``UNAFFECTED_GROUPS`` left out: 0 by construction)."""
     unet = df["component"] == "unet"
-    parts = [group_recovery(d, by, min_gap) for d, by in ((df[unet], UNET_GROUP), (df[~unet], TEXT_GROUP))
+    text = ~unet & ~(df["token_group"].isin(UNAFFECTED_GROUPS) if "token_group" in df else False)
+    parts = [group_recovery(d, by, min_gap) for d, by in ((df[unet], UNET_GROUP), (df[text], TEXT_GROUP))
              if len(d)]
     return np.concatenate([p.to_numpy(float) for p in parts]) if parts else np.zeros(0)
 
@@ -212,11 +221,13 @@ def choose_tau(df: pd.DataFrame, labels: str | None = None, split: str = "val", 
 
 
 def mark_causal(df: pd.DataFrame, tau: float, min_gap: float = 0.0) -> pd.DataFrame:
-    """A copy with ``recovery``, ``causal`` (``recovery ≥ tau``; False where undefined) and ``tau`` columns."""
+    """A copy with ``recovery``, ``causal`` (``recovery ≥ tau``; False where undefined), ``tau`` and ``min_gap``
+    columns."""
     out = df.copy()
     out["recovery"] = recovery(out, min_gap)
     out["causal"] = (out["recovery"] >= tau).fillna(False).astype(bool)
     out["tau"] = float(tau)
+    out["min_gap"] = float(min_gap)
     return out
 
 

@@ -25,6 +25,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import numbers
+import warnings
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -38,11 +41,12 @@ from lib.atomic import remove_stale_tmp, write_parquet_atomic, write_text_atomic
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.prompts import subject_positions
+from lib.sampling import make_scheduler, scheduler_fingerprint
 from lib.scoring import ClipScorer
 from lib.tokenizer import build_clip_tokenizer
 from lib.tracing.corrupt import Corruption, item_noise_seed
 from lib.tracing.layers import TEXT_KINDS, resolve_unet_layers, text_sites
-from lib.tracing.score import choose_tau, mark_causal, trace_rows
+from lib.tracing.score import MIN_GAP, choose_tau, mark_causal, trace_rows
 from lib.tracing.text_encoder import trace_text
 from lib.tracing.unet import trace_unet
 
@@ -93,6 +97,7 @@ class SweepConfig:
     noise_seed: int = 0  # base seed of the subject noise (each caption × subject × seed × encoder hashes its own)
     noise_scheme: str = NOISE_SCHEME  # how the noise is seeded: in the hash, so older folders are never resumed
     fingerprint: str | None = None  # model_fingerprint(pipe): results of other weights are never resumed
+    scheduler: str | None = None  # scheduler_fingerprint(pipe): nor those of another noise schedule
     scorer: str | None = None  # which CLIP scored the images (lib.scoring.scorer_for spec)
     scorer_fingerprint: str | None = None  # ClipScorer.fingerprint(): rows of another CLIP's weights are never resumed
 
@@ -105,6 +110,13 @@ class SweepConfig:
             raise SweepError(f"batch_size must be >= 2 (clean + one more run), got {self.batch_size}")
         if self.noise_scheme != NOISE_SCHEME:
             raise SweepError(f"noise_scheme must be {NOISE_SCHEME!r}, got {self.noise_scheme!r}")
+        if isinstance(self.steps, bool) or not (isinstance(self.steps, numbers.Integral) and 1 <= self.steps <= 999):
+            raise SweepError(f"steps must be an integer in [1, 999], got {self.steps!r}")
+        if not math.isfinite(self.guidance):
+            raise SweepError(f"guidance must be finite, got {self.guidance!r}")
+        if not (math.isfinite(self.multiplier) and self.multiplier > 0):
+            raise SweepError(f"multiplier (the corruption noise scale) must be > 0, got {self.multiplier!r}: with "
+                             "no noise nothing is corrupted and every recovery is undefined")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -299,6 +311,20 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     if cfg.scorer_fingerprint is not None and scorer.fingerprint() != cfg.scorer_fingerprint:
         raise SweepError("the scorer's weights differ from those the sweep config names (scorer_fingerprint); "
                          "build the config with scorer_fingerprint=scorer.fingerprint()")
+    if cfg.fingerprint is not None and model_fingerprint(pipe) != cfg.fingerprint:
+        raise SweepError("the pipeline's weights differ from those the sweep config names (fingerprint): its rows "
+                         "would join another model's; build the config with fingerprint=model_fingerprint(pipe)")
+    if cfg.scheduler is not None and scheduler_fingerprint(pipe) != cfg.scheduler:
+        raise SweepError("the pipeline's scheduler config differs from the one the sweep config names (scheduler); "
+                         "build the config with scheduler=scheduler_fingerprint(pipe)")
+    if limit is not None and limit < 1:
+        raise SweepError(f"limit must be >= 1 (or None: every item), got {limit}")
+    try:
+        with warnings.catch_warnings():  # its ScheduleWarning comes with the first item's sampler
+            warnings.simplefilter("ignore")
+            make_scheduler(pipe, cfg.steps)  # a step count the schedule cannot take fails before sweep.json exists
+    except ValueError as err:
+        raise SweepError(str(err)) from None
     check_subjects(pipe, probes)
     if cfg.mode == "unet":  # unknown names, kinds or layers fail before any work
         resolve_unet_layers(pipe.unet, cfg.layers)
@@ -326,13 +352,14 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     return written
 
 
-def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None, min_gap: float = 0.0,
+def collect(out_dir: str | Path, tau: float | None = None, labels: str | None = None, min_gap: float = MIN_GAP,
             probes: pd.DataFrame | str | Path | None = None, seeds: Sequence[int] | None = None) -> pd.DataFrame:
     """Finished rows of a sweep folder, one per ``ROW_KEY``, with ``recovery``/``causal``/``tau``; ``SweepError`` when
     one file holds two grouped token restorations with the same key (they would count as one).
 
     ``probes`` and ``seeds`` keep only those (caption, subject) pairs and seeds (``attribute``/``split`` taken from
     ``probes``) *before* ``τ`` is chosen on their ``val`` rows (when ``tau`` is None); without them, every row is used.
+    ``min_gap``: the notebooks' default (``lib.tracing.score.MIN_GAP``); the rows keep it in their ``min_gap`` column.
     """
     files = sorted(Path(out_dir).glob("*.parquet"))
     if not files:
@@ -390,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorer", default="auto", help="auto (toy CLIP for toy folders, random toy CLIP for twins, "
                     "open_clip ViT-L-14/openai otherwise), toy[:<folder>], random, openclip:<model>:<pretrained|none>")
     ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: this process's accelerate device; cuda: this process's GPU; cpu even on a GPU machine")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                    help="auto: this process's accelerate device; cuda: this process's GPU; mps: Apple's GPU (one "
+                         "process); cpu even on a GPU machine")
     ap.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, "
                     "bfloat16 (notebooks 04/05 print the dtype they loaded)")
     ap.add_argument("--nested", action="store_true",
@@ -415,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
         raise SweepError("no seeds given")
+    if args.limit is not None and args.limit < 1:
+        raise SweepError(f"--limit must be >= 1, got {args.limit}")
+    SweepConfig(model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                multiplier=args.multiplier, uncond=args.uncond)  # bad settings fail before the (slow) load
     state = PartialState()
     index, count = process_share()
     device = str(state.device) if args.device in ("auto", state.device.type) else args.device
@@ -426,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         multiplier=args.multiplier, noise_seed=args.noise_seed, uncond=args.uncond,
         layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
         text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
-        fingerprint=model_fingerprint(pipe), scorer=args.scorer, scorer_fingerprint=scorer.fingerprint(),
+        fingerprint=model_fingerprint(pipe), scheduler=scheduler_fingerprint(pipe), scorer=args.scorer,
+        scorer_fingerprint=scorer.fingerprint(),
     )
     out = sweep_dir(args.out, cfg) if args.nested else args.out
     with torch.no_grad():
