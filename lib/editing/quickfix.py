@@ -101,10 +101,11 @@ class RidgeProblem:
         lo, hi = float(eig[0]), float(eig[-1])
         lam_eff = float(self.lam)
         if math.isinf(self.max_condition):  # λ as given (gradient_descent_gap's reference solve)
-            if lo + lam_eff <= 0:
+            if lo + lam_eff <= hi * gram.shape[0] * torch.finfo(gram.dtype).eps:  # singular up to rounding
                 raise EditError(f"λ = {lam_eff:g} with singular keys (smallest eigenvalue of Σkkᵀ {lo:.3g}: fewer "
-                                "independent keys than dimensions) has no unique solution; pass the λ the edit used "
-                                "(edit.meta['solve'][<encoder>]['lam_effective'])")
+                                "independent keys than dimensions) has no unique solution; pass a λ > 0 (for "
+                                "gradient_descent_gap, the λ the edit used: edit.meta['solve'][<encoder>]"
+                                "['lam_effective'])")
         elif hi + lam_eff <= 0 or (hi + lam_eff) > self.max_condition * (lo + lam_eff):
             lam_eff = max((hi - self.max_condition * lo) / (self.max_condition - 1), lam_eff, 1e-300)
             warnings.warn(
@@ -213,10 +214,13 @@ def gradient_descent_gap(keys: torch.Tensor, values: torch.Tensor, weight: torch
         raise EditError(f"method must be 'cg' or 'lbfgs', got {method!r}")
     u = u.detach()
     diff = float((w0 + u - w_cf).norm())
+    update = float((w_cf - w0).norm())
+    rel_weight = diff / float(w_cf.norm())
     with torch.no_grad():
         return GapReport(
-            rel_weight=diff / float(w_cf.norm()),
-            rel_update=diff / max(float((w_cf - w0).norm()), 1e-300),
+            rel_weight=rel_weight,
+            # an update at rounding level (W_old already optimal) has no scale of its own: measure against W
+            rel_update=diff / update if update > 1e-12 * float(w_cf.norm()) else rel_weight,
             objective_closed=float(objective(w_cf - w0)),
             objective_iterative=float(objective(u)),
             iterations=it,
@@ -258,7 +262,9 @@ def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
     prompts can serve several edits); :class:`EditError` for two keys naming one phrase, a value that is not a list of
     strings, prompts for a phrase that is both an anchor and a target here (its prompts would be paired with another
     anchor's), or a mapping that holds other edits' phrases and this edit's target (a shared mapping: the target's
-    entry is another edit's anchor prompts, which would silently be paired with this edit's anchor prompts)."""
+    entry is another edit's anchor prompts, which would silently be paired with this edit's anchor prompts). A mapping
+    of exactly this edit's anchor and target cannot be told from explicit target prompts and is taken as such: give
+    each edit a mapping of its own anchors only."""
     out: dict[str, list[str]] = {}
     for key, value in (prompts or {}).items():
         k = _norm(key)

@@ -730,8 +730,8 @@ def _save_grid(x: torch.Tensor, path: Path, cols: int = 8):
     for i, im in enumerate(x):
         r, cc = divmod(i, cols)
         grid[r * 66 : r * 66 + 64, cc * 66 : cc * 66 + 64] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    big = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    write_atomic(path, lambda tmp: big.save(tmp, format="PNG"))  # the temporary name has no image suffix
 
 
 # -------------------------------------------------------------------------------------------------------- stage 3

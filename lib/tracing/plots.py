@@ -75,7 +75,8 @@ def unet_recovery_profile(table: pd.DataFrame, title: str | None = None, floor: 
         low = t["recovery"] < floor  # restoring e.g. the first resnet alone can push far below the corrupted score
         ax.scatter(t.loc[low, "layer_index"], np.full(int(low.sum()), floor), marker="v", s=14, color="black",
                    zorder=4, label=f"< {floor:g} (clipped)" if attr == attrs[0] else None)
-        ax.set_ylim(floor - 0.05, max(1.0, float(t["recovery_hi"].max())) + 0.05)
+        top = np.nanmax([1.0, t["recovery_hi"].max(), t["recovery"].max()])  # a layer without interval has NaN bounds
+        ax.set_ylim(floor - 0.05, float(top) + 0.05)
         ax.set_ylabel(attr, fontsize=8)
         ax.tick_params(labelsize=7)
     names = table.drop_duplicates("layer_index").sort_values("layer_index")

@@ -127,12 +127,14 @@ def text_token_table(df: pd.DataFrame, split: str | None = "test") -> pd.DataFra
 
 def interval_counts(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per group of ``by``: cells (layers), causal (recovery ≥ τ), *surely* causal (the 95% interval's lower end ≥ τ),
-    *possibly* causal (its upper end ≥ τ) and cells with a recovery but no interval (a single probe), from
-    ``unet_layer_table`` / ``text_token_table``."""
+    *possibly* causal (its upper end ≥ τ; a causal cell without an interval counts here, so surely ≤ causal ≤
+    possibly) and cells with a recovery but no interval (a single probe), from ``unet_layer_table`` /
+    ``text_token_table``."""
     tau = table["tau"]
+    no_interval = table["recovery"].notna() & table["recovery_lo"].isna()
     t = table.assign(cells=1, causal=table["causal"].astype(int), surely=(table["recovery_lo"] >= tau).astype(int),
-                     possibly=(table["recovery_hi"] >= tau).astype(int),
-                     no_interval=(table["recovery"].notna() & table["recovery_lo"].isna()).astype(int))
+                     possibly=((table["recovery_hi"] >= tau) | (no_interval & table["causal"])).astype(int),
+                     no_interval=no_interval.astype(int))
     cols = ["cells", "causal", "surely", "possibly", "no_interval"]
     return t.groupby(list(by), sort=True)[cols].sum().reset_index()
 

@@ -27,9 +27,9 @@ import hashlib
 import json
 import math
 import numbers
-import warnings
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
