@@ -160,7 +160,8 @@ def layer_recoveries(df: pd.DataFrame, min_gap: float | None = None) -> np.ndarr
     """The group recoveries the reports threshold: UNet rows per ``UNET_GROUP``, text rows per ``TEXT_GROUP`` (cells
     of ``UNAFFECTED_GROUPS`` left out: 0 by construction)."""
     unet = df["component"] == "unet"
-    text = ~unet & ~(df["token_group"].isin(UNAFFECTED_GROUPS) if "token_group" in df else False)
+    unaffected = df["token_group"].isin(UNAFFECTED_GROUPS) if "token_group" in df else pd.Series(False, df.index)
+    text = ~unet & ~unaffected
     parts = [group_recovery(d, by, min_gap) for d, by in ((df[unet], UNET_GROUP), (df[text], TEXT_GROUP))
              if len(d)]
     return np.concatenate([p.to_numpy(float) for p in parts]) if parts else np.zeros(0)
