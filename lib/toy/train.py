@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.atomic import write_atomic, write_text_atomic
+from lib.loading import dtype_kwarg
 from lib.paths import TOY_DIR, from_repo_root
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
@@ -258,7 +259,7 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
 
     folder = check_toy_folder(folder)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_kwarg(dtype), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
         raise _corrupt(folder, err) from err
     from lib.loading import incomplete_weights, tokenizer_problem
@@ -303,7 +304,7 @@ def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextModel
 
     try:
-        te, info = CLIPTextModel.from_pretrained(t_p.parent, torch_dtype=torch.float32, local_files_only=True,
+        te, info = CLIPTextModel.from_pretrained(t_p.parent, dtype=torch.float32, local_files_only=True,
                                                  output_loading_info=True)
     except Exception as err:  # noqa: BLE001
         raise _corrupt(t_p, err) from err
@@ -748,14 +749,14 @@ def _load_text_encoder(out: Path, dev: str):
     from transformers import CLIPTextModel
 
     _require(out / "text_encoder/model.safetensors")
-    return CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).to(dev).eval()
+    return CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32).to(dev).eval()
 
 
 def _load_vae(out: Path, dev: str):
     from diffusers import AutoencoderKL
 
     _require(out / "vae/diffusion_pytorch_model.safetensors")
-    return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(dev).eval()
+    return AutoencoderKL.from_pretrained(out / "vae", **dtype_kwarg(torch.float32)).to(dev).eval()
 
 
 @torch.no_grad()
@@ -823,7 +824,7 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
         from diffusers import UNet2DConditionModel
 
         _require(out / "unet/diffusion_pytorch_model.safetensors")
-        unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).to(dev).train()
+        unet = UNet2DConditionModel.from_pretrained(out / "unet", **dtype_kwarg(torch.float32)).to(dev).train()
         if unet.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"the saved UNet takes {unet.config.in_channels}-channel latents but the VAE in {out} makes "
                              f"{vae.config.latent_channels}: a new VAE needs a new UNet (--stage unet), not unet-resume")
