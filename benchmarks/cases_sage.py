@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.sage.gradient import loss_scale_for, scaled_grad  # noqa: E402
+from lib.sage.gradient import loss_scale_for, scaled_grad_rows  # noqa: E402
 from lib.sage.latent import LatentSearch, Residual, project_to_shell, sample_with_residual, search_latent, signed_step  # noqa: E402
 from lib.sage.loss import EdgeMember, Ensemble, FnMember, timm_member  # noqa: E402
 from lib.sage.build import freeze_pipeline  # noqa: E402
@@ -67,14 +67,15 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
                         guidance: float = 7.5, seed: int = 0, batch: int = 1, info: dict | None = None):
     """A closure running one latent-search iteration (state kept across calls, like the search) of ``batch``
     independent searches run together (:func:`lib.sage.latent.search_latents`: the per-search losses are summed,
-    so each δ gets its own search's gradient). ``info`` (if given) is kept up to date with the float16 loss scale at
-    the start and now (a lower one means backward passes were repeated after an overflow) and whether the last
-    gradient was finite."""
+    so each δ gets its own search's gradient, at its own float16 loss scale). ``info`` (if given) is kept up to date
+    with the float16 loss scale at the start and now (the lowest search's: a lower one means backward passes were
+    repeated after an overflow) and whether the last gradient was finite."""
     z = initial_latents(pipe, list(range(seed, seed + batch)))
     cond = encode(pipe, [PROMPT] * batch, None)
-    state = {"delta": torch.zeros_like(z, dtype=torch.float32), "scale": loss_scale_for(pipe)}
+    state = {"delta": torch.zeros_like(z, dtype=torch.float32),
+             "scales": torch.full((batch,), loss_scale_for(pipe), dtype=torch.float64)}
     info = {} if info is None else info
-    info["loss_scale_start"] = state["scale"]
+    info["loss_scale_start"] = loss_scale_for(pipe)
     residual = Residual(step=residual_step)
 
     def run() -> float:
@@ -82,11 +83,11 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
         delta = state["delta"].requires_grad_(True)
         zp = (z.float() + delta).to(z.dtype)
         probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
-        loss = ensemble.loss(probs, "cat", "uncertain").sum()
-        value = float(loss.detach())
-        # float16: loss-scaled, the graph retained for a retry
-        g, state["scale"] = scaled_grad(loss, delta, state["scale"], per_row=True)
-        info.update(loss_scale=state["scale"], grad_finite=bool(torch.isfinite(g).all()))
+        loss = ensemble.loss(probs, "cat", "uncertain")
+        value = float(loss.detach().sum())
+        # float16: loss-scaled per search, the graph retained for a retry
+        g, state["scales"] = scaled_grad_rows(loss, delta, list(range(batch)), state["scales"])
+        info.update(loss_scale=float(state["scales"].min()), grad_finite=bool(torch.isfinite(g).all()))
         del zp, probs, loss
         with torch.no_grad():
             d = signed_step(delta, g, 0.05, -1.0, 1.0)

@@ -309,6 +309,25 @@ def test_a_template_longer_than_the_lm_context_is_a_prompt_error(pipe):
         search_prompt(pipe, edge_ensemble(), lm, "cat", [0], steps=2, config=PromptSearch(template=long + "{cls}"))
 
 
+def test_the_text_encoders_token_limit_ends_the_search_with_its_reason(pipe):
+    """A template that fits 77 tokens with the first round's slots but not with a word more: the search keeps the
+    rounds it made and says why it stopped (it raised mid-search and lost the class); one token more is refused before
+    any rendering."""
+    kw = dict(n_words=3, iterations=0, min_end_prob=0.0, stop_on_success=False)
+    slots = 1 + PromptSearch().lookahead
+    template = "a photo of a {cls}"
+    while len(pipe.tokenizer(template.format(cls="cat")).input_ids) + slots < pipe.tokenizer.model_max_length:
+        template = "red " + template  # one CLIP token each
+    assert len(pipe.tokenizer(template.format(cls="cat")).input_ids) + slots == pipe.tokenizer.model_max_length
+    df = search_prompt(pipe, edge_ensemble(), StubLM("red", "dog", "car"), "cat", [0], steps=2,
+                       config=PromptSearch(template=template, **kw))
+    assert len(df) == 2 and df.word[0] == "red" and pd.isna(df.word[1]) and df.loss_prompt[:1].notna().all()
+    assert df.stopped[1].endswith(f"tokens, over the text encoder's limit of {pipe.tokenizer.model_max_length}")
+    with pytest.raises(PromptError, match="the template leaves no room for the searched words: .* over the text enc"):
+        search_prompt(pipe, edge_ensemble(), StubLM("red"), "cat", [0], steps=2,
+                      config=PromptSearch(template="red " + template, **kw))
+
+
 # ----------------------------------------------------------------------------------------------- the latent search
 def test_a_list_latent_raises_the_shape_error(pipe):
     ens = edge_ensemble()
@@ -603,6 +622,8 @@ def test_setup_checks_members_heads_and_classes_before_the_pipeline_loads(monkey
     P.ATTRIBUTE = "object"
     with pytest.raises(UnknownClassError, match="zebra"):
         setup(P, ["cat", "zebra"])
+    with pytest.raises(ValueError, match="target 'Cat ' equals the source class"):  # notebook 03's SOURCE / TARGET
+        setup(P, ["cat"], distinct=("cat", "Cat "))
 
 
 def test_a_missing_toy_lm_is_named_with_its_rebuild_command(tmp_path, monkeypatch):

@@ -119,18 +119,22 @@ def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> N
 TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def setup(P, classes: Sequence[str], criteria: Criteria = Criteria()):
+def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: tuple[str, str] | None = None):
     """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
-    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked.
+    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked, and
+    ``distinct`` = (source, target) a target that shares no member's label with the source
+    (:meth:`lib.sage.loss.Ensemble.check_distinct`).
 
-    The ensemble is built and the classes checked first: a misspelt member, head or class fails in one line before the
-    (for SD, minutes-long) pipeline load."""
+    The ensemble is built and these checked first: a misspelt member, head or class, or an ImageNet target inside the
+    source's group, fails in one line before the (for SD, minutes-long) pipeline load."""
     from lib.loading import load_pipeline, resolve_device
     from lib.speed import save_memory
 
     ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(resolve_device(P.DEVICE)),
                                   attribute=P.ATTRIBUTE, criteria=criteria)
     check_classes(ens, classes, checker)
+    if distinct is not None:
+        ens.check_distinct(*distinct)
     pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
     freeze_pipeline(pipe)
     save_memory(pipe, P.CHECKPOINTING)
@@ -217,9 +221,11 @@ def vocabulary(model: str, ensemble: Ensemble | None = None) -> tuple[tuple[str,
     return tuple(sorted(classes)), ATTRIBUTE_WORDS_REAL
 
 
-def check_caption_count(model: str, cls: str, n_train: int, n_test: int) -> None:
-    """Before any model loads: ``cls`` has ``n_train + n_test`` captions (:func:`class_captions`; notebook 03's
-    ``N_TRAIN_PROMPTS`` and ``N_TEST_PROMPTS``), else a one-line ``ParameterError``."""
+def check_caption_count(model: str, cls: str, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Before any model loads: notebook 03's draw of ``n_train`` training captions of ``cls`` (``seed``) and ``n_test``
+    held-out ones (``seed + 1``, none describing a training scene) succeeds (:func:`class_captions`;
+    ``N_TRAIN_PROMPTS``, ``N_TEST_PROMPTS``, ``PROMPT_SEED``), else a one-line ``ParameterError``. The draw itself,
+    not a count: the held-out pool loses every phrasing of the training scenes, more than ``n_train`` captions."""
     from lib.params import ParameterError
 
     try:
@@ -227,7 +233,9 @@ def check_caption_count(model: str, cls: str, n_train: int, n_test: int) -> None
     except ValueError as err:
         raise ParameterError(f"SOURCE: {err}") from None
     try:
-        class_captions(model, cls, n_train + n_test)
+        class_captions(model, cls, n_train + n_test)  # the plain count first: its message says which sum is short
+        train = class_captions(model, cls, n_train, seed)
+        class_captions(model, cls, n_test, seed + 1, exclude=train)
     except ValueError as err:
         raise ParameterError(f"{n_train} + {n_test} captions of {cls!r} (N_TRAIN_PROMPTS + N_TEST_PROMPTS): {err}") from None
 

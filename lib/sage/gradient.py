@@ -9,6 +9,8 @@ a gradient that is exactly zero everywhere (a signed step would not move), ends 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 FP16_LOSS_SCALE = 2.0**16  # torch.amp.GradScaler's initial scale
@@ -22,35 +24,46 @@ def loss_scale_for(pipe) -> float:
     return FP16_LOSS_SCALE if any(getattr(p, "dtype", None) == torch.float16 for p in parts) else 1.0
 
 
-def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0,
-                per_row: bool = False) -> tuple[torch.Tensor, float]:
+def scaled_grad(loss: torch.Tensor, wrt: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, float]:
     """``∇_wrt (scale · loss)`` and the scale to start the next iteration with. While the gradient has inf/NaN entries
-    and ``scale`` > 1, the scale is divided by :data:`BACKOFF` (at least to 1) and the graph differentiated again.
-
-    ``per_row``: the rows of ``wrt`` are independent searches (a batched latent search): each row keeps the gradient of
-    the largest scale at which it is finite, so one broken row does not push the others into float16 underflow, and
-    the returned scale is the smallest of those (rows never finite are left to :func:`grad_problem`). A gradient that
-    is never finite returns the scale it started with. With ``scale`` > 1 the graph is retained for the retries: drop
-    the references to its outputs (``del loss, ...``) before the next forward pass, or two graphs live at once."""
-    out, done, next_scale = None, None, scale
+    and ``scale`` > 1, the scale is divided by :data:`BACKOFF` (at least to 1) and the graph differentiated again. A
+    gradient that is never finite returns the scale it started with. With ``scale`` > 1 the graph is retained for the
+    retries: drop the references to its outputs (``del loss, ...``) before the next forward pass, or two graphs live
+    at once."""
+    start = scale
     while True:
         retry = scale > 1.0
         (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, retain_graph=retry)
-        finite = torch.isfinite(g.reshape(len(g), -1)).all(1) if per_row else torch.isfinite(g).all().reshape(1)
-        new = finite if done is None else finite & ~done
-        if out is None:
-            out, done = g, finite.clone()
-        elif bool(new.any()):
-            if per_row:
-                out[new] = g[new]
-            else:
-                out = g
-            done |= new
-        if bool(new.any()):
-            next_scale = scale  # the scales only go down: the smallest one that some row needed
-        if not retry or bool(done.all()):
-            return out, next_scale
+        if bool(torch.isfinite(g).all()):
+            return g, scale
+        if not retry:
+            return g, start
         scale = max(1.0, scale / BACKOFF)
+
+
+def scaled_grad_rows(losses: torch.Tensor, wrt: torch.Tensor, rows: Sequence[int],
+                     scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent searches, one per row of ``wrt`` (a batched latent search): ``losses[i]`` is the loss of row
+    ``rows[i]`` and depends on that row alone. Each row is differentiated at its own scale (``scales``, one per row of
+    ``wrt``; ``∇ Σ_i s_{rows[i]}·losses[i]``), and a row whose gradient has inf/NaN entries backs off alone, as
+    :func:`scaled_grad` does for one search, while the others keep theirs. Returns the gradient (rows not in ``rows``:
+    zero; rows never finite are left to :func:`grad_problem`) and the scales to start the next iteration with. One
+    shared scale let one row's overflow push every other row into float16 underflow for the rest of the search."""
+    scales = scales.detach().clone().to(torch.float64)
+    out = torch.zeros_like(wrt)
+    todo = list(rows)
+    while True:
+        retry = any(float(scales[r]) > 1.0 for r in todo)
+        weight = scales[list(rows)].to(losses.device, losses.dtype)
+        (g,) = torch.autograd.grad((losses * weight).sum(), wrt, retain_graph=retry)
+        finite = torch.isfinite(g.reshape(len(g), -1)).all(1).tolist()
+        for r in todo:
+            out[r] = g[r]
+        todo = [r for r in todo if not finite[r] and float(scales[r]) > 1.0]
+        if not todo:
+            return out, scales
+        for r in todo:
+            scales[r] = max(1.0, float(scales[r]) / BACKOFF)
 
 
 def grad_problem(g: torch.Tensor) -> list[str | None]:

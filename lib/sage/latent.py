@@ -40,7 +40,7 @@ import torch
 
 from lib.atomic import remove_stale_tmp
 from lib.params import distinct
-from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
+from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad_rows
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
 
@@ -239,7 +239,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     found: list[tuple | None] = [None] * n
     stopped: list[str | None] = [None] * n
     active = list(range(n))
-    scale = loss_scale_for(pipe)
+    scales = torch.full((n,), loss_scale_for(pipe), dtype=torch.float64)  # per search: one's overflow is its own
     for it in range(config.iterations + 1):
         d = delta[active].clone().requires_grad_(True)
         z_act = z[active]
@@ -260,7 +260,8 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
         keep = [j for j, b in enumerate(active) if not (config.stop_on_success and found[b] is not None)]
         if it == config.iterations or not keep:
             break
-        g, scale = scaled_grad(losses[keep].sum(), d, scale, per_row=True)
+        g, new_scales = scaled_grad_rows(losses[keep], d, keep, scales[active])
+        scales[active] = new_scales
         del zp, image, probs, losses  # frees the graph (kept for a retry while the loss is scaled)
         for j, problem in zip(list(keep), grad_problem(g[keep])):
             if problem is not None:  # a signed step cannot go on: this search ends with what it has

@@ -10,7 +10,7 @@ Loss (per image; ``P_m(c)`` = probability that member ``m`` gives to class ``c``
 ``max_k`` runs over the member's labels; every term lies in [-1, 1], lower is better for the search)::
 
     lose       L = Σ_m (2·P_m(c) − 1)                                  the seed's  −Σ_m (1 − 2·p_target),  p = P(c)
-    uncertain  L = Σ_m (2·max_k p_m,k − 1)                             type 1: no label confident
+    uncertain  L = Σ_m (2·max(P_m(c), max_{k∉c} p_m,k) − 1)           type 1: no label confident, c's group summed
     other      L = Σ_m ½[(2·P_m(c) − 1) + (1 − 2·P_m(o))]              type 2: lose c, one other label o confident
     become     L = Σ_m (1 − 2·P_m(t))                                  token attack: the target t appears
 
@@ -394,8 +394,8 @@ class Ensemble(nn.Module):
         for m, p in enumerate(probs):
             if goal == "lose":
                 term = 2 * p[:, c_idx[m]].sum(-1) - 1
-            elif goal == "uncertain":
-                term = 2 * p.max(-1).values - 1
+            elif goal == "uncertain":  # c as one label: spreading c over its group's labels is no loss of c
+                term = 2 * torch.maximum(p[:, c_idx[m]].sum(-1), _max_other(p, c_idx[m])) - 1
             elif goal == "other":
                 other = agreed[2][m] if agreed is not None else _max_other(p, c_idx[m])
                 term = ((2 * p[:, c_idx[m]].sum(-1) - 1) + (1 - 2 * other)) / 2

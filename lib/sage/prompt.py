@@ -106,6 +106,19 @@ def slot_ids(tokenizer, prompt: str, n_slots: int) -> tuple[list[int], list[int]
     return ids + [tokenizer.pad_token_id] * (limit - len(ids)), positions
 
 
+def slots_overflow(pipe, prompt: str, n_slots: int) -> str | None:
+    """Why ``prompt`` with ``n_slots`` slot tokens does not fit a text encoder of ``pipe`` (its tokenizer's
+    ``model_max_length``, 77 in SD; both tokenizers on SDXL), or None when it fits."""
+    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tok is None:
+            continue
+        n = len(tok(prompt, truncation=False).input_ids) + n_slots
+        if n > tok.model_max_length:
+            return (f"{prompt[:60]!r} plus {n_slots} slot(s) has {n} tokens, over the text encoder's limit of "
+                    f"{tok.model_max_length}")
+    return None
+
+
 @contextmanager
 def _replaced_embeddings(pipe, mask: torch.Tensor, values: torch.Tensor):
     """Forward hook: token-embedding outputs at ``mask`` (B, L) become ``values`` (n_slots, D), tiled per row.
@@ -443,10 +456,11 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     lo, hi = config.emb_range
     for rnd in range(config.n_words):
         full = _context_full(lm, prompt)  # words of several LM tokens can fill it before n_words rounds
-        cands = [] if full else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
+        overflow = slots_overflow(pipe, prompt, 1 + config.lookahead)  # and the text encoder's 77 tokens
+        cands = [] if full or overflow else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
         if not cands:  # a row all the same: the table keeps its columns and says why the prompt stopped growing
-            why = (f"the LM's context ({lm.context} tokens) is full" if full
-                   else f"LM proposed no word above min_prob={config.min_prob:g}")
+            why = (f"the LM's context ({lm.context} tokens) is full" if full else overflow
+                   or f"LM proposed no word above min_prob={config.min_prob:g}")
             rows.append(dict(round=rnd, prompt=prompt, word=None, cosine=math.nan, candidates=0, proposed="",
                              loss_start=math.nan, loss_end=math.nan, loss_prompt=math.nan, best_loss=best,
                              p_class=math.nan, fooled_fraction=math.nan, end_prob=math.nan, found=False, category=None,
@@ -501,8 +515,9 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
 def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
                         steps: int, config: PromptSearch) -> None:
     """Everything :func:`search_prompt` checks before rendering, for each of ``classes``: the pipeline, the seeds
-    (some, none repeated), ``grad_from_step``, the class (ensemble) and the template with the class for the LM
-    (known words, room for ``n_words`` more tokens in its context)."""
+    (some, none repeated), ``grad_from_step``, the class (ensemble), the template with the class for the LM (known
+    words, room for ``n_words`` more tokens in its context) and for the text encoders (room for the first round's
+    ``1 + lookahead`` slots; a later round that would not fit ends the search with the reason in ``stopped``)."""
     _check_pipe(pipe)
     if not seeds:
         raise ValueError("need at least one seed")
@@ -511,6 +526,9 @@ def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequ
     for c in classes:
         ensemble.indices(c)
         lm.encode(config.template.format(cls=c), room=config.n_words)
+        overflow = slots_overflow(pipe, config.template.format(cls=c), 1 + config.lookahead)
+        if overflow:
+            raise PromptError(f"the template leaves no room for the searched words: {overflow}")
 
 
 def check_grad_from_step(grad_from_step: int, steps: int) -> None:

@@ -3,9 +3,10 @@ that makes the image show a chosen target object.
 
 Training: signed steps ``v ← clamp(v − lr·sign(∇_v L), −2.5, 2.5)`` from ``v = 0`` (the seed pseudo-code's lr, range
 and start), with ``L`` the surrogate's ``become`` loss (:mod:`lib.sage.loss`) averaged over a minibatch of (training
-prompt, seed) pairs drawn with a fixed numpy seed. The step descends ``L``, which is low when the target appears; this
-departs from the seed's literal sign (``emb_x += sign(grad)·step_size`` on −Σ(1 − 2p) of the class, which taken
-literally would raise P(class)) in the direction the method intends.
+prompt, seed) pairs drawn with a fixed numpy seed. The step descends ``L``, which is low when the target appears: the
+seed's ascent of Σ(2p − 1) of the target (``emb_x += sign(grad)·step_size``) is the same update (for the token
+attack the code does not depart from the seed; the latent and prompt searches' ``lose`` goal does, see
+:mod:`lib.sage.loss`).
 
 Evaluation on held-out prompts: success = every member's top-1 label is in the target group; the CLIP-Score change
 is reported two ways (the paper does not say which it means):
@@ -17,7 +18,9 @@ Resume: with ``checkpoint_dir=`` the embedding, the loss history and the minibat
 atomically every ``checkpoint_every`` iterations and at the end, to
 ``token_<source>_to_<target>_<key>.ckpt.safetensors``; the key (:func:`token_key`) hashes the weights, the ensemble,
 the prompts, seeds, device, dtype and every setting except ``iterations``. A rerun continues from its checkpoint and,
-on the same device, gives exactly the uninterrupted result; a run with more iterations extends a finished one (one
+on the CPU, gives exactly the uninterrupted result (on a GPU only with deterministic kernels,
+``torch.use_deterministic_algorithms(True)``: the signed step reads only the gradient's signs, and a nondeterministic
+backward pass can flip those of near-zero entries); a run with more iterations extends a finished one (one
 with fewer starts fresh and leaves the longer run's checkpoint as it is). An unreadable checkpoint is ignored (a fresh
 start overwrites it).
 """
@@ -186,21 +189,31 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
 
 @torch.no_grad()
 def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
-                   steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False):
+                   steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False,
+                   batch_size: int | None = None):
     """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
     ``return_images``: return ``(table, images with the token, images without)`` instead of the table. Repeated
-    seeds are a ``ValueError`` (each pair would count twice).
+    seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
+    (None: all at once; SD at 512 px needs chunks).
     """
     import pandas as pd
 
     check_seeds(seeds)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: every image at once), got {batch_size}")
     steps = int(steps or result.meta.get("steps", 25))
     guidance = float(guidance if guidance is not None else result.meta.get("guidance", 7.5))
     ps = [p for p in prompts for _ in seeds]
     ss = [s for _ in prompts for s in seeds]
     tok = result.embedding.view(1, -1)
-    with_tok = render_with_slots(pipe, ps, tok, ss, steps, guidance, grad=False)
+    step = batch_size or max(len(ps), 1)
+
+    def render(slots: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([render_with_slots(pipe, ps[i : i + step], slots, ss[i : i + step], steps, guidance,
+                                            grad=False) for i in range(0, len(ps), step)])
+
+    with_tok = render(tok)
     probs = ensemble.probs(with_tok)
     success = ensemble.judge(probs, result.source, "become", result.target)
     p_t = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.target))]).mean(0)
@@ -209,7 +222,7 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     f64 = lambda t: t.detach().double().cpu().numpy()  # noqa: E731 - float64 columns round and print cleanly
     df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
                            p_source=f64(p_s), text_cosine=f64(text_cos)))
-    plain = render_with_slots(pipe, ps, None, ss, steps, guidance, grad=False) if scorer or return_images else None
+    plain = render(None) if scorer or return_images else None
     if scorer is not None:
         df["clip_with"] = f64(scorer.score(with_tok, ps))
         df["clip_without"] = f64(scorer.score(plain, ps))
