@@ -203,9 +203,9 @@ def upcast_sdxl_vae(pipe) -> bool:
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images in [0, 1], shape (B, 3, H, W) (an SDXL VAE in float16 is upcast first:
-    :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std`` (some SDXL fine-tunes) gets
-    its latents de-normalised with them, as the SDXL pipeline does."""
+    """Latents → images in [0, 1], shape (B, 3, H, W), NaN where the VAE's output is not finite (an SDXL VAE in
+    float16 is upcast first: :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std``
+    (some SDXL fine-tunes) gets its latents de-normalised with them, as the SDXL pipeline does."""
     upcast_sdxl_vae(pipe)
     vae = pipe.vae
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -218,8 +218,8 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
         z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
     else:
         z = z / vae.config.scaling_factor
-    img = vae.decode(z).sample
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    img = vae.decode(z).sample.float() / 2 + 0.5
+    return img.clamp(0, 1).masked_fill(~torch.isfinite(img), float("nan"))  # clamp alone made ±inf plain 1 / 0
 
 
 @torch.no_grad()

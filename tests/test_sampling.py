@@ -21,6 +21,30 @@ def test_loop_matches_the_diffusers_pipeline(family):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheduler, extra", [("PNDMScheduler", dict(prediction_type="v_prediction")),  # SD 2.x 768
+                                              ("EulerDiscreteScheduler", dict(prediction_type="epsilon")),  # SDXL's
+                                              ("DDIMScheduler", dict(prediction_type="v_prediction",
+                                                                     set_alpha_to_one=True, clip_sample=True))])
+def test_the_loop_is_the_pipeline_with_ddim_made_from_other_scheduler_configs(scheduler, extra):
+    """The loop samples with DDIM built from the pipeline's scheduler config (lib.sampling.make_scheduler): a
+    released pipeline's PNDM or Euler config, v-prediction and DDIM's own options must carry over, so the pipeline
+    called with DDIM from the same config is the reference (the twins alone ship DDIM, epsilon, leading)."""
+    import diffusers
+
+    pipe = build_twin("sd-v2")
+    pipe.set_progress_bar_config(disable=True)
+    cfg = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # _use_default_values: dropped
+    cfg = {**cfg, **extra, "timestep_spacing": "leading"}
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(cfg)
+    lat = initial_latents(pipe, [5])
+    ours = generate(pipe, ["a photo of a cat"], [5], steps=3, guidance=6.0)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == extra["prediction_type"]
+    ref = pipe("a photo of a cat", num_inference_steps=3, guidance_scale=6.0, latents=lat.clone(),
+               output_type="pt").images
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+
+
 def test_same_seed_same_image_and_seeds_differ():
     pipe = build_twin("sd-v1")
     a = generate(pipe, ["a cat", "a cat"], [1, 2], steps=2)
@@ -142,3 +166,20 @@ def test_latent_statistics_of_the_wrong_length_are_named():
     pipe.vae = AutoencoderKL.from_config(dict(config, latents_mean=[0.0], latents_std=[1.0]))
     with pytest.raises(ValueError, match="latents_mean / latents_std have 1 / 1 values for latents of 4 channels"):
         decode(pipe, initial_latents(pipe, [0]))
+
+
+def test_a_vae_overflow_decodes_to_nan_not_to_black_or_white(monkeypatch):
+    """clamp(0, 1) turned ±inf into plain pixels, so the tracing's non-finite check could not see a VAE overflow."""
+    from types import SimpleNamespace
+
+    from lib.tracing.unet import nonfinite
+
+    pipe = build_twin("sd-v1")
+    lat = initial_latents(pipe, [0])
+    img = decode(pipe, lat)
+    out = torch.full_like(img, 0.3) * 2 - 1
+    out[0, 0, 0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: SimpleNamespace(sample=out))
+    bad = decode(pipe, lat)
+    assert bad[0, 0, 0, :3].isnan().all() and torch.allclose(bad[0, 0, 0, 3:], torch.tensor(0.3))
+    assert nonfinite(lat, bad).tolist() == [True] and nonfinite(lat, img).tolist() == [False]

@@ -200,6 +200,10 @@ def test_batched_matches_reference_on_other_families(family):
     batched = trace_unet(p, CAPTION, SUBJECT, 0, layers, steps=2, batch_size=8)
     ref = trace_unet_reference(p, CAPTION, SUBJECT, 0, layers, steps=2)
     assert (batched.restored - ref.restored).abs().max() < ATOL
+    # not vacuous: the corruption moves the image and the restorations take effect (hooks that never fired would leave
+    # every restored image the corrupted one, in both paths alike)
+    assert (batched.clean - batched.corrupted).abs().max() > 100 * ATOL
+    assert (batched.restored[-1] - batched.corrupted[0]).abs().max() > 10 * ATOL
 
 
 # --- text encoder ------------------------------------------------------------------------------------------------
@@ -255,6 +259,45 @@ def test_text_trace_images_and_metadata():
     assert torch.allclose(tr.corrupted[0], plain_bad[0], atol=ATOL)
     assert torch.allclose(tr.restored[0], plain_bad[0], atol=ATOL)  # restoring <bos> changes nothing
     assert (tr.restored[1] - plain_bad[0]).abs().max() > 10 * ATOL  # restoring the subject does
+    from lib.tracing.text_encoder import restores_for  # token positions as a parquet column gives them: np.int64
+
+    assert [r.tokens for r in restores_for(p, CAPTION, sites[:1], list(np.array([5, 6])))] == [(5,), (6,)]
+
+
+def test_restorations_before_the_subject_are_the_corrupted_run_and_are_not_generated(monkeypatch):
+    """The causal mask: a state before the subject's first token is the same in the clean and the corrupted run, so
+    restoring it reproduces the corrupted image (checked by generating them); the trace skips those generations."""
+    import lib.tracing.text_encoder as TE
+
+    p = pipe("sd-v1")
+    sites = text_sites(p, layers=[0, 3])
+    rows, generate = [], TE.generate_conditionings
+    monkeypatch.setattr(TE, "generate_conditionings", lambda pipe, cond, *a, **k: rows.append(len(cond)) or
+                        generate(pipe, cond, *a, **k))
+    full = trace_text(p, CAPTION, SUBJECT, 2, sites, steps=2, batch_size=8, skip_unaffected=False)
+    fast = trace_text(p, CAPTION, SUBJECT, 2, sites, steps=2, batch_size=8)
+    assert rows == [2 + 8 * len(sites), 2 + 3 * len(sites)]  # positions 0-7 generated; then only 5-7 (red car </s>)
+    before = [k for k, m in enumerate(fast.meta) if m["token"] < 5]
+    assert len(before) == 5 * len(sites) and [m["token"] for m in fast.meta] == [m["token"] for m in full.meta]
+    assert all(torch.equal(fast.restored[k], fast.corrupted[0]) for k in before)
+    assert (full.restored[before] - full.corrupted).abs().max() < ATOL  # generated: the corrupted run as well
+    assert (full.restored - fast.restored).abs().max() < ATOL
+    assert torch.equal(fast.nan, full.nan)
+
+
+def test_the_example_columns_reach_the_unet():
+    """SDXL conditions on each encoder's penultimate hidden state: its last layer's restoration is the corrupted image
+    by construction, so the example grid shows the penultimate layer there (the last one on SD 1.x / 2.x)."""
+    from lib.tracing.examples import text_example_sites
+
+    for family, back in (("sd-v1", 1), ("sdxl", 2)):
+        p = pipe(family)
+        sites = text_example_sites(p)
+        assert [s.layer for s in sites] == [0, 0, 0, p.text_encoder.config.num_hidden_layers - back]
+    xl = pipe("sdxl")
+    last = text_sites(xl, ["text_encoder"], kinds=("self_attn",), layers=[xl.text_encoder.config.num_hidden_layers - 1])
+    tr = trace_text(xl, CAPTION, SUBJECT, 0, last, tokens=[6], steps=2, batch_size=4)
+    assert torch.equal(tr.restored[0], tr.corrupted[0]) or (tr.restored - tr.corrupted).abs().max() < ATOL
 
 
 def test_text_trace_batched_equals_one_run_per_restoration():
@@ -361,6 +404,14 @@ def test_group_recovery_interval_resamples_items():
     with pytest.raises(ValueError, match="level"):
         group_recovery_ci(df, ("layer",), level=95)
     assert ci["probes"].tolist() == [3, 4, 1]  # one seed per caption: a probe is an item
+    # a cell's interval is a property of its rows: dropping the cells sorted before it leaves it unchanged (20 items
+    # of varied recoveries, so that other draws move the percentiles)
+    rng = np.random.default_rng(0)
+    many = {k: [(30.0, 20.0, float(20 + 10 * r)) for r in rng.random(20)] for k in range(2)}
+    many = mark_causal(_gap_rows(many).assign(subject="s", seed=0), tau=0.5)
+    both = group_recovery_ci(many, ("layer",))
+    alone = group_recovery_ci(many[many["layer"] == "l1"], ("layer",))
+    pd.testing.assert_series_equal(alone.loc["l1"], both.loc["l1"])
 
 
 def test_the_seeds_of_one_caption_are_resampled_together():

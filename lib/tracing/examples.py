@@ -77,10 +77,13 @@ def unet_examples(pipe, scorer: ClipScorer, items: pd.DataFrame, table: pd.DataF
 
 
 def text_example_sites(pipe, encoder: str = "text_encoder") -> list[TextSite]:
-    """Layer-0 self-attention, MLP and hidden state, and the last layer's self-attention, of ``encoder``."""
+    """Layer-0 self-attention, MLP and hidden state, and the self-attention of the last layer that reaches the UNet
+    (SDXL conditions on the penultimate hidden state: its last layer's restoration would always be the corrupted
+    image), of ``encoder``."""
     depth = getattr(pipe, encoder).config.num_hidden_layers
+    last = depth - (2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
     sites = text_sites(pipe, [encoder], kinds=("self_attn", "mlp", "hidden"), layers=[0])
-    return sites + text_sites(pipe, [encoder], kinds=("self_attn",), layers=[depth - 1])
+    return sites + text_sites(pipe, [encoder], kinds=("self_attn",), layers=[last])
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import pandas as pd
 
 from lib.atomic import write_parquet_atomic
 from lib.loading import describe_source
-from lib.params import COMMON, Param, ParameterError, distinct, positive
+from lib.params import COMMON, Param, ParameterError, distinct, positive, seed_value
 from lib.sampling import scheduler_fingerprint
 from lib.scoring import check_scorer_spec
 from lib.tracing.layers import TEXT_KINDS, text_encoders
@@ -44,7 +44,7 @@ TRACE_PARAMS: dict[str, Param | None] = {
     "DTYPE": None, "CHECKPOINTING": None,  # COMMON's, not taken: the pipeline loads in load_pipeline's default dtype
     "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
     # no noise, no clean - corrupted gap: every item would fail to score, after the whole sweep
-    "NOISE": Param(float, low=0.0, high=100.0, check=positive), "NOISE_SEED": Param(int, low=0),
+    "NOISE": Param(float, low=0.0, high=100.0, check=positive), "NOISE_SEED": seed_value(),
     "TAU": Param((str, float), check=check_tau),
     "SCORER": Param(str, check=check_scorer_spec), "MIN_GAP": Param(float, low=0.0),
     "EVAL_SPLIT": Param(str, choices=("all", "test", "val")),

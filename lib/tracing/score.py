@@ -23,6 +23,7 @@ everywhere (``mark_causal(df, tau=...)``).
 
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -114,6 +115,13 @@ def group_recovery(df: pd.DataFrame, by: Sequence[str], min_gap: float | None = 
     return (sums["num"] / sums["den"]).rename("recovery")
 
 
+def group_rng(seed: int, key) -> np.random.Generator:
+    """The bootstrap generator of one group: seeded by ``seed`` and the group's key (a value or a tuple of values,
+    read as text, so ``np.int64(3)`` and ``3`` are one key), independent of any other group."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return np.random.default_rng([int(seed), 1, zlib.crc32("\x1f".join(map(str, parts)).encode())])
+
+
 def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
                       min_gap: float | None = None) -> pd.DataFrame:
     """``group_recovery`` per group of ``by`` (sorted) with a percentile bootstrap interval at ``level``.
@@ -121,7 +129,9 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
     The resampled unit is the probe (caption, subject) with all its rows: the several tokens of a text token group
     share an item's clean and corrupted scores, and the image seeds of one caption are not independent draws (resampled
     one by one, 3 seeds of 6 captions made the intervals too narrow; review, 2026-12-06); with one seed per caption it
-    is the item. Fixed ``seed``: the same rows give the same interval. A group with a single probe has no interval
+    is the item. Each group draws from its own generator, seeded by ``seed`` and the group's key (:func:`group_rng`):
+    the same rows of a group give the same interval whatever other groups the table holds (one shared generator made
+    a cell's interval depend on the cells sorted before it). A group with a single probe has no interval
     (NaN bounds: nothing to resample, and a zero-width interval would read as certainty); columns ``recovery``, ``recovery_lo``, ``recovery_hi``, ``items`` (the
     group's (caption, subject, seed) items) and ``probes``.
     """
@@ -135,14 +145,13 @@ def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, 
     levels = list(range(len(by)))
     items = {k: len(g) for k, g in parts.groupby(list(by) + item, sort=True).size().groupby(level=levels, sort=True)}
     per_probe = parts.groupby(list(by) + probe, sort=True)[["num", "den"]].sum()
-    rng = np.random.default_rng(seed)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     rows = {}
     for key, g in per_probe.groupby(level=levels, sort=True):
         num, den = g["num"].to_numpy(float), g["den"].to_numpy(float)
         value = num.sum() / den.sum()
         if len(g) > 1:
-            idx = rng.integers(0, len(g), size=(n_boot, len(g)))
+            idx = group_rng(seed, key).integers(0, len(g), size=(n_boot, len(g)))
             lo, hi = np.percentile(num[idx].sum(1) / den[idx].sum(1), q)
         else:
             lo = hi = np.nan

@@ -8,10 +8,16 @@ restored conditionings are built in batches (one encoder call holds many restora
 
 On SDXL the conditioning is the penultimate hidden state of each encoder, so restoring the last layer of an encoder
 changes only ``text_encoder_2``'s pooled embedding (and nothing for ``text_encoder``): those sites read as corrupted.
+
+CLIP's text encoder is causally masked and the noise touches only the subject's tokens, so a state at a position before
+the subject's first token is the same in the clean and the corrupted run: restoring it changes nothing. Those
+restorations (the start token and the words before the subject, more than half of a caption's positions) are not
+generated; they get the corrupted image (``skip_unaffected``; ``False`` generates them, e.g. to check the claim).
 """
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -20,7 +26,8 @@ import torch
 
 from lib.sampling import Conditioning, decode, denoise, encode, initial_latents
 from lib.tracing.corrupt import Corruption, Gate, cat_conditionings, gated, tokenizer_for
-from lib.tracing.layers import TextSite, text_sites
+from lib.prompts import subject_positions
+from lib.tracing.layers import TextSite, text_encoders, text_sites
 from lib.tracing.unet import Trace, nonfinite
 
 
@@ -46,7 +53,7 @@ def restores_for(pipe, caption: str, sites: Sequence[TextSite] | None = None,
     """Every site × every token entry (default: each caption position on its own); an entry may group positions."""
     sites = text_sites(pipe) if sites is None else list(sites)
     entries = caption_positions(pipe, caption) if tokens is None else list(tokens)
-    groups = [tuple([t]) if isinstance(t, int) else tuple(t) for t in entries]
+    groups = [(int(t),) if isinstance(t, numbers.Integral) else tuple(int(x) for x in t) for t in entries]  # np.int64
     bad = [g for g in groups if not g or any(not 0 <= p < pipe.tokenizer.model_max_length for p in g)]
     if bad:
         raise ValueError(f"token positions must lie in 0..{pipe.tokenizer.model_max_length - 1}; got {bad}")
@@ -144,19 +151,31 @@ def generate_conditionings(pipe, cond: Conditioning, latent: torch.Tensor, steps
 @torch.no_grad()
 def trace_text(pipe, caption: str, subject: str, seed: int, sites: Sequence[TextSite] | None = None,
                tokens: Sequence[int | Sequence[int]] | None = None, *, steps: int = 25, guidance: float = 7.5,
-               corruption: Corruption = Corruption(), batch_size: int = 16, negative: str | None = None) -> Trace:
+               corruption: Corruption = Corruption(), batch_size: int = 16, negative: str | None = None,
+               skip_unaffected: bool = True) -> Trace:
     """Trace text-encoder states for one caption × seed: one restored image per (site, token entry).
 
-    The subject noise is ``corruption.at(seed)``'s: drawn for this caption, subject and latent seed."""
+    The subject noise is ``corruption.at(seed)``'s: drawn for this caption, subject and latent seed. With
+    ``skip_unaffected``, restorations of positions before the subject are not generated: they are the corrupted run
+    (module docstring), so they get its image and flag."""
     corruption = corruption.at(seed)
     restores = restores_for(pipe, caption, sites, tokens)
+    first = min(subject_positions(tokenizer_for(pipe, enc), caption, subject)[0] for enc in text_encoders(pipe))
+    live = [i for i, r in enumerate(restores) if not (skip_unaffected and max(r.tokens) < first)]
     clean = encode(pipe, [caption], negative)
     with gated(pipe, [caption], [subject], corruption):
         bad = encode(pipe, [caption], negative)
-    restored = restored_conditionings(pipe, caption, subject, restores, corruption, negative, batch_size * 4)
+    parts = [clean, bad]
+    if live:
+        parts.append(restored_conditionings(pipe, caption, subject, [restores[i] for i in live], corruption, negative,
+                                            batch_size * 4))
     latent = initial_latents(pipe, [seed])
-    imgs, flags = generate_conditionings(pipe, cat_conditionings([clean, bad, restored]), latent, steps, guidance,
-                                         batch_size)
+    done, done_flags = generate_conditionings(pipe, cat_conditionings(parts), latent, steps, guidance, batch_size)
+    imgs = done[1:2].repeat(2 + len(restores), 1, 1, 1)  # every restoration not generated is the corrupted run
+    flags = done_flags[1:2].repeat(2 + len(restores))
+    imgs[:2], flags[:2] = done[:2], done_flags[:2]
+    for j, i in enumerate(live):
+        imgs[2 + i], flags[2 + i] = done[2 + j], done_flags[2 + j]
     tok = tokenizer_for(pipe, "text_encoder")
     ids = tok(caption, truncation=True).input_ids
     names = tok.convert_ids_to_tokens(ids)
