@@ -3,6 +3,7 @@ evaluation helpers (prompts, misspellings, scene edits) that notebook 06 compose
 
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
@@ -597,6 +598,66 @@ def test_evaluate_edit_rows_line_up_with_prompts_seeds_and_conditions(monkeypatc
         E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, [7, 7], steps=1, guidance=1.0)
     with pytest.raises(ValueError, match="3 prompts but 2 scenes"):
         E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes[:2], seeds, steps=1, guidance=1.0)
+
+
+def test_evaluate_edit_loads_finished_conditions_from_its_cache(monkeypatch, tmp_path):
+    """Each condition is written when done and keyed by what it depends on, not its name: an interrupted evaluation
+    loses no finished condition, the unedited model is generated once for several tables, and another edit or other
+    seeds are generated afresh."""
+    from lib.toy.classifiers import AttributeClassifier
+
+    calls, failing = [], []
+
+    def fake_images(pipe, prompts, seeds, steps, guidance, edit=None, batch_size=64, progress=None):
+        if any(edit is f for f in failing):
+            raise RuntimeError("killed")
+        calls.append(edit)
+        gen = torch.Generator().manual_seed(len(calls))
+        return torch.rand(len(prompts) * len(seeds), 3, 4, 4, generator=gen)
+
+    class Brightness(AttributeClassifier):  # "dog" for a dark image, "cat" for a bright one
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.name, self.families, self.labels = "bright", ("object",), {"object": ["dog", "cat"]}
+
+        def forward(self, x):
+            m = x.mean((1, 2, 3))
+            return {"object": torch.stack([0.5 - m, m - 0.5], 1) * 100}
+
+    class Scorer:
+        def score(self, images, captions):
+            return images.mean((1, 2, 3))
+
+        def fingerprint(self):
+            return "mean"
+
+    monkeypatch.setattr(E, "generate_images", fake_images)
+    p, edit = pipe(), quickfix(pipe(), "van gogh", "painting")
+    prompts, seeds = ["a photo of a dog", "a photo of a cat"], [7, 8]
+    scenes = [W.Scene(object=x.split()[-1]) for x in prompts]
+    kw = dict(steps=1, guidance=1.0, scorer=Scorer(), score_captions={"own": prompts}, cache_dir=tmp_path / "c")
+    first, imgs = E.evaluate_edit(p, Brightness(), {"unedited": None, "edited": edit}, prompts, scenes, seeds,
+                                  keep_images=True, **kw)
+    assert len(calls) == 2 and len(list((tmp_path / "c").glob("condition_*.parquet"))) == 2
+    again, imgs2 = E.evaluate_edit(p, Brightness(), {"base": None, "edited": edit}, prompts, scenes, seeds,
+                                   keep_images=True, **kw)
+    assert len(calls) == 2  # both loaded, the renamed one too
+    pd.testing.assert_frame_equal(again, first.replace({"condition": {"unedited": "base"}}))
+    assert torch.equal(imgs2["base"], imgs["unedited"]) and torch.equal(imgs2["edited"], imgs["edited"])
+    other = quickfix(p, "snoopy", "dog")
+    E.evaluate_edit(p, Brightness(), {"unedited": None, "other": other}, prompts, scenes, seeds, **kw)
+    assert len(calls) == 3 and calls[-1] is other  # only the new edit
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [7, 9], **kw)
+    assert len(calls) == 4  # other seeds: generated afresh
+    failing.append(other)
+    with pytest.raises(RuntimeError, match="killed"):  # killed during the second condition ...
+        E.evaluate_edit(p, Brightness(), {"fresh": quickfix(p, "monet", "painting"), "other2": other}, prompts,
+                        scenes, [5], **kw)
+    n = len(calls)
+    failing.clear()
+    E.evaluate_edit(p, Brightness(), {"fresh": quickfix(p, "monet", "painting"), "other2": other}, prompts, scenes,
+                    [5], **kw)
+    assert len(calls) == n + 1 and calls[-1] is other  # ... the first one's result was kept
 
 
 def test_a_shared_prompt_mapping_never_pairs_another_edits_anchor_prompts_as_target_prompts():

@@ -9,8 +9,11 @@ it was not built from.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -236,16 +239,69 @@ def scene_accuracy(pred: pd.DataFrame, scenes: Sequence[W.Scene]) -> pd.Series:
     return pd.Series(acc, index=pred.index, name="accuracy")
 
 
+def edit_fingerprint(edit: WeightEdit | None) -> str:
+    """A hash of an edit's weight deltas, exact (their bytes: deltas are small); ``"none"`` for no edit."""
+    if edit is None:
+        return "none"
+    h = hashlib.sha1()
+    for name in sorted(edit.deltas):
+        t = edit.deltas[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _evaluation_base(pipe, members, prompts, scenes, seeds, steps, guidance, scorer, score_captions,
+                     batch_size) -> dict:
+    """What every condition's result of one :func:`evaluate_edit` call depends on besides its edit."""
+    from lib.loading import model_fingerprint, weights_fingerprint
+    from lib.sampling import scheduler_settings
+
+    mods = {members.name: members} if isinstance(members, AttributeClassifier) else dict(members)
+    return dict(model=model_fingerprint(pipe), scheduler=scheduler_settings(pipe), members=sorted(mods),
+                member_weights=weights_fingerprint(mods), prompts=list(prompts), scenes=[repr(s) for s in scenes],
+                seeds=[int(s) for s in seeds], steps=int(steps), guidance=float(guidance), batch_size=int(batch_size),
+                scorer=None if scorer is None else scorer.fingerprint(),
+                score_captions={k: list(v) for k, v in (score_captions or {}).items()})
+
+
+def _cached(cache_dir: Path, key: str, keep_images: bool) -> tuple[pd.DataFrame, torch.Tensor | None] | None:
+    """A condition's rows (and images) written by an earlier call with the same key, or None."""
+    rows, imgs = cache_dir / f"condition_{key}.parquet", cache_dir / f"condition_{key}.safetensors"
+    if not rows.is_file() or keep_images and not imgs.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        df = pd.read_parquet(rows)
+        images = load_file(str(imgs))["images"] if keep_images else None
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: generate again, say so
+        import warnings
+
+        warnings.warn(f"ignoring unreadable cached evaluation {rows.name} ({type(err).__name__}); generating again",
+                      stacklevel=3)
+        return None
+    return df, images
+
+
 @torch.no_grad()
 def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], prompts: Sequence[str],
                   scenes: Sequence[W.Scene], seeds: Sequence[int], steps: int, guidance: float,
                   scorer=None, score_captions: Mapping[str, Sequence[str]] | None = None,
-                  batch_size: int = 64, progress=None, keep_images: bool = False):
+                  batch_size: int = 64, progress=None, keep_images: bool = False,
+                  cache_dir: str | Path | None = None):
     """Generate ``prompts`` × ``seeds`` under each condition (name → edit, None = unedited) and classify.
 
     Returns a tidy frame (condition, prompt index, prompt, seed, one ``pred_<family>`` column per family, ``accuracy``
     against ``scenes``, and ``clip_<name>`` for each caption list of ``score_captions`` scored with ``scorer``), plus
     ``{condition: images}`` when ``keep_images``.
+
+    ``cache_dir``: each condition's rows (and, with ``keep_images``, its images) are written there atomically as soon
+    as it is done, named by a key hashing the weights, the edit's deltas (:func:`edit_fingerprint`), the classifiers,
+    the scorer, the prompts, scenes, seeds and settings (not the condition's name); a later call with the same key
+    loads them instead of generating again (``progress`` advances by their images), so an interrupted evaluation
+    loses no finished condition, and a condition evaluated twice (the unedited model in several tables) is generated
+    once.
     """
     if len(prompts) != len(scenes):
         raise ValueError(f"{len(prompts)} prompts but {len(scenes)} scenes")
@@ -257,7 +313,28 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
     if len(set(int(s) for s in seeds)) != len(seeds):
         raise ValueError(f"repeated seeds {list(seeds)}: each (prompt, seed) image would count twice")
     frames, images = [], {}
+    base = None
+    if cache_dir is not None:
+        from lib.atomic import remove_stale_tmp
+
+        cache_dir = Path(cache_dir)
+        if cache_dir.is_dir():
+            remove_stale_tmp(cache_dir)  # a killed run's half-written file
+        base = _evaluation_base(pipe, members, prompts, scenes, seeds, steps, guidance, scorer, score_captions,
+                                batch_size)
     for name, edit in conditions.items():
+        cache_key = None
+        if base is not None:
+            what = json.dumps(dict(base, edit=edit_fingerprint(edit)), sort_keys=True, default=str)
+            cache_key = hashlib.sha1(what.encode()).hexdigest()[:12]
+            hit = _cached(cache_dir, cache_key, keep_images)
+            if hit is not None:
+                frames.append(hit[0].assign(condition=name))
+                if keep_images:
+                    images[name] = hit[1]
+                if progress is not None:
+                    progress.update(len(prompts) * len(seeds))
+                continue
         imgs = generate_images(pipe, prompts, seeds, steps, guidance, edit, batch_size, progress)
         pred = classify(members, imgs).add_prefix("pred_")
         rep_scenes = [s for s in scenes for _ in seeds]
@@ -275,6 +352,13 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
         frames.append(df)
         if keep_images:
             images[name] = imgs
+        if cache_key is not None:
+            from lib.atomic import write_parquet_atomic
+            from lib.sage.resume import write_safetensors_atomic
+
+            if keep_images:  # the images first: rows without them are not a finished cache entry of this kind
+                write_safetensors_atomic({"images": imgs}, cache_dir / f"condition_{cache_key}.safetensors", {})
+            write_parquet_atomic(df, cache_dir / f"condition_{cache_key}.parquet")
     out = pd.concat(frames, ignore_index=True)
     return (out, images) if keep_images else out
 
@@ -291,6 +375,6 @@ def concept_rate(df: pd.DataFrame, phrase: str) -> pd.Series:
 
 __all__ = [
     "Concept", "MISSPELLINGS", "classify", "concept", "concept_prompts", "concept_rate", "edit_prompts", "edit_scene",
-    "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy",
+    "edit_fingerprint", "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy",
     "unrelated_prompts", "variant_prompts",
 ]
