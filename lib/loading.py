@@ -25,6 +25,8 @@ PRESETS: dict[str, str] = {
     "openjourney": "prompthero/openjourney",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
+# Hub ids a preset pointed to before (a cache may still hold them).
+FORMER_IDS: dict[str, str] = {"sd-v2-1-base": "stabilityai/stable-diffusion-2-1-base"}
 # Randomly initialised stand-ins with the real module names (see lib.twins): "twin:<family>[:full]".
 TWINS: tuple[str, ...] = ("twin:sd-v1", "twin:sd-v2", "twin:sdxl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -101,6 +103,10 @@ def check_available(model: str) -> None:
 
 def _not_local(where: str, model: str, why: str = "") -> str:
     elsewhere = "" if model in PRESETS else f"; no local folder {model!r} exists either"
+    former = FORMER_IDS.get(model)
+    if former and cached_snapshot(former) is not None:
+        return (f"weights for {where!r} are not available locally and cannot be downloaded here{why}; the cache holds "
+                f"the preset's former id: pass -p MODEL {former}")
     return (f"weights for {where!r} are not available locally and cannot be downloaded here{why}{elsewhere}; download "
             f"them elsewhere and pass the local folder instead, e.g. papermill ... -p MODEL "
             f"/path/to/{where.split('/')[-1]}")
@@ -189,7 +195,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
         raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
     opts: dict = {} if set(_DTYPE_KWARGS) & set(kwargs) else dtype_kwarg(dtype)
     try:
-        if _has_safety_checker(kind, where):
+        if _has_safety_checker(kind, where, kwargs):
             opts.update(safety_checker=None, requires_safety_checker=False)
     except ValueError as err:
         raise ModelLoadError(f"{Path(where) / 'model_index.json'} is not valid JSON ({err}){hint}") from None
@@ -231,8 +237,8 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                                     None if vae is None else int(vae.config.latent_channels))
     if problem:
         raise ModelLoadError(f"{where} ({type(pipe).__name__}): {problem}")
-    loaded = {n: m.dtype for n in ("unet", "text_encoder", "text_encoder_2")
-              if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
+    loaded = {n: m.dtype for n in ("unet", "text_encoder", "text_encoder_2")  # a module passed in is the caller's
+              if n not in kwargs and isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
     off = {n: str(d).removeprefix("torch.") for n, d in loaded.items() if d != dtype}
     if off and not set(_DTYPE_KWARGS) & set(kwargs):  # e.g. a diffusers release that ignored the dtype argument
         raise ModelLoadError(f"{where}: asked for {str(dtype).removeprefix('torch.')}, loaded {off}: this diffusers "
@@ -378,7 +384,7 @@ def _check_tokenizers(where: str, hint: str) -> None:
             raise ModelLoadError(f"{folder / tok_name} looks damaged: {problem}{hint}")
 
 
-def _has_safety_checker(kind: str, where: str) -> bool:
+def _has_safety_checker(kind: str, where: str, hub_kwargs: dict | None = None) -> bool:
     """Whether the pipeline declares a safety checker (SD 1.x/2.x do, SDXL does not): read from its
     ``model_index.json`` (a hub id's fetched first, a few KB); the id's name decides only when that cannot be read."""
     if kind == "local":
@@ -386,7 +392,8 @@ def _has_safety_checker(kind: str, where: str) -> bool:
     try:
         from huggingface_hub import hf_hub_download
 
-        return "safety_checker" in json.loads(Path(hf_hub_download(where, "model_index.json")).read_text())
+        opts = {k: v for k, v in (hub_kwargs or {}).items() if k in ("revision", "cache_dir", "token")}
+        return "safety_checker" in json.loads(Path(hf_hub_download(where, "model_index.json", **opts)).read_text())
     except Exception:  # noqa: BLE001 - offline, gated, missing: from_pretrained says what is wrong
         return "xl" not in where.lower()
 

@@ -202,10 +202,11 @@ def upcast_sdxl_vae(pipe) -> bool:
     return True
 
 
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images in [0, 1], shape (B, 3, H, W), NaN where the VAE's output is not finite (an SDXL VAE in
-    float16 is upcast first: :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std``
-    (some SDXL fine-tunes) gets its latents de-normalised with them, as the SDXL pipeline does."""
+def decode(pipe, latents: torch.Tensor, keep_nonfinite: bool = False) -> torch.Tensor:
+    """Latents → images in [0, 1], shape (B, 3, H, W) (an SDXL VAE in float16 is upcast first:
+    :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std`` (some SDXL fine-tunes) gets
+    its latents de-normalised with them, as the SDXL pipeline does. ``keep_nonfinite``: NaN where the VAE's output is
+    not finite (the tracing flags such runs; the clamp alone turns ±inf into plain white / black pixels)."""
     upcast_sdxl_vae(pipe)
     vae = pipe.vae
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -219,7 +220,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     else:
         z = z / vae.config.scaling_factor
     img = vae.decode(z).sample.float() / 2 + 0.5
-    return img.clamp(0, 1).masked_fill(~torch.isfinite(img), float("nan"))  # clamp alone made ±inf plain 1 / 0
+    return img.clamp(0, 1).masked_fill(~torch.isfinite(img), float("nan")) if keep_nonfinite else img.clamp(0, 1)
 
 
 @torch.no_grad()

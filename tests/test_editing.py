@@ -658,6 +658,10 @@ def test_evaluate_edit_loads_finished_conditions_from_its_cache(monkeypatch, tmp
     E.evaluate_edit(p, Brightness(), {"fresh": quickfix(p, "monet", "painting"), "other2": other}, prompts, scenes,
                     [5], **kw)
     assert len(calls) == n + 1 and calls[-1] is other  # ... the first one's result was kept
+    blind = Scorer()
+    blind.fingerprint = lambda: None  # a scorer without weights to hash: its scores could pass for another's
+    with pytest.raises(ValueError, match="cache_dir needs a scorer whose weights can be fingerprinted"):
+        E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, seeds, **{**kw, "scorer": blind})
 
 
 def test_a_shared_prompt_mapping_never_pairs_another_edits_anchor_prompts_as_target_prompts():

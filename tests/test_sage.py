@@ -487,6 +487,8 @@ def test_loss_scaling_recovers_float16_underflow_and_backs_off_on_overflow():
     assert grad_problem(g8) == ["zero gradient", None]  # row 0 underflows (was: stopped as "zero gradient")
     g9, _ = scaled_grad_rows(over()[1:], xb, [1], s6)  # rows left out get no gradient
     assert (g9[0] == 0).all() and (g9[1] > 0).all()
+    _, s10 = scaled_grad_rows(rows(), xb, [0, 1], torch.full((2,), FP16_LOSS_SCALE))  # row 1 never finite:
+    assert s10.tolist() == [FP16_LOSS_SCALE, FP16_LOSS_SCALE]  # its scale as it started, as scaled_grad does
     assert grad_problem(torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("inf"), 1.0]])) == [
         None, "zero gradient", "non-finite gradient"]
 

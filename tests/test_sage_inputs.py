@@ -323,6 +323,10 @@ def test_the_text_encoders_token_limit_ends_the_search_with_its_reason(pipe):
                        config=PromptSearch(template=template, **kw))
     assert len(df) == 2 and df.word[0] == "red" and pd.isna(df.word[1]) and df.loss_prompt[:1].notna().all()
     assert df.stopped[1].endswith(f"tokens, over the text encoder's limit of {pipe.tokenizer.model_max_length}")
+    # a word of several CLIP tokens ("xqzvwk": 5) would outgrow the limit the slots fitted: not chosen, the reason given
+    df = search_prompt(pipe, edge_ensemble(), StubLM("xqzvwk"), "cat", [0], steps=2,
+                       config=PromptSearch(template=template, **kw))
+    assert len(df) == 1 and pd.isna(df.word[0]) and "every proposed word would take" in df.stopped[0]
     with pytest.raises(PromptError, match="the template leaves no room for the searched words: .* over the text enc"):
         search_prompt(pipe, edge_ensemble(), StubLM("red"), "cat", [0], steps=2,
                       config=PromptSearch(template="red " + template, **kw))

@@ -180,6 +180,8 @@ def test_a_vae_overflow_decodes_to_nan_not_to_black_or_white(monkeypatch):
     out = torch.full_like(img, 0.3) * 2 - 1
     out[0, 0, 0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
     monkeypatch.setattr(pipe.vae, "decode", lambda z: SimpleNamespace(sample=out))
-    bad = decode(pipe, lat)
+    bad = decode(pipe, lat, keep_nonfinite=True)  # as the tracing decodes
     assert bad[0, 0, 0, :3].isnan().all() and torch.allclose(bad[0, 0, 0, 3:], torch.tensor(0.3))
     assert nonfinite(lat, bad).tolist() == [True] and nonfinite(lat, img).tolist() == [False]
+    plain = decode(pipe, lat)  # elsewhere (classifiers, pictures): the clamped image, as before
+    assert plain[0, 0, 0, :2].tolist() == [1.0, 0.0] and plain[0, 0, 0, 2].isnan()

@@ -251,14 +251,20 @@ def edit_fingerprint(edit: WeightEdit | None) -> str:
     return h.hexdigest()[:16]
 
 
+EVAL_CACHE_VERSION = 1  # raise when evaluate_edit computes its rows differently: older cached conditions are not reused
+
+
 def _evaluation_base(pipe, members, prompts, scenes, seeds, steps, guidance, scorer, score_captions,
                      batch_size) -> dict:
     """What every condition's result of one :func:`evaluate_edit` call depends on besides its edit."""
     from lib.loading import model_fingerprint, weights_fingerprint
     from lib.sampling import scheduler_settings
 
+    if scorer is not None and scorer.fingerprint() is None:
+        raise ValueError("cache_dir needs a scorer whose weights can be fingerprinted (a ClipScorer with a module): "
+                         "another scorer's CLIP-Scores would pass for this one's")
     mods = {members.name: members} if isinstance(members, AttributeClassifier) else dict(members)
-    return dict(model=model_fingerprint(pipe), scheduler=scheduler_settings(pipe), members=sorted(mods),
+    return dict(version=EVAL_CACHE_VERSION, model=model_fingerprint(pipe), scheduler=scheduler_settings(pipe), members=sorted(mods),
                 member_weights=weights_fingerprint(mods), prompts=list(prompts), scenes=[repr(s) for s in scenes],
                 seeds=[int(s) for s in seeds], steps=int(steps), guidance=float(guidance), batch_size=int(batch_size),
                 scorer=None if scorer is None else scorer.fingerprint(),

@@ -50,6 +50,7 @@ def scaled_grad_rows(losses: torch.Tensor, wrt: torch.Tensor, rows: Sequence[int
     zero; rows never finite are left to :func:`grad_problem`) and the scales to start the next iteration with. One
     shared scale let one row's overflow push every other row into float16 underflow for the rest of the search."""
     scales = scales.detach().clone().to(torch.float64)
+    start = scales.clone()
     out = torch.zeros_like(wrt)
     todo = list(rows)
     while True:
@@ -59,7 +60,9 @@ def scaled_grad_rows(losses: torch.Tensor, wrt: torch.Tensor, rows: Sequence[int
         finite = torch.isfinite(g.reshape(len(g), -1)).all(1).tolist()
         for r in todo:
             out[r] = g[r]
+        never = [r for r in todo if not finite[r] and float(scales[r]) <= 1.0]
         todo = [r for r in todo if not finite[r] and float(scales[r]) > 1.0]
+        scales[never] = start[never]  # as scaled_grad: the search ends (grad_problem), its scale as it started
         if not todo:
             return out, scales
         for r in todo:

@@ -457,10 +457,13 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     for rnd in range(config.n_words):
         full = _context_full(lm, prompt)  # words of several LM tokens can fill it before n_words rounds
         overflow = slots_overflow(pipe, prompt, 1 + config.lookahead)  # and the text encoder's 77 tokens
-        cands = [] if full or overflow else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
+        proposed = [] if full or overflow else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
+        # a word of several CLIP tokens can outgrow the limit that the slots fitted
+        cands = [w for w in proposed if slots_overflow(pipe, f"{prompt} {w}", 0) is None]
         if not cands:  # a row all the same: the table keeps its columns and says why the prompt stopped growing
             why = (f"the LM's context ({lm.context} tokens) is full" if full else overflow
-                   or f"LM proposed no word above min_prob={config.min_prob:g}")
+                   or (f"every proposed word would take {prompt[:40]!r}... over the text encoder's token limit"
+                       if proposed else f"LM proposed no word above min_prob={config.min_prob:g}"))
             rows.append(dict(round=rnd, prompt=prompt, word=None, cosine=math.nan, candidates=0, proposed="",
                              loss_start=math.nan, loss_end=math.nan, loss_prompt=math.nan, best_loss=best,
                              p_class=math.nan, fooled_fraction=math.nan, end_prob=math.nan, found=False, category=None,

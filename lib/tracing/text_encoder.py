@@ -53,6 +53,8 @@ def restores_for(pipe, caption: str, sites: Sequence[TextSite] | None = None,
     """Every site × every token entry (default: each caption position on its own); an entry may group positions."""
     sites = text_sites(pipe) if sites is None else list(sites)
     entries = caption_positions(pipe, caption) if tokens is None else list(tokens)
+    if any(isinstance(t, bool) for t in entries):
+        raise ValueError(f"token positions must be integers, got {list(entries)}")
     groups = [(int(t),) if isinstance(t, numbers.Integral) else tuple(int(x) for x in t) for t in entries]  # np.int64
     bad = [g for g in groups if not g or any(not 0 <= p < pipe.tokenizer.model_max_length for p in g)]
     if bad:
@@ -142,7 +144,7 @@ def generate_conditionings(pipe, cond: Conditioning, latent: torch.Tensor, steps
     for start in range(0, len(cond), batch_size):
         idx = list(range(start, min(start + batch_size, len(cond))))
         lat = denoise(pipe, latent.expand(len(idx), -1, -1, -1), cond.select(idx), steps, guidance)
-        img = decode(pipe, lat)
+        img = decode(pipe, lat, keep_nonfinite=True)
         imgs.append(img)
         flags.append(nonfinite(lat, img))
     return torch.cat(imgs), torch.cat(flags)

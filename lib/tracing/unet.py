@@ -133,7 +133,7 @@ def restore_sets(pipe, clean: Conditioning, corrupted: Conditioning, latent: tor
         cond = both.select(rows)
         with _copy_rows(pipe.unet, restoration_plan(elems, uncond)):
             lat = denoise(pipe, latent.expand(len(rows), -1, -1, -1), cond, steps, guidance)
-        img = decode(pipe, lat)
+        img = decode(pipe, lat, keep_nonfinite=True)
         bad = nonfinite(lat, img)
         start = 2 if first else 1
         if first:
@@ -198,9 +198,9 @@ def trace_unet_reference(pipe, caption: str, subject: str, seed: int, layers: Se
     finally:
         for h in handles:
             h.remove()
-    img_c = decode(pipe, lat_c)
+    img_c = decode(pipe, lat_c, keep_nonfinite=True)
     lat_x = denoise(pipe, lat, bad, steps, guidance)
-    img_x = decode(pipe, lat_x)
+    img_x = decode(pipe, lat_x, keep_nonfinite=True)
     imgs, flags = [], []
     for layer_set in sets:
         counter = {"calls": -1}
@@ -212,7 +212,7 @@ def trace_unet_reference(pipe, caption: str, subject: str, seed: int, layers: Se
         finally:
             for h in [pre, *hs]:
                 h.remove()
-        img = decode(pipe, lat_r)
+        img = decode(pipe, lat_r, keep_nonfinite=True)
         imgs.append(img)
         flags.append(nonfinite(lat_r, img))
     empty = img_c[:0]
