@@ -101,6 +101,36 @@ def check_available(model: str) -> None:
         raise ModelLoadError(_not_local(where, model))
 
 
+def component_config(model: str, component: str) -> dict | None:
+    """The ``config.json`` of a pipeline component (``unet``, ``text_encoder``, ``text_encoder_2``) of ``model``
+    without loading any weights, so that parameters naming its layers are checked before the load; None when the
+    model has no such component or its config is not at hand (an uncached hub id: the load reports it)."""
+    kind, where = describe_source(model)
+    if kind == "twin":
+        from lib.twins import component_config as twin_config
+
+        family, _, size = where[5:].partition(":")
+        return twin_config(family, size or "tiny", component)
+    folder = cached_snapshot(where) if kind == "hub" else where
+    path = Path(folder) / component / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable: the load names the file
+        return None
+
+
+def text_depths(model: str) -> dict[str, int]:
+    """``{text encoder: number of layers}`` of ``model`` from its configs, without loading (empty when unknown)."""
+    depths = {}
+    for enc in ("text_encoder", "text_encoder_2"):
+        cfg = component_config(model, enc)
+        if cfg and isinstance(cfg.get("num_hidden_layers"), int):
+            depths[enc] = cfg["num_hidden_layers"]
+    return depths
+
+
 def _not_local(where: str, model: str, why: str = "") -> str:
     elsewhere = "" if model in PRESETS else f"; no local folder {model!r} exists either"
     former = FORMER_IDS.get(model)

@@ -173,6 +173,18 @@ def build_twin(family: Family, size: Size = "tiny", seed: int = 0, dtype: torch.
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+def component_config(family: Family, size: Size, component: str) -> dict[str, Any] | None:
+    """The config of a twin's ``unet``, ``text_encoder`` or ``text_encoder_2`` without building it (None: no such
+    component)."""
+    _check(family, size)
+    if component == "unet":
+        return unet_config(family, size)
+    index = {"text_encoder": 0, "text_encoder_2": 1}.get(component)
+    if index is None or index >= len(_TEXT[family]):
+        return None
+    return _TEXT[family][index].config(size == "tiny").to_dict()
+
+
 def resolution(pipe) -> int:
     """Default image side in pixels of a pipeline (latent sample size × VAE factor)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)

@@ -211,6 +211,23 @@ def test_edit_moves_anchor_outputs_to_target_on_every_encoder(family):
         assert after < 0.25 * before, (n, before, after)  # 586 keys in 32 dimensions: least squares, not exact
 
 
+def test_check_edit_layers_before_and_after_the_load():
+    from lib.editing.quickfix import check_edit_layers
+    from lib.loading import text_depths
+
+    depths = text_depths("twin:sdxl")  # from the configs, nothing built
+    assert depths == {"text_encoder": 12, "text_encoder_2": 32}
+    assert check_edit_layers(depths, 11) == list(range(12))  # a full sweep: text_encoder's layers
+    assert check_edit_layers(depths, 0, [3, 1]) == [3, 1]
+    with pytest.raises(EditError, match="LAYER 12 is out of range: text_encoder has layers 0..11"):
+        check_edit_layers(depths, 12)
+    with pytest.raises(EditError, match="LAYER -1 is out of range"):
+        check_edit_layers(depths, -1)
+    with pytest.raises(EditError, match=r"SWEEP_LAYERS \[12, 31\] out of range: the text encoder has layers 0..11"):
+        check_edit_layers(depths, 0, [0, 12, 31])
+    assert check_edit_layers({}, 99, None) == []  # configs not at hand: checked again once the model has loaded
+
+
 def test_edit_at_any_layer_and_out_of_range():
     p = pipe()
     n = len(p.text_encoder.text_model.encoder.layers) if hasattr(p.text_encoder, "text_model") else 12

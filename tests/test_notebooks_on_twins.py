@@ -38,14 +38,20 @@ def test_notebook_runs_on_the_sdxl_twin(name, tmp_path, monkeypatch):
     assert not list(hf_home.iterdir())  # nothing fetched or cached from a hub
 
 
-def test_out_of_range_sweep_layers_fail_before_any_image(tmp_path, monkeypatch):
-    """06 checks SWEEP_LAYERS against the loaded text encoder (12 layers on the twin) before generating anything."""
+@pytest.mark.parametrize("bad,error", [({"SWEEP_LAYERS": [0, 50]}, r"SWEEP_LAYERS \[50\] out of range"),
+                                       ({"LAYER": 12}, r"LAYER 12 is out of range: text_encoder has layers 0..11")])
+def test_out_of_range_layers_fail_before_the_model_loads(tmp_path, monkeypatch, bad, error):
+    """06 checks LAYER and SWEEP_LAYERS against the model's text-encoder configs (the twin's: 12 and 32 layers) before
+    the pipeline loads."""
+    import nbformat
     import papermill as pm
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with pytest.raises(pm.PapermillExecutionError, match=r"SWEEP_LAYERS \[50\] out of range"):
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "06_diffquickfix.ipynb"), str(tmp_path / "06.ipynb"),
-                            parameters={**TINY, **CASES["06_diffquickfix"], "SWEEP_LAYERS": [0, 50],
-                                        "OUTPUT_DIR": str(tmp_path / "out")},
+    executed = tmp_path / "06.ipynb"
+    with pytest.raises(pm.PapermillExecutionError, match=error):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "06_diffquickfix.ipynb"), str(executed),
+                            parameters={**TINY, **CASES["06_diffquickfix"], **bad, "OUTPUT_DIR": str(tmp_path / "out")},
                             cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    loading = [c for c in nbformat.read(executed, as_version=4).cells if "load_pipeline(" in c.source]
+    assert len(loading) == 1 and loading[0].execution_count is None  # the load never ran
     assert not list((tmp_path / "out").rglob("*.csv"))

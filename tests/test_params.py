@@ -199,6 +199,50 @@ def test_notebooks_refuse_bad_parameters_before_loading(name, over, message, tmp
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_06_checks_its_layers_against_the_model_configs_before_loading(tmp_path, monkeypatch):
+    import lib.loading
+    from lib.editing import EditError
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
+    with pytest.raises(EditError, match=r"^LAYER 4 is out of range: text_encoder has layers 0..3$"):
+        _validate_cell("06_diffquickfix", tmp_path, LAYER=4)  # the toy text encoder has 4 layers
+    with pytest.raises(EditError, match=r"^SWEEP_LAYERS \[4\] out of range"):
+        _validate_cell("06_diffquickfix", tmp_path, SWEEP_LAYERS=[0, 4])
+    assert _validate_cell("06_diffquickfix", tmp_path, LAYER=3, SWEEP_LAYERS=[3]).LAYER == 3
+
+
+def test_02_checks_its_template_with_the_lm_before_the_pipeline_loads(tmp_path, monkeypatch):
+    """A template word the proposer LM cannot encode fails before the pipeline loads (it failed after)."""
+    import json
+    import os
+
+    import lib.loading
+    from lib.paths import REPO_ROOT
+    from lib.prompts import PromptError
+
+    class Loaded(Exception):
+        pass
+
+    def no_load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", no_load)
+    cells = json.loads((REPO_ROOT / "notebooks" / "02_sage_prompt_search.ipynb").read_text())["cells"]
+    load_cell = "".join(next(c for c in cells if "setup(P" in "".join(c["source"]))["source"])
+    for template, raised in [("a photo of a {cls} on mars", PromptError), ("a photo of a {cls}", Loaded)]:
+        ns = {"__builtins__": __builtins__}
+        P = _validate_cell("02_sage_prompt_search", tmp_path, TEMPLATE=template)
+        ns["P"] = P
+        cwd = os.getcwd()
+        os.chdir(REPO_ROOT / "notebooks")
+        try:
+            with pytest.raises(raised, match="cannot encode 'a photo of a cat on mars': unknown word\\(s\\) \\['mars'\\]"
+                               if raised is PromptError else None):
+                exec(load_cell, ns)
+        finally:
+            os.chdir(cwd)
+
+
 def test_a_toy_folder_without_its_clip_is_refused_by_06(tmp_path):
     (tmp_path / "toy" / "classifiers").mkdir(parents=True)
     with pytest.raises(ParameterError, match="TOY_FOLDER: .* has no clip_vision/ folder"):

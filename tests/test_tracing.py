@@ -682,6 +682,23 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
     assert len(run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], tmp_path, cfg, 0, 1, progress=False)) == 1
 
 
+@pytest.mark.parametrize("flags,error", [
+    (["--mode", "text", "--text-layers", "x"], r"--text-layers 'x': give comma-separated integers"),
+    (["--seeds", "0,one"], r"--seeds '0,one': give comma-separated integers"),
+    (["--mode", "text", "--text-layers", "0,12"], r"no text encoder has layer\(s\) \[12\]: text_encoder has layers 0..11"),
+    (["--mode", "unet", "--layers", "mid_block.resnets.0,mid_block.resnets.2"],
+     r"unknown UNet layer 'mid_block.resnets.2'; did you mean"),
+])
+def test_cli_checks_its_flags_before_loading_the_pipeline(tmp_path, monkeypatch, flags, error):
+    import lib.loading
+    from lib.tracing.sweep import main
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded"))
+    with pytest.raises(SweepError, match=error):
+        main(["--model", "twin:sd-v1", "--probes", "toy", "--out", str(tmp_path / "o"), *flags])
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("rows,error", [
     ("", "empty"),
     ("a photo of a dog,cat,objects,val\n", r"'cat' \(tokens \['cat</w>'\]\) is not in caption 'a photo of a dog' \(tokens"),
@@ -1053,6 +1070,31 @@ def test_notebook_load_checks_eval_split_and_otsu_before_the_pipeline(tmp_path, 
         tracing.load(_nb_params(PROBES=str(only_test), N_TEST=None, EVAL_SPLIT="val"))
     with pytest.raises(ParameterError, match="select no rows"):
         tracing.load(_nb_params(PROBES=str(only_test), N_TEST=0))
+
+
+@pytest.mark.parametrize("model,mode,layers,error", [
+    ("toy", "unet", ["down_blocks.1.resnet.1"], r"unknown UNet layer 'down_blocks.1.resnet.1'; did you mean "
+                                                r"down_blocks.1.resnets.1"),
+    ("twin:sdxl:full", "unet", ["up_blocks.0.attentions.0.transformer_blocks.10.attn2"],
+     r"valid names \(227\)"),  # SDXL's up block 0 has 10 transformer blocks per attention: 0..9
+    ("toy", "text", [3, 4], r"no text encoder has layer\(s\) \[4\]: text_encoder has layers 0..3$"),
+    ("twin:sdxl:full", "text", [31, 32], r"\[32\]: text_encoder has layers 0..11, text_encoder_2 has layers 0..31"),
+])
+def test_notebook_load_checks_layers_before_the_pipeline(no_pipeline, model, mode, layers, error):
+    from lib.tracing import notebook as tracing
+
+    key = "LAYERS" if mode == "unet" else "TEXT_LAYERS"
+    with pytest.raises(LayerError, match=error):
+        tracing.load(_nb_params(mode, MODEL=model, SCORER="random", **{key: layers}))
+
+
+def test_notebook_layer_check_passes_layers_the_model_has(no_pipeline):
+    from lib.tracing import notebook as tracing
+
+    for mode, key, layers in [("unet", "LAYERS", ["up_blocks.0.attentions.0.transformer_blocks.9.attn2"]),
+                              ("text", "TEXT_LAYERS", [0, 31])]:
+        with pytest.raises(AssertionError, match="loaded before the check"):  # every check passed: the load is next
+            tracing.load(_nb_params(mode, MODEL="twin:sdxl:full", SCORER="random", **{key: layers}))
 
 
 def test_notebook_batch_size_needs_two_runs():

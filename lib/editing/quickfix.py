@@ -627,6 +627,24 @@ def encoder_layers(text_encoder) -> torch.nn.ModuleList:
     return layers
 
 
+def check_edit_layers(depths: Mapping[str, int], layer: int, sweep_layers: Sequence[int] | None = None) -> list[int]:
+    """The layers of a layer sweep (``None``: every layer of ``text_encoder``), after an ``EditError`` for an edited
+    ``layer`` that some text encoder lacks (an edit changes that layer in every encoder) or a sweep layer that
+    ``text_encoder`` lacks. ``depths``: encoder → number of layers, from the loaded pipeline or, before it loads,
+    :func:`lib.loading.text_depths` (empty: nothing to check yet, returns ``[]`` for a full sweep)."""
+    for name, depth in depths.items():
+        if not 0 <= layer < depth:
+            raise EditError(f"LAYER {layer} is out of range: {name} has layers 0..{depth - 1}")
+    first = depths.get("text_encoder")
+    if first is None:
+        return list(sweep_layers or [])
+    chosen = list(range(first)) if sweep_layers is None else list(sweep_layers)
+    bad = [i for i in chosen if not 0 <= i < first]
+    if bad:
+        raise EditError(f"SWEEP_LAYERS {bad} out of range: the text encoder has layers 0..{first - 1}")
+    return chosen
+
+
 def out_proj(text_encoder, layer: int) -> torch.nn.Linear:
     """``encoder.layers[layer].self_attn.out_proj``, with a clear error for a layer out of range."""
     layers = encoder_layers(text_encoder)

@@ -41,6 +41,31 @@ def unet_layers(unet: torch.nn.Module) -> list[str]:
     return sorted(names, key=_forward_key)
 
 
+def unet_layers_of(config: dict) -> list[str]:
+    """:func:`unet_layers` of the UNet that ``config`` describes, built without weights (meta tensors, well under a
+    second even for SDXL): layer names are checked before a pipeline loads."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return unet_layers(UNet2DConditionModel.from_config(config))
+
+
+def check_before_load(model: str, unet: Sequence[str] | None = None, text: Sequence[int] | None = None) -> None:
+    """``LayerError`` when ``unet`` layer names or ``text`` layer indices are not in ``model``, read from its configs
+    before its weights load (a model whose configs are not at hand is checked when its sweep starts)."""
+    from lib.loading import component_config, text_depths
+
+    if unet:
+        config = component_config(model, "unet")
+        if config is not None:
+            check_names(list(unet), unet_layers_of(config), "UNet layer")
+    if text:
+        depths = text_depths(model)
+        if depths:
+            check_text_layers(text, depths)
+
+
 def unet_kind(name: str) -> str:
     """``resnet``, ``attn1``, ``attn2`` or ``ff`` for a UNet candidate-layer name."""
     last = name.rsplit(".", 1)[-1]
@@ -124,6 +149,14 @@ def text_encoders(pipe) -> list[str]:
     return [e for e in TEXT_ENCODERS if getattr(pipe, e, None) is not None]
 
 
+def check_text_layers(layers: Sequence[int], depths: dict[str, int]) -> None:
+    """``LayerError`` for layer indices that no text encoder has (``depths``: encoder → number of layers)."""
+    wrong = sorted({i for i in layers if not any(0 <= i < d for d in depths.values())})
+    if wrong:
+        have = ", ".join(f"{enc} has layers 0..{d - 1}" for enc, d in depths.items())
+        raise LayerError(f"no text encoder has layer(s) {wrong}: {have}")
+
+
 def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str] = TEXT_KINDS,
                layers: Sequence[int] | None = None) -> list[TextSite]:
     """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices, each from the
@@ -136,10 +169,7 @@ def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str]
         raise LayerError(f"unknown text-encoder site kind(s) {bad}; choose from {list(TEXT_KINDS)}")
     depths = {enc: getattr(pipe, enc).config.num_hidden_layers for enc in encoders}
     if layers is not None:
-        wrong = sorted({i for i in layers if not any(0 <= i < d for d in depths.values())})
-        if wrong:
-            have = ", ".join(f"{enc} has layers 0..{d - 1}" for enc, d in depths.items())
-            raise LayerError(f"no text encoder has layer(s) {wrong}: {have}")
+        check_text_layers(layers, depths)
     sites = []
     for enc, depth in depths.items():
         idx = range(depth) if layers is None else [i for i in layers if 0 <= i < depth]

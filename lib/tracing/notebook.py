@@ -87,11 +87,19 @@ def check_splits(P: SimpleNamespace, probes: pd.DataFrame) -> None:
                              f"present: {present}); give a numeric TAU or probes with 'val' rows")
 
 
+def check_layers(P: SimpleNamespace) -> None:
+    """``LayerError`` when ``LAYERS`` (04) or ``TEXT_LAYERS`` (05) name layers the model does not have, read from its
+    configs before the pipeline loads (:func:`lib.tracing.layers.check_before_load`)."""
+    from lib.tracing.layers import check_before_load
+
+    check_before_load(P.MODEL, unet=getattr(P, "LAYERS", None), text=getattr(P, "TEXT_LAYERS", None))
+
+
 def load(P: SimpleNamespace):
     """The pipeline, its CLIP-Score scorer and the selected probe rows (validation and test split).
 
-    The probe file, its captions (CLIP tokens: subject found once, at most 77 tokens) and the splits that
-    ``EVAL_SPLIT`` / ``TAU`` need are checked before the pipeline loads."""
+    The probe file, its captions (CLIP tokens: subject found once, at most 77 tokens), the splits that
+    ``EVAL_SPLIT`` / ``TAU`` need and the traced layers are checked before the pipeline loads."""
     from lib.loading import load_pipeline, resolve_device
     from lib.scoring import scorer_for
     from lib.tokenizer import build_clip_tokenizer
@@ -100,6 +108,7 @@ def load(P: SimpleNamespace):
     probes = select_probes(load_probes(probe_path(P.PROBES)), P.N_VAL, P.N_TEST)  # before the heavy load
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
     check_splits(P, probes)
+    check_layers(P)
     message = probes_match_model(P.PROBES, P.MODEL)
     if message:
         warnings.warn(message, stacklevel=2)

@@ -45,7 +45,7 @@ from lib.sampling import make_scheduler, scheduler_fingerprint
 from lib.scoring import ClipScorer
 from lib.tokenizer import build_clip_tokenizer
 from lib.tracing.corrupt import Corruption, item_noise_seed
-from lib.tracing.layers import TEXT_KINDS, resolve_unet_layers, text_sites
+from lib.tracing.layers import TEXT_KINDS, LayerError, check_before_load, resolve_unet_layers, text_sites
 from lib.tracing.score import MIN_GAP, choose_tau, mark_causal, trace_rows
 from lib.tracing.text_encoder import trace_text
 from lib.tracing.unet import trace_unet
@@ -396,6 +396,14 @@ def _scorer(model: str, spec: str, device: str) -> ClipScorer:
         raise SweepError(str(err)) from None
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    """Comma-separated integers of a command-line flag; ``SweepError`` naming the flag for anything else."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"{flag} {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="preset, hub id, local folder or twin:<family>")
@@ -440,9 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - set(TEXT_KINDS):
         raise SweepError(f"--text-kinds {args.text_kinds!r}: choose from {', '.join(TEXT_KINDS)}")
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = _ints(args.seeds, "--seeds")
     if not seeds:
         raise SweepError("no seeds given")
+    layers = tuple(n.strip() for n in args.layers.split(",") if n.strip()) if args.layers else None
+    text_layers = tuple(_ints(args.text_layers, "--text-layers")) if args.text_layers else None
+    try:
+        check_before_load(args.model, unet=layers if args.mode == "unet" else None,
+                          text=text_layers if args.mode == "text" else None)
+    except LayerError as err:
+        raise SweepError(str(err)) from None
     if args.limit is not None and args.limit < 1:
         raise SweepError(f"--limit must be >= 1, got {args.limit}")
     SweepConfig(model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
@@ -456,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         model=model_spec(args.model), mode=args.mode, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size,
         multiplier=args.multiplier, noise_seed=args.noise_seed, uncond=args.uncond,
-        layers=tuple(args.layers.split(",")) if args.layers else None, text_kinds=kinds,
-        text_layers=tuple(int(i) for i in args.text_layers.split(",")) if args.text_layers else None,
+        layers=layers, text_kinds=kinds, text_layers=text_layers,
         fingerprint=model_fingerprint(pipe), scheduler=scheduler_fingerprint(pipe), scorer=args.scorer,
         scorer_fingerprint=scorer.fingerprint(),
     )
