@@ -23,6 +23,8 @@ everywhere (``mark_causal(df, tau=...)``).
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from typing import Sequence
 
@@ -115,11 +117,21 @@ def group_recovery(df: pd.DataFrame, by: Sequence[str], min_gap: float | None = 
     return (sums["num"] / sums["den"]).rename("recovery")
 
 
+def _key_text(value) -> str:
+    """A key part as text, a whole number as an integer (``3``, ``np.int64(3)`` and ``3.0`` alike: a parquet column
+    with a missing value reads back as float)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def group_rng(seed: int, key) -> np.random.Generator:
     """The bootstrap generator of one group: seeded by ``seed`` and the group's key (a value or a tuple of values,
-    read as text, so ``np.int64(3)`` and ``3`` are one key), independent of any other group."""
+    read as text, so ``np.int64(3)``, ``3`` and ``3.0`` are one key), independent of any other group."""
     parts = key if isinstance(key, tuple) else (key,)
-    return np.random.default_rng([int(seed), 1, zlib.crc32("\x1f".join(map(str, parts)).encode())])
+    return np.random.default_rng([int(seed), 1, zlib.crc32("\x1f".join(map(_key_text, parts)).encode())])
 
 
 def group_recovery_ci(df: pd.DataFrame, by: Sequence[str], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
