@@ -39,8 +39,9 @@ class Param:
             value = float(value)  # papermill's -p 4 means 4.0 for a float parameter
         if isinstance(value, bool) and bool not in types or not isinstance(value, self.type):
             raise ParameterError(f"{name}: expected {_tname(self.type)}, got {value!r} ({type(value).__name__})")
-        if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
-            raise ParameterError(f"{name}: NaN is not a valid value")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):  # inf passed any parameter without a high bound
+                raise ParameterError(f"{name}: {v!r} is not a valid value (finite numbers only)")
         if self.min_len and len(value) < self.min_len:
             raise ParameterError(f"{name}: needs at least {self.min_len} item(s), got {value!r}")
         if self.items is not None:

@@ -21,16 +21,20 @@ def from_repo_root(path: str | Path) -> str:
     return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
 
+def in_repo(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, a relative one taken from the repo root (where the README's commands run; papermill
+    runs the notebooks in ``notebooks/``)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
 def output_dir(path: str | Path | None, default_name: str) -> Path:
     """Resolve a notebook's output folder (relative paths are taken from the repo root) and create it."""
-    out = RUNS_DIR / default_name if path in (None, "") else Path(path)
-    if not out.is_absolute():
-        out = REPO_ROOT / out
+    out = RUNS_DIR / default_name if path in (None, "") else in_repo(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def resolve_toy_folder(value: str | Path | None = None) -> Path:
     """A toy-world folder: ``None`` or ``"toy"`` → ``data/toy``; a relative path is taken from the repo root."""
-    path = TOY_DIR if value in (None, "", "toy") else Path(value).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    return TOY_DIR if value in (None, "", "toy") else in_repo(value)

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lib.atomic import write_atomic  # noqa: E402
+from lib.paths import in_repo  # noqa: E402
 
 
 def save_figure(fig, name: str, out_dir: Path, figures_dir: str | Path | None = None, dpi: int = 120) -> Path:
@@ -22,8 +23,8 @@ def save_figure(fig, name: str, out_dir: Path, figures_dir: str | Path | None = 
     path = Path(out_dir) / f"{name}.png"
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
                                                metadata={"Software": None}))
-    if figures_dir:
-        write_atomic(Path(figures_dir) / path.name, lambda tmp: shutil.copyfile(path, tmp))
+    if figures_dir:  # a relative folder from the repo root, as OUTPUT_DIR (papermill runs in notebooks/)
+        write_atomic(in_repo(figures_dir) / path.name, lambda tmp: shutil.copyfile(path, tmp))
     return path
 
 

@@ -2,7 +2,7 @@
 
 The methods need more control than ``pipe(...)`` gives (restoring activations at every step, gradients through
 the loop, per-seed latents), so they share this loop. It mirrors the diffusers pipelines with a DDIM scheduler
-(checked bit for bit on the SD 1.x, 2.x and XL twins, negative prompts and batches included): same text encoding,
+(checked to 1e-5 on the SD 1.x, 2.x and XL twins, negative prompts and batches included): same text encoding,
 same CFG arithmetic ``eps_u + g·(eps_c − eps_u)``, same scheduler step, same VAE decoding (SDXL's float16 VAE
 decodes in float32, as in its pipeline). Not mirrored: diffusers switches guidance off for
 ``g ≤ 1`` (this loop always applies the formula; at ``g = 1`` it is the conditional prediction), and

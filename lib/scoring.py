@@ -177,10 +177,25 @@ SCORER_SPECS = "auto, toy[:<folder>], random or openclip:<model>:<pretrained|non
 
 
 def check_scorer_spec(spec: str) -> None:
-    """Raise ``ValueError`` for a scorer spec that :func:`scorer_for` would not accept (checked before any loading)."""
+    """Raise ``ValueError`` for a scorer spec that :func:`scorer_for` would not accept (checked before any loading):
+    a ``toy:<folder>`` that does not exist, an ``openclip:<model>`` without its weights part (``none`` says random
+    weights; left out, they were random silently)."""
+    from lib.paths import resolve_toy_folder
+
     kind, _, rest = str(spec).partition(":")
-    if spec in ("auto", "random", "toy") or kind == "toy" and rest or kind == "openclip" and rest.partition(":")[0]:
+    if spec in ("auto", "random", "toy"):
         return
+    if kind == "toy" and rest:
+        if not resolve_toy_folder(rest).is_dir():
+            raise ValueError(f"scorer {spec!r}: no folder {rest!r} (relative paths are taken from the repo root)")
+        return
+    if kind == "openclip" and rest:
+        name, _, pretrained = rest.partition(":")
+        if name and pretrained:
+            return
+        if name:
+            raise ValueError(f"scorer {spec!r} names no weights: use openclip:{name}:<pretrained> (e.g. "
+                             f"openclip:ViT-L-14:openai) or openclip:{name}:none for random weights")
     raise ValueError(f"unknown scorer {spec!r}; use {SCORER_SPECS}")
 
 
@@ -203,15 +218,13 @@ def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScore
         if kind == "twin":
             return random_toy_clip_scorer(device=device)
         return openclip_scorer("ViT-L-14", "openai", device=device)
+    check_scorer_spec(spec)
     kind, _, rest = spec.partition(":")
     if kind == "toy":
-        from lib.paths import TOY_DIR
+        from lib.paths import resolve_toy_folder
 
-        return toy_clip_scorer(rest or TOY_DIR, device=device)
+        return toy_clip_scorer(resolve_toy_folder(rest), device=device)  # relative: from the repo root
     if kind == "random":
         return random_toy_clip_scorer(device=device)
-    if kind == "openclip":
-        name, _, pretrained = rest.partition(":")
-        if name:
-            return openclip_scorer(name, None if pretrained in ("", "none") else pretrained, device=device)
-    raise ValueError(f"unknown scorer {spec!r}; use {SCORER_SPECS}")
+    name, _, pretrained = rest.partition(":")  # openclip, checked above
+    return openclip_scorer(name, None if pretrained == "none" else pretrained, device=device)

@@ -53,7 +53,9 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     with no network access (like it, and unlike OpenAI's reference tokenizer, it neither unescapes HTML entities nor
     repairs mis-decoded text with ftfy).
 
-    ``pad_token="!"`` gives the OpenCLIP-style padding of SD 2.x's tokenizer and SDXL's second tokenizer.
+    ``pad_token="!"`` gives the padding of SD 2.x's tokenizer and SDXL's second tokenizer as transformers loads them
+    (OpenCLIP pads with 0, the id of "!"). As there, a "!" written in the text then becomes the pad token too ("wow!"
+    and "!!" tokenise differently from the default tokenizer): a caption with "!" has other token positions there.
     """
     vocab, merges = clip_vocab_and_merges()
     pairs = [tuple(m.split()) for m in merges]

@@ -23,6 +23,8 @@ def test_valid_parameters_pass_and_ints_become_floats():
         (dict(CHECKPOINTING="layers"), "CHECKPOINTING: 'layers' is not one of 'blocks', 'steps', 'steps+blocks'"),
         (dict(STPES=3), "unknown parameter(s) STPES"),
         (dict(STEPS=True), "expected int"),
+        (dict(GUIDANCE=float("nan")), "GUIDANCE: nan is not a valid value (finite numbers only)"),
+        (dict(GUIDANCE=float("inf")), "GUIDANCE: inf is not a valid value"),
     ],
 )
 def test_bad_parameters_are_named(values, fragment):
@@ -37,7 +39,7 @@ def test_every_device_the_loader_takes_is_a_valid_parameter():
 
 
 def test_nan_is_refused_and_ints_stand_for_floats_in_mixed_types():
-    with pytest.raises(ParameterError, match="GUIDANCE: NaN"):
+    with pytest.raises(ParameterError, match="GUIDANCE: nan is not a valid value"):
         validate(dict(GUIDANCE=float("nan")))
     assert Param((str, float)).validate("TAU", 1) == 1.0 and Param((str, float)).validate("TAU", "otsu") == "otsu"
     assert Param((int, float)).validate("X", 2) == 2 and isinstance(Param((int, float)).validate("X", 2), int)
@@ -247,6 +249,14 @@ def test_a_toy_folder_without_its_clip_is_refused_by_06(tmp_path):
     (tmp_path / "toy" / "classifiers").mkdir(parents=True)
     with pytest.raises(ParameterError, match="TOY_FOLDER: .* has no clip_vision/ folder"):
         _validate_cell("06_diffquickfix", tmp_path, TOY_FOLDER=str(tmp_path / "toy"))
+
+
+def test_infinity_is_refused_where_no_bound_would_catch_it():
+    with pytest.raises(ParameterError, match=r"^X: inf is not a valid value \(finite numbers only\)$"):
+        validate(dict(X=float("inf")), X=Param(float, low=0.0))  # no high bound: inf passed
+    with pytest.raises(ParameterError, match=r"^X: -inf is not a valid value"):
+        validate(dict(X=[1.0, float("-inf")]), X=Param(list, items=float))
+    assert validate(dict(X=1e300), X=Param(float, low=0.0)).X == 1e300
 
 
 def test_positive_and_disjoint_checks():

@@ -989,7 +989,7 @@ def test_a_requested_split_without_rows_is_an_error():
     assert pick_split(val, None) is val and len(pick_split(val, "val")) == len(val)
 
 
-def test_figures_render(tmp_path):
+def test_figures_render(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from lib.plotting import save_figure
@@ -1011,6 +1011,13 @@ def test_figures_render(tmp_path):
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)
+    monkeypatch.setattr("lib.paths.REPO_ROOT", tmp_path)  # a relative FIGURES_DIR is taken from the repo root
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # where papermill runs a notebook
+    fig = kind_bars(table)
+    save_figure(fig, "copied", tmp_path / "out", figures_dir="figs")
+    plt.close(fig)
+    assert (tmp_path / "figs" / "copied.png").is_file()
     beyond = table.assign(recovery=np.where(table["layer_index"] == 0, -1.2, table["recovery"]))
     fig = unet_layer_map(beyond)  # a recovery below the colour range: the colour bar says so with a pointed end
     assert fig.axes[-1].get_label() == "<colorbar>" and fig.axes[0].collections[0].colorbar.extend in ("min", "both")

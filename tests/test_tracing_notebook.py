@@ -63,6 +63,11 @@ def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
     for bad in ("clip", "openclip", "openclip::openai", "toy:"):
         with pytest.raises(ParameterError, match=f"SCORER: unknown scorer '{bad}'; use auto, toy"):
             params("unet", SCORER=bad)
+    with pytest.raises(ParameterError, match=r"SCORER: scorer 'openclip:ViT-L-14' names no weights: use "
+                                             r"openclip:ViT-L-14:<pretrained> .* or openclip:ViT-L-14:none"):
+        params("unet", SCORER="openclip:ViT-L-14")  # it gave random weights without a word
+    with pytest.raises(ParameterError, match=r"SCORER: scorer 'toy:no/such/world': no folder 'no/such/world'"):
+        params("unet", SCORER="toy:no/such/world")
     for ok in ("auto", "toy", "random", "toy:data/toy", "openclip:ViT-B-32:none"):
         params("unet", SCORER=ok)
     import lib.loading
@@ -70,5 +75,7 @@ def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
     monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(SweepError, match="--text-kinds 'hidden,attn'"):
         main(["--model", "toy", "--probes", "toy", "--out", str(tmp_path), "--text-kinds", "hidden,attn"])
+    with pytest.raises(SweepError, match="scorer 'openclip:ViT-B-32' names no weights"):
+        main(["--model", "toy", "--probes", "toy", "--out", str(tmp_path), "--scorer", "openclip:ViT-B-32"])
     with pytest.raises(SweepError, match="probe set 'no_such' not found"):
         main(["--model", "toy", "--probes", "no_such", "--out", str(tmp_path)])

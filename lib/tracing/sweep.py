@@ -42,7 +42,7 @@ from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks
 from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.prompts import subject_positions
 from lib.sampling import make_scheduler, scheduler_fingerprint
-from lib.scoring import ClipScorer
+from lib.scoring import ClipScorer, check_scorer_spec
 from lib.tokenizer import build_clip_tokenizer
 from lib.tracing.corrupt import Corruption, item_noise_seed
 from lib.tracing.layers import TEXT_KINDS, LayerError, check_before_load, resolve_unet_layers, text_sites
@@ -451,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = _ints(args.seeds, "--seeds")
     if not seeds:
         raise SweepError("no seeds given")
+    try:
+        check_scorer_spec(args.scorer)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
     layers = tuple(n.strip() for n in args.layers.split(",") if n.strip()) if args.layers else None
     text_layers = tuple(_ints(args.text_layers, "--text-layers")) if args.text_layers else None
     try:
