@@ -47,6 +47,14 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+def conditioning_layers(pipe, encoder: str = "text_encoder") -> int:
+    """How many of ``encoder``'s layers reach the UNet's token conditioning: all of them on SD 1.x / 2.x (the last
+    hidden state), all but the last on SDXL (the penultimate hidden state; ``text_encoder_2``'s last layer feeds only
+    the pooled embedding)."""
+    depth = int(getattr(pipe, encoder).config.num_hidden_layers)
+    return depth - 1 if is_sdxl(pipe) else depth
+
+
 def encode(pipe, prompts: str | Sequence[str], negative: str | None = None, truncate: bool = False,
            grad: bool = False) -> Conditioning:
     """Encode prompts (and the negative prompt for CFG) exactly as the pipeline would.

@@ -228,6 +228,41 @@ def test_check_edit_layers_before_and_after_the_load():
     assert check_edit_layers({}, 99, None) == []  # configs not at hand: checked again once the model has loaded
 
 
+def test_an_sdxl_edit_past_the_penultimate_layer_warns_that_it_reaches_no_cross_attention():
+    from lib.editing import UnreachedLayerWarning
+    from lib.editing.quickfix import unreached_encoders
+    from lib.sampling import conditioning_layers, encode
+
+    p = pipe("sdxl")  # SDXL's UNet reads each encoder's penultimate hidden state
+    assert [conditioning_layers(p, n) for n in ("text_encoder", "text_encoder_2")] == [11, 31]
+    assert conditioning_layers(pipe("sd-v1")) == 12 and unreached_encoders(pipe("sd-v1"), 11) == []
+    assert unreached_encoders(p, 10) == [] and unreached_encoders(p, 11) == ["text_encoder"]
+    assert unreached_encoders(p, 31) == ["text_encoder_2"] and unreached_encoders(p, 32) == []  # out of range
+    with pytest.warns(UnreachedLayerWarning, match=r"^text_encoder layer 11 does not reach the UNet's cross-attention "
+                                                   r"\(it reads the output of layer 10\): this part of the edit changes "
+                                                   r"no image$"):
+        e = quickfix(p, "van gogh", "painting", layer=11)
+    plain = encode(p, ["a van gogh painting of a dog"])
+    with e.applied(p):
+        edited = encode(p, ["a van gogh painting of a dog"])
+    width = p.text_encoder.config.hidden_size  # the token conditioning: text_encoder's columns, then text_encoder_2's
+    assert torch.equal(edited.cond[..., :width], plain.cond[..., :width])  # what the warning says
+    assert not torch.equal(edited.cond[..., width:], plain.cond[..., width:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreachedLayerWarning)
+        quickfix(p, "van gogh", "painting", layer=10)
+
+
+def test_contradicting_or_empty_edit_inputs_are_refused():
+    p = pipe()
+    with pytest.raises(EditError, match=r"anchor 'Van Gogh' is given twice \(targets 'painting' and 'monet'\)"):
+        quickfix(p, ["van gogh", "Van Gogh"], ["painting", "monet"])
+    with pytest.raises(EditError, match=r"prompts\['van gogh'\] is empty"):  # it fitted the templates, recorded []
+        quickfix(p, "van gogh", "painting", prompts={"van gogh": []})
+    with pytest.raises(EditError, match="needs at least one weight delta"):  # `with` failed on exit
+        WeightEdit({}, {})
+
+
 def test_edit_at_any_layer_and_out_of_range():
     p = pipe()
     n = len(p.text_encoder.text_model.encoder.layers) if hasattr(p.text_encoder, "text_model") else 12
@@ -440,6 +475,12 @@ def test_save_edited_model_writes_a_new_folder_only(tmp_path):
     loaded = load_pipeline(str(src), device="cpu")
     with pytest.raises(EditError, match="source folder"):
         save_edited_model(loaded, e, src / "inside")
+    with cross_attention_baseline(p, "van gogh", "painting").applied(p):  # it would be saved too, unrecorded
+        with pytest.raises(EditError, match=r"another edit is applied to \d+ weight\(s\) \(unet:"):
+            save_edited_model(p, e, tmp_path / "with_baseline")
+    assert not (tmp_path / "with_baseline").exists()
+    with e.applied(p):  # the edit itself applied: saved as before
+        assert save_edited_model(p, e, tmp_path / "applied").is_dir() and e.is_applied(p)
 
 
 # --- the cross-attention baseline --------------------------------------------------------------------------------------
@@ -491,6 +532,21 @@ def test_evaluation_prompts_exclude_edit_prompts_and_hold_the_concept():
     kept = E.preservation_prompts([["cat", "dog"], ["van gogh", "painting"]], 300, seed=0)
     assert not any(s.object == "cat" or "cat" in c.split() or s.style in ("van gogh", "painting") for c, s in kept)
     assert any(s.object == "dog" for _, s in kept)  # an object target stays: plain dogs must be preserved
+    # an anchor word in a caption of another scene: "a van gogh painting of a dog" holds the anchor "painting"
+    kept = E.preservation_prompts([["painting", "monet"]], 300, seed=0)
+    assert len(kept) == 300 and not any("painting" in c.lower().split() for c, _ in kept)
+
+
+def test_pairs_the_evaluation_cannot_draw_are_refused():
+    """A style for a character left a scene with neither object nor character, and crashed after every fit."""
+    assert E.check_pair("snoopy", "dog") == (E.Concept("character", "snoopy"), E.Concept("object", "dog"))
+    assert E.check_pair("dog", "snoopy")[1].attribute == "character" and E.check_pair("monet", "painting")
+    for anchor, target, kinds in [("snoopy", "painting", "is a character and target 'painting' a style"),
+                                  ("dog", "painting", "is an object and target 'painting' a style"),
+                                  ("van gogh", "dog", "is a style and target 'dog' an object")]:
+        with pytest.raises(ValueError, match=f"^anchor '{anchor}' {kinds}: pair a phrase with one of its own kind"):
+            E.check_pair(anchor, target)
+    assert E.edit_prompts(["van gogh"], ["a {style} of {}"]) == {"a {style} of van gogh"}  # other braces kept
 
 
 def test_caption_prompts_are_in_distribution_and_avoid_the_evaluation():

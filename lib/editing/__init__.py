@@ -10,6 +10,7 @@ from lib.editing.quickfix import (
     PrecisionWarning,
     QuickFixEdit,
     RidgeProblem,
+    UnreachedLayerWarning,
     WeightEdit,
     align_prompts,
     closed_form,
@@ -21,6 +22,6 @@ from lib.editing.quickfix import (
 
 __all__ = [
     "TEMPLATES", "CrossAttentionEdit", "EditError", "FingerprintWarning", "GapReport", "IllConditionedWarning",
-    "PrecisionWarning", "QuickFixEdit", "RidgeProblem", "WeightEdit", "align_prompts", "closed_form",
+    "PrecisionWarning", "QuickFixEdit", "RidgeProblem", "UnreachedLayerWarning", "WeightEdit", "align_prompts", "closed_form",
     "collect_keys_values", "cross_attention_baseline", "gradient_descent_gap", "quickfix", "save_edited_model",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.editing.quickfix import TEMPLATES, WeightEdit
+from lib.editing.quickfix import TEMPLATES, WeightEdit, phrase_pattern
 from lib.sampling import generate
 from lib.toy import world as W
 from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
@@ -44,6 +45,18 @@ def concept(phrase: str) -> Concept:
             return Concept(a, p)
     known = sorted(v for a in CONCEPT_ATTRIBUTES for v in W.VOCAB[a])
     raise ValueError(f"{phrase!r} is not a toy-world style, character or object; known: {', '.join(known)}")
+
+
+def check_pair(anchor: str, target: str) -> tuple[Concept, Concept]:
+    """The concepts of an (anchor, target) pair the evaluation can draw: two toy-world phrases of one attribute (a
+    style for a style), or a character and an object (snoopy → dog); ``ValueError`` otherwise (a style for a character
+    leaves a scene with neither object nor character, an object for a style a character of the wrong kind)."""
+    a, t = concept(anchor), concept(target)
+    if a.attribute != t.attribute and {a.attribute, t.attribute} != {"character", "object"}:
+        kinds = [f"{'an' if c.attribute[0] in 'aeiou' else 'a'} {c.attribute}" for c in (a, t)]
+        raise ValueError(f"anchor {anchor!r} is {kinds[0]} and target {target!r} {kinds[1]}: pair a phrase with one of "
+                         "its own kind (a style with a style), or a character with an object")
+    return a, t
 
 
 def edit_scene(scene: W.Scene, anchor: str, target: str) -> W.Scene:
@@ -70,7 +83,7 @@ def nearest_caption(scene: W.Scene, like: str) -> str:
 
 def edit_prompts(anchors: Iterable[str], templates: Sequence[str] = TEMPLATES) -> set[str]:
     """The (lower-cased) prompts an edit is fitted on: excluded from every evaluation set."""
-    return {" ".join(t.format(a).lower().split()) for a in anchors for t in templates}
+    return {" ".join(t.replace("{}", a).lower().split()) for a in anchors for t in templates}
 
 
 def _norm(text: str) -> str:
@@ -78,9 +91,11 @@ def _norm(text: str) -> str:
 
 
 def _distinct_prompts(n: int, seed: int, pick: Callable[[W.Scene], W.Scene | None],
-                      skip: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
+                      skip: Iterable[str] = (), words: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
     """Up to ``n`` distinct (caption, scene) pairs: training-distribution scenes mapped by ``pick`` (``None`` rejects
-    one), captioned from the same generator, minus captions in ``skip`` (normalised text); reproducible from ``seed``."""
+    one), captioned from the same generator, minus captions in ``skip`` (normalised text) and captions naming one of
+    ``words`` as a whole word (any case); reproducible from ``seed``."""
+    named = re.compile("|".join(phrase_pattern(w) for w in words), re.IGNORECASE) if words else None
     skip = {_norm(e) for e in skip}
     rng = np.random.default_rng(seed)
     out, seen = [], set()
@@ -91,7 +106,7 @@ def _distinct_prompts(n: int, seed: int, pick: Callable[[W.Scene], W.Scene | Non
         if scene is None:
             continue
         cap = W.caption(scene, rng)
-        if _norm(cap) in skip or cap in seen:
+        if _norm(cap) in skip or cap in seen or named is not None and named.search(cap):
             continue
         seen.add(cap)
         out.append((cap, scene))
@@ -139,7 +154,8 @@ def caption_prompts(anchors: Iterable[str], n: int, seed: int = 0,
 
 
 def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:
-    """``n`` distinct training-distribution (caption, scene) pairs that hold none of the phrases in ``avoid``."""
+    """``n`` distinct training-distribution (caption, scene) pairs that hold none of the phrases in ``avoid``: not in
+    the scene, nor as words of the caption (an anchor "painting" is in "a van gogh painting of a dog")."""
     avoid = [concept(p) for p in avoid]
 
     def free(s: W.Scene) -> W.Scene | None:
@@ -149,7 +165,7 @@ def unrelated_prompts(avoid: Iterable[str], n: int, seed: int = 0) -> list[tuple
             return None
         return s
 
-    return _distinct_prompts(n, seed, free)
+    return _distinct_prompts(n, seed, free, words=[c.value for c in avoid])
 
 
 def preservation_prompts(pairs: Iterable[Sequence[str]], n: int, seed: int = 0) -> list[tuple[str, W.Scene]]:

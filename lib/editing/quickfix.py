@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from lib.atomic import write_atomic, write_text_atomic
 from lib.prompts import PromptError, check_length, subject_not_found, subject_occurrences
+from lib.sampling import conditioning_layers
 
 TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
 DEFAULT_LAMBDA = 0.01
@@ -65,6 +66,11 @@ class FingerprintWarning(UserWarning):
 
 class PrecisionWarning(UserWarning):
     """Rounding to the weight's dtype (float16, bfloat16) lost a sizeable part of an edit's delta."""
+
+
+class UnreachedLayerWarning(UserWarning):
+    """An edited layer's output does not reach the UNet's cross-attention (SDXL conditions on the penultimate hidden
+    state): that encoder's part of the edit changes no token embedding the UNet reads."""
 
 
 ROUNDING_TOLERANCE = 0.05  # relative error ‖applied change − Δ‖ / ‖Δ‖ above which apply() warns
@@ -272,6 +278,8 @@ def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
             raise EditError(f"prompts are given twice for {key!r} (keys are matched case-insensitively)")
         if isinstance(value, str) or not all(isinstance(p, str) for p in value):
             raise EditError(f"prompts[{key!r}] must be a list of prompt strings, got {value!r}")
+        if not list(value):  # was taken as "no prompts given" and fitted on the templates, recorded as []
+            raise EditError(f"prompts[{key!r}] is empty: give its prompts, or leave the key out for the templates")
         out[k] = list(value)
     anchors, targets = {_norm(x) for x, _ in pairs}, {_norm(y) for _, y in pairs}
     both = [k for k in out if k in anchors and k in targets]
@@ -295,9 +303,13 @@ def concept_pairs(anchors: str | Sequence[str], targets: str | Sequence[str]) ->
         t = t * len(a)
     if len(a) != len(t):
         raise EditError(f"{len(a)} anchors but {len(t)} targets; give one target, or one per anchor")
+    seen: dict[str, str] = {}
     for x, y in zip(a, t):
         if _norm(x) == _norm(y):
             raise EditError(f"anchor and target are the same phrase ({x!r}): the edit would do nothing")
+        if _norm(x) in seen:
+            raise EditError(f"anchor {x!r} is given twice (targets {seen[_norm(x)]!r} and {y!r}): give each anchor once")
+        seen[_norm(x)] = y
     return list(zip(a, t))
 
 
@@ -352,13 +364,14 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     return out
 
 
-def _phrase_pattern(phrase: str) -> str:
+def phrase_pattern(phrase: str) -> str:
+    """A regular expression for ``phrase`` as whole words, any whitespace between them."""
     return r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
 
 
 def _text_before(prompt: str, phrase: str) -> str:
     """The text of ``prompt`` before the first occurrence of ``phrase`` (as :func:`substitute` matches it)."""
-    m = re.search(_phrase_pattern(phrase), prompt, flags=re.IGNORECASE)
+    m = re.search(phrase_pattern(phrase), prompt, flags=re.IGNORECASE)
     if m is None:
         raise PromptError(f"anchor {phrase!r} is absent from its own prompt {prompt!r}")
     return prompt[: m.start()]
@@ -366,7 +379,7 @@ def _text_before(prompt: str, phrase: str) -> str:
 
 def substitute(prompt: str, phrase: str, replacement: str) -> str:
     """``prompt`` with every occurrence of ``phrase`` (case-insensitive, whole words) replaced."""
-    out, n = re.subn(_phrase_pattern(phrase), replacement, prompt, flags=re.IGNORECASE)
+    out, n = re.subn(phrase_pattern(phrase), replacement, prompt, flags=re.IGNORECASE)
     if n == 0:
         raise PromptError(f"anchor {phrase!r} is absent from its own prompt {prompt!r}")
     return out
@@ -439,6 +452,8 @@ class WeightEdit:
     _registry: ClassVar[dict[str, type]] = {}
 
     def __post_init__(self) -> None:
+        if not self.deltas:  # applied vacuously, then its revert found nothing applied
+            raise EditError(f"a {self.KIND} edit needs at least one weight delta")
         self.uid = uuid.uuid4().hex
         self.rounding_error: dict[str, float] = {}  # set by apply()
         self.meta.setdefault("kind", self.KIND)
@@ -581,10 +596,18 @@ class WeightEdit:
 def save_edited_model(pipe, edit: WeightEdit, folder: str | Path) -> Path:
     """Save the pipeline with ``edit`` applied as a new diffusers folder (plus the edit file, for provenance).
 
-    Refuses an existing folder and the pipeline's own source folder (or a folder inside it). The pipeline is left
-    as it was (edited or not). Writes to a temporary sibling folder first, so a failure leaves nothing behind.
+    Refuses an existing folder, the pipeline's own source folder (or a folder inside it), and a pipeline that holds
+    another applied edit (it would be saved too, recorded nowhere). The pipeline is left as it was (edited or not).
+    Writes to a temporary sibling folder first, so a failure leaves nothing behind.
     """
     import shutil
+
+    others = sorted({name for c_name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+                     for name, p in ((f"{c_name}:{n}", p) for n, p in module.named_parameters())
+                     if hasattr(p, _STATE_ATTR) and getattr(p, _STATE_ATTR)[0] != edit.uid})
+    if others:
+        raise EditError(f"another edit is applied to {len(others)} weight(s) ({others[0]}, ...): revert it first, or "
+                        "the saved model would hold it without a record")
 
     folder = Path(folder).expanduser().resolve()
     source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
@@ -625,6 +648,14 @@ def encoder_layers(text_encoder) -> torch.nn.ModuleList:
     if layers is None:
         raise EditError(f"{type(text_encoder).__name__} has no encoder.layers: not a CLIP text encoder")
     return layers
+
+
+def unreached_encoders(pipe, layer: int, encoders: Sequence[str] | None = None) -> list[str]:
+    """The text encoders (of ``encoders``, default all) whose ``layer`` exists but does not reach the UNet's
+    cross-attention (:func:`lib.sampling.conditioning_layers`; SDXL's last layers): an edit there changes no token
+    embedding the UNet reads."""
+    return [n for n in (encoder_names(pipe) if encoders is None else encoders)
+            if conditioning_layers(pipe, n) <= layer < len(encoder_layers(getattr(pipe, n)))]
 
 
 def check_edit_layers(depths: Mapping[str, int], layer: int, sweep_layers: Sequence[int] | None = None) -> list[int]:
@@ -766,6 +797,12 @@ class QuickFixEdit(WeightEdit):
                 raise EditError(f"layer mapping {dict(layer)} does not match the edited encoders {names}: "
                                 + (f"no layer for {lacking}" if lacking else f"{extra} not edited (encoders=...)"))
         layers = {n: layer_index(layer[n] if isinstance(layer, Mapping) else layer) for n in names}
+        for n in names:
+            if n in unreached_encoders(pipe, layers[n], [n]):
+                pooled = " only changes the pooled embedding" if n == "text_encoder_2" else " changes no image"
+                warnings.warn(f"{n} layer {layers[n]} does not reach the UNet's cross-attention (it reads the output "
+                              f"of layer {conditioning_layers(pipe, n) - 1}): this part of the edit{pooled}",
+                              UnreachedLayerWarning, stacklevel=3)
         deltas, info = {}, {}
         for n in names:
             kv = collect_keys_values(pipe, [a for a, _ in pairs], [t for _, t in pairs], layers[n], n, templates,

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from lib.prompts import subject_positions
+from lib.sampling import conditioning_layers
 from lib.scoring import ClipScorer
 from lib.tracing.corrupt import Corruption
 from lib.tracing.layers import TextSite, text_sites
@@ -80,8 +81,7 @@ def text_example_sites(pipe, encoder: str = "text_encoder") -> list[TextSite]:
     """Layer-0 self-attention, MLP and hidden state, and the self-attention of the last layer that reaches the UNet
     (SDXL conditions on the penultimate hidden state: its last layer's restoration would always be the corrupted
     image), of ``encoder``."""
-    depth = getattr(pipe, encoder).config.num_hidden_layers
-    last = depth - (2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
+    last = conditioning_layers(pipe, encoder) - 1
     sites = text_sites(pipe, [encoder], kinds=("self_attn", "mlp", "hidden"), layers=[0])
     return sites + text_sites(pipe, [encoder], kinds=("self_attn",), layers=[last])
 
