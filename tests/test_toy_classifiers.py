@@ -295,6 +295,34 @@ def test_continuing_a_member_starts_from_its_saved_weights(tmp_path, members):
         C.train_classifiers(out, members=["edges"], init_from=tmp_path / "resnet_only", n_train=4)
 
 
+def test_an_interrupted_training_is_refused_and_can_be_finished(tmp_path, members, monkeypatch):
+    """A crash after the first of two continued members left a config listing that member alone: the folder loaded as
+    a one-member ensemble, and the continuation of the other could not start again (its entry was gone)."""
+    C.save_classifiers(members, tmp_path, {"training": {n: {"steps": 7} for n in members}})
+    old_edges = (tmp_path / "edges.safetensors").read_bytes()
+    real, calls = C.train_member, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "train_member", crash_on_second)
+    kw = dict(n_train=16, n_eval=8, batch_size=4, init_from=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        C.train_classifiers(tmp_path, steps=2, members=["resnet", "edges"], **kw)
+    with pytest.raises(C.ClassifierLoadError, match=r"interrupted before edges finished: rerun its command with "
+                                                    r"--members edges \(the finished members are kept\)"):
+        C.load_classifiers(tmp_path)
+    listed = C.load_classifiers(tmp_path, allow_unfinished=True)
+    assert set(listed) == set(C.MEMBERS) and (tmp_path / "edges.safetensors").read_bytes() == old_edges
+    monkeypatch.setattr(C, "train_member", real)
+    meta = C.train_classifiers(tmp_path, steps=2, members=["edges"], **kw)  # continues edges from its earlier weights
+    assert "unfinished" not in meta and set(C.load_classifiers(tmp_path)) == set(C.MEMBERS)
+    assert meta["training"]["edges"]["continues"] == {"steps": 7} and meta["training"]["resnet"]["steps"] == 2
+
+
 def test_distillation_pulls_a_member_towards_the_teacher(tmp_path, members):
     """With ``distill=1`` and no labels at all, only the teacher's soft targets can move the member towards it."""
     import torch.nn.functional as F

@@ -200,18 +200,30 @@ def _save_weights(name: str, member: AttributeClassifier, folder: str | Path) ->
     write_atomic(folder / f"{name}.safetensors", lambda tmp: save_file(state, str(tmp)))  # a per-writer temp name
 
 
-def _write_config(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None) -> Path:
-    """``config.json`` for ``members`` whose weights are in ``folder`` (written atomically: ``lib.atomic``)."""
+def _write_config(members: dict[str, AttributeClassifier], folder: str | Path, extra: dict | None = None,
+                  pending: dict[str, dict] | None = None) -> Path:
+    """``config.json`` for ``members`` whose weights are in ``folder`` (written atomically: ``lib.atomic``).
+
+    ``pending``: the earlier entries of members a running training has not finished yet (their earlier weights stay
+    listed, so an interrupted continuation can go on from them); ``extra["unfinished"]`` names those members, and
+    :func:`load_classifiers` refuses the folder until they are trained."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"members": {n: {**m.config(), "weights": f"{n}.safetensors"} for n, m in members.items()},
+    specs = {**(pending or {}), **{n: {**m.config(), "weights": f"{n}.safetensors"} for n, m in members.items()}}
+    config = {"members": {n: specs[n] for n in MEMBERS if n in specs} | {n: s for n, s in specs.items()
+                                                                        if n not in MEMBERS},
               "rebuild": REBUILD, **(extra or {})}
     write_text_atomic(json.dumps(config, indent=2) + "\n", folder / CONFIG_NAME)
     return folder
 
 
-def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.device = "cpu") -> dict[str, AttributeClassifier]:
-    """The trained members saved in ``folder`` (fp32, eval mode), by name."""
+def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.device = "cpu",
+                     allow_unfinished: bool = False) -> dict[str, AttributeClassifier]:
+    """The trained members saved in ``folder`` (fp32, eval mode), by name.
+
+    A folder whose training was interrupted (``config.json`` names ``unfinished`` members) is a
+    :class:`ClassifierLoadError` naming the command that finishes it: its ensemble is not the one trained.
+    ``allow_unfinished`` (training itself: kept and continued members) loads what it lists."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -226,6 +238,11 @@ def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.devic
             raise TypeError("'members' must map each member's name to its settings")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ClassifierLoadError(f"corrupt classifier config {cfg_path} ({err}); rebuild with: {REBUILD}") from None
+    unfinished = config.get("unfinished") or []
+    if unfinished and not allow_unfinished:
+        raise ClassifierLoadError(f"the training in {folder} was interrupted before {', '.join(unfinished)} finished: "
+                                  f"rerun its command with --members {' '.join(unfinished)} (the finished members are "
+                                  f"kept), or rebuild all with: {REBUILD}")
     members = {}
     for name, spec in specs.items():
         path = folder / spec.get("weights", f"{name}.safetensors")
@@ -431,13 +448,17 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     t0 = time.time()
     kept, old = {}, {}
     others = [n for n in MEMBERS if n not in members]
-    if others and (Path(out_dir) / CONFIG_NAME).is_file():
+    if (Path(out_dir) / CONFIG_NAME).is_file():
         old = json.loads((Path(out_dir) / CONFIG_NAME).read_text())
-        kept = {n: m for n, m in load_classifiers(out_dir).items() if n in others}
+    if others and old:
+        kept = {n: m for n, m in load_classifiers(out_dir, allow_unfinished=True).items() if n in others}
+    # the earlier entries of the members retrained here stay listed until each one finishes (marked unfinished)
+    pending = {n: s for n, s in old.get("members", {}).items()
+               if n in members and (Path(out_dir) / s.get("weights", f"{n}.safetensors")).is_file()}
     inits: dict[str, AttributeClassifier] = {}
     init_records: dict[str, dict] = {}
     if init_from is not None:
-        inits = load_classifiers(init_from)
+        inits = load_classifiers(init_from, allow_unfinished=True)
         missing = sorted(set(members) - set(inits))
         if missing:
             raise ValueError(f"--init-from {init_from} holds no trained {missing}; it has {sorted(inits)}")
@@ -484,7 +505,11 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
         # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members);
         # the kept members' weights are already in out_dir
         _save_weights(name, trained[name], out_dir)
-        _write_config(ordered(trained), out_dir, {"data": data, "training": ordered(training)})
+        remaining = [n for n in members if n not in trained]
+        waiting = {n: s for n, s in pending.items() if n in remaining}  # earlier entries and records, kept listed
+        records = ordered({**{n: old.get("training", {}).get(n, {}) for n in waiting}, **training})
+        _write_config(ordered(trained), out_dir, {"data": data, "training": records,
+                                                  **({"unfinished": remaining} if remaining else {})}, pending=waiting)
     meta = {"data": data, "training": ordered(training)}
     loaded = load_classifiers(out_dir, device)
     ev = to_tensor(ev_arr)
