@@ -241,6 +241,55 @@ def test_bad_training_sizes_and_missing_inputs_fail_before_any_rendering(tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+def test_corrupt_inputs_fail_before_rendering_and_hints_name_the_folder(toy_dir, tmp_path, monkeypatch):
+    """A garbage VAE file failed after the renders, in diffusers' words, and left the UNet marked unfinished."""
+    import shutil
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    (work / "vae/diffusion_pytorch_model.safetensors").write_bytes(b"garbage" * 100)
+    log_before = (work / "TRAINING.json").read_bytes()
+    monkeypatch.setattr(T, "make_training_data", lambda cfg: pytest.fail("rendered before checking its input"))
+    with pytest.raises(RuntimeError, match=r"vae/diffusion_pytorch_model.safetensors is unreadable or corrupt .* "
+                                           r"--stage all --config gpu --out "):
+        T.run("unet", "cpu", work, steps_override=1)
+    assert (work / "TRAINING.json").read_bytes() == log_before  # nothing marked unfinished
+    hint = T.rebuild_hint(tmp_path / "elsewhere" / "clip_vision" / "model.safetensors")
+    assert "--stage clip-vision" in hint and f"--out {tmp_path / 'elsewhere'}" in hint, hint
+    assert f"--out {tmp_path / 'w'}`" in T.rebuild_hint(tmp_path / "w" / "TRAINING.json")
+
+
+def test_the_vision_stage_starts_a_new_tower_without_clip_vision(toy_dir, tmp_path):
+    """The rebuild hint of a missing clip_vision/ was the clip-vision stage, which needed clip_vision/ to start."""
+    import shutil
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    shutil.rmtree(work / "clip_vision")
+    te_bytes = (work / "text_encoder/model.safetensors").read_bytes()
+    T.run("clip-vision", "cpu", work, steps_override=2)
+    assert (work / "text_encoder/model.safetensors").read_bytes() == te_bytes
+    clip = T.load_toy_clip(work)
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(work / "text_encoder")
+    assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in te.state_dict().items())
+
+
+def test_a_corrupt_training_log_is_set_aside_by_a_fresh_stage_only(toy_dir, tmp_path):
+    import shutil
+
+    work = tmp_path / "toy"
+    shutil.copytree(toy_dir, work)
+    (work / "TRAINING.json").write_text("{torn")
+    with pytest.raises(RuntimeError, match=r"TRAINING.json is unreadable or corrupt"):
+        T.run("unet-resume", "cpu", work, steps_override=1)  # it continues weights: its stage marks are needed
+    with pytest.warns(UserWarning, match=r"set aside as TRAINING.json.corrupt, a new log starts"):
+        T.run("vae", "cpu", work, steps_override=1, n_train=8)
+    assert (work / "TRAINING.json.corrupt").read_text() == "{torn"
+    assert "vae" in json.loads((work / "TRAINING.json").read_text())["stages"]
+
+
 def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path, monkeypatch):
     import shutil
 
@@ -320,6 +369,14 @@ def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):
     assert plan.measured_its == pytest.approx(100.0)
     elapsed = clock["t"] - 1.0  # step 0 is excluded
     assert plan.total == int(200 + (60.0 - elapsed) * 100.0) and log.steps == plan.total
+    assert log.schedule == [[0, 100_000], [20, log.schedule[1][1]], [200, plan.total]]  # the LR schedule's sizes
+    # a budget spent by step 200: 201 steps were taken, and the log says so (it recorded the 40-step floor)
+    clock["t"] = 0.0
+    plan, log = T._Plan(100_000, budget_min=1.0, override=False), T._Log("x", 100_000, 10_000)
+    for step in range(201):
+        clock["t"] += 1.0
+        plan.tick(step, log)
+    assert plan.total == 201 and log.steps == 201
 
 
 def test_adaptive_weight_balances_the_gradient_norms():

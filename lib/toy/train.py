@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -178,14 +179,24 @@ def training_table(folder: str | Path = TOY_DIR):
                          for st, r in record["stages"].items()]).set_index("stage")
 
 
+_COMPONENTS = ("text_encoder", "vae", "unet", "clip_vision", "tokenizer", "scheduler")
+
+
+def _toy_root(path: Path) -> Path:
+    """The toy-world folder of one of its files (a component's file, or ``TRAINING.json`` / ``model_index.json``)."""
+    return path.parent.parent if path.parent.name in _COMPONENTS else path.parent
+
+
 def rebuild_hint(path: Path) -> str:
-    """How to get a toy-world file back: from git if it is a committed one, else by retraining its stage(s)."""
+    """How to get a toy-world file back: from git if it is a committed one, else by retraining its stage(s) into its
+    own folder (``--out``)."""
     path = Path(path)
+    out = f" --out {from_repo_root(_toy_root(path))}"
     if "clip_vision" in path.parts:
-        train = ("`python -m lib.toy.train --stage clip-vision --steps-override 7000 --n-train 100000 --train-split any` "
-                 "(needs text_encoder/)")
+        train = (f"`python -m lib.toy.train --stage clip-vision --steps-override 7000 --n-train 100000 --train-split any"
+                 f"{out}` (a new vision tower on the saved text encoder)")
     else:
-        train = (f"`{REBUILD}`, then its `clip-vision` and `vae-decoder` continuations (README, \"Training\"), "
+        train = (f"`{REBUILD}{out}`, then its `clip-vision` and `vae-decoder` continuations (README, \"Training\"), "
                  "from the repo root")
     try:
         committed = path.resolve().relative_to(TOY_DIR.resolve())
@@ -197,6 +208,22 @@ def rebuild_hint(path: Path) -> str:
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"toy model file missing: {path}. {rebuild_hint(path)}")
+    return path
+
+
+def _check_readable(path: Path) -> Path:
+    """``path`` when a JSON file parses and a safetensors file's header and sizes are sound (no tensor is read); else
+    the one-line :func:`_corrupt` error, before a stage renders its training images."""
+    if path.suffix == ".json":
+        _read_json(path)
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise _corrupt(path, err) from err
     return path
 
 
@@ -217,6 +244,8 @@ def check_finished(folder: str | Path, stages: tuple[str, ...]) -> None:
     ``stages`` as unfinished: a training run was interrupted, or a new text encoder or VAE made the UNet stale."""
     folder = Path(folder)
     log = folder / "TRAINING.json"
+    if not stages:
+        return
     record = _read_json(log) if log.is_file() else {}
     todo = record.get(UNFINISHED, {}) if isinstance(record, dict) else {}
     hit = [st for st in STAGES if st in todo and st in stages]
@@ -328,6 +357,23 @@ def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
+def _vision_stage_clip(folder: Path):
+    """The CLIP the ``clip-vision`` stage continues: the saved one, or, when ``clip_vision/`` is absent, a new vision
+    tower and projections on the saved text encoder (which that stage never changes)."""
+    if (folder / "clip_vision").exists():
+        return _read_toy_clip(folder)
+    from transformers import CLIPTextModel
+
+    t_p = folder / "text_encoder/model.safetensors"
+    try:
+        te = CLIPTextModel.from_pretrained(t_p.parent, dtype=torch.float32, local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise _corrupt(t_p, err) from err
+    model = new_clip()
+    model.text_model.load_state_dict(te.state_dict())
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------- helpers
 def _hardware(device: str) -> dict:
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
@@ -368,8 +414,10 @@ class _Plan:
         if self.budget_s is None:
             return
         elapsed = time.time() - self.t_start
-        self.total = int(max(40, min(self.max_steps, n + (self.budget_s - elapsed) * self.measured_its)))
+        # never below the n + 1 steps already taken (a spent budget at step 200 recorded fewer steps than it trained)
+        self.total = int(max(40, n + 1, min(self.max_steps, n + (self.budget_s - elapsed) * self.measured_its)))
         log.steps = self.total
+        log.schedule.append([n, self.total])
         print(f"[{log.stage}] measured {self.measured_its:.3f} it/s over {n} steps: "
               f"{self.total} steps fit the {self.budget_s / 60:.1f}-min budget", flush=True)
 
@@ -391,6 +439,7 @@ def _lr_lambda(warmup: int, plan: "_Plan"):
 class _Log:
     def __init__(self, stage: str, steps: int, every: int):
         self.stage, self.steps, self.every = stage, steps, max(1, every)
+        self.schedule = [[0, steps]]  # [from step, step count the cosine LR schedule is sized to] (budgeted: 3 sizes)
         self.t0 = time.time()
         self.curve: list[tuple[int, float]] = []
         self.acc: list[float] = []
@@ -409,7 +458,8 @@ class _Log:
                   f"{(step + 1) / dt:.2f} it/s elapsed {dt / 60:.1f} min", flush=True)
 
     def summary(self, **kw) -> dict:
-        return {"steps": self.steps, "wall_s": round(time.time() - self.t0, 1), "loss_curve": self.curve,
+        return {"steps": self.steps, "lr_schedule_sizes": self.schedule, "wall_s": round(time.time() - self.t0, 1),
+                "loss_curve": self.curve,
                 "final_loss": self.curve[-1][1] if self.curve else None, **kw}
 
 
@@ -529,7 +579,7 @@ def train_clip(cfg: dict, data: dict, out: Path, steps: int, override: bool = Fa
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"] + 1)
     tok = build_clip_tokenizer()
-    model = (_read_toy_clip(out) if freeze_text else new_clip()).to(dev).train()
+    model = (_vision_stage_clip(out) if freeze_text else new_clip()).to(dev).train()
     if freeze_text:
         model.text_model.requires_grad_(False).eval()
     caps = data["captions"]
@@ -890,9 +940,9 @@ STAGES = ("clip", "vae", "unet", "all", "clip-vision", "vae-decoder", "unet-resu
 _TE, _VAE = ("text_encoder/config.json", "text_encoder/model.safetensors"), ("vae/config.json",
                                                                             "vae/diffusion_pytorch_model.safetensors")
 # the saved weights each stage starts from (checked before its training images are rendered)
+_CLIP_VISION = ("clip_vision/config.json", "clip_vision/model.safetensors")  # continued when present
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "clip": (), "vae": (), "all": (), "vae-decoder": _VAE, "unet": _TE + _VAE,
-    "clip-vision": _TE + ("clip_vision/config.json", "clip_vision/model.safetensors"),
+    "clip": (), "vae": (), "all": (), "vae-decoder": _VAE, "unet": _TE + _VAE, "clip-vision": _TE,
     "unet-resume": _TE + _VAE + ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
 }
 TRAIN_SPLITS = ("train", "any")  # "any" (held-out combinations too) only for the clip-vision stage
@@ -968,13 +1018,24 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     elif steps_override is not None:
         cfg["n_train"] = min(cfg["n_train"], 64)
     out = Path(out)
-    for rel in STAGE_INPUTS[stage]:  # before rendering up to 100,000 training images
-        _require(out / rel)
+    for rel in STAGE_INPUTS[stage]:  # before rendering up to 100,000 training images: present and readable
+        _check_readable(_require(out / rel))
+    if stage == "clip-vision" and (out / "clip_vision").exists():  # continued: both files (else a new vision tower)
+        for rel in _CLIP_VISION:
+            _check_readable(_require(out / rel))
     check_finished(out, STAGE_NEEDS.get(stage, ()))  # nor from weights an interrupted stage may have torn
     out.mkdir(parents=True, exist_ok=True)
     samples = Path(samples_dir) if samples_dir else None
     log_path = out / "TRAINING.json"
-    record = _read_json(log_path) if log_path.is_file() else {}
+    try:
+        record = _read_json(log_path) if log_path.is_file() else {}
+    except RuntimeError:
+        if STAGE_NEEDS.get(stage):  # its unfinished-stage marks are lost: a stage that continues weights cannot tell
+            raise
+        kept = log_path.rename(log_path.with_name("TRAINING.json.corrupt"))
+        warnings.warn(f"{log_path} is unreadable: set aside as {kept.name}, a new log starts (the earlier stages' "
+                      "records are lost)", stacklevel=2)
+        record = {}
     hardware = _hardware(cfg["device"])
     record.update({"config_name": config, "config": cfg, "hardware": hardware,
                    "steps_override": steps_override})
