@@ -28,6 +28,7 @@ from lib.editing.quickfix import (
     _model_name,
     align_prompts,
     concept_pairs,
+    f64,
 )
 from lib.sampling import encode
 
@@ -57,7 +58,7 @@ def collect_embeddings(pipe, anchors: str | Sequence[str], targets: str | Sequen
     """Anchor embeddings ``c_a`` (keys) and target embeddings ``c_t`` at the aligned positions, float64 (n, D)."""
     pairs = align_prompts(pipe.tokenizer, anchors, targets, templates, prompts, align)
     n = len(pairs)
-    cond = encode(pipe, [p.anchor_prompt for p in pairs] + [p.target_prompt for p in pairs]).cond.to(torch.float64)
+    cond = f64(encode(pipe, [p.anchor_prompt for p in pairs] + [p.target_prompt for p in pairs]).cond)
     keys = torch.cat([cond[i, list(p.key_positions)] for i, p in enumerate(pairs)])
     tgts = torch.cat([cond[n + i, list(p.value_positions)] for i, p in enumerate(pairs)])
     return keys, tgts

@@ -73,6 +73,11 @@ class UnreachedLayerWarning(UserWarning):
     state): that encoder's part of the edit changes no token embedding the UNet reads."""
 
 
+def f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (detached) in float64, on the CPU when its device has no float64 (Apple's MPS)."""
+    return t.detach().to("cpu" if t.device.type == "mps" else t.device, torch.float64)
+
+
 ROUNDING_TOLERANCE = 0.05  # relative error ‖applied change − Δ‖ / ‖Δ‖ above which apply() warns
 
 
@@ -97,7 +102,7 @@ class RidgeProblem:
         if isinstance(self.lam, bool) or not isinstance(self.lam, numbers.Real) or not (
                 self.lam >= 0 and float(self.lam) < float("inf")):
             raise EditError(f"λ must be a finite number >= 0, got {self.lam!r}")
-        k = self.keys.to(torch.float64)
+        k = f64(self.keys)
         if k.ndim != 2 or k.shape[0] == 0:
             raise EditError(f"keys must be a non-empty (n, d) matrix, got shape {tuple(k.shape)}")
         if not torch.isfinite(k).all():
@@ -172,7 +177,7 @@ def gradient_descent_gap(keys: torch.Tensor, values: torch.Tensor, weight: torch
     ``torch.optim.LBFGS`` with a strong-Wolfe line search; on these badly conditioned problems (cond ~1e4 with
     λ = 0.01) it stalls near a 1e-4 relative error of the update, so CG is the default.
     """
-    k = keys.detach().to(torch.float64)
+    k = f64(keys)
     v = values.detach().to(k.device, torch.float64)
     w0 = weight.detach().to(k.device, torch.float64)
     w_cf = closed_form(k, v, w0, lam, max_condition=float("inf"))
@@ -421,9 +426,9 @@ def _resolve(pipe, path: str) -> torch.nn.Parameter | None:
 
 def _fingerprint(w: torch.Tensor) -> list[float]:
     """A dtype-tolerant signature of a weight: its norm and 16 evenly spaced entries."""
-    flat = w.detach().reshape(-1)
+    flat = f64(w.reshape(-1))
     step = max(1, flat.numel() // 16)
-    return [float(flat.double().norm())] + flat[::step][:16].double().cpu().tolist()
+    return [float(flat.norm())] + flat[::step][:16].cpu().tolist()
 
 
 _STATE_ATTR = "_t2i_applied_edit"  # on each edited Parameter: (edit uid, original tensor). On the weight, not the
@@ -514,11 +519,11 @@ class WeightEdit:
         with torch.no_grad():
             for path, p in params.items():
                 orig = p.detach().clone()
-                delta = self.deltas[path].to(p.device, torch.float64)
+                start = f64(orig)  # the CPU's float64 for a weight on MPS, which has none
+                delta = self.deltas[path].to(start.device, torch.float64)
                 setattr(p, _STATE_ATTR, (self.uid, orig))
-                p.copy_((orig.double() + delta).to(p.dtype))
-                self.rounding_error[path] = float((p.double() - orig.double() - delta).norm()
-                                                  / delta.norm().clamp_min(1e-300))
+                p.copy_((start + delta).to(p.dtype))
+                self.rounding_error[path] = float((f64(p) - start - delta).norm() / delta.norm().clamp_min(1e-300))
         try:  # after every weight is applied; a warning turned into an error leaves the weights as they were
             for path, lost in self.rounding_error.items():
                 if lost > ROUNDING_TOLERANCE:
@@ -756,14 +761,14 @@ def collect_keys_values(pipe, anchors: str | Sequence[str], targets: str | Seque
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
     x, y = capture_out_proj(te, layer, ids)
-    x, y = x.to(torch.float64), y.to(torch.float64)
+    x, y = f64(x), f64(y)
     n = len(pairs)
     keys = torch.cat([x[i, list(p.key_positions)] for i, p in enumerate(pairs)])
     values = torch.cat([y[n + i, list(p.value_positions)] for i, p in enumerate(pairs)])
     if subtract_bias and proj.bias is not None:
         values = values - proj.bias.detach().to(values.device, torch.float64)
     name = {id(m): k for k, m in te.named_modules()}[id(proj)]
-    return KeysValues(encoder, f"{encoder}:{name}.weight", keys, values, proj.weight.detach().to(torch.float64),
+    return KeysValues(encoder, f"{encoder}:{name}.weight", keys, values, f64(proj.weight),
                       pairs)
 
 

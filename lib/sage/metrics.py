@@ -138,7 +138,7 @@ def normality(latents: torch.Tensor | Sequence[torch.Tensor], test: str = "dagos
         raise ValueError(f"unknown test {test!r}; choose one of {NORMALITY_TESTS}")
     rows = []
     for i, lat in enumerate(_as_list(latents)):
-        x = lat.detach().double().flatten().cpu().numpy()
+        x = lat.detach().cpu().double().flatten().numpy()
         if x.size < 20:
             raise ValueError(f"latent {i} has {x.size} entries; a normality test needs at least 20")
         if test == "dagostino":
@@ -162,7 +162,7 @@ def qq_points(latent: torch.Tensor, n: int = 200) -> tuple[np.ndarray, np.ndarra
     """(theoretical N(0, 1) quantiles, sample quantiles) at ``n`` probability levels, for a QQ-plot."""
     from scipy import stats
 
-    x = latent.detach().double().flatten().cpu().numpy()
+    x = latent.detach().cpu().double().flatten().numpy()
     q = (np.arange(n) + 0.5) / n
     return stats.norm.ppf(q), np.quantile(x, q)
 
