@@ -64,21 +64,30 @@ trace() {  # the 70-layer trace: an eager baseline on this machine, then the com
 case "$1" in
   clip-vae)
     rm -f data/toy/TRAINING.json  # a from-scratch GPU run starts a fresh training log
-    timeout 240 python3 -m lib.toy.train --stage clip --config gpu 2>&1 | tee "$OUT/train_clip.log"
-    timeout 300 python3 -m lib.toy.train --stage vae --config gpu --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log"
+    timeout -k 10 "$(left 300)" python3 -m lib.toy.train --stage clip --config gpu 2>&1 | tee "$OUT/train_clip.log" \
+      || { record clip $?; }  # the VAE (its own stage) still trains; the tarball holds what finished
+    timeout -k 10 "$(left 10)" python3 -m lib.toy.train --stage vae --config gpu --samples-dir "$OUT/samples" 2>&1 \
+      | tee "$OUT/train_vae.log" || record vae $?
     tar czf "$OUT/toy_clip_vae.tgz" data/toy/text_encoder data/toy/clip_vision data/toy/vae data/toy/TRAINING.json ;;
   clip-vision)  # the scoring instrument's vision tower also sees the held-out combinations; the text tower stays frozen
-    timeout 400 python3 -c "from lib.toy.train import train_instrument_vision as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_clip_vision.log"
+    timeout -k 10 "$(left 10)" python3 -c "from lib.toy.train import train_instrument_vision as f; f('gpu', 'data/toy')" \
+      2>&1 | tee "$OUT/train_clip_vision.log" || record clip-vision $?
     tar czf "$OUT/toy_clip_vision.tgz" data/toy/clip_vision data/toy/TRAINING.json ;;
   vae)  # (each stage: ~35 s of start-up and data around its wall-clock budget, 3.5 + 3 min) the text encoder and CLIP stay; the UNet must be retrained on the new latents afterwards (mode unet)
-    timeout 330 python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
-      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log" || exit 1  # never continue the old VAE's decoder
+    timeout -k 10 "$(left 200)" python3 -m lib.toy.train --stage vae --config gpu --latent-channels "${LATENT_CHANNELS:-4}" \
+      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_vae.log" || { record vae $?; echo "failed:$FAILED$CUT" | tee -a "$OUT/session.log"; exit 1; }  # never continue the old VAE's decoder
     tar czf "$OUT/toy_vae_mse.tgz" data/toy/vae data/toy/TRAINING.json  # comes back even if the continuation is cut
-    [ "$(left)" -gt 30 ] && timeout -k 10 "$(left)" python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 | tee "$OUT/train_vae_decoder.log"
+    if [ "$(left)" -gt 30 ]; then
+      timeout -k 10 "$(left)" python3 -c "from lib.toy.train import continue_decoder as f; f('gpu', 'data/toy')" 2>&1 \
+        | tee "$OUT/train_vae_decoder.log" || record vae-decoder $?
+    else
+      CUT="$CUT vae-decoder(not started: $(left) s left)"
+    fi
     tar czf "$OUT/toy_vae.tgz" data/toy/vae data/toy/TRAINING.json ;;
   unet|unet-resume)  # unet-resume: CANDIDATE (carried) replaces the committed VAE and UNet here only, e.g. a 16-channel world
     if [ "$1" = unet-resume ] && [ -n "$CANDIDATE" ]; then cp -r "$CANDIDATE/vae" "$CANDIDATE/unet" "$CANDIDATE/TRAINING.json" data/toy/ || exit 1; fi
-    timeout -k 10 "$(left 15)" python3 -m lib.toy.train --stage "$1" --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_$1.log"
+    timeout -k 10 "$(left 15)" python3 -m lib.toy.train --stage "$1" --config gpu ${UNET_BATCH:+--batch "$UNET_BATCH"} \
+      --samples-dir "$OUT/samples" 2>&1 | tee "$OUT/train_$1.log" || record "$1" $?
     tar czf "$OUT/toy_unet.tgz" data/toy/unet data/toy/vae data/toy/TRAINING.json data/toy/model_index.json data/toy/scheduler ;;
   targets) targets ;;
   speed) speed ;;

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -240,7 +241,8 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     if kind == "local":
         _check_tokenizers(where, hint)  # cheap, before the weights load
     try:
-        pipe = DiffusionPipeline.from_pretrained(where, **opts)
+        with _no_loading_bar():
+            pipe = DiffusionPipeline.from_pretrained(where, **opts)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line saying what to do
         first = (str(err).strip().splitlines() or [""])[0]
         if kind == "hub":
@@ -279,6 +281,21 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             raise ModelLoadError(f"{gap[0]} lacks {len(gap[1])} of its module's tensors (e.g. {gap[1][0]}): "
                                  f"the file is incomplete{hint}")
     return pipe
+
+
+@contextmanager
+def _no_loading_bar():
+    """diffusers' "Loading pipeline components" bar off while a pipeline loads (in a notebook it is a widget that
+    stays at 0% in the saved output); the hub's download bars are not diffusers' and stay."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            diffusers_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:

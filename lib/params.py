@@ -117,6 +117,21 @@ def has_placeholder(name: str) -> Callable[[str], None]:
     return check
 
 
+def toy_world(*parts: str) -> Callable[[Any], None]:
+    """A ``check``: the value names a toy-world folder (``"toy"`` or a path from the repo root,
+    :func:`lib.paths.resolve_toy_folder`) holding the sub-folders ``parts``."""
+    def check(value: Any) -> None:
+        from lib.paths import resolve_toy_folder
+
+        folder = resolve_toy_folder(value)
+        if not folder.is_dir():
+            raise ValueError(f"not a toy-world folder: {value!r} (use 'toy' or a folder written by lib.toy.train)")
+        missing = [p for p in parts if not (folder / p).is_dir()]
+        if missing:
+            raise ValueError(f"{value!r} has no {missing[0]}/ folder")
+    return check
+
+
 def check_step(P: SimpleNamespace, name: str, inclusive: bool = False) -> None:
     """``P.<name>``, a denoising-step index, must be below ``P.STEPS`` (or equal, with ``inclusive``)."""
     value = getattr(P, name)

@@ -21,6 +21,20 @@ def from_repo_root(path: str | Path) -> str:
     return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
 
+def shell_path(path: str | Path) -> str:
+    """``path`` quoted for a printed shell command with no machine path in it: relative when inside the repo,
+    ``"$T2I_RUNS_DIR"/...`` when inside the runs folder that variable names (``make test`` / ``make notebooks-update``
+    point it at a temporary folder), else absolute."""
+    import shlex
+
+    p = Path(path).expanduser().resolve()
+    runs = os.environ.get("T2I_RUNS_DIR")
+    if runs and p.is_relative_to(Path(runs).expanduser().resolve()) and not p.is_relative_to(REPO_ROOT):
+        rest = p.relative_to(Path(runs).expanduser().resolve())
+        return '"$T2I_RUNS_DIR"' + ("/" + shlex.quote(str(rest)) if str(rest) != "." else "")
+    return shlex.quote(from_repo_root(p))
+
+
 def in_repo(path: str | Path) -> Path:
     """``path`` with ``~`` expanded, a relative one taken from the repo root (where the README's commands run; papermill
     runs the notebooks in ``notebooks/``)."""

@@ -242,6 +242,20 @@ def generate(pipe, prompts: str | Sequence[str], seeds: Sequence[int], steps: in
     return decode(pipe, lat)
 
 
+def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                 batch_size: int = 64, progress=None) -> torch.Tensor:
+    """Images for every (prompt, seed), prompt-major (``index = i_prompt * len(seeds) + i_seed``), in [0, 1], float32
+    on the CPU, generated ``batch_size`` at a time. ``progress``: a tqdm bar to update."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    out = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        out.append(generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance).float().cpu())
+        if progress is not None:
+            progress.update(len(chunk))
+    return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
+
+
 def to_pil(images: torch.Tensor):
     """[0, 1] image tensor (B, 3, H, W) → list of PIL images."""
     from PIL import Image

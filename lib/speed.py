@@ -120,3 +120,17 @@ def stored_activation_bytes(fn, exclude: tuple[torch.nn.Module, ...] = ()) -> tu
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """The median wall-clock seconds of ``repeats`` calls of ``fn()`` (a quick timing for a notebook table; the
+    benchmarks in ``benchmarks/`` add warm-ups, CUDA synchronisation and memory)."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))

@@ -95,3 +95,12 @@ def test_a_case_leaves_nothing_behind_for_the_next():
     ctx.reset()
     assert not pipe.vae.use_slicing and not step_checkpointing(pipe) and not pipe.unet.is_gradient_checkpointing
     assert list(ctx._pipes) == ["sd-v1"] and ctx.pipe("sd-v1") is pipe
+
+
+def test_the_device_session_script_parses_and_refuses_an_unknown_mode(tmp_path):
+    """It runs only on the lent GPU box (one call per session): its syntax and its usage line are checked here."""
+    script = str(REPO_ROOT / "benchmarks" / "device_session.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    r = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 2 and "usage: bash benchmarks/device_session.sh {clip-vae|" in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing installed or written

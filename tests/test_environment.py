@@ -21,6 +21,7 @@ def test_environment_yml_matches_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = {p for p in pip if not p.startswith("-e")}
     assert {_norm(p) for p in listed} == {_norm(p) for p in wanted}
+    assert f"python{project['requires-python']}" in env["dependencies"]  # a bound, as pip's (it pinned 3.11)
 
 
 def test_constraints_pin_every_direct_dependency():

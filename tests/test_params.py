@@ -184,6 +184,8 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     ("05_causal_tracing_text_encoder", dict(TEXT_LAYERS=[0, 0]), "TEXT_LAYERS: [0, 0] repeat [0]"),
     ("06_diffquickfix", dict(DTYPE="float16"), "unknown parameter(s) DTYPE"),
     ("06_diffquickfix", dict(SWEEP_LAYERS=[1, 1]), "SWEEP_LAYERS: [1, 1] repeat [1]"),
+    ("06_diffquickfix", dict(PAIRS=[["dog", "cat"], ["Dog", "fish"]]), "PAIRS: anchor 'Dog' is given twice"),
+    ("06_diffquickfix", dict(MULTI_PAIRS=[["dog", "dog"]]), "MULTI_PAIRS: anchor and target are the same phrase"),
     ("06_diffquickfix", dict(PAIRS=[["snoopy", "painting"]]),  # it crashed in the evaluation, after every fit
      "PAIRS: anchor 'snoopy' is a character and target 'painting' a style: pair a phrase with one of its own kind"),
     ("06_diffquickfix", dict(TOY_FOLDER="data/toy/classifiers/.."), None),  # the toy world itself: accepted

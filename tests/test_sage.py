@@ -214,6 +214,27 @@ def test_timm_member_resizes_and_crops_as_timms_eval_transform():
         assert m.resize == (resize if isinstance(resize, int) else resize[0]) == math.floor(160 / crop_pct)
 
 
+@pytest.mark.parametrize("interpolation,max_diff", [("bilinear", 0.02), ("bicubic", 0.15)])
+def test_timm_member_pixels_match_timms_eval_transform(interpolation, max_diff):
+    """The network sees what timm's own eval transform (PIL) gives it, up to PIL's uint8 rounding (bilinear: one level)
+    and, for bicubic, the kernels (torch's a = -0.75, PIL's -0.5) at sharp edges; without the clamp to [0, 1], which PIL's
+    uint8 output has, bicubic overshoot differed by 0.22 (in the normalised units compared here)."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from lib.toy import world as W
+
+    img = np.array(W.render(W.Scene(object="cat", color="red", style="van gogh"), np.random.default_rng(0)))
+    m = timm_member("test_resnet.r160_in1k", pretrained=False, pretrained_cfg_overlay={"interpolation": interpolation})
+    seen = []
+    m.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    m(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+    ref = create_transform(**resolve_data_config({}, model=m.model))(Image.fromarray(img))[None]
+    diff = (seen[0] - ref).abs()
+    assert seen[0].shape == ref.shape == (1, 3, 160, 160)
+    assert float(diff.max()) <= max_diff and float(diff.mean()) <= 0.005, (float(diff.max()), float(diff.mean()))
+
+
 def test_clip_member_zero_shot():
     torch.manual_seed(0)
     vis, txt = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Embedding(100, 8)

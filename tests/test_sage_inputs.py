@@ -469,6 +469,11 @@ def test_the_search_appends_the_candidate_nearest_to_the_optimised_embedding(pip
                            config=PromptSearch(n_words=1, iterations=1))
         assert df.word[0] == target and df.prompt[0] == f"a photo of a cat {target}"
         assert df.cosine[0] == pytest.approx(1.0, abs=1e-5) and df.candidates[0] == 3
+    # one candidate: the word is forced, no embedding was optimised, so there is no cosine to report (it showed
+    # 0.000, the cosine to the all-zero start)
+    df = search_prompt(pipe, edge_ensemble(), ListLM("red"), "cat", [0], steps=2,
+                       config=PromptSearch(n_words=1, iterations=3))
+    assert df.word[0] == "red" and df.candidates[0] == 1 and pd.isna(df.cosine[0]) and pd.isna(df.loss_start[0])
 
 
 def test_grad_from_step_outside_the_sampling_steps_is_a_value_error(pipe, monkeypatch):

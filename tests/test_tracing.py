@@ -682,6 +682,9 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
         run_sweep(p, toy_scorer(), PROBES, [], tmp_path, SweepConfig(model="twin:sd-v1"), 0, 1, progress=False)
     with pytest.raises(SweepError, match="uncond must be"):
         SweepConfig(model="twin:sd-v1", uncond="both")
+    for bad in (0.5, 51.0, float("nan")):  # the sharded sweep took any finite value, the notebooks [1, 50]
+        with pytest.raises(SweepError, match=r"guidance must be in \[1, 50\]"):
+            SweepConfig(model="twin:sd-v1", guidance=bad)
     assert not (tmp_path / "sweep.json").exists()
     cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:1]))
     assert len(run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], tmp_path, cfg, 0, 1, progress=False)) == 1
@@ -925,6 +928,48 @@ def test_reports_and_findings_on_synthetic_rows():
     assert largest_gap_per_attribute(bigger, probes)["caption"].tolist() == ["objectsval", "styletest"]
     undetermined = unet_findings(unet_layer_table(mark_causal(df.assign(corrupted_score=30.0), 0.5)))
     assert undetermined["verdict"].str.startswith("undetermined").all()
+
+
+def test_a_verdict_the_intervals_cannot_decide_is_undetermined():
+    """The point values said "not reproduced" for findings whose cells' 95% intervals straddle τ (review, 2026-12-07):
+    a verdict stands only when it holds whichever way each cell falls within its interval."""
+    from lib.tracing.report import STRADDLES, text_findings, unet_findings
+
+    layers = [("down_blocks.0.resnets.0", "resnet", "down"), ("down_blocks.0.attentions.0.transformer_blocks.0.attn1",
+              "attn1", "down"), ("up_blocks.1.resnets.0", "resnet", "up"),
+              ("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "attn2", "up")]
+
+    def table(cells):  # cells: {(attribute, layer index): (recovery, lo, hi)}; others (0.1, 0.0, 0.2)
+        rows = [dict(attribute=a, layer=n, layer_index=i, kind=k, block=b, tau=0.5, eval_split="all",
+                     **dict(zip(("recovery", "recovery_lo", "recovery_hi"), cells.get((a, i), (0.1, 0.0, 0.2)))))
+                for a in ("objects", "style") for i, (n, k, b) in enumerate(layers)]
+        t = pd.DataFrame(rows)
+        return t.assign(causal=t["recovery"] >= 0.5)
+
+    sure = {(a, i): (0.9, 0.7, 1.0) for a in ("objects", "style") for i in (0, 2)} | {("style", 1): (0.9, 0.7, 1.0)}
+    assert unet_findings(table(sure))["verdict"].tolist() == ["reproduced"] * 3
+    loose = sure | {("style", 1): (0.6, 0.3, 0.8), ("objects", 3): (0.4, 0.2, 0.7), ("objects", 2): (0.6, 0.45, 0.9)}
+    assert unet_findings(table(loose))["verdict"].tolist() == [STRADDLES] * 3
+    assert unet_findings(table(loose | {("objects", 1): (0.8, 0.6, 1.0)}))["verdict"].iloc[2] == "not reproduced"
+    assert unet_findings(table(loose | {("objects", 3): (0.8, 0.6, 1.0)}))["verdict"].iloc[1] == "not reproduced"
+    assert unet_findings(table(sure | {("style", 2): (0.3, 0.1, 0.45)}))["verdict"].iloc[0] == "not reproduced"
+    point = table(loose).assign(recovery_lo=np.nan, recovery_hi=np.nan)  # one probe: no interval, the point decides
+    assert unet_findings(point)["verdict"].tolist() == ["reproduced", "reproduced", "reproduced"]
+
+    def text(cells):
+        rows = [dict(component="text_encoder", attribute="objects", kind=k, layer_index=i, token_group=g, tau=0.5,
+                     eval_split="all", **dict(zip(("recovery", "recovery_lo", "recovery_hi"),
+                                                  cells.get((k, i, g), (0.1, 0.0, 0.2)))))
+                for k in ("self_attn", "mlp") for i in range(2) for g in ("last_subject", "eos")]
+        t = pd.DataFrame(rows)
+        return t.assign(causal=t["recovery"] >= 0.5)
+
+    hit = ("self_attn", 0, "last_subject")
+    assert text_findings(text({hit: (0.9, 0.7, 1.0)}))["verdict"].tolist() == ["reproduced"]
+    assert text_findings(text({hit: (0.6, 0.4, 0.8)}))["verdict"].tolist() == [STRADDLES]
+    assert text_findings(text({hit: (0.9, 0.7, 1.0), ("mlp", 1, "eos"): (0.3, 0.1, 0.6)}))["verdict"].tolist() == \
+        [STRADDLES]
+    assert text_findings(text({hit: (0.4, 0.2, 0.45)}))["verdict"].tolist() == ["not reproduced"]
 
 
 def test_text_cells_are_per_attribute():
@@ -1213,3 +1258,20 @@ def test_printed_sweep_command_parses_to_the_notebooks_config(tmp_path, monkeypa
     cfg2 = tracing.sweep_config(P2, "unet", p, scorer)  # the notebook (cwd notebooks/) and the CLI (repo root) spell
     assert cfg2.model == model_spec(str(model)) == str(model)  # one local folder alike: one config hash
     assert model_spec("toy") == "toy" and model_spec("twin:sd-v1") == "twin:sd-v1"
+
+
+def test_printed_paths_in_the_runs_folder_name_its_variable(tmp_path, monkeypatch):
+    """make test / notebooks-update run in a temporary T2I_RUNS_DIR: the stored command printed its machine path."""
+    import subprocess
+
+    from lib.paths import REPO_ROOT, shell_path
+
+    runs = tmp_path / "runs dir"
+    (runs / "04 x").mkdir(parents=True)
+    monkeypatch.setenv("T2I_RUNS_DIR", str(runs))
+    printed = shell_path(runs / "04 x" / "sweeps")
+    assert printed == '"$T2I_RUNS_DIR"/\'04 x/sweeps\'' and str(tmp_path) not in printed
+    echoed = subprocess.run(["bash", "-c", f"echo {printed}"], env={"T2I_RUNS_DIR": str(runs)}, capture_output=True,
+                            text=True).stdout.strip()
+    assert echoed == str(runs / "04 x" / "sweeps")  # the shell expands it back
+    assert shell_path(REPO_ROOT / "runs" / "04") == "runs/04" and shell_path(tmp_path / "a b") == f"'{tmp_path}/a b'"

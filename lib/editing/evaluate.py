@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from lib.editing.quickfix import TEMPLATES, WeightEdit, phrase_pattern
-from lib.sampling import generate
+from lib.sampling import generate_all
 from lib.toy import world as W
 from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
 
@@ -219,16 +219,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
                     edit: WeightEdit | None = None, batch_size: int = 64, progress=None) -> torch.Tensor:
     """Images for every (prompt, seed), prompt-major (``index = i_prompt * len(seeds) + i_seed``), in [0, 1], on
     the CPU; with ``edit`` applied during generation (and reverted afterwards). ``progress``: a tqdm bar to update."""
-    jobs = [(p, s) for p in prompts for s in seeds]
-    ctx = edit.applied(pipe) if edit is not None else nullcontext()
-    out = []
-    with ctx:
-        for i in range(0, len(jobs), batch_size):
-            chunk = jobs[i : i + batch_size]
-            out.append(generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance).float().cpu())
-            if progress is not None:
-                progress.update(len(chunk))
-    return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
+    with edit.applied(pipe) if edit is not None else nullcontext():
+        return generate_all(pipe, prompts, seeds, steps, guidance, batch_size, progress)
 
 
 @torch.no_grad()
@@ -395,8 +387,74 @@ def concept_rate(df: pd.DataFrame, phrase: str) -> pd.Series:
     return hit
 
 
+def prompt_table(concept_sets: Mapping[str, Sequence[tuple[str, W.Scene]]], unrelated: Sequence[tuple[str, W.Scene]],
+                 anchors: Sequence[str]) -> pd.DataFrame:
+    """The evaluation prompts of ``anchors`` (their ``concept_sets``), then the ``unrelated`` ones (anchor None):
+    columns anchor, prompt, scene."""
+    rows = [(a, c, s) for a in anchors for c, s in concept_sets[a]] + [(None, c, s) for c, s in unrelated]
+    return pd.DataFrame(rows, columns=["anchor", "prompt", "scene"])
+
+
+def mark_hits(df: pd.DataFrame, target_of: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """``df`` (rows with an ``anchor`` column) with ``concept_hit``: the classifiers found the row's anchor, and, given
+    ``target_of`` (anchor → target), ``target_hit``: they found its target; False on rows without an anchor."""
+    df["concept_hit"] = False
+    if target_of is not None:
+        df["target_hit"] = False
+    for a in df["anchor"].dropna().unique():
+        m = df["anchor"] == a
+        df.loc[m, "concept_hit"] = concept_rate(df[m], a)
+        if target_of is not None:
+            df.loc[m, "target_hit"] = concept_rate(df[m], target_of[a])
+    return df
+
+
+def evaluate_anchors(pipe, members, conditions: Mapping[str, WeightEdit | None], prompts: pd.DataFrame,
+                     target_of: Mapping[str, str], seeds: Sequence[int], steps: int, guidance: float, **kwargs):
+    """:func:`evaluate_edit` of a :func:`prompt_table` (``kwargs``: its options; ``scorer`` also scores each image
+    against its prompt and against the caption of the scene the edit should draw, ``clip_prompt`` / ``clip_target``),
+    with each row's ``anchor`` and :func:`mark_hits`."""
+    targets = [nearest_caption(edit_scene(s, a, target_of[a]), c) if isinstance(a, str) else c
+               for a, c, s in prompts.itertuples(index=False)]
+    if kwargs.get("scorer") is not None:
+        kwargs["score_captions"] = {"prompt": list(prompts.prompt), "target": targets}
+    res = evaluate_edit(pipe, members, conditions, list(prompts.prompt), list(prompts.scene), seeds, steps, guidance,
+                        **kwargs)
+    df, images = res if kwargs.get("keep_images") else (res, None)
+    df["anchor"] = prompts.anchor.to_numpy()[df.prompt_id]
+    mark_hits(df, target_of)
+    return (df, images) if kwargs.get("keep_images") else df
+
+
+def removal_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (anchor, condition) on the anchors' prompts: concept and target rates, CLIP-Scores, images."""
+    c = df[df.anchor.notna()].groupby(["anchor", "condition"], sort=False)
+    return c.agg(concept_rate=("concept_hit", "mean"), target_rate=("target_hit", "mean"),
+                 clip_prompt=("clip_prompt", "mean"), clip_target=("clip_target", "mean"), n=("seed", "size"))
+
+
+def preservation_table(df: pd.DataFrame, reference: str = "unedited") -> pd.DataFrame:
+    """Per condition on the unrelated prompts: scene accuracy, CLIP-Score, and accuracy relative to ``reference``."""
+    u = df[df.anchor.isna()].groupby("condition", sort=False).agg(accuracy=("accuracy", "mean"),
+                                                                  clip_prompt=("clip_prompt", "mean"))
+    u["accuracy_vs_unedited"] = u.accuracy / u.loc[reference, "accuracy"]
+    return u
+
+
+TESTABLE_RATE = 0.8  # a removal is only a removal if the unedited model drew the concept at least this often
+
+
+def goal_verdict(ok: bool, before: float | None = None) -> str:
+    """``met`` / ``missed``; ``not testable`` when the unedited model's concept rate ``before`` is below
+    :data:`TESTABLE_RATE` (a removal goal)."""
+    if before is not None and not before >= TESTABLE_RATE:
+        return f"not testable (unedited rate < {TESTABLE_RATE:.2f})"
+    return "met" if ok else "missed"
+
+
 __all__ = [
-    "Concept", "MISSPELLINGS", "classify", "concept", "concept_prompts", "concept_rate", "edit_prompts", "edit_scene",
-    "edit_fingerprint", "evaluate_edit", "generate_images", "misspellings", "nearest_caption", "scene_accuracy",
-    "unrelated_prompts", "variant_prompts",
+    "Concept", "MISSPELLINGS", "TESTABLE_RATE", "check_pair", "classify", "concept", "concept_prompts", "concept_rate",
+    "edit_prompts", "edit_scene", "edit_fingerprint", "evaluate_anchors", "evaluate_edit", "generate_images",
+    "goal_verdict", "mark_hits", "misspellings", "nearest_caption", "preservation_table", "prompt_table",
+    "removal_table", "scene_accuracy", "unrelated_prompts", "variant_prompts",
 ]

@@ -502,7 +502,9 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         best = loss_p if math.isnan(best) else min(best, loss_p)
         end = lm.end_prob(prompt)
         found = fooled >= config.success_fraction and end >= config.min_end_prob
-        rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=float(cos[pick]), candidates=len(cands),
+        # one candidate: no search ran, so its cosine to the all-zero start embedding means nothing (NaN)
+        cosine = float(cos[pick]) if len(cands) > 1 else math.nan
+        rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=cosine, candidates=len(cands),
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
                          loss_prompt=loss_p, best_loss=best, p_class=p_cls, fooled_fraction=fooled, end_prob=end,

@@ -190,12 +190,13 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
 @torch.no_grad()
 def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
                    steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False,
-                   batch_size: int | None = None):
+                   batch_size: int | None = None, progress: bool = False):
     """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
     ``return_images``: return ``(table, images with the token, images without)`` instead of the table. Repeated
     seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
-    (None: all at once; SD at 512 px needs chunks).
+    (None: all at once; SD at 512 px needs chunks). ``progress``: a tqdm bar (stderr) over the images, with the token
+    and without.
     """
     import pandas as pd
 
@@ -209,9 +210,18 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     tok = result.embedding.view(1, -1)
     step = batch_size or max(len(ps), 1)
 
+    from tqdm import tqdm
+
+    both = scorer is not None or return_images  # the images without the token too
+    bar = tqdm(total=len(ps) * (2 if both else 1), desc="held-out images", unit="img", disable=not progress,
+               leave=False)
+
     def render(slots: torch.Tensor | None) -> torch.Tensor:
-        return torch.cat([render_with_slots(pipe, ps[i : i + step], slots, ss[i : i + step], steps, guidance,
-                                            grad=False) for i in range(0, len(ps), step)])
+        out = []
+        for i in range(0, len(ps), step):
+            out.append(render_with_slots(pipe, ps[i : i + step], slots, ss[i : i + step], steps, guidance, grad=False))
+            bar.update(len(out[-1]))
+        return torch.cat(out)
 
     with_tok = render(tok)
     probs = ensemble.probs(with_tok)
@@ -222,7 +232,8 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     f64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731 - float64 columns round and print cleanly
     df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
                            p_source=f64(p_s), text_cosine=f64(text_cos)))
-    plain = render(None) if scorer or return_images else None
+    plain = render(None) if both else None
+    bar.close()
     if scorer is not None:
         df["clip_with"] = f64(scorer.score(with_tok, ps))
         df["clip_without"] = f64(scorer.score(plain, ps))

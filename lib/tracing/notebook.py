@@ -18,12 +18,13 @@ import pandas as pd
 from lib.atomic import write_parquet_atomic
 from lib.loading import describe_source
 from lib.params import COMMON, Param, ParameterError, distinct, positive, seed_value
+from lib.paths import shell_path
 from lib.sampling import scheduler_fingerprint
 from lib.scoring import check_scorer_spec
 from lib.tracing.layers import TEXT_KINDS, text_encoders
 from lib.tracing.probes import NAMED_SETS, probe_path
 from lib.tracing.report import pick_split
-from lib.tracing.sweep import (SweepConfig, check_captions, collect, from_repo_root, load_probes, model_fingerprint,
+from lib.tracing.sweep import (SweepConfig, check_captions, collect, load_probes, model_fingerprint,
                                model_spec, run_sweep, sweep_dir)
 
 
@@ -143,8 +144,8 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, process
     notebook keeps its selection).
     """
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
-    probes = P.PROBES if str(P.PROBES) in NAMED_SETS else from_repo_root(probe_path(P.PROBES))
-    args = [("--model", model_spec(P.MODEL)), ("--probes", probes), ("--mode", cfg.mode),
+    probes = shlex.quote(P.PROBES) if str(P.PROBES) in NAMED_SETS else shell_path(probe_path(P.PROBES))
+    args = [("--model", model_spec(P.MODEL)), ("--mode", cfg.mode),
             ("--device", pipe.unet.device.type),
             ("--dtype", dtype), ("--seeds", ",".join(map(str, P.SEEDS))), ("--steps", cfg.steps),
             ("--guidance", repr(cfg.guidance)), ("--batch-size", cfg.batch_size),
@@ -157,9 +158,9 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, process
         args.append(("--text-kinds", ",".join(cfg.text_kinds)))
         if cfg.text_layers:
             args.append(("--text-layers", ",".join(map(str, cfg.text_layers))))
-    args.append(("--out", from_repo_root(Path(out) / "sweeps")))
-    return (f"accelerate launch --multi_gpu --num_processes {processes} -m lib.tracing.sweep "
-            + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in args) + " --nested")
+    return (f"accelerate launch --multi_gpu --num_processes {processes} -m lib.tracing.sweep --probes {probes} "
+            + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in args)
+            + f" --out {shell_path(Path(out) / 'sweeps')} --nested")
 
 
 def trace(P: SimpleNamespace, cfg: SweepConfig, pipe, scorer, probes: pd.DataFrame, out: Path):

@@ -144,14 +144,34 @@ def _fmt(x: float) -> str:
 
 
 NOT_TRACED = "undetermined (not traced)"
+STRADDLES = "undetermined (intervals straddle τ)"
 
 
-def _verdict(ok: bool, defined: bool, traced: bool = True) -> str:
+def cell_flags(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(surely, possibly) causal per cell of a layer / token table: surely when the 95% interval's lower end reaches τ,
+    possibly when its upper end does. A cell without an interval (a single probe: nothing to resample) counts by its
+    value for both, so a single-caption run gets the point verdicts (:func:`interval_counts` counts such cells apart)."""
+    causal = table["causal"].astype(bool)
+    if "recovery_lo" not in table or "recovery_hi" not in table:
+        return causal, causal
+    tau = table["tau"]
+    no_interval = table["recovery_lo"].isna() | table["recovery_hi"].isna()
+    surely = ((table["recovery_lo"] >= tau).fillna(False) & ~no_interval) | (no_interval & causal)
+    possibly = ((table["recovery_hi"] >= tau).fillna(False) & ~no_interval) | (no_interval & causal)
+    return surely.astype(bool), possibly.astype(bool)
+
+
+def _verdict(ok: bool, defined: bool, traced: bool = True, sure: tuple[bool, bool] | None = None) -> str:
     """``reproduced`` / ``not reproduced``; ``undetermined`` when what the finding is about was not traced or has no
-    finite recovery."""
+    finite recovery, or (``sure`` = (it holds whichever way each cell falls within its interval, it fails whichever
+    way)) when neither is certain: the point values decide it, but a cell's interval straddles τ."""
     if not traced:
         return NOT_TRACED
-    return "undetermined (no finite recovery)" if not defined else ("reproduced" if ok else "not reproduced")
+    if not defined:
+        return "undetermined (no finite recovery)"
+    if sure is not None and not any(sure):
+        return STRADDLES
+    return "reproduced" if ok else "not reproduced"
 
 
 def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
@@ -163,29 +183,42 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
     """
     counts = unet_causal_counts(table).set_index("attribute")
     defined = bool(table["recovery"].notna().any())
+    surely, possibly = cell_flags(table)
     rows = []
     spread = {a: int((counts.loc[a, ["down", "mid", "up"]] > 0).sum()) for a in counts.index}
     dist = all(counts.loc[a, "causal_layers"] >= 2 and spread[a] >= 2 for a in counts.index)
+
+    def distributed(flags: pd.Series) -> bool:  # as dist, with these cells causal (more can only help it)
+        blocks = [table.loc[flags & (table["attribute"] == a), "block"] for a in counts.index]
+        return all(len(b) >= 2 and b.nunique() >= 2 for b in blocks)
+
     rows.append(dict(
         finding="UNet knowledge is distributed (several causal layers, in more than one of down/mid/up)",
         measured="; ".join(f"{a}: {counts.loc[a, 'causal_layers']}/{counts.loc[a, 'of']} causal in {spread[a]} "
                            f"block group(s)" for a in counts.index),
-        verdict=_verdict(dist, defined)))
-    x = table[table["kind"] == "attn2"]
+        verdict=_verdict(dist, defined, sure=(distributed(surely), not distributed(possibly)))))
+    is_x = table["kind"] == "attn2"
+    x = table[is_x]
     n_x = x.groupby("attribute")["causal"].agg(["sum", "size"])  # size: the attn2 layers traced for it
     rows.append(dict(
         finding="cross-attention (attn2) layers are not causal",
         measured="; ".join(f"{a}: {int(n_x.loc[a, 'sum'])}/{int(n_x.loc[a, 'size'])} causal, max recovery "
                            f"{_fmt(x[x['attribute'] == a]['recovery'].max())}" for a in n_x.index),
-        verdict=_verdict(bool(n_x["sum"].sum() == 0), defined, traced=len(x) > 0)))
+        verdict=_verdict(bool(n_x["sum"].sum() == 0), defined, traced=len(x) > 0,
+                         sure=(not possibly[is_x].any(), bool(surely[is_x].any())))))
     first = table[table["kind"] == "attn1"]["layer_index"].min()
-    f = table[table["layer_index"] == first].set_index("attribute")
+    at_first = table["layer_index"] == first
+    f = table[at_first].set_index("attribute")
     style_only = bool(f["causal"].get("style", False)) and not f.drop(index="style", errors="ignore")["causal"].any()
+    sty = at_first & (table["attribute"] == "style")
+    others = at_first & (table["attribute"] != "style")
     rows.append(dict(
         finding=f"the first self-attention ({short_layer(f['layer'].iloc[0]) if len(f) else '-'}) is causal for style only",
         measured="; ".join(f"{a}: recovery {_fmt(f.loc[a, 'recovery'])}{' (causal)' if f.loc[a, 'causal'] else ''}"
                            for a in f.index),
-        verdict=_verdict(style_only, defined, traced="style" in f.index)))
+        verdict=_verdict(style_only, defined, traced="style" in f.index,
+                         sure=(bool(surely[sty].any()) and not possibly[others].any(),
+                               not possibly[sty].any() or bool(surely[others].any())))))
     return _with_reading(pd.DataFrame(rows), table)
 
 
@@ -204,11 +237,15 @@ def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp
     rows = []
     for (enc, attr), t in table.groupby(["component", "attribute"], sort=True):
         t = t[t["kind"].isin(kinds)]
+        surely, possibly = cell_flags(t)
         causal = t[t["causal"]].sort_values("recovery", ascending=False)
         cells = [f"{r.kind} L{r.layer_index} @{r.token_group} ({_fmt(r.recovery)})" for r in causal.itertuples()]
         target = t[(t["kind"] == "self_attn") & (t["layer_index"] == 0) & (t["token_group"] == "last_subject")]
         best = t.sort_values("recovery", ascending=False).head(1)
         ok = len(causal) == 1 and len(target) == 1 and bool(target["causal"].iloc[0])
+        is_target = t.index.isin(target.index)
+        sure = (bool(surely[is_target].any()) and not possibly[~is_target].any(),
+                not possibly[is_target].any() or bool(surely[~is_target].any()))
         rows.append(dict(
             finding=f"{enc}, {attr}: a single causal {'/'.join(kinds)} state, layer-0 self-attention at the last "
                     "subject token",
@@ -216,7 +253,7 @@ def text_findings(table: pd.DataFrame, kinds: Sequence[str] = ("self_attn", "mlp
                       f"{_fmt(target['recovery'].iloc[0]) if len(target) else 'n/a'}; best cell "
                       + (f"{best['kind'].iloc[0]} L{best['layer_index'].iloc[0]} @{best['token_group'].iloc[0]}"
                          if len(best) else "n/a")),
-            verdict=_verdict(ok, bool(t["recovery"].notna().any()), traced=len(target) > 0)))
+            verdict=_verdict(ok, bool(t["recovery"].notna().any()), traced=len(target) > 0, sure=sure)))
     return _with_reading(pd.DataFrame(rows, columns=["finding", "measured", "verdict"]), table)
 
 

@@ -112,8 +112,9 @@ class SweepConfig:
             raise SweepError(f"noise_scheme must be {NOISE_SCHEME!r}, got {self.noise_scheme!r}")
         if isinstance(self.steps, bool) or not (isinstance(self.steps, numbers.Integral) and 1 <= self.steps <= 999):
             raise SweepError(f"steps must be an integer in [1, 999], got {self.steps!r}")
-        if not math.isfinite(self.guidance):
-            raise SweepError(f"guidance must be finite, got {self.guidance!r}")
+        if not (math.isfinite(self.guidance) and 1.0 <= self.guidance <= 50.0):  # the notebooks' GUIDANCE bound
+            raise SweepError(f"guidance must be in [1, 50] (below 1 diffusers switches guidance off), got "
+                             f"{self.guidance!r}")
         if not (math.isfinite(self.multiplier) and self.multiplier > 0):
             raise SweepError(f"multiplier (the corruption noise scale) must be > 0, got {self.multiplier!r}: with "
                              "no noise nothing is corrupted and every recovery is undefined")
@@ -342,7 +343,7 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     names, legacy = finished(out)
     mine = [it for it in share if not it.done(cfg.mode, names, legacy)]
     written = []
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text on stderr (a notebook widget would be saved at its first state)
 
     for item in tqdm(mine, desc=f"trace {cfg.mode} [{process_index}/{num_processes}]", disable=not progress):
         rows = run_item(pipe, scorer, item, cfg)
