@@ -98,6 +98,7 @@ class TimmMember(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.device, torch.float32)
         x = F.interpolate(x, size=(self.resize, self.resize), mode=self.mode, align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)  # as timm's PIL transform, whose uint8 output clips the bicubic overshoot at edges
         off = int(round((self.resize - self.size) / 2.0))  # torchvision's CenterCrop
         x = x[..., off : off + self.size, off : off + self.size]
         p = next(self.model.parameters())
