@@ -55,6 +55,12 @@ def conditioning_layers(pipe, encoder: str = "text_encoder") -> int:
     return depth - 1 if is_sdxl(pipe) else depth
 
 
+def layer_reaches_unet(pipe, encoder: str, layer: int) -> bool:
+    """Whether ``encoder``'s ``layer`` output reaches the UNet at all: through the token conditioning
+    (:func:`conditioning_layers`) or, for SDXL's ``text_encoder_2``, through the pooled embedding of its last layer."""
+    return layer < conditioning_layers(pipe, encoder) or (is_sdxl(pipe) and encoder == "text_encoder_2")
+
+
 def encode(pipe, prompts: str | Sequence[str], negative: str | None = None, truncate: bool = False,
            grad: bool = False) -> Conditioning:
     """Encode prompts (and the negative prompt for CFG) exactly as the pipeline would.

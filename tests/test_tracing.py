@@ -74,7 +74,13 @@ def test_unknown_layer_names_are_clear_errors():
 def test_text_sites_per_encoder():
     assert len(text_sites(pipe("sd-v1"))) == 12 * 3
     sites = text_sites(pipe("sdxl"))
-    assert len(sites) == (12 + 32) * 3 and {s.encoder for s in sites} == {"text_encoder", "text_encoder_2"}
+    # SDXL: text_encoder's last layer reaches nothing (the UNet reads its penultimate one, and its pooled output is
+    # unused), so it is left out by default; text_encoder_2's last layer feeds the pooled embedding and stays
+    assert len(sites) == (11 + 32) * 3 and {s.encoder for s in sites} == {"text_encoder", "text_encoder_2"}
+    assert max(s.layer for s in sites if s.encoder == "text_encoder") == 10
+    assert max(s.layer for s in sites if s.encoder == "text_encoder_2") == 31
+    assert {(s.encoder, s.layer) for s in text_sites(pipe("sdxl"), layers=[11])} == {("text_encoder", 11),
+                                                                                    ("text_encoder_2", 11)}  # asked
     assert TextSite("text_encoder", 0, "self_attn").name == "text_encoder.encoder.layers.0.self_attn"
     with pytest.raises(LayerError, match="has layers 0..11"):
         text_sites(pipe("sd-v1"), layers=[12])

@@ -160,7 +160,13 @@ def check_text_layers(layers: Sequence[int], depths: dict[str, int]) -> None:
 def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str] = TEXT_KINDS,
                layers: Sequence[int] | None = None) -> list[TextSite]:
     """Candidate text-encoder sites, per encoder, layer, then kind; ``layers`` selects layer indices, each from the
-    encoders that have it (SDXL: 12–31 from ``text_encoder_2`` only); a layer no encoder has is a ``LayerError``."""
+    encoders that have it (SDXL: 12–31 from ``text_encoder_2`` only); a layer no encoder has is a ``LayerError``.
+
+    By default (``layers=None``) a layer whose output never reaches the UNet is left out
+    (:func:`lib.sampling.layer_reaches_unet`; SDXL's ``text_encoder`` layer 11: its restoration is the corrupted image
+    by construction, a zero that would only pull Otsu's τ down); named in ``layers``, it is traced."""
+    from lib.sampling import layer_reaches_unet
+
     present = text_encoders(pipe)
     encoders = present if encoders is None else list(encoders)
     check_names(encoders, present, "text encoder")
@@ -172,7 +178,8 @@ def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str]
         check_text_layers(layers, depths)
     sites = []
     for enc, depth in depths.items():
-        idx = range(depth) if layers is None else [i for i in layers if 0 <= i < depth]
+        idx = ([i for i in range(depth) if layer_reaches_unet(pipe, enc, i)] if layers is None
+               else [i for i in layers if 0 <= i < depth])
         sites += [TextSite(enc, i, k, layers_prefix(getattr(pipe, enc))) for i in idx for k in kinds]
     return sites
 
