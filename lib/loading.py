@@ -464,7 +464,9 @@ def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persiste
         if non_persistent:
             tensors.update({k: v for k, v in module.named_buffers() if k not in tensors})
         for name, t in tensors.items():
-            x = t.detach().double() if t.is_floating_point() else t.detach().long().double()
+            x = t.detach()
+            x = x.cpu() if x.device.type == "mps" else x  # MPS has no float64 (the device type still enters the hash)
+            x = x.double() if t.is_floating_point() else x.long().double()
             h.update(f"{attr}.{name}{tuple(t.shape)}{t.dtype}{t.device.type}{float(x.sum()):.6e}"
                      f"{float((x * x).sum()):.6e}".encode())
     return h.hexdigest()[:16]
