@@ -34,9 +34,10 @@ def twin_dirs(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dead_pid():
-    """The pid of a process that has exited (a killed writer's, for temporary-file clean-up)."""
+    """The pid of a process that has exited (a killed writer's, for temporary-file clean-up); drawn afresh for each
+    test, since over a long session the system may hand an exited pid to a new process or thread."""
     import subprocess
     import sys
 

@@ -501,6 +501,13 @@ def test_baseline_maps_anchor_embeddings_to_target_projections(family):
     assert after < 0.2 * before
     gap = gradient_descent_gap(keys, tgts @ w0.T, w0, 0.1)
     assert gap.rel_update < 1e-5
+    # every to_k and to_v gets its own ridge solve (values: its old projection of the target embeddings)
+    lam = e.meta["solve"]["lam_effective"]
+    for path, linear in layers.items():
+        w0 = linear.weight.detach().double()
+        expected = closed_form(keys, tgts @ w0.T, w0, lam) - w0
+        assert torch.allclose(e.deltas[path].double(), expected, atol=1e-5, rtol=1e-4), path
+    assert {p.rsplit(".", 2)[-2] for p in layers} == {"to_k", "to_v"}
     with pytest.raises(EditError, match="projections"):
         cross_attention_baseline(p, "van gogh", "painting", projections=["to_q"])
 
@@ -582,6 +589,68 @@ def test_concept_rate_and_scene_accuracy():
                          "character": ["snoopy"], "background": ["none"]})
     acc = E.scene_accuracy(pred, [W.Scene(character="snoopy")])
     assert acc.tolist() == [1.0]  # color not scored for a character
+
+
+def test_notebook_06_tables_on_hand_computed_rows():
+    """The removal / preservation tables and goal verdicts of notebook 06, on rows whose rates are known by hand."""
+    import pandas as pd
+
+    sets = {"van gogh": [("a van gogh cat", W.Scene(object="cat", style="van gogh"))],
+            "snoopy": [("snoopy jumping", W.Scene(character="snoopy", action="jumping"))]}
+    unrelated = [("a red square", W.Scene(object="square", color="red"))]
+    ps = E.prompt_table(sets, unrelated, ["snoopy", "van gogh"])
+    assert ps["anchor"].tolist()[:2] == ["snoopy", "van gogh"] and pd.isna(ps["anchor"].iloc[2])
+    assert ps["prompt"].tolist()[2] == "a red square"
+    rows = []  # condition, prompt_id, seed, predictions, accuracy, CLIP
+    for cond, style, char, obj, acc in (("unedited", "van gogh", "snoopy", "none", 1.0),
+                                        ("edit", "painting", "none", "dog", 0.5)):
+        for pid in range(3):
+            for seed in (0, 1):
+                rows.append(dict(condition=cond, prompt_id=pid, seed=seed, pred_style=style if seed == 0 else "none",
+                                 pred_character=char, pred_object=obj, accuracy=acc if pid == 2 else 0.0,
+                                 clip_prompt=10.0 + pid, clip_target=20.0 + pid))
+    df = pd.DataFrame(rows)
+    df["anchor"] = ps["anchor"].to_numpy()[df["prompt_id"]]
+    E.mark_hits(df, {"van gogh": "painting", "snoopy": "dog"})
+    assert not df.loc[df["anchor"].isna(), ["concept_hit", "target_hit"]].any().any()  # unrelated rows: no anchor
+    removal = E.removal_table(df)
+    assert removal.loc[("van gogh", "unedited"), "concept_rate"] == 0.5  # seed 0 only draws the style
+    assert removal.loc[("van gogh", "edit"), ["concept_rate", "target_rate"]].tolist() == [0.0, 0.5]
+    assert removal.loc[("snoopy", "unedited"), ["concept_rate", "target_rate"]].tolist() == [1.0, 0.0]
+    assert removal.loc[("snoopy", "edit"), ["concept_rate", "target_rate"]].tolist() == [0.0, 1.0]  # a generic dog
+    assert removal.loc[("snoopy", "edit"), ["clip_prompt", "clip_target", "n"]].tolist() == [10.0, 20.0, 2]
+    pres = E.preservation_table(df)
+    assert pres["accuracy"].tolist() == [1.0, 0.5] and pres["accuracy_vs_unedited"].tolist() == [1.0, 0.5]
+    assert pres["clip_prompt"].tolist() == [12.0, 12.0]
+    assert E.goal_verdict(True) == "met" and E.goal_verdict(False) == "missed"
+    assert E.goal_verdict(True, 0.8) == "met" and E.goal_verdict(False, 0.8) == "missed"
+    assert E.goal_verdict(True, 0.79) == "not testable (unedited rate < 0.80)"
+    assert E.goal_verdict(True, float("nan")).startswith("not testable")
+
+
+def test_evaluate_anchors_scores_each_image_against_the_scene_the_edit_should_draw(monkeypatch):
+    import pandas as pd
+
+    sets = {"snoopy": [("snoopy jumping on a beach", W.Scene(character="snoopy", action="jumping",
+                                                                 background="on a beach"))]}
+    ps = E.prompt_table(sets, [("a red square", W.Scene(object="square", color="red"))], ["snoopy"])
+    seen = {}
+
+    def fake(pipe, members, conditions, prompts, scenes, seeds, steps, guidance, **kw):
+        seen.update(prompts=prompts, kw=kw)
+        return pd.DataFrame(dict(condition="c", prompt_id=[1, 0], seed=0, pred_character=["snoopy", "none"],
+                                 pred_object=["none", "dog"], accuracy=1.0))
+
+    monkeypatch.setattr(E, "evaluate_edit", fake)
+    df = E.evaluate_anchors(None, None, {"c": None}, ps, {"snoopy": "dog"}, [0], 2, 3.0, scorer=object())
+    target = seen["kw"]["score_captions"]["target"]
+    assert seen["kw"]["score_captions"]["prompt"] == seen["prompts"] == list(ps.prompt)
+    assert W.parse_caption(target[0]) == W.Scene(object="dog", action="jumping", background="on a beach")
+    assert target[1] == "a red square"  # an unrelated prompt: its own caption
+    assert pd.isna(df["anchor"].iloc[0]) and df["anchor"].iloc[1] == "snoopy"  # by prompt_id, not by row order
+    assert df["target_hit"].tolist() == [False, True] and df["concept_hit"].tolist() == [False, False]
+    E.evaluate_anchors(None, None, {"c": None}, ps, {"snoopy": "dog"}, [0], 2, 3.0)
+    assert "score_captions" not in seen["kw"]  # no scorer: nothing to score
 
 
 def test_generate_images_applies_and_reverts_the_edit():
@@ -731,6 +800,30 @@ def test_evaluate_edit_loads_finished_conditions_from_its_cache(monkeypatch, tmp
     E.evaluate_edit(p, Brightness(), {"fresh": quickfix(p, "monet", "painting"), "other2": other}, prompts, scenes,
                     [5], **kw)
     assert len(calls) == n + 1 and calls[-1] is other  # ... the first one's result was kept
+    # what the rows depend on besides the edit and seeds: each change is generated afresh, never loaded stale
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **kw)  # the reference call
+    n = len(calls)
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **{**kw, "steps": 2})
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **{**kw, "guidance": 2.0})
+    other_scorer = Scorer()
+    other_scorer.fingerprint = lambda: "other"
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **{**kw, "scorer": other_scorer})
+    dimmer = Brightness()
+    dimmer.register_buffer("w", torch.ones(1))  # a classifier with other weights
+    E.evaluate_edit(p, dimmer, {"unedited": None}, prompts, scenes, [5], **kw)
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts[::-1], scenes[::-1], [5], **kw)
+    assert len(calls) == n + 5
+    bias = p.unet.conv_out.bias.detach().clone()
+    with torch.no_grad():  # other pipeline weights
+        p.unet.conv_out.bias.add_(1.0)
+    try:
+        E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **kw)
+    finally:
+        with torch.no_grad():
+            p.unet.conv_out.bias.copy_(bias)
+    assert len(calls) == n + 6
+    E.evaluate_edit(p, Brightness(), {"unedited": None}, prompts, scenes, [5], **kw)
+    assert len(calls) == n + 6  # the same inputs again: loaded
     blind = Scorer()
     blind.fingerprint = lambda: None  # a scorer without weights to hash: its scores could pass for another's
     with pytest.raises(ValueError, match="cache_dir needs a scorer whose weights can be fingerprinted"):

@@ -159,6 +159,14 @@ def test_bad_classes_and_goals_raise():
 def test_report_table(ens):
     df = ens.report(torch.rand(2, 3, 32, 32), "cat", target="dog")
     assert len(df) == 6 and set(df.columns) >= {"member", "p_class", "top_label", "top_prob", "p_target"}
+    import math
+
+    known = Ensemble([const_member([math.log(0.7), math.log(0.2), math.log(0.1)], name="a"),
+                      const_member([math.log(0.1), math.log(0.3), math.log(0.6)], name="b")])
+    t = known.report(torch.rand(2, 3, 8, 8), "cat", target="dog").set_index(["member", "image"])
+    assert t.loc[("a", 1), ["p_class", "top_prob", "p_target"]].tolist() == pytest.approx([0.7, 0.7, 0.2])
+    assert t.loc[("b", 0), ["p_class", "top_prob", "p_target"]].tolist() == pytest.approx([0.1, 0.6, 0.3])
+    assert t["top_label"].tolist() == ["cat", "cat", "car", "car"]
 
 
 def test_edge_member_is_canny_forward_and_differentiable():
@@ -244,6 +252,15 @@ def test_clip_member_zero_shot():
     m = ClipMember(scorer, LABELS)
     out = m(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 3) and out.abs().max() <= 100 + 1e-4
+    # known features: image k's is label k's text feature, so the logits are 100 · one-hot(k)
+    onehot = ClipScorer(encode_image=lambda x: torch.eye(3)[x[:, 0, 0, 0].round().long()],
+                        encode_text=lambda ids: torch.eye(3)[ids[:, 0]],
+                        tokenize=lambda ts: torch.tensor([[LABELS.index(t.split()[-1])] for t in ts]),
+                        image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+    images = torch.zeros(3, 3, 8, 8) + torch.tensor([2.0, 0.0, 1.0]).view(3, 1, 1, 1)
+    got = ClipMember(onehot, LABELS)(images)
+    torch.testing.assert_close(got, 100 * torch.eye(3)[[2, 0, 1]])
+    assert got.argmax(-1).tolist() == [2, 0, 1]
     with pytest.raises(ValueError, match="label"):
         ClipMember(scorer, LABELS, template="a photo")
     with pytest.raises(ValueError, match="wraps functions"):

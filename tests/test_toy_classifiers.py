@@ -165,8 +165,7 @@ def test_clip_ranking_accuracy_with_an_oracle():
 @pytest.fixture(scope="module")
 def committed_table():
     """Accuracy of the committed classifiers on 200 held-out renders: member × attribute (NaN: not read)."""
-    if not (C.DEFAULT_DIR / C.CONFIG_NAME).exists():
-        pytest.skip("no trained classifiers in data/toy")
+    assert (C.DEFAULT_DIR / C.CONFIG_NAME).is_file(), "the committed classifiers are missing: git checkout -- data/toy"
     arr, scenes, _ = W.make_dataset(200, seed=12345, split="heldout")
     return accuracy_table(arr, scenes, C.load_classifiers())
 
@@ -204,8 +203,7 @@ def test_committed_classifiers_reach_98_percent_on_objects(committed_table):
 def named_table():
     """Accuracy of the committed classifiers on the scenes of 1,000 held-out renders that name each attribute ("none"
     truths left out: 99 of the 1,000 have a character, so the all-scene figure says little about characters)."""
-    if not (C.DEFAULT_DIR / C.CONFIG_NAME).exists():
-        pytest.skip("no trained classifiers in data/toy")
+    assert (C.DEFAULT_DIR / C.CONFIG_NAME).is_file(), "the committed classifiers are missing: git checkout -- data/toy"
     arr, scenes, _ = W.make_dataset(1000, seed=12345, split="heldout")
     counts = attribute_accuracy(arr, scenes, C.load_classifiers())
     return accuracy_table(counts[counts.value != C.NONE])
@@ -227,7 +225,6 @@ def test_the_edge_member_reads_characters_at_98_percent(named_table):
     assert named_table.loc["edges", "character"] >= 0.98, named_table.round(3).to_string()
 
 
-@pytest.mark.skipif(not (C.DEFAULT_DIR / C.CONFIG_NAME).exists(), reason="no trained classifiers in data/toy")
 def test_rebuild_command_reproduces_the_committed_recipe():
     """The default steps and architectures are those the committed weights were trained with."""
     config = json.loads((C.DEFAULT_DIR / C.CONFIG_NAME).read_text())

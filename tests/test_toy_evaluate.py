@@ -276,3 +276,19 @@ def test_quality_run_writes_run_json_last(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         E.run_quality(out, roundtrip=2, **small)
     assert not (out / "run.json").exists() and (out / "quality.md").is_file() and not list(out.glob(".*"))
+
+
+def test_committed_toy_clip_ranks_the_true_caption_of_held_out_renders_first():
+    """The issue's bar (>= 0.90 of renders) on its protocol: the quality table's 30 held-out prompts x 8 render seeds
+    (measured 0.925, 222 of 240). The toy CLIP serves every toy CLIP-Score, so a preprocessing or tokenising slip (other
+    mean/std, unpadded captions) shows here; on 200 other held-out renders (lib.toy.world.make_dataset, seed 12345,
+    scenes with more attributes) it ranks 0.875 (RESULTS)."""
+    from lib.scoring import toy_clip_scorer
+    from lib.toy.evaluate import clip_ranking_accuracy, heldout_prompts, render_prompts
+
+    prompts, seeds = heldout_prompts(2, 0), list(range(8))
+    renders = render_prompts(prompts, seeds)
+    scenes = [p.scene for p in prompts for _ in seeds]
+    captions = [p.caption for p in prompts for _ in seeds]
+    assert clip_ranking_accuracy(toy_clip_scorer(), renders, scenes, captions) >= 0.90
+

@@ -45,7 +45,6 @@ def test_loads_with_auto_classes(tokenizer, tmp_path):
         torch.testing.assert_close(m2(ids).logits, model.eval()(ids).logits)
 
 
-@pytest.mark.skipif(not (lm.DEFAULT_DIR / "config.json").exists(), reason="no trained LM in data/toy")
 def test_committed_lm_continues_with_grammar_words():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -549,6 +549,28 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
         run_sweep(p, toy_scorer(), PROBES.iloc[:0], [0], tmp_path / "x", cfg, 0, 1, progress=False)
 
 
+def test_sweep_rows_hold_the_scores_of_their_own_images(tmp_path):
+    """A sweep's row values, not only its counts: the item traced directly (same seed, same derived noise) gives the
+    clean, corrupted and each restored image, whose CLIP-Scores the rows must hold in their own columns (a swap of
+    clean and corrupted inverts every recovery)."""
+    from lib.tracing.score import clip_scores
+
+    p, scorer = pipe("sd-v1"), toy_scorer()
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:3]), multiplier=3.0)
+    run_sweep(p, scorer, PROBES.iloc[:1], [4], tmp_path, cfg, 0, 1, progress=False)
+    df = collect(tmp_path, tau=0.5).set_index("layer").loc[list(SUBSET[:3])]
+    tr = trace_unet(p, CAPTION, SUBJECT, 4, SUBSET[:3], steps=2, batch_size=8, corruption=Corruption(3.0, 0).at(4))
+    clean, corrupted = clip_scores(scorer, torch.cat([tr.clean, tr.corrupted]), CAPTION)
+    assert abs(clean - corrupted) > 1e-3  # the check below can tell them apart
+    assert df["clean_score"].tolist() == pytest.approx([clean] * 3, abs=1e-5)
+    assert df["corrupted_score"].tolist() == pytest.approx([corrupted] * 3, abs=1e-5)
+    assert df["score"].tolist() == pytest.approx(list(clip_scores(scorer, tr.restored, CAPTION)), abs=1e-5)
+    expected = (df["score"] - corrupted) / (clean - corrupted) if clean > corrupted else df["score"] * np.nan
+    assert df["recovery"].tolist() == pytest.approx(list(expected), abs=1e-6, nan_ok=True)  # no gap: undefined
+    assert (df["seed"] == 4).all() and (df["noise_seed"] == item_noise_seed(Corruption(3.0, 0).at(4), CAPTION,
+                                                                            SUBJECT)).all()
+
+
 def test_a_sweep_refuses_other_weights_schedules_and_bad_settings_before_writing(tmp_path):
     """A config names the weights and noise schedule its rows come from: run with another pipeline, it would add that
     pipeline's rows to the folder and resume the first one's as done. Bad settings fail before ``sweep.json``."""
