@@ -42,6 +42,7 @@ class Result:
     extra: dict = field(default_factory=dict)
     warmup_s: list[float] = field(default_factory=list)  # each untimed warm-up call (a compiled case compiles here)
     peak_reserved_gib: float | None = None  # what the caching allocator held (CUDA-graph pools included)
+    start_mem_gib: float | None = None  # allocated when the timed runs began (an earlier case's kept pipeline counts)
 
 
 @dataclass
@@ -139,9 +140,11 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         ctx.sync()
         warm.append(time.perf_counter() - t0)
         print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s", flush=True)  # a case cut short still says how far
+    start = None
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached while compiling do not count towards the timed runs' reserved peak
         torch.cuda.reset_peak_memory_stats(ctx.device)
+        start = torch.cuda.memory_allocated(ctx.device) / 2**30
     times = []
     for _ in range(repeats):
         ctx.sync()
@@ -152,15 +155,15 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
     cuda = ctx.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved(ctx.device) / 2**30 if cuda else None
-    if "batch" in params:  # a SAGE case's batch is of independent searches, a generation's of images
-        unit = "search" if "searches" in params else "image"
+    if "batch" in params:  # a SAGE case's batch is of independent searches (one iteration each), a generation's images
+        unit = "search_iteration" if "searches" in params else "image"
         extra = {**extra, f"s_per_{unit}": statistics.median(times) / params["batch"]}
     if ctx.speed.get("compile"):  # a row labelled compiled that fell back (graph breaks, skipped CUDA graphs) says so
         from torch._dynamo.utils import counters
 
         extra = {**extra, "compile_counters": {k: dict(v) for k, v in counters.items()
                                                if k in ("stats", "inductor", "graph_break", "recompiles") and v}}
-    return Result(name, params, times, statistics.median(times), min(times), peak, dict(extra), warm, reserved)
+    return Result(name, params, times, statistics.median(times), min(times), peak, dict(extra), warm, reserved, start)
 
 
 def machine_facts() -> dict:
@@ -185,6 +188,10 @@ def environment(device: torch.device) -> dict:
     try:  # the device machine gets a copy of the working tree, possibly without .git
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        if env["commit"]:  # uncommitted changes: the numbers are not those of the commit alone
+            env["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                                               timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     env["commit"] = env["commit"] or os.environ.get("T2I_COMMIT")  # given in the device call's command line
@@ -195,27 +202,50 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def flags(result: dict) -> list[str]:
+    """What makes a case's timing not what its row says: a compiled case that fell back (graph breaks, recompiles,
+    skipped CUDA graphs), a SAGE gradient that was not finite, backward passes repeated after a float16 overflow."""
+    out = []
+    extra = result.get("extra", {})
+    counters = extra.get("compile_counters", {})
+    breaks = sum(counters.get("graph_break", {}).values())
+    recompiles = sum(counters.get("recompiles", {}).values())
+    skips = sum(v for k, v in counters.get("inductor", {}).items() if "cudagraph_skip" in k)
+    out += [f"{n} {what}" for n, what in ((breaks, "graph breaks"), (recompiles, "recompiles"),
+                                          (skips, "CUDA-graph skips")) if n]
+    if extra.get("grad_finite") is False:
+        out.append("gradient not finite")
+    if extra.get("backward_passes_max", 1) > 1:
+        out.append(f"up to {extra['backward_passes_max']} backward passes per iteration (float16 overflow)")
+    return out
+
+
 def summary_rows(paths: list[Path]) -> list[str]:
-    """One markdown row per measured case of bench.py's JSON files (for notebooks/RESULTS.md): case, speed settings,
-    median and min seconds, seconds per image or search, peak allocated / reserved GiB, warm-ups, GPU, commit."""
-    rows = ["| case | speed | median s | min s | per image / search | peak GiB (reserved) | warm-ups s | device "
-            "| commit |", "|---|---|---|---|---|---|---|---|---|"]
+    """One markdown row per measured case of bench.py's JSON files (for notebooks/RESULTS.md): case, size, speed
+    settings, median and min seconds, seconds per image or per search iteration, peak allocated / reserved GiB (and
+    allocated at the start), warm-ups, device, commit, and :func:`flags`."""
+    rows = ["| case | size | speed | median s | min s | per image / search iteration | peak GiB (reserved; at start) "
+            "| warm-ups s | device | commit | flags |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         try:
             report = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:  # one unreadable file does not cost the others' rows
-            rows.append(f"| {Path(path).name}: unreadable ({type(err).__name__}) |  |  |  |  |  |  |  |  |")
+            rows.append(f"| {Path(path).name}: unreadable ({type(err).__name__}) |" + "  |" * 10)
             continue
         env, speed = report.get("environment", {}), report.get("speed", {})
         how = ", ".join(f"{k}={v}" if v is not True else k for k, v in speed.items() if v is not None) or "eager"
         for r in report.get("results", []):
-            per = next((f"{v:.3f} s/{k[6:]}" for k, v in r.get("extra", {}).items() if k.startswith("s_per_")), "")
-            peak, reserved = r.get("peak_mem_gib"), r.get("peak_reserved_gib")
-            mem = "" if peak is None else f"{peak:.1f}" + ("" if reserved is None else f" ({reserved:.1f})")
+            per = next((f"{v:.3f} s/{k[6:].replace('_', ' ')}" for k, v in r.get("extra", {}).items()
+                        if k.startswith("s_per_")), "")
+            peak, reserved, start = r.get("peak_mem_gib"), r.get("peak_reserved_gib"), r.get("start_mem_gib")
+            mem = "" if peak is None else f"{peak:.1f}" + ("" if reserved is None else f" ({reserved:.1f}"
+                                                          + ("" if start is None else f"; {start:.1f}") + ")")
             warm = " / ".join(f"{w:.1f}" for w in r.get("warmup_s", []))
             med, low = r.get("median_s", float("nan")), r.get("min_s", float("nan"))
-            rows.append(f"| {r.get('case', '?')} | {how} | {med:.3f} | {low:.3f} | {per} | {mem} | {warm} | "
-                        f"{env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {env.get('commit')} |")
+            commit = f"{env.get('commit')}{' (dirty)' if env.get('dirty') else ''}"
+            rows.append(f"| {r.get('case', '?')} | {report.get('size', '?')} | {how} | {med:.3f} | {low:.3f} | {per} | "
+                        f"{mem} | {warm} | {env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {commit} | "
+                        f"{'; '.join(flags(r))} |")
     return rows
 
 
@@ -238,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                     help="print one markdown row per case of these result files and exit")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    need = 2 if args.compile_mode == "reduce-overhead" else 1 if args.compile else 0
+    if args.warmup < need:  # else the compilation (or CUDA-graph recording) would be timed
+        ap.error(f"--warmup must be >= {need} with --compile{' --compile-mode reduce-overhead' if need == 2 else ''}, "
+                 f"got {args.warmup}")
     if args.summarize:
         print("\n".join(summary_rows(args.summarize)))
         return 0

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from torch import nn
@@ -69,7 +70,9 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
     independent searches run together (:func:`lib.sage.latent.search_latents`: the per-search losses are summed,
     so each δ gets its own search's gradient, at its own float16 loss scale). ``info`` (if given) is kept up to date
     with the float16 loss scale at the start and now (the lowest search's: a lower one means backward passes were
-    repeated after an overflow) and whether the last gradient was finite."""
+    repeated after an overflow), whether the last gradient was finite, and the backward passes of the last iteration
+    and the most of any (``backward_passes`` / ``backward_passes_max``: more than 1 when an overflow repeated them,
+    which the iteration's time then includes)."""
     z = initial_latents(pipe, list(range(seed, seed + batch)))
     cond = encode(pipe, [PROMPT] * batch, None)
     state = {"delta": torch.zeros_like(z, dtype=torch.float32),
@@ -85,9 +88,18 @@ def latent_iteration_fn(pipe, ensemble: Ensemble, steps: int = 50, residual_step
         probs = ensemble.probs(decode(pipe, sample_with_residual(pipe, zp, cond, steps, guidance, residual)))
         loss = ensemble.loss(probs, "cat", "uncertain")
         value = float(loss.detach().sum())
-        # float16: loss-scaled per search, the graph retained for a retry
-        g, state["scales"] = scaled_grad_rows(loss, delta, list(range(batch)), state["scales"])
-        info.update(loss_scale=float(state["scales"].min()), grad_finite=bool(torch.isfinite(g).all()))
+        # float16: loss-scaled per search, the graph retained for a retry (each retry is one more backward pass)
+        passes = [0]
+        real_grad = torch.autograd.grad
+
+        def counted(*args, **kwargs):
+            passes[0] += 1
+            return real_grad(*args, **kwargs)
+
+        with patch.object(torch.autograd, "grad", counted):
+            g, state["scales"] = scaled_grad_rows(loss, delta, list(range(batch)), state["scales"])
+        info.update(loss_scale=float(state["scales"].min()), grad_finite=bool(torch.isfinite(g).all()),
+                    backward_passes=passes[0], backward_passes_max=max(passes[0], info.get("backward_passes_max", 0)))
         del zp, probs, loss
         with torch.no_grad():
             d = signed_step(delta, g, 0.05, -1.0, 1.0)
@@ -205,7 +217,7 @@ def _case(batch: int, tie: float = 0.5, checkpointing: str | None = "blocks"):
         params = dict(steps=steps, residual_step=k, members="imagenet" if full else "small", resolution=side,
                       guidance=7.5, searches=batch, **memory)
         if batch > 1:
-            params["batch"] = batch  # bench.py then also reports s_per_search: one iteration of one search
+            params["batch"] = batch  # bench.py then also reports s_per_search_iteration: one iteration of one search
         return run, params, info
 
     return build

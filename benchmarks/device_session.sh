@@ -21,6 +21,7 @@ CUT="" FAILED=""
 record() { if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then CUT="$CUT $1"; else FAILED="$FAILED $1(rc $2)"; fi; }
 case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
+: "${T2I_COMMIT:?give the commit in the call (T2I_COMMIT=<sha> bash benchmarks/device_session.sh ...): the copied tree has no .git}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT/samples"
@@ -34,6 +35,7 @@ speed() {  # one process per compiled case: a case that fails to compile does no
   # eager, most promising first: one search with the late tie and no checkpointing (no recomputation; ~20 GiB of
   # stored activations expected), and 8 batched searches with each differentiated UNet call checkpointed whole
   timeout -k 10 200 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
+    --channels-last --cudnn-benchmark \
     --cases sage_latent_iter_k40_nockpt,sage_latent_iter_b8_steps \
     --out "$OUT/speed_eager.json" 2>&1 | tee -a "$OUT/speed.log" || record speed_eager $?
   # case:mode:timeout:warmup (a killed case writes no JSON): CUDA graphs for the launch-bound single search first
@@ -52,7 +54,7 @@ trace() {  # the 70-layer trace: an eager baseline on this machine, then the com
   # autotuning on a fresh cache) does not fit the same call and is left out
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
   timeout -k 10 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --warmup 1 --repeats 1 \
-    --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 | tee -a "$OUT/trace.log" || record trace_eager $?
+    --channels-last --cudnn-benchmark --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 | tee -a "$OUT/trace.log" || record trace_eager $?
   for spec in reduce-overhead:400:2; do
     IFS=: read -r mode limit warmup <<< "$spec"
     rest=$(left); [ "$rest" -gt 90 ] || break; [ "$limit" -lt "$rest" ] || limit=$rest

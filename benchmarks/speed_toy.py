@@ -32,7 +32,8 @@ from lib.tracing.unet import trace_unet  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", choices=("cpu",),
+                    help="CPU only: these timings do not synchronise a GPU (GPU figures: bench.py)")
     ap.add_argument("--caption", default="a photo of a red cat")
     ap.add_argument("--subject", default="cat")
     ap.add_argument("--other", nargs=2, default=["a photo of a blue dog", "dog"], metavar=("CAPTION", "SUBJECT"))

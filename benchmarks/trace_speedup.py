@@ -31,7 +31,8 @@ from lib.tracing.unet import trace_unet, trace_unet_reference  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", choices=("cpu",),
+                    help="CPU only: these timings do not synchronise a GPU (GPU figures: bench.py)")
     ap.add_argument("--caption", default="a photo of a purple circle painted by picasso")
     ap.add_argument("--subject", default="circle")
     ap.add_argument("--steps", type=int, default=10)

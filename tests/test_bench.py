@@ -20,10 +20,34 @@ def test_harness_times_a_case_and_writes_json(tmp_path):
     assert report["environment"]["commit"]  # this checkout's, or T2I_COMMIT where there is no .git
     summary = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--summarize", str(out)],
                              check=True, capture_output=True, text=True, timeout=120).stdout.splitlines()
-    assert len(summary) == 3 and summary[0].startswith("| case | speed |")
+    assert len(summary) == 3 and summary[0].startswith("| case | size | speed |")
     cells = [c.strip() for c in summary[2].strip("|").split("|")]
-    assert cells[:3] == ["generate_sd14_b1", "eager", f"{res['median_s']:.3f}"]
-    assert cells[4] == f"{res['extra']['s_per_image']:.3f} s/image" and cells[7].startswith("cpu")
+    assert cells[:4] == ["generate_sd14_b1", "tiny", "eager", f"{res['median_s']:.3f}"]  # a tiny run says so
+    assert cells[5] == f"{res['extra']['s_per_image']:.3f} s/image" and cells[8].startswith("cpu") and cells[10] == ""
+
+
+def test_summary_flags_what_makes_a_timing_not_what_its_row_says(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench
+
+    fell_back = {"extra": {"compile_counters": {"graph_break": {"a": 2, "b": 1}, "recompiles": {"x": 1},
+                                                 "inductor": {"cudagraph_skips": 4}}}}
+    assert bench.flags(fell_back) == ["3 graph breaks", "1 recompiles", "4 CUDA-graph skips"]
+    overflow = {"extra": {"grad_finite": False, "backward_passes_max": 5}}
+    assert bench.flags(overflow) == ["gradient not finite",
+                                     "up to 5 backward passes per iteration (float16 overflow)"]
+    assert bench.flags({"extra": {"grad_finite": True, "backward_passes_max": 1}}) == []
+
+
+def test_compiled_timings_need_their_warm_ups():
+    """With fewer warm-ups the compilation (or reduce-overhead's CUDA-graph recording) was timed as a run."""
+    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--device", "cpu"]
+    for extra, msg in ((["--compile", "--warmup", "0"], "--warmup must be >= 1 with --compile"),
+                       (["--compile", "--compile-mode", "reduce-overhead", "--warmup", "1"],
+                        "--warmup must be >= 2 with --compile --compile-mode reduce-overhead"),
+                       (["--repeats", "0"], "--repeats must be >= 1")):
+        proc = subprocess.run(bench + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
 
 
 def test_the_commit_comes_from_t2i_commit_without_git(tmp_path, monkeypatch):
@@ -66,7 +90,8 @@ def _tiny_sage_case(name: str, tmp_path) -> dict:
 
 def test_batched_sage_case_reports_the_time_per_search(tmp_path):
     res = _tiny_sage_case("sage_latent_iter_b8_steps", tmp_path)
-    assert res["params"]["batch"] == 8 and res["extra"]["s_per_search"] == res["median_s"] / 8
+    assert res["params"]["batch"] == 8 and res["extra"]["s_per_search_iteration"] == res["median_s"] / 8
+    assert res["extra"]["backward_passes"] == res["extra"]["backward_passes_max"] == 1  # float32: no retry
     assert res["params"]["checkpointing"] == "steps" and res["params"]["vae_slicing"] is True
 
 
@@ -103,4 +128,7 @@ def test_the_device_session_script_parses_and_refuses_an_unknown_mode(tmp_path):
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     r = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)})
     assert r.returncode == 2 and "usage: bash benchmarks/device_session.sh {clip-vae|" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "T2I_COMMIT"}
+    r = subprocess.run(["bash", script, "speed"], capture_output=True, text=True, env={**env, "OUT": str(tmp_path)})
+    assert r.returncode != 0 and "T2I_COMMIT" in r.stderr  # its JSON would record no commit
     assert not list(tmp_path.iterdir())  # nothing installed or written
