@@ -140,6 +140,7 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         ctx.sync()
         warm.append(time.perf_counter() - t0)
         print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s", flush=True)  # a case cut short still says how far
+    extra.pop("backward_passes_max", None)  # a SAGE case's count restarts: a warm-up's overflow is not a timed run's
     start = None
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached while compiling do not count towards the timed runs' reserved peak
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    need = 2 if args.compile_mode == "reduce-overhead" else 1 if args.compile else 0
+    need = (2 if args.compile_mode == "reduce-overhead" else 1) if args.compile else 0
     if args.warmup < need:  # else the compilation (or CUDA-graph recording) would be timed
         ap.error(f"--warmup must be >= {need} with --compile{' --compile-mode reduce-overhead' if need == 2 else ''}, "
                  f"got {args.warmup}")

@@ -39,6 +39,30 @@ def test_summary_flags_what_makes_a_timing_not_what_its_row_says(monkeypatch):
     assert bench.flags({"extra": {"grad_finite": True, "backward_passes_max": 1}}) == []
 
 
+def test_backward_passes_repeated_in_a_warm_up_are_not_flagged_on_the_timed_runs(monkeypatch):
+    """A float16 loss scale backs off in the first calls; only the timed runs' repeats make a row's time longer."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench
+    import torch
+
+    info, calls = {}, []
+
+    def case(ctx):
+        def run():
+            calls.append(1)
+            n = 5 if len(calls) == 1 else 1  # the warm-up overflowed
+            info["backward_passes_max"] = max(n, info.get("backward_passes_max", 0))
+        return run, {}, info
+
+    monkeypatch.setitem(bench.CASES, "fake_sage", case)
+    res = bench.time_case("fake_sage", bench.Context(torch.device("cpu"), torch.float32, "tiny", {}), 1, 2)
+    assert len(calls) == 3 and res.extra["backward_passes_max"] == 1 and bench.flags({"extra": res.extra}) == []
+    calls.clear()
+    info.clear()
+    res = bench.time_case("fake_sage", bench.Context(torch.device("cpu"), torch.float32, "tiny", {}), 0, 2)
+    assert res.extra["backward_passes_max"] == 5  # no warm-up: the timed run itself repeated them
+
+
 def test_compiled_timings_need_their_warm_ups():
     """With fewer warm-ups the compilation (or reduce-overhead's CUDA-graph recording) was timed as a run."""
     bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--device", "cpu"]
@@ -48,6 +72,10 @@ def test_compiled_timings_need_their_warm_ups():
                        (["--repeats", "0"], "--repeats must be >= 1")):
         proc = subprocess.run(bench + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+    # a compile mode without --compile compiles nothing: no warm-up needed (it was refused, naming a --compile not given)
+    proc = subprocess.run(bench + ["--compile-mode", "reduce-overhead", "--warmup", "0", "--list"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_the_commit_comes_from_t2i_commit_without_git(tmp_path, monkeypatch):

@@ -622,6 +622,9 @@ def test_notebook_06_tables_on_hand_computed_rows():
     pres = E.preservation_table(df)
     assert pres["accuracy"].tolist() == [1.0, 0.5] and pres["accuracy_vs_unedited"].tolist() == [1.0, 0.5]
     assert pres["clip_prompt"].tolist() == [12.0, 12.0]
+    unscored = df.drop(columns=["clip_prompt", "clip_target"])  # evaluate_anchors without a scorer
+    assert list(E.removal_table(unscored).columns) == ["concept_rate", "target_rate", "n"]
+    assert list(E.preservation_table(unscored).columns) == ["accuracy", "accuracy_vs_unedited"]
     assert E.goal_verdict(True) == "met" and E.goal_verdict(False) == "missed"
     assert E.goal_verdict(True, 0.8) == "met" and E.goal_verdict(False, 0.8) == "missed"
     assert E.goal_verdict(True, 0.79) == "not testable (unedited rate < 0.80)"

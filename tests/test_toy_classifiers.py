@@ -318,6 +318,12 @@ def test_an_interrupted_training_is_refused_and_can_be_finished(tmp_path, member
     meta = C.train_classifiers(tmp_path, steps=2, members=["edges"], **kw)  # continues edges from its earlier weights
     assert "unfinished" not in meta and set(C.load_classifiers(tmp_path)) == set(C.MEMBERS)
     assert meta["training"]["edges"]["continues"] == {"steps": 7} and meta["training"]["resnet"]["steps"] == 2
+    # a corrupt config: the full rebuild its error names replaces it; retraining some members needs the others' entries
+    (tmp_path / C.CONFIG_NAME).write_text("{torn")
+    with pytest.raises(C.ClassifierLoadError, match="corrupt classifier config .* the kept members"):
+        C.train_classifiers(tmp_path, steps=1, members=["edges"], n_train=8, n_eval=4, batch_size=4)
+    C.train_classifiers(tmp_path, steps=1, n_train=8, n_eval=4, batch_size=4)  # every member: rebuilt
+    assert set(C.load_classifiers(tmp_path)) == set(C.MEMBERS)
 
 
 def test_distillation_pulls_a_member_towards_the_teacher(tmp_path, members):

@@ -254,8 +254,9 @@ def test_corrupt_inputs_fail_before_rendering_and_hints_name_the_folder(toy_dir,
                                            r"--stage all --config gpu --out "):
         T.run("unet", "cpu", work, steps_override=1)
     assert (work / "TRAINING.json").read_bytes() == log_before  # nothing marked unfinished
-    hint = T.rebuild_hint(tmp_path / "elsewhere" / "clip_vision" / "model.safetensors")
-    assert "--stage clip-vision" in hint and f"--out {tmp_path / 'elsewhere'}" in hint, hint
+    hint = T.rebuild_hint(tmp_path / "else where" / "clip_vision" / "model.safetensors")
+    assert "--stage clip-vision" in hint and f"--out '{tmp_path / 'else where'}'" in hint, hint  # quoted
+    assert "delete it first" in hint
     assert f"--out {tmp_path / 'w'}`" in T.rebuild_hint(tmp_path / "w" / "TRAINING.json")
 
 
@@ -276,18 +277,23 @@ def test_the_vision_stage_starts_a_new_tower_without_clip_vision(toy_dir, tmp_pa
     assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in te.state_dict().items())
 
 
-def test_a_corrupt_training_log_is_set_aside_by_a_fresh_stage_only(toy_dir, tmp_path):
+def test_a_corrupt_training_log_is_set_aside_by_a_full_rebuild_only(toy_dir, tmp_path):
+    """Its hint is --stage all, which read the corrupt log first and failed the same way; a single stage still refuses
+    (the log's unfinished marks are lost, so it could not tell a torn stage it starts from)."""
     import shutil
 
     work = tmp_path / "toy"
     shutil.copytree(toy_dir, work)
     (work / "TRAINING.json").write_text("{torn")
-    with pytest.raises(RuntimeError, match=r"TRAINING.json is unreadable or corrupt"):
-        T.run("unet-resume", "cpu", work, steps_override=1)  # it continues weights: its stage marks are needed
-    with pytest.warns(UserWarning, match=r"set aside as TRAINING.json.corrupt, a new log starts"):
-        T.run("vae", "cpu", work, steps_override=1, n_train=8)
-    assert (work / "TRAINING.json.corrupt").read_text() == "{torn"
-    assert "vae" in json.loads((work / "TRAINING.json").read_text())["stages"]
+    for stage in ("unet-resume", "vae"):
+        with pytest.raises(RuntimeError, match=r"TRAINING.json is unreadable or corrupt .*--stage all"):
+            T.run(stage, "cpu", work, steps_override=1, n_train=8)
+    with pytest.warns(UserWarning, match=r"set aside as TRAINING.json.corrupt-\d{8}-\d{6}, a new log starts"):
+        T.run("all", "cpu", work, steps_override=1, n_train=8)
+    (kept,) = work.glob("TRAINING.json.corrupt-*")
+    assert kept.read_text() == "{torn"
+    log = json.loads((work / "TRAINING.json").read_text())
+    assert {"clip", "vae", "unet"} <= set(log["stages"]) and not log.get("unfinished")
 
 
 def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_path, monkeypatch):

@@ -983,6 +983,11 @@ def test_a_verdict_the_intervals_cannot_decide_is_undetermined():
     assert unet_findings(table(sure | {("style", 2): (0.3, 0.1, 0.45)}))["verdict"].iloc[0] == "not reproduced"
     point = table(loose).assign(recovery_lo=np.nan, recovery_hi=np.nan)  # one probe: no interval, the point decides
     assert unet_findings(point)["verdict"].tolist() == ["reproduced", "reproduced", "reproduced"]
+    from lib.tracing.report import cell_flags
+
+    odd = pd.DataFrame(dict(recovery=[0.6, 0.4], recovery_lo=[0.1, 0.55], recovery_hi=[0.4, 0.7], tau=0.5))
+    surely, possibly = cell_flags(odd.assign(causal=odd["recovery"] >= 0.5))  # points outside their intervals
+    assert surely.tolist() == [False, False] and possibly.tolist() == [True, True]  # surely ⊆ causal ⊆ possibly
 
     def text(cells):
         rows = [dict(component="text_encoder", attribute="objects", kind=k, layer_index=i, token_group=g, tau=0.5,

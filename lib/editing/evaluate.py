@@ -427,16 +427,17 @@ def evaluate_anchors(pipe, members, conditions: Mapping[str, WeightEdit | None],
 
 
 def removal_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (anchor, condition) on the anchors' prompts: concept and target rates, CLIP-Scores, images."""
+    """Per (anchor, condition) on the anchors' prompts: concept and target rates, CLIP-Scores (when scored), images."""
     c = df[df.anchor.notna()].groupby(["anchor", "condition"], sort=False)
-    return c.agg(concept_rate=("concept_hit", "mean"), target_rate=("target_hit", "mean"),
-                 clip_prompt=("clip_prompt", "mean"), clip_target=("clip_target", "mean"), n=("seed", "size"))
+    clip = {k: (k, "mean") for k in ("clip_prompt", "clip_target") if k in df}
+    return c.agg(concept_rate=("concept_hit", "mean"), target_rate=("target_hit", "mean"), **clip, n=("seed", "size"))
 
 
 def preservation_table(df: pd.DataFrame, reference: str = "unedited") -> pd.DataFrame:
-    """Per condition on the unrelated prompts: scene accuracy, CLIP-Score, and accuracy relative to ``reference``."""
-    u = df[df.anchor.isna()].groupby("condition", sort=False).agg(accuracy=("accuracy", "mean"),
-                                                                  clip_prompt=("clip_prompt", "mean"))
+    """Per condition on the unrelated prompts: scene accuracy, CLIP-Score (when scored), and accuracy relative to
+    ``reference``."""
+    clip = {"clip_prompt": ("clip_prompt", "mean")} if "clip_prompt" in df else {}
+    u = df[df.anchor.isna()].groupby("condition", sort=False).agg(accuracy=("accuracy", "mean"), **clip)
     u["accuracy_vs_unedited"] = u.accuracy / u.loc[reference, "accuracy"]
     return u
 

@@ -449,7 +449,16 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     kept, old = {}, {}
     others = [n for n in MEMBERS if n not in members]
     if (Path(out_dir) / CONFIG_NAME).is_file():
-        old = json.loads((Path(out_dir) / CONFIG_NAME).read_text())
+        try:
+            old = json.loads((Path(out_dir) / CONFIG_NAME).read_text())
+            if not (isinstance(old, dict) and isinstance(old.get("members", {}), dict)
+                    and all(isinstance(s, dict) for s in old.get("members", {}).values())):
+                raise ValueError("'members' must map each member's name to its settings")
+        except ValueError as err:  # a corrupt config: a full retrain replaces it, keeping members needs it
+            if others:
+                raise ClassifierLoadError(f"corrupt classifier config {Path(out_dir) / CONFIG_NAME} ({err}): the kept "
+                                          f"members {others} cannot be read; rebuild with: {REBUILD}") from None
+            old = {}
     if others and old:
         kept = {n: m for n, m in load_classifiers(out_dir, allow_unfinished=True).items() if n in others}
     # the earlier entries of the members retrained here stay listed until each one finishes (marked unfinished)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -191,10 +192,11 @@ def rebuild_hint(path: Path) -> str:
     """How to get a toy-world file back: from git if it is a committed one, else by retraining its stage(s) into its
     own folder (``--out``)."""
     path = Path(path)
-    out = f" --out {from_repo_root(_toy_root(path))}"
+    out = f" --out {shlex.quote(from_repo_root(_toy_root(path)))}"
     if "clip_vision" in path.parts:
         train = (f"`python -m lib.toy.train --stage clip-vision --steps-override 7000 --n-train 100000 --train-split any"
-                 f"{out}` (a new vision tower on the saved text encoder)")
+                 f"{out}` (a new vision tower on the saved text encoder; a corrupt file of clip_vision/ is continued "
+                 "from: delete it first)")
     else:
         train = (f"`{REBUILD}{out}`, then its `clip-vision` and `vae-decoder` continuations (README, \"Training\"), "
                  "from the repo root")
@@ -330,16 +332,7 @@ def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
     tcfg, vcfg = _read_json(tcfg_p), _read_json(vcfg_p)
     if not isinstance(vcfg, dict) or not {"vision_config", "projection_dim"} <= vcfg.keys():
         raise _corrupt(vcfg_p, KeyError("needs the keys 'vision_config' and 'projection_dim'"))
-    from transformers import CLIPTextModel
-
-    try:
-        te, info = CLIPTextModel.from_pretrained(t_p.parent, dtype=torch.float32, local_files_only=True,
-                                                 output_loading_info=True)
-    except Exception as err:  # noqa: BLE001
-        raise _corrupt(t_p, err) from err
-    missing = sorted(info["missing_keys"])  # transformers filled them with random values
-    if missing:
-        raise _corrupt(t_p, KeyError(f"lacks {len(missing)} of its module's tensors, e.g. {missing[0]}"))
+    te = _read_text_tower(folder)
     try:
         model = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=vcfg["vision_config"],
                                      projection_dim=vcfg["projection_dim"]))
@@ -357,20 +350,30 @@ def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
-def _vision_stage_clip(folder: Path):
-    """The CLIP the ``clip-vision`` stage continues: the saved one, or, when ``clip_vision/`` is absent, a new vision
-    tower and projections on the saved text encoder (which that stage never changes)."""
-    if (folder / "clip_vision").exists():
-        return _read_toy_clip(folder)
+def _read_text_tower(folder: Path):
+    """The saved ``CLIPTextModel`` of ``folder/text_encoder`` (float32); a corrupt file, or one lacking some of its
+    module's tensors (which transformers would fill with random values), is named in one line."""
     from transformers import CLIPTextModel
 
-    t_p = folder / "text_encoder/model.safetensors"
+    t_p = _require(folder / "text_encoder/model.safetensors")
     try:
-        te = CLIPTextModel.from_pretrained(t_p.parent, dtype=torch.float32, local_files_only=True)
+        te, info = CLIPTextModel.from_pretrained(t_p.parent, dtype=torch.float32, local_files_only=True,
+                                                 output_loading_info=True)
     except Exception as err:  # noqa: BLE001
         raise _corrupt(t_p, err) from err
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise _corrupt(t_p, KeyError(f"lacks {len(missing)} of its module's tensors, e.g. {missing[0]}"))
+    return te
+
+
+def _vision_stage_clip(folder: Path):
+    """The CLIP the ``clip-vision`` stage continues: the saved one when ``clip_vision/`` holds both its files, else a
+    new vision tower and projections on the saved text encoder (which that stage never changes)."""
+    if all((folder / rel).is_file() for rel in _CLIP_VISION):
+        return _read_toy_clip(folder)
     model = new_clip()
-    model.text_model.load_state_dict(te.state_dict())
+    model.text_model.load_state_dict(_read_text_tower(folder).state_dict())
     return model
 
 
@@ -1020,7 +1023,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     out = Path(out)
     for rel in STAGE_INPUTS[stage]:  # before rendering up to 100,000 training images: present and readable
         _check_readable(_require(out / rel))
-    if stage == "clip-vision" and (out / "clip_vision").exists():  # continued: both files (else a new vision tower)
+    if stage == "clip-vision" and all((out / rel).is_file() for rel in _CLIP_VISION):  # continued (else a new tower)
         for rel in _CLIP_VISION:
             _check_readable(_require(out / rel))
     check_finished(out, STAGE_NEEDS.get(stage, ()))  # nor from weights an interrupted stage may have torn
@@ -1030,9 +1033,9 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
     try:
         record = _read_json(log_path) if log_path.is_file() else {}
     except RuntimeError:
-        if STAGE_NEEDS.get(stage):  # its unfinished-stage marks are lost: a stage that continues weights cannot tell
+        if stage != "all":  # its unfinished-stage marks are lost: only a run that retrains every stage can do without
             raise
-        kept = log_path.rename(log_path.with_name("TRAINING.json.corrupt"))
+        kept = log_path.rename(log_path.with_name(f"TRAINING.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
         warnings.warn(f"{log_path} is unreadable: set aside as {kept.name}, a new log starts (the earlier stages' "
                       "records are lost)", stacklevel=2)
         record = {}

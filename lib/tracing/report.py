@@ -149,15 +149,17 @@ STRADDLES = "undetermined (intervals straddle τ)"
 
 def cell_flags(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """(surely, possibly) causal per cell of a layer / token table: surely when the 95% interval's lower end reaches τ,
-    possibly when its upper end does. A cell without an interval (a single probe: nothing to resample) counts by its
-    value for both, so a single-caption run gets the point verdicts (:func:`interval_counts` counts such cells apart)."""
+    possibly when its upper end does; nested with ``causal`` by construction (surely ⊆ causal ⊆ possibly, also should a
+    percentile interval miss its point value). A cell without an interval (a single probe: nothing to resample) counts
+    by its value for both, so a single-caption run gets the point verdicts; :func:`interval_counts`, which counts the
+    intervals, does not count such a cell as surely causal (its ``no_interval`` column counts them)."""
     causal = table["causal"].astype(bool)
     if "recovery_lo" not in table or "recovery_hi" not in table:
         return causal, causal
     tau = table["tau"]
     no_interval = table["recovery_lo"].isna() | table["recovery_hi"].isna()
-    surely = ((table["recovery_lo"] >= tau).fillna(False) & ~no_interval) | (no_interval & causal)
-    possibly = ((table["recovery_hi"] >= tau).fillna(False) & ~no_interval) | (no_interval & causal)
+    surely = (((table["recovery_lo"] >= tau).fillna(False) & ~no_interval) | no_interval) & causal
+    possibly = ((table["recovery_hi"] >= tau).fillna(False) & ~no_interval) | causal
     return surely.astype(bool), possibly.astype(bool)
 
 
@@ -186,11 +188,12 @@ def unet_findings(table: pd.DataFrame) -> pd.DataFrame:
     surely, possibly = cell_flags(table)
     rows = []
     spread = {a: int((counts.loc[a, ["down", "mid", "up"]] > 0).sum()) for a in counts.index}
-    dist = all(counts.loc[a, "causal_layers"] >= 2 and spread[a] >= 2 for a in counts.index)
 
-    def distributed(flags: pd.Series) -> bool:  # as dist, with these cells causal (more can only help it)
+    def distributed(flags: pd.Series) -> bool:  # every attribute: >= 2 of these cells, in >= 2 block groups
         blocks = [table.loc[flags & (table["attribute"] == a), "block"] for a in counts.index]
         return all(len(b) >= 2 and b.nunique() >= 2 for b in blocks)
+
+    dist = distributed(table["causal"].astype(bool))
 
     rows.append(dict(
         finding="UNet knowledge is distributed (several causal layers, in more than one of down/mid/up)",
