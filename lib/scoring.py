@@ -33,6 +33,9 @@ class ClipScorer:
     device: torch.device = torch.device("cpu")
     module: nn.Module | None = None
     architecture: str = ""  # what the weights do not show but the scores depend on (e.g. "quick_gelu")
+    interpolation: str = "bicubic"  # the model's own resize (open_clip's preprocess_cfg)
+    resize_mode: str = "shortest"  # a non-square image: "shortest" side to image_size, then a centre crop (open_clip's
+    #   and transformers' eval preprocessing); "squash": both sides to image_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,13 +63,22 @@ class ClipScorer:
 
         prep = f"{self.image_size}|{tuple(self.mean)}|{tuple(self.std)}"
         prep += f"|{self.architecture}" if self.architecture else ""
+        if (self.interpolation, self.resize_mode) != ("bicubic", "shortest"):  # the defaults keep earlier hashes
+            prep += f"|{self.interpolation}|{self.resize_mode}"
         return weights_fingerprint({"clip": self.module}) + "-" + hashlib.sha1(prep.encode()).hexdigest()[:6]
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+        s, (h, w) = self.image_size, x.shape[-2:]
+        if (h, w) != (s, s):
+            if self.resize_mode == "shortest" and h != w:  # as torchvision's Resize(s) then CenterCrop(s)
+                size = (s, int(s * w / h)) if h < w else (int(s * h / w), s)
+            else:
+                size = (s, s)
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
                               antialias=True)  # without it a downscale (512 -> 224) aliases
+            top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+            x = x[..., top : top + s, left : left + s]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return F.normalize(self.encode_image(((x - mean) / std).to(self.dtype)).float(), dim=-1)
@@ -112,6 +124,10 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
     quick_gelu = any(isinstance(m, QuickGELU) for m in model.modules())  # as built (a -quickgelu config, or forced)
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}  # open_clip >= 2.2x: its eval transform's settings
+    if cfg.get("resize_mode") not in (None, "shortest", "squash") or cfg.get("interpolation") not in (None, "bicubic",
+                                                                                                       "bilinear"):
+        raise ValueError(f"open_clip {model_name}: preprocessing {cfg} is not one ClipScorer reproduces")
     return ClipScorer(
         encode_image=model.encode_image,
         encode_text=model.encode_text,
@@ -122,6 +138,8 @@ def openclip_scorer(model_name: str = "ViT-L-14", pretrained: str | None = "open
         device=torch.device(device),
         module=model,
         architecture="quick_gelu" if quick_gelu else "",
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
     )
 
 

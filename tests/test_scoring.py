@@ -93,3 +93,26 @@ def test_a_quickgelu_config_is_recorded_as_built():
     fingerprint follows the model as built."""
     s = openclip_scorer("ViT-B-32-quickgelu", None)
     assert s.architecture == "quick_gelu"
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64), (300, 300)])
+def test_openclip_pixels_match_its_own_eval_transform(shape):
+    """A non-square image was squashed to a square; open_clip's eval transform (and transformers') resizes the shorter
+    side and crops the centre. The model now sees what open_clip's own transform gives it, up to uint8 rounding."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    torch.manual_seed(0)
+    scorer = openclip_scorer("ViT-B-32", None)
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]  # smooth: the two bicubic kernels differ only at sharp edges
+    img = np.stack([128 + 100 * np.sin(xx / 9.0), 128 + 100 * np.cos(yy / 7.0), 128 + 60 * np.sin((xx + yy) / 11.0)],
+                   -1).astype(np.uint8)
+    seen, encode = [], scorer.encode_image
+    scorer.encode_image = lambda x: (seen.append(x.detach()), encode(x))[1]
+    scorer.image_features(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+    ref = preprocess(Image.fromarray(img))[None]
+    assert seen[0].shape == ref.shape == (1, 3, 224, 224)
+    assert float((seen[0] - ref).abs().max()) < 0.03  # one uint8 level is 0.015 here
+    assert scorer.resize_mode == "shortest" and scorer.interpolation == "bicubic"
