@@ -327,7 +327,8 @@ def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
 
-    tcfg_p, t_p = _require(folder / "text_encoder/config.json"), _require(folder / "text_encoder/model.safetensors")
+    tcfg_p = _require(folder / "text_encoder/config.json")
+    _require(folder / "text_encoder/model.safetensors")  # named before the vision files, as a load reads them
     vcfg_p, v_p = _require(folder / "clip_vision/config.json"), _require(folder / "clip_vision/model.safetensors")
     tcfg, vcfg = _read_json(tcfg_p), _read_json(vcfg_p)
     if not isinstance(vcfg, dict) or not {"vision_config", "projection_dim"} <= vcfg.keys():
