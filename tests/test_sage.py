@@ -955,6 +955,17 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
 def test_ssr_recheck_and_renderer_check(ens):
     df = ssr([dict(mode="type1", found=True), dict(mode="type1", found=False), dict(mode="type2", found=True)])
     assert df.set_index("mode").ssr.to_dict() == {"type1": 0.5, "type2": 1.0}
+    # finds at the start and confirmed finds, counted among the finds only (hand-computed); a missing value is False
+    runs = pd.DataFrame(dict(mode=["a", "a", "a", "a", "b", "b"], found=[True, False, True, True, True, True],
+                             start=[True, True, False, False, True, True],
+                             ok=[True, True, np.nan, False, np.nan, True]))
+    t = ssr(runs, at_start="start", confirmed="ok").set_index("mode")
+    assert t.n_runs.to_dict() == {"a": 4, "b": 2} and t.n_found.to_dict() == {"a": 3, "b": 2}
+    assert t.n_found_at_start.to_dict() == {"a": 1, "b": 2}
+    assert t.loc["a", "ssr_searched"] == 2 / 3 and np.isnan(t.loc["b", "ssr_searched"])  # every start of b failed
+    assert t.n_confirmed.to_dict() == {"a": 1, "b": 1} and t.ssr_confirmed.to_dict() == {"a": 0.25, "b": 0.5}
+    with pytest.raises(KeyError, match="'checked'"):
+        ssr(runs, confirmed="checked")
     with pytest.raises(ValueError, match="member of the ensemble"):
         recheck(torch.rand(1, 3, 16, 16), ens.members[0], "cat", ensemble=ens)
     ok = recheck(torch.rand(2, 3, 16, 16), const_member([0.0, 5.0, 0.0], name="held-out"), "cat", ensemble=ens)

@@ -21,15 +21,37 @@ import torch
 from lib.sage.loss import Criteria, Ensemble, Member, Verdict
 
 
-def ssr(runs, by: str | Sequence[str] = "mode", success: str = "found"):
-    """SSR(A) per group of a runs table (one row per search run): n_runs, n_found, ssr."""
+def ssr(runs, by: str | Sequence[str] = "mode", success: str = "found", at_start: str | None = None,
+        confirmed: str | None = None):
+    """SSR(A) per group of a runs table (one row per search run): n_runs, n_found, ssr.
+
+    ``at_start`` names a column marking runs whose start (the unperturbed latent, the bare template) already fails:
+    adds ``n_found_at_start`` (finds among them) and ``ssr_searched``, the finds the search itself made over the runs
+    whose start did not already fail (NaN where every start did). ``confirmed`` names a column marking finds an
+    independent checker confirms: adds ``n_confirmed`` and ``ssr_confirmed`` (over all runs). Both count only rows
+    that are finds (``success``); a missing value counts as False.
+    """
     import pandas as pd
 
     df = pd.DataFrame(runs)
-    if success not in df:
-        raise KeyError(f"runs table has no {success!r} column (columns: {list(df.columns)})")
-    g = df.groupby(by, dropna=False)[success]
-    return pd.DataFrame({"n_runs": g.size(), "n_found": g.sum().astype(int), "ssr": g.mean()}).reset_index()
+    for col in (success, at_start, confirmed):
+        if col is not None and col not in df:
+            raise KeyError(f"runs table has no {col!r} column (columns: {list(df.columns)})")
+    keys = [df[k] for k in ([by] if isinstance(by, str) else by)]
+    found = df[success].eq(True)
+
+    def count(mask):
+        return mask.groupby(keys, dropna=False).sum().astype(int)
+
+    cols = {"n_runs": found.groupby(keys, dropna=False).size(), "n_found": count(found),
+            "ssr": found.groupby(keys, dropna=False).mean()}
+    if at_start is not None:
+        n0 = count(found & df[at_start].eq(True))
+        cols.update(n_found_at_start=n0, ssr_searched=(cols["n_found"] - n0) / (cols["n_runs"] - n0))
+    if confirmed is not None:
+        n_ok = count(found & df[confirmed].eq(True))
+        cols.update(n_confirmed=n_ok, ssr_confirmed=n_ok / cols["n_runs"])
+    return pd.DataFrame(cols).reset_index()
 
 
 @torch.no_grad()
