@@ -42,4 +42,4 @@ def dead_pid():
     import sys
 
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)
+                              text=True, check=True, timeout=60).stdout)

@@ -153,10 +153,12 @@ def test_a_case_leaves_nothing_behind_for_the_next():
 def test_the_device_session_script_parses_and_refuses_an_unknown_mode(tmp_path):
     """It runs only on the lent GPU box (one call per session): its syntax and its usage line are checked here."""
     script = str(REPO_ROOT / "benchmarks" / "device_session.sh")
-    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
-    r = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert subprocess.run(["bash", "-n", script], capture_output=True, timeout=60).returncode == 0
+    r = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)},
+                       timeout=60)
     assert r.returncode == 2 and "usage: bash benchmarks/device_session.sh {clip-vae|" in r.stderr
     env = {k: v for k, v in os.environ.items() if k != "T2I_COMMIT"}
-    r = subprocess.run(["bash", script, "speed"], capture_output=True, text=True, env={**env, "OUT": str(tmp_path)})
+    r = subprocess.run(["bash", script, "speed"], capture_output=True, text=True, env={**env, "OUT": str(tmp_path)},
+                       timeout=60)
     assert r.returncode != 0 and "T2I_COMMIT" in r.stderr  # its JSON would record no commit
     assert not list(tmp_path.iterdir())  # nothing installed or written

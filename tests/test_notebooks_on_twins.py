@@ -32,7 +32,8 @@ def test_notebook_runs_on_the_sdxl_twin(name, tmp_path, monkeypatch):
     out = tmp_path / "out"
     pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
                         parameters={**TINY, **CASES[name], "OUTPUT_DIR": str(out)},
-                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
+                        execution_timeout=600)  # per cell: a hang fails the test instead of CI
     written = [p.suffix for p in out.rglob("*") if p.is_file()]
     assert ".png" in written and (".csv" in written or ".parquet" in written), sorted(set(written))
     assert not list(hf_home.iterdir())  # nothing fetched or cached from a hub
@@ -51,7 +52,8 @@ def test_out_of_range_layers_fail_before_the_model_loads(tmp_path, monkeypatch, 
     with pytest.raises(pm.PapermillExecutionError, match=error):
         pm.execute_notebook(str(REPO_ROOT / "notebooks" / "06_diffquickfix.ipynb"), str(executed),
                             parameters={**TINY, **CASES["06_diffquickfix"], **bad, "OUTPUT_DIR": str(tmp_path / "out")},
-                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
+                            execution_timeout=600)
     loading = [c for c in nbformat.read(executed, as_version=4).cells if "load_pipeline(" in c.source]
     assert len(loading) == 1 and loading[0].execution_count is None  # the load never ran
     assert not list((tmp_path / "out").rglob("*.csv"))

@@ -63,7 +63,7 @@ def test_runs_root_can_be_redirected(tmp_path):
     code = "from lib.paths import output_dir; print(output_dir(None, 'nb'))"
     env = {"T2I_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
+                         check=True, timeout=120).stdout.strip()
     assert out == str(tmp_path / "nb") and (tmp_path / "nb").is_dir()  # make test never resumes from runs/
 
 

@@ -426,7 +426,8 @@ def test_notebook_00_retrains_the_toy_world_in_a_smoke_run(tmp_path, monkeypatch
     pm.execute_notebook(str(REPO_ROOT / "notebooks/00_toy_world.ipynb"), str(tmp_path / "00.ipynb"),
                         parameters={"TRAIN": True, "TRAIN_STEPS": 2, "SEEDS": [0], "STEPS": 2, "RENDER_SEEDS": [0],
                                     "GRID_N": 1, "OUTPUT_DIR": str(out)},
-                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
+                        execution_timeout=600)  # per cell: a hang fails the test instead of CI
     stages = json.loads((out / "toy/TRAINING.json").read_text())["stages"]
     assert {"clip", "vae", "unet", "clip-vision", "vae-decoder"} <= set(stages), sorted(stages)
     assert stages["vae-decoder"]["adv"] > 0 and stages["clip-vision"]["train_split"] == "any"

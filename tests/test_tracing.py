@@ -1305,6 +1305,6 @@ def test_printed_paths_in_the_runs_folder_name_its_variable(tmp_path, monkeypatc
     printed = shell_path(runs / "04 x" / "sweeps")
     assert printed == '"$T2I_RUNS_DIR"/\'04 x/sweeps\'' and str(tmp_path) not in printed
     echoed = subprocess.run(["bash", "-c", f"echo {printed}"], env={"T2I_RUNS_DIR": str(runs)}, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, timeout=60).stdout.strip()
     assert echoed == str(runs / "04 x" / "sweeps")  # the shell expands it back
     assert shell_path(REPO_ROOT / "runs" / "04") == "runs/04" and shell_path(tmp_path / "a b") == f"'{tmp_path}/a b'"
