@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     members = a.members or ("imagenet" if a.size == "full" else "small")
     ckpt = a.checkpointing or ("blocks" if device.type == "cuda" else "none")
-    report = dict(size=a.size, threads=torch.get_num_threads(), model=a.model or f"twin:sd-v1:{a.size}")
+    from bench import environment  # the same facts as bench.py's JSON: versions, commit, GPU
+
+    report = dict(size=a.size, threads=torch.get_num_threads(), model=a.model or f"twin:sd-v1:{a.size}",
+                  device=str(device), dtype=str(dtype).replace("torch.", ""), checkpointing=ckpt,
+                  members="resnet+edges" if a.model else members, environment=environment(device))
     if a.model:
         from lib.loading import load_pipeline
         from lib.sage.build import build_ensemble, freeze_pipeline

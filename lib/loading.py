@@ -455,7 +455,8 @@ def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persiste
     """A cheap hash of the state dicts of named modules as loaded (per tensor: name, shape, dtype, device type, sum,
     sum of squares): fp16 weights loaded as fp32, or moved to a GPU, compute other numbers, so they get another hash
     and a resume key built on it never mixes their results. ``non_persistent`` adds the buffers a state dict leaves
-    out (e.g. cached text features)."""
+    out (e.g. cached text features). Being sums, it cannot tell a tensor from a permutation of its own entries (rows
+    or heads swapped); any training or edit moves the sums."""
     h = hashlib.sha1()
     for attr, module in modules.items():
         if module is None:

@@ -162,3 +162,20 @@ def test_the_device_session_script_parses_and_refuses_an_unknown_mode(tmp_path):
                        timeout=60)
     assert r.returncode != 0 and "T2I_COMMIT" in r.stderr  # its JSON would record no commit
     assert not list(tmp_path.iterdir())  # nothing installed or written
+
+
+def test_the_standalone_sage_report_says_where_it_ran(tmp_path):
+    """``cases_sage.py --out`` (RESULTS quotes its numbers) records device, dtype, checkpointing, members and the
+    environment (versions, commit) at the top, as bench.py's JSON does."""
+    out = tmp_path / "sage.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "cases_sage.py"), "--size", "tiny", "--steps", "2",
+           "--repeats", "1", "--device", "cpu", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert {k: report[k] for k in ("device", "dtype", "checkpointing", "members")} == dict(
+        device="cpu", dtype="float32", checkpointing="none", members="small")
+    assert {"torch", "diffusers", "commit"} <= set(report["environment"])
+    (row,) = report["iteration"]
+    assert row["steps"] == 2 and row["dtype"] == "torch.float32" and row["median_s"] > 0
+
