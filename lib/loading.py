@@ -94,6 +94,18 @@ def describe_source(model: str) -> tuple[str, str]:
     )
 
 
+def is_toy_world(model: str) -> bool:
+    """Whether ``model`` is a toy world, whose captions follow :mod:`lib.toy.world`'s grammar: the preset ``toy`` or
+    a folder :mod:`lib.toy.train` wrote (it holds ``TRAINING.json``, or the toy CLIP's ``clip_vision/``)."""
+    if model == "toy":
+        return True
+    try:
+        kind, where = describe_source(model)
+    except ModelLoadError:
+        return False
+    return kind == "local" and any((Path(where) / f).exists() for f in ("TRAINING.json", "clip_vision"))
+
+
 def check_available(model: str) -> None:
     """``ModelLoadError`` before anything loads when ``model`` is a hub id (or hub preset) that the hub is switched off
     for and the local cache does not hold (the same message :func:`load_pipeline` would give after its other loads)."""

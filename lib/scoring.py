@@ -224,14 +224,11 @@ def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScore
     CLIP; anything else → open_clip ViT-L/14 with OpenAI weights, as in the paper), ``toy`` / ``toy:<folder>``,
     ``random`` (random toy-size CLIP), or ``openclip:<model>:<pretrained|none>``.
     """
-    from pathlib import Path
-
-    from lib.loading import describe_source
+    from lib.loading import describe_source, is_toy_world
 
     if spec == "auto":
         kind, where = describe_source(model)
-        toy = kind == "local" and any((Path(where) / f).exists() for f in ("clip_vision", "TRAINING.json"))
-        if toy:  # a toy world (lib.toy.train writes TRAINING.json): a missing clip_vision/ is named, not replaced
+        if is_toy_world(model):  # a missing clip_vision/ is named, not replaced
             return toy_clip_scorer(where, device=device)
         if kind == "twin":
             return random_toy_clip_scorer(device=device)

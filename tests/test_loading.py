@@ -419,3 +419,21 @@ def test_hub_failures_other_than_a_missing_cache_say_what_they_are(error, fragme
     with pytest.raises(ModelLoadError, match=fragment) as err:
         load_pipeline("someone/private", device="cpu")
     assert "not available locally" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_toy_world_is_recognised_by_its_folder_too(tmp_path):
+    """``toy``, its folder given as a path, and a folder lib.toy.train wrote elsewhere (TRAINING.json) are all the toy
+    world: SAGE's captions, vocabulary and renderer check follow its grammar for each (they fell back to real-SD
+    templates for a path)."""
+    from lib.loading import is_toy_world
+    from lib.paths import TOY_DIR
+    from lib.sage.build import class_captions, vocabulary
+
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    (retrained / "TRAINING.json").write_text("{}")
+    assert is_toy_world("toy") and is_toy_world(str(TOY_DIR)) and is_toy_world(str(retrained))
+    for other in ("twin:sd-v1", "CompVis/stable-diffusion-v1-4", str(tmp_path), str(tmp_path / "missing")):
+        assert not is_toy_world(other), other
+    assert vocabulary(str(TOY_DIR)) == vocabulary("toy") != vocabulary("twin:sd-v1")
+    assert class_captions(str(retrained), "cat", 5, seed=3) == class_captions("toy", "cat", 5, seed=3)

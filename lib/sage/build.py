@@ -35,7 +35,10 @@ ATTRIBUTE_WORDS_REAL: tuple[str, ...] = (  # failure-category heuristic for real
 
 
 def is_toy(model: str) -> bool:
-    return model == "toy"
+    """The toy world (``"toy"`` or a folder :mod:`lib.toy.train` wrote): :func:`lib.loading.is_toy_world`."""
+    from lib.loading import is_toy_world
+
+    return is_toy_world(model)
 
 
 def freeze(*modules) -> None:
