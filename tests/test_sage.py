@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lib.prompts import PromptError
@@ -186,6 +187,35 @@ def test_edge_member_is_canny_forward_and_differentiable():
     assert torch.allclose(seen["x"][:, :1], 1 - hard, atol=1e-5)  # forward: exactly Canny (inverted sketch)
     logits.sum().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0 and torch.isfinite(img.grad).all()
+
+
+def test_edge_member_runs_canny_at_the_inner_member_s_resolution():
+    """A 512-px image is downscaled to the inner member's input size before Canny: the sketch the classifier sees is
+    that of the image at its own resolution (crisp black lines), not a 512-px edge map thinned to faint grey."""
+    from kornia.filters import canny
+
+    seen = {}
+
+    def inner(x):
+        seen["x"] = x
+        return x.mean((2, 3))
+
+    yy, xx = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
+    disk = ((yy - 256) ** 2 + (xx - 256) ** 2 < 150 ** 2).float().expand(1, 3, -1, -1)
+    edge = EdgeMember(FnMember(inner, LABELS, "mean"), size=128)
+    edge(disk)
+    small = F.interpolate(disk, size=(128, 128), mode="bilinear", antialias=True).clamp(0, 1)
+    assert seen["x"].shape == (1, 3, 128, 128)
+    assert torch.allclose(seen["x"][:, :1], 1 - canny(small, 0.1, 0.2)[1], atol=1e-5) and seen["x"].min() == 0
+    noise = torch.rand(1, 3, 512, 512, requires_grad=True)
+    edge(noise).sum().backward()
+    assert noise.grad.abs().sum() > 0  # the downscale is differentiable
+    edge(disk[..., :256, :])  # non-square: the shorter side goes to 128, the aspect is kept
+    assert seen["x"].shape == (1, 3, 128, 256)
+    edge(torch.rand(1, 3, 64, 64))  # smaller than size: untouched
+    assert seen["x"].shape == (1, 3, 64, 64)
+    m = timm_member("test_resnet.r160_in1k", pretrained=False)
+    assert EdgeMember(m).size == m.resize and EdgeMember(FnMember(inner, LABELS)).size is None
 
 
 def test_timm_member_preprocessing_and_groups():
@@ -783,6 +813,13 @@ def test_prompt_search_table(pipe, ens, lm):
                        class_words=LABELS)
     assert len(df) == 2 and df.prompt[1].startswith(df.prompt[0] + " ") and df.prompt[0].startswith("a photo of a cat ")
     assert set(df.columns) >= {"word", "cosine", "fooled_fraction", "found", "category"}
+    assert df.cosine.notna().all() and (df.candidates > 1).all()
+    # no iterations: the embedding never moves, the LM's first proposal is taken and no cosine is claimed (was 0.000)
+    still = search_prompt(pipe, ens, lm, "cat", seeds=[0], steps=2,
+                          config=PromptSearch(n_words=1, top_k=4, iterations=0, stop_on_success=False),
+                          class_words=LABELS)
+    assert still.candidates[0] > 1 and np.isnan(still.cosine[0])
+    assert still.word[0] == still.proposed[0].split(", ")[0]
     with pytest.raises(PromptError, match="zebra"):
         search_prompt(pipe, Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))]), lm, "zebra", [0], steps=2)
 
@@ -955,14 +992,15 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
 def test_ssr_recheck_and_renderer_check(ens):
     df = ssr([dict(mode="type1", found=True), dict(mode="type1", found=False), dict(mode="type2", found=True)])
     assert df.set_index("mode").ssr.to_dict() == {"type1": 0.5, "type2": 1.0}
-    # finds at the start and confirmed finds, counted among the finds only (hand-computed); a missing value is False
+    # finds at the start and confirmed finds (hand-computed); a missing value is False
     runs = pd.DataFrame(dict(mode=["a", "a", "a", "a", "b", "b"], found=[True, False, True, True, True, True],
                              start=[True, True, False, False, True, True],
                              ok=[True, True, np.nan, False, np.nan, True]))
     t = ssr(runs, at_start="start", confirmed="ok").set_index("mode")
     assert t.n_runs.to_dict() == {"a": 4, "b": 2} and t.n_found.to_dict() == {"a": 3, "b": 2}
     assert t.n_found_at_start.to_dict() == {"a": 1, "b": 2}
-    assert t.loc["a", "ssr_searched"] == 2 / 3 and np.isnan(t.loc["b", "ssr_searched"])  # every start of b failed
+    # a's second run failed at its start but was not found: it is no run of the search's own (denominator 2, not 3)
+    assert t.loc["a", "ssr_searched"] == 1.0 and np.isnan(t.loc["b", "ssr_searched"])  # every start of b failed
     assert t.n_confirmed.to_dict() == {"a": 1, "b": 1} and t.ssr_confirmed.to_dict() == {"a": 0.25, "b": 0.5}
     with pytest.raises(KeyError, match="'checked'"):
         ssr(runs, confirmed="checked")
@@ -998,6 +1036,21 @@ def test_residual_step_zero_is_the_exact_gradient_not_the_default():
     assert [Residual(k).resolved_step(10) for k in (0, None, 10)] == [0, 5, 10]  # 0 is not None: not the default
     with pytest.raises(ValueError, match="outside"):
         Residual(11).resolved_step(10)
+    for w in (0.0, -0.5, float("nan")):  # w ≤ 0 would turn the descent into an ascent
+        with pytest.raises(ValueError, match="residual weight must be a positive number"):
+            Residual(1, weight=w).resolve(None, 10)
+
+
+@pytest.mark.parametrize("bad,error", [(dict(lr=0.0), "lr must be a positive number"),
+                                       (dict(lr=-0.05), "lr must be a positive number"),
+                                       (dict(residual=Residual(1, weight=-1.0)), "residual weight"),
+                                       (dict(residual=Residual(5)), "outside")])
+def test_a_latent_search_refuses_a_step_that_cannot_descend_before_sampling(pipe, ens, monkeypatch, bad, error):
+    import lib.sage.latent as L
+
+    monkeypatch.setattr(L, "decode", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match=error):
+        search_latents(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=LatentSearch(**bad))
 
 
 def test_the_token_notebook_loads_the_clip_scorer_before_training():
@@ -1025,6 +1078,12 @@ def test_ngr_flags_non_gaussian_latents():
     assert th.shape == sm.shape == (50,)
     with pytest.raises(ValueError, match="unknown test"):
         ngr(gauss, test="shapiro")
+    # saved latents are (1, C, S, S): a list, a batch and their torch.cat agree; a stack or a flattening is refused
+    saved = list(torch.cat([gauss, uniform]).split(1))
+    assert ngr(saved) == ngr(torch.cat(saved)) == ngr(list(torch.cat([gauss, uniform]))) == 2 / 6 + ngr(gauss) * 4 / 6
+    for bad in (torch.stack(saved), torch.cat(saved).flatten(1), [gauss.flatten()]):
+        with pytest.raises(ValueError, match=r"a latent is \(C, S, S\)"):
+            ngr(bad)
 
 
 # ----------------------------------------------------------------------------------------- notebook helpers (build)
@@ -1094,3 +1153,18 @@ def test_a_type2_latent_search_needs_the_members_to_agree(pipe, tmp_path):
     assert not df.found.any() and all("not found" in r.summary() for r in res)
     agreed_loss = float(agree.loss(agree.probs(res[0].image), "cat", "other").max())
     assert df.best_loss.notna().all() and (df.best_loss > agreed_loss).all()  # disagreement costs loss
+
+
+def test_a_batched_find_its_solo_render_does_not_reproduce_does_not_end_the_search(pipe):
+    """A search stops only on a success its solo re-render (what render_latent and a resume give) reproduces; before,
+    it left the batch at the first batched success and was then reported "not found" after fewer iterations, with no
+    trace of why. Here the gradient-recording pass always sees a failure and the solo render never does."""
+    def logits(x):
+        cat = (-3.0 if torch.is_grad_enabled() else 3.0) + x.mean((1, 2, 3))  # image in [0, 1]
+        return torch.stack([cat, torch.zeros_like(cat), torch.zeros_like(cat)], dim=1)
+
+    rounding = Ensemble([FnMember(logits, LABELS, "rounding")])
+    (r,) = search_latents(pipe, rounding, "a photo of a cat", "cat", seeds=[0], steps=2,
+                          config=LatentSearch(mode="lose", iterations=3))
+    assert not r.found and r.iterations == 3 and r.meta["stopped"] is None
+    assert r.meta["solo_rejected"] == 4 and r.meta["solo_fooled"] is False

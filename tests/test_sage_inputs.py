@@ -646,3 +646,23 @@ def test_a_missing_toy_lm_is_named_with_its_rebuild_command(tmp_path, monkeypatc
     with pytest.raises(ModelLoadError, match=r"toy LM file missing: .*config\.json\. Rebuild it with `.*` \(from the "
                                              r"repo root\)\.$"):
         load_lm("toy")
+
+
+def test_a_real_model_judged_by_the_toy_world_s_classifiers_is_warned_about():
+    """01-03 default to the toy world's 64-px classifiers and caption LM; with a real MODEL their numbers would mean
+    nothing, so setup warns (04/05 warn likewise for the toy probes). The toy world and shape twins stay quiet."""
+    from lib.sage.build import toy_parts_warning
+
+    real = "CompVis/stable-diffusion-v1-4"
+    msg = toy_parts_warning(real, ["resnet", "edge:timm:resnet50", "toy:mobilenet"], lm="toy")
+    assert msg.startswith(f"MODEL={real!r} is not the toy world, but resnet, toy:mobilenet, LM='toy' belong to it")
+    assert toy_parts_warning(real, ["timm:resnet50", "edge:timm:resnet50"], lm="gpt2") is None
+    for model in ("toy", "twin:sd-v1", "twin:sdxl"):
+        assert toy_parts_warning(model, ["resnet", "edges"], lm="toy") is None
+    from lib.loading import ModelLoadError
+    from lib.sage.build import setup
+
+    P = SimpleNamespace(MODEL=real, ENSEMBLE=["resnet"], CHECKER=None, DEVICE="cpu", ATTRIBUTE="object",
+                        DTYPE="float32", CHECKPOINTING=None)
+    with pytest.warns(UserWarning, match="is not the toy world"), pytest.raises(ModelLoadError):
+        setup(P, ["cat"])  # warned before the load, which fails offline (the hub is off in tests)

@@ -14,6 +14,7 @@ Real classifiers need their weights in the local caches (no downloads here); the
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -122,6 +123,21 @@ def check_classes(ensemble: Ensemble, classes: Sequence[str], checker=None) -> N
 TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+def toy_parts_warning(model: str, members: Sequence[str], lm: str | None = None) -> str | None:
+    """A warning when a model that is neither the toy world nor a shape twin is about to be judged by the toy world's
+    64-px classifiers (or searched with its caption LM): numbers that say nothing about that model."""
+    from lib.loading import describe_source
+
+    if is_toy(model) or describe_source(model)[0] == "twin":
+        return None
+    toy = [m for m in members if _is_toy_spec(m)] + (["LM='toy'"] if lm == "toy" else [])
+    if not toy:
+        return None
+    return (f"MODEL={model!r} is not the toy world, but {', '.join(toy)} belong to it (classifiers of 64-px renders, "
+            "an LM of its caption grammar): pass real members (timm:<name>, edge:timm:<name>, clip:<model>) and a "
+            "causal LM id")
+
+
 def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: tuple[str, str] | None = None):
     """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
     ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked, and
@@ -133,6 +149,9 @@ def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: 
     from lib.loading import load_pipeline, resolve_device
     from lib.speed import save_memory
 
+    message = toy_parts_warning(P.MODEL, list(P.ENSEMBLE) + ([P.CHECKER] if P.CHECKER else []), getattr(P, "LM", None))
+    if message:
+        warnings.warn(message, stacklevel=2)
     ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(resolve_device(P.DEVICE)),
                                   attribute=P.ATTRIBUTE, criteria=criteria)
     check_classes(ens, classes, checker)

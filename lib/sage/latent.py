@@ -107,10 +107,19 @@ class Residual:
             raise ValueError(f"residual_step {k} is outside [0, {steps}] for {steps} steps")
         return k
 
-    def resolve(self, sched, steps: int) -> tuple[int, float]:
+    def check(self, steps: int) -> int:
+        """``ValueError`` for an unknown mode, a step outside [0, steps] or a weight ≤ 0 (it would turn the descent
+        into an ascent); the resolved step."""
         if self.mode not in ("straight_through", "additive"):
             raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
-        k = self.resolved_step(steps)
+        if self.weight is not None and not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)
+                                            and self.weight > 0):
+            raise ValueError(f"residual weight must be a positive number (None: √(1−ᾱ) at the step), got "
+                             f"{self.weight!r}")
+        return self.resolved_step(steps)
+
+    def resolve(self, sched, steps: int) -> tuple[int, float]:
+        k = self.check(steps)
         if self.weight is not None:
             return k, float(self.weight)
         a = sched.alphas_cumprod[sched.timesteps[k]] if k < steps else sched.final_alpha_cumprod
@@ -209,14 +218,19 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     search after 3 iterations, δ by up to 0.30 after 8). :func:`latent_campaign` therefore keys its results by the
     batch size.
 
-    The returned image is the latent rendered alone and without gradient, the prompt encoded alone (exactly what
-    :func:`render_latent` and a resumed campaign give), judged again: a search counts as ``found`` only if that solo
-    image fools the ensemble too (on a GPU, batched or gradient-recording kernels may round differently).
-    ``meta["batch_solo_max_diff"]`` is the largest pixel difference between the search's image and the solo one
-    (0 on the CPU for one search), ``meta["solo_fooled"]`` the solo image's verdict.
+    A success is confirmed on the latent rendered alone and without gradient, the prompt encoded alone (exactly what
+    :func:`render_latent` and a resumed campaign give; on a GPU, batched or gradient-recording kernels may round
+    differently): a search stops, and counts as ``found``, only when that solo image fools the ensemble too; a batched
+    success the solo image does not reproduce is counted in ``meta["solo_rejected"]`` and the search goes on. The
+    returned image is that solo rendering (of the best latent when nothing was found). ``meta["batch_solo_max_diff"]``
+    is the largest pixel difference between the search's image and the solo one (0 on the CPU for one search),
+    ``meta["solo_fooled"]`` the solo image's verdict.
     """
     if config.mode not in MODE_GOAL:
         raise ValueError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODE_GOAL)}")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be a positive number (a signed step of lr ≤ 0 never descends), got {config.lr!r}")
+    config.residual.check(steps)  # before any sampling
     if (seeds is None) == (latents is None):
         raise ValueError("give exactly one of seed(s)= or latent(s)=")
     if seeds is not None and len(seeds) == 0:
@@ -238,6 +252,17 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     best: list[tuple | None] = [None] * n
     found: list[tuple | None] = [None] * n
     stopped: list[str | None] = [None] * n
+    solo: list[tuple[torch.Tensor, bool] | None] = [None] * n  # a find's solo image and verdict
+    rejected = [0] * n  # batched finds its solo re-render did not reproduce
+    with torch.no_grad():
+        cond_one = encode(pipe, [prompt], negative)  # the prompt encoded as render_latent encodes it: alone
+
+    def alone(zp1: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The image exactly as render_latent re-renders it (alone, no gradient), and the ensemble's verdict."""
+        with torch.no_grad():
+            img = decode(pipe, sample_with_residual(pipe, zp1, cond_one, steps, guidance, config.residual, grad=False))
+            return img, bool(ensemble.judge(ensemble.probs(img), cls, config.mode)[0])
+
     active = list(range(n))
     scales = torch.full((n,), loss_scale_for(pipe), dtype=torch.float64)  # per search: one's overflow is its own
     for it in range(config.iterations + 1):
@@ -256,7 +281,11 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
             if best[b] is None or history[b][-1] < best[b][0]:
                 best[b] = state
             if found[b] is None and ok[j]:
-                found[b] = state
+                img1, fooled1 = alone(state[1])
+                if fooled1:
+                    found[b], solo[b] = state, (img1, True)
+                else:  # the batch's rounding judged it a failure, the solo image is not: search on
+                    rejected[b] += 1
         keep = [j for j, b in enumerate(active) if not (config.stop_on_success and found[b] is not None)]
         if it == config.iterations or not keep:
             break
@@ -277,19 +306,15 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
             active = [active[j] for j in keep]
             delta[active] = step
     results = []
-    with torch.no_grad():
-        cond_one = encode(pipe, [prompt], negative)  # the prompt encoded as render_latent encodes it: alone
     for b in range(n):
         loss_v, zp, d, batch_img, fooled = found[b] if found[b] is not None else best[b]
-        with torch.no_grad():  # the image exactly as render_latent re-renders it (alone, no gradient), judged again
-            img = decode(pipe, sample_with_residual(pipe, zp, cond_one, steps, guidance, config.residual, grad=False))
-            fooled = bool(ensemble.judge(ensemble.probs(img), cls, config.mode)[0])
+        img, fooled = solo[b] if solo[b] is not None else alone(zp)
         diff = float((img.float() - batch_img.float()).abs().max())
         meta = dict(seed=None if seeds is None else seeds[b], prompt=prompt, negative=negative, steps=steps,
                     guidance=guidance, cls=cls, mode=config.mode, goal=goal, lr=config.lr,
                     residual_mode=config.residual.mode, residual_step=config.residual.step,
                     residual_weight=config.residual.weight, stopped=stopped[b], batch_solo_max_diff=diff,
-                    solo_fooled=fooled)
+                    solo_fooled=fooled, solo_rejected=rejected[b])
         results.append(LatentResult(found[b] is not None and fooled, zp, d, loss_v, best[b][0], len(history[b]) - 1,
                                     history[b], img, meta))
     return results
@@ -302,7 +327,7 @@ def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, gu
     from lib.sage.resume import campaign_key as key
 
     return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config),
-               batch_size=int(batch_size))
+               batch_size=int(batch_size), stop_rule="solo-confirmed")  # files of the batch-verdict stop: not reused
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
@@ -363,7 +388,8 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
         rows.append(dict(seed=s, mode=config.mode, cls=cls, prompt=prompt, found=r.found, loss=r.loss,
                          best_loss=r.best_loss, iterations=r.iterations,
                          delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
-                         stopped=r.meta.get("stopped"), path=str(paths[s]) if s in paths else None,
+                         stopped=r.meta.get("stopped"), solo_rejected=r.meta.get("solo_rejected"),
+                         path=str(paths[s]) if s in paths else None,
                          resumed=s not in todo))
         results.append(r)
     return pd.DataFrame(rows), results
@@ -418,10 +444,10 @@ def read_result(path: str | Path) -> LatentResult:
     if missing:
         raise ValueError(f"{path} lacks the search outcome {missing}; delete it to search again")
     keys = ("seed", "prompt", "negative", "steps", "guidance", "cls", "mode", "goal", "lr", "residual_mode",
-            "residual_step", "residual_weight", "stopped", "batch_solo_max_diff", "solo_fooled")
+            "residual_step", "residual_weight", "stopped", "batch_solo_max_diff", "solo_fooled", "solo_rejected")
     info = {k: meta.get(k) or None for k in keys}
     for k, cast in (("seed", int), ("steps", int), ("residual_step", int), ("guidance", float), ("lr", float),
-                    ("residual_weight", float)):  # typed as a fresh search's meta
+                    ("residual_weight", float), ("solo_rejected", int)):  # typed as a fresh search's meta
         if info[k] is not None:
             info[k] = cast(info[k])
     if info["batch_solo_max_diff"] is not None:  # absent from files written before it was recorded

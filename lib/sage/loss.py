@@ -225,11 +225,16 @@ class EdgeMember(nn.Module):
     ``"straight_through"`` (default): the forward pass is exactly Canny's 0/1 map, the backward pass uses the soft map
     ``sigmoid((m − τ)/T)`` of the NMS'd gradient magnitude ``m`` (τ = midpoint of the two thresholds, T = their gap/4);
     ``"soft"``: the soft map in both passes. Thresholds are in kornia's units (unnormalised Sobel magnitude).
+
+    Canny runs at the inner member's input resolution (``size``; default: a timm member's resize before its crop, a
+    CLIP member's image size): a larger image is first downscaled (shorter side, antialiased), so the sketch the
+    classifier sees does not depend on the generated image's resolution. Canny at 512-1024 px with these fixed
+    thresholds finds fewer edges, and the inner member's downscale thins its 1-px lines to faint grey.
     """
 
     def __init__(self, inner: Member, low: float = 0.1, high: float = 0.2, sigma: float = 1.0,
                  gradient: Literal["straight_through", "soft"] = "straight_through", invert: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, size: int | None = None):
         super().__init__()
         if gradient not in ("straight_through", "soft"):
             raise ValueError(f"gradient must be 'straight_through' or 'soft', got {gradient!r}")
@@ -238,12 +243,23 @@ class EdgeMember(nn.Module):
         self.inner, self.labels = inner, tuple(inner.labels)
         self.low, self.high, self.sigma, self.gradient, self.invert = low, high, sigma, gradient, invert
         self.name = name or f"edge-{member_name(inner)}"
+        scorer = getattr(inner, "scorer", None)
+        self.size = size or getattr(inner, "resize", None) or getattr(scorer, "image_size", None)
+        if self.size is not None and int(self.size) < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
 
     def edges(self, images: torch.Tensor) -> torch.Tensor:
-        """Edge map (B, 1, H, W) in [0, 1] (1 = edge), differentiable per ``gradient``."""
+        """Edge map (B, 1, h, w) in [0, 1] (1 = edge), differentiable per ``gradient``; (h, w) is the image's size,
+        or its downscale to ``size`` (shorter side) when it is larger."""
         from kornia.filters import canny
 
-        mag, hard = canny(images.float(), self.low, self.high, sigma=(self.sigma, self.sigma))
+        x = images.float()
+        h, w = x.shape[-2:]
+        if self.size is not None and min(h, w) > self.size:
+            s = int(self.size)
+            x = F.interpolate(x, size=(s, round(s * w / h)) if h <= w else (round(s * h / w), s), mode="bilinear",
+                              align_corners=False, antialias=True).clamp(0, 1)
+        mag, hard = canny(x, self.low, self.high, sigma=(self.sigma, self.sigma))
         soft = torch.sigmoid((mag - (self.low + self.high) / 2) / ((self.high - self.low) / 4 + 1e-6))
         return soft if self.gradient == "soft" else hard.detach() + soft - soft.detach()
 

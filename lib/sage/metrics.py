@@ -25,11 +25,11 @@ def ssr(runs, by: str | Sequence[str] = "mode", success: str = "found", at_start
         confirmed: str | None = None):
     """SSR(A) per group of a runs table (one row per search run): n_runs, n_found, ssr.
 
-    ``at_start`` names a column marking runs whose start (the unperturbed latent, the bare template) already fails:
-    adds ``n_found_at_start`` (finds among them) and ``ssr_searched``, the finds the search itself made over the runs
-    whose start did not already fail (NaN where every start did). ``confirmed`` names a column marking finds an
-    independent checker confirms: adds ``n_confirmed`` and ``ssr_confirmed`` (over all runs). Both count only rows
-    that are finds (``success``); a missing value counts as False.
+    ``at_start`` names a column marking runs whose start (the unperturbed latent, the bare template) already fails,
+    found or not: adds ``n_found_at_start`` (finds among them) and ``ssr_searched``, the SSR of the other runs, whose
+    finds the search itself made (NaN where every start failed). ``confirmed`` names a column marking finds an
+    independent checker confirms: adds ``n_confirmed`` and ``ssr_confirmed`` (over all runs). A missing value counts
+    as False.
     """
     import pandas as pd
 
@@ -46,8 +46,9 @@ def ssr(runs, by: str | Sequence[str] = "mode", success: str = "found", at_start
     cols = {"n_runs": found.groupby(keys, dropna=False).size(), "n_found": count(found),
             "ssr": found.groupby(keys, dropna=False).mean()}
     if at_start is not None:
-        n0 = count(found & df[at_start].eq(True))
-        cols.update(n_found_at_start=n0, ssr_searched=(cols["n_found"] - n0) / (cols["n_runs"] - n0))
+        start = df[at_start].eq(True)
+        cols.update(n_found_at_start=count(found & start),
+                    ssr_searched=count(found & ~start) / count(~start))
     if confirmed is not None:
         n_ok = count(found & df[confirmed].eq(True))
         cols.update(n_confirmed=n_ok, ssr_confirmed=n_ok / cols["n_runs"])
@@ -190,6 +191,13 @@ def qq_points(latent: torch.Tensor, n: int = 200) -> tuple[np.ndarray, np.ndarra
 
 
 def _as_list(latents) -> list[torch.Tensor]:
-    if isinstance(latents, torch.Tensor):
-        return list(latents) if latents.dim() == 4 else [latents]
-    return list(latents)
+    """One latent (C, S, S) or (1, C, S, S), a batch (B, C, S, S), or a sequence of those; anything else is refused
+    (a stacked (B, 1, C, S, S) or a flattened (B, D) would be tested as one latent)."""
+    out = []
+    for z in [latents] if isinstance(latents, torch.Tensor) else list(latents):
+        if not isinstance(z, torch.Tensor) or z.dim() not in (3, 4):
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"a latent is (C, S, S) or a batch (B, C, S, S), got {shape}; cat saved (1, C, S, S) "
+                             "latents along dim 0 (torch.cat), not torch.stack")
+        out.extend(list(z) if z.dim() == 4 else [z])
+    return out

@@ -502,8 +502,9 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         best = loss_p if math.isnan(best) else min(best, loss_p)
         end = lm.end_prob(prompt)
         found = fooled >= config.success_fraction and end >= config.min_end_prob
-        # one candidate: no search ran, so its cosine to the all-zero start embedding means nothing (NaN)
-        cosine = float(cos[pick]) if len(cands) > 1 else math.nan
+        # the embedding never moved (one candidate, no iterations, or a zero gradient at the first): the pick is the
+        # LM's first proposal, and a cosine to the all-zero start embedding means nothing (NaN)
+        cosine = float(cos[pick]) if bool(emb.detach().any()) else math.nan
         rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=cosine, candidates=len(cands),
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,

@@ -18,9 +18,11 @@ Resume: with ``checkpoint_dir=`` the embedding, the loss history and the minibat
 atomically every ``checkpoint_every`` iterations and at the end, to
 ``token_<source>_to_<target>_<key>.ckpt.safetensors``; the key (:func:`token_key`) hashes the weights, the ensemble,
 the prompts, seeds, device, dtype and every setting except ``iterations``. A rerun continues from its checkpoint and,
-on the CPU, gives exactly the uninterrupted result (on a GPU only with deterministic kernels,
-``torch.use_deterministic_algorithms(True)``: the signed step reads only the gradient's signs, and a nondeterministic
-backward pass can flip those of near-zero entries); a run with more iterations extends a finished one (one
+on the CPU, gives exactly the uninterrupted result. On a GPU it agrees only up to rounding: the signed step reads
+only the gradient's signs, a nondeterministic backward pass can flip those of near-zero entries, and
+``torch.use_deterministic_algorithms(True)`` is no remedy, since it raises on the backward pass of the members'
+bilinear / bicubic resizing, which has no deterministic CUDA kernel (its ``warn_only=True`` leaves them
+nondeterministic). A run with more iterations extends a finished one (one
 with fewer starts fresh and leaves the longer run's checkpoint as it is). An unreadable checkpoint is ignored (a fresh
 start overwrites it).
 """
