@@ -216,11 +216,19 @@ def upcast_sdxl_vae(pipe) -> bool:
     return True
 
 
+DECODE_PIXELS = 8 * 512 * 512  # image pixels per VAE call without gradient: 8 images at 512 px, 2 at 1024 px
+
+
 def decode(pipe, latents: torch.Tensor, keep_nonfinite: bool = False) -> torch.Tensor:
     """Latents → images in [0, 1], shape (B, 3, H, W) (an SDXL VAE in float16 is upcast first:
     :func:`upcast_sdxl_vae`). A VAE whose config gives ``latents_mean`` / ``latents_std`` (some SDXL fine-tunes) gets
     its latents de-normalised with them, as the SDXL pipeline does. ``keep_nonfinite``: NaN where the VAE's output is
-    not finite (the tracing flags such runs; the clamp alone turns ±inf into plain white / black pixels)."""
+    not finite (the tracing flags such runs; the clamp alone turns ±inf into plain white / black pixels).
+
+    Without gradient, the latents are decoded ``DECODE_PIXELS`` image pixels at a time: a VAE decode peaks near
+    0.4 GiB per 512-px image in float16 and 3 GiB per 1024-px image in SDXL's float32 VAE, so a tracing or generation
+    batch decoded at once would not fit a GPU (toy-world batches stay one call). A decode that gradients flow
+    through is one call: what it stores for the backward pass is :func:`lib.speed.save_memory`'s to shrink."""
     upcast_sdxl_vae(pipe)
     vae = pipe.vae
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -233,7 +241,12 @@ def decode(pipe, latents: torch.Tensor, keep_nonfinite: bool = False) -> torch.T
         z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
     else:
         z = z / vae.config.scaling_factor
-    img = vae.decode(z).sample.float() / 2 + 0.5
+    if torch.is_grad_enabled() and z.requires_grad:
+        img = vae.decode(z).sample.float() / 2 + 0.5
+    else:
+        scale = pipe.vae_scale_factor
+        per_call = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * scale * scale))
+        img = torch.cat([vae.decode(part).sample.float() / 2 + 0.5 for part in z.split(per_call)])
     return img.clamp(0, 1).masked_fill(~torch.isfinite(img), float("nan")) if keep_nonfinite else img.clamp(0, 1)
 
 

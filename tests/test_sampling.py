@@ -185,3 +185,25 @@ def test_a_vae_overflow_decodes_to_nan_not_to_black_or_white(monkeypatch):
     assert nonfinite(lat, bad).tolist() == [True] and nonfinite(lat, img).tolist() == [False]
     plain = decode(pipe, lat)  # elsewhere (classifiers, pictures): the clamped image, as before
     assert plain[0, 0, 0, :2].tolist() == [1.0, 0.0] and plain[0, 0, 0, 2].isnan()
+
+
+def test_a_large_batch_is_decoded_in_parts_without_gradient_and_in_one_call_with_it(monkeypatch):
+    """A tracing batch at SD's sizes decoded in one call would not fit a GPU (SDXL: ~3 GiB per image): without
+    gradient the decode goes ``DECODE_PIXELS`` image pixels at a time, to the same images; the toy world's batches,
+    and a decode that SAGE differentiates, stay one call."""
+    import lib.sampling as S
+
+    pipe = build_twin("sd-v1")  # 64-px images
+    lat = initial_latents(pipe, list(range(5)))
+    calls = []
+    real = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: calls.append(len(z)) or real(z))
+    with torch.no_grad():
+        whole = decode(pipe, lat)
+        monkeypatch.setattr(S, "DECODE_PIXELS", 2 * 64 * 64)
+        parts = decode(pipe, lat)
+    assert calls == [5, 2, 2, 1] and torch.allclose(parts, whole, atol=1e-5)
+    calls.clear()
+    g = lat.clone().requires_grad_(True)
+    decode(pipe, g).sum().backward()
+    assert calls == [5] and g.grad.abs().sum() > 0

@@ -139,14 +139,15 @@ def _restore_hook(site: TextSite, chunk: Sequence[TextRestore], gate: Gate, clea
 @torch.no_grad()
 def generate_conditionings(pipe, cond: Conditioning, latent: torch.Tensor, steps: int = 25, guidance: float = 7.5,
                            batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, H, W) of every conditioning row from one latent, in loops of ``batch_size``; NaN flags (N,)."""
+    """Images (N, 3, H, W) of every conditioning row from one latent, in loops of ``batch_size``, on the CPU; NaN
+    flags (N,)."""
     imgs, flags = [], []
     for start in range(0, len(cond), batch_size):
         idx = list(range(start, min(start + batch_size, len(cond))))
         lat = denoise(pipe, latent.expand(len(idx), -1, -1, -1), cond.select(idx), steps, guidance)
         img = decode(pipe, lat, keep_nonfinite=True)
-        imgs.append(img)
         flags.append(nonfinite(lat, img))
+        imgs.append(img.cpu())  # a Trace's images live on the CPU (lib.tracing.unet.Trace)
     return torch.cat(imgs), torch.cat(flags)
 
 

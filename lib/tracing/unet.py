@@ -37,7 +37,9 @@ Uncond = Literal["restore", "own"]
 
 @dataclass
 class Trace:
-    """Images of one caption × seed: clean (1, 3, H, W), corrupted (1, 3, H, W), restored (K, 3, H, W).
+    """Images of one caption × seed: clean (1, 3, H, W), corrupted (1, 3, H, W), restored (K, 3, H, W), float32 on
+    the CPU (a text-encoder trace of SDXL holds ~1,800 images of 1024 px: kept on the GPU they would crowd out the
+    next decode; the scorer moves them back in batches).
 
     ``labels[k]`` names what restored run ``k`` restored; ``nan[k]`` is True when its latent or image holds a NaN/inf
     (``nan_clean``/``nan_corrupted`` likewise for the two references); ``meta[k]`` holds the row fields of run ``k``
@@ -135,6 +137,7 @@ def restore_sets(pipe, clean: Conditioning, corrupted: Conditioning, latent: tor
             lat = denoise(pipe, latent.expand(len(rows), -1, -1, -1), cond, steps, guidance)
         img = decode(pipe, lat, keep_nonfinite=True)
         bad = nonfinite(lat, img)
+        img = img.cpu()
         start = 2 if first else 1
         if first:
             ref_imgs, ref_flags = img[:2], bad[:2]
