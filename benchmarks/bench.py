@@ -1,7 +1,8 @@
 """Benchmark harness: time named cases on shape twins (random weights time the same as real ones) and write JSON.
 
     python benchmarks/bench.py --list
-    python benchmarks/bench.py --cases generate --size full --device cuda --dtype float16 --out $OUT/bench.json
+    python benchmarks/bench.py --cases generate_sd14_b1,generate_sd14_b8 --size full --device cuda --dtype float16 \
+        --out $OUT/bench.json
 
 Every case gets warm-up runs (timed and recorded apart: a compiled case compiles there), CUDA synchronisation around
 each timed run, and peak-memory accounting (allocated and reserved); after each case the shared pipeline's memory
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.compile_mode and not args.compile:  # it would time the eager UNet under a compiled run's name
+        ap.error(f"--compile-mode {args.compile_mode} needs --compile")
     need = (2 if args.compile_mode == "reduce-overhead" else 1) if args.compile else 0
     if args.warmup < need:  # else the compilation (or CUDA-graph recording) would be timed
         ap.error(f"--warmup must be >= {need} with --compile{' --compile-mode reduce-overhead' if need == 2 else ''}, "

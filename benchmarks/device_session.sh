@@ -8,9 +8,9 @@
 #       CANDIDATE (optional; carry it): a folder whose vae/, unet/ and TRAINING.json replace data/toy's first
 #   UNET_BATCH=N (unet, unet-resume): the UNet's batch instead of the gpu config's 512 (the 5.5 M-parameter UNet is
 #       launch-bound on an H100: 4.7 it/s at 512, so a bigger batch may train on more samples in the same minutes)
-#   bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
-#   bash benchmarks/device_session.sh speed      # latent iteration: one search without checkpoints, 8 batched with step checkpoints; eager, then CUDA graphs / compiled (~9 min)
-#   bash benchmarks/device_session.sh trace      # the 70-layer trace: eager baseline, then CUDA graphs (~9 min)
+#   T2I_COMMIT=<sha> bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
+#   T2I_COMMIT=<sha> bash benchmarks/device_session.sh speed      # latent iteration: one search without checkpoints, 8 batched with step checkpoints; eager, then CUDA graphs / compiled (~9 min)
+#   T2I_COMMIT=<sha> bash benchmarks/device_session.sh trace      # the 70-layer trace: eager baseline, then CUDA graphs (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 # BUDGET (default 560): seconds this script may use from its start; every step's limit is what is left of it, so the
 #   logs and JSON of a cut-short step come back before the call's own limit (the run tool's timeout_s: give it ~600).

@@ -72,10 +72,10 @@ def test_compiled_timings_need_their_warm_ups():
                        (["--repeats", "0"], "--repeats must be >= 1")):
         proc = subprocess.run(bench + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
-    # a compile mode without --compile compiles nothing: no warm-up needed (it was refused, naming a --compile not given)
+    # a compile mode without --compile would compile nothing and time the eager UNet: refused, naming what is missing
     proc = subprocess.run(bench + ["--compile-mode", "reduce-overhead", "--warmup", "0", "--list"], capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2 and "--compile-mode reduce-overhead needs --compile" in proc.stderr, proc.stderr
 
 
 def test_the_commit_comes_from_t2i_commit_without_git(tmp_path, monkeypatch):

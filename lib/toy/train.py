@@ -719,7 +719,7 @@ def train_vae_decoder(cfg: dict, data: dict, out: Path, steps: int, samples_dir:
     MSE + L1 and, when ``cfg["vae"]["adv"]`` > 0, SD's hinge PatchGAN term (adaptive weight × ``adv``, from step
     ``disc_start``): an MSE-trained decoder draws the mean of what a latent could be, which erases the styles' textures
     (through the GPU-trained decoder, 85 of the monet renders among 1,000 held-out ones came back "no style" to the
-    classifier ensemble; ``python -m lib.toy.evaluate --roundtrip``).
+    classifier ensemble; ``python -m lib.toy.evaluate --roundtrip 1000 --out <dir>``).
     """
     c = cfg["vae"]
     dev = cfg["device"]
