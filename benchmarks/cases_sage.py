@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import environment  # the same facts as bench.py's JSON: versions, commit, GPU
 
     report = dict(size=a.size, threads=torch.get_num_threads(), model=a.model or f"twin:sd-v1:{a.size}",
-                  device=str(device), dtype=str(dtype).replace("torch.", ""), checkpointing=ckpt,
+                  device=str(device), dtype=str(dtype), checkpointing=ckpt,  # spelt as each row spells it
                   members="resnet+edges" if a.model else members, environment=environment(device))
     if a.model:
         from lib.loading import load_pipeline

@@ -174,7 +174,7 @@ def test_the_standalone_sage_report_says_where_it_ran(tmp_path):
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     assert {k: report[k] for k in ("device", "dtype", "checkpointing", "members")} == dict(
-        device="cpu", dtype="float32", checkpointing="none", members="small")
+        device="cpu", dtype="torch.float32", checkpointing="none", members="small")
     assert {"torch", "diffusers", "commit"} <= set(report["environment"])
     (row,) = report["iteration"]
     assert row["steps"] == 2 and row["dtype"] == "torch.float32" and row["median_s"] > 0

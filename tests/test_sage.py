@@ -1038,17 +1038,17 @@ def test_residual_step_zero_is_the_exact_gradient_not_the_default():
         Residual(11).resolved_step(10)
     for w in (0.0, -0.5, float("nan")):  # w ≤ 0 would turn the descent into an ascent
         with pytest.raises(ValueError, match="residual weight must be a positive number"):
-            Residual(1, weight=w).resolve(None, 10)
+            Residual(1, weight=w).check(10)
 
 
 @pytest.mark.parametrize("bad,error", [(dict(lr=0.0), "lr must be a positive number"),
                                        (dict(lr=-0.05), "lr must be a positive number"),
-                                       (dict(residual=Residual(1, weight=-1.0)), "residual weight"),
-                                       (dict(residual=Residual(5)), "outside")])
+                                       (dict(residual=Residual(1, weight=-1.0)), "residual weight")])
 def test_a_latent_search_refuses_a_step_that_cannot_descend_before_sampling(pipe, ens, monkeypatch, bad, error):
     import lib.sage.latent as L
 
-    monkeypatch.setattr(L, "decode", lambda *a, **k: pytest.fail("sampled before the check"))
+    for name in ("encode", "sample_with_residual", "decode"):
+        monkeypatch.setattr(L, name, lambda *a, **k: pytest.fail("encoded or sampled before the check"))
     with pytest.raises(ValueError, match=error):
         search_latents(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=LatentSearch(**bad))
 

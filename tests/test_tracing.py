@@ -57,6 +57,25 @@ def test_candidate_layers_by_module_type(family, total, resnets):
     assert names[-1].startswith("up_blocks.") and names.index("mid_block.resnets.0") < names.index("up_blocks.0.resnets.0")
 
 
+def test_sdxl_s_last_resnet_restores_the_clean_run_and_is_left_out_by_default():
+    """Only the output convolution follows SDXL's last resnet, so restoring it at every step gives the clean image
+    exactly: a tautology that added a 1.0 to Otsu's pool and a "causal" layer to the map. The two resnets before it
+    are not (the pooled text reaches them through the time embedding); SD 1.x / 2.x have no such layer."""
+    from lib.tracing.layers import restores_the_output
+
+    xl = pipe("sdxl")
+    last = "up_blocks.2.resnets.2"
+    assert restores_the_output(xl.unet) == [last] and unet_layers(xl.unet)[-1] == last
+    default = resolve_unet_layers(xl.unet)
+    assert len(default) == 226 and last not in default and resolve_unet_layers(xl.unet, [last]) == [last]
+    for family in ("sd-v1", "sd-v2"):
+        assert restores_the_output(pipe(family).unet) == [] and len(resolve_unet_layers(pipe(family).unet)) == 70
+    names = ["up_blocks.2.resnets.1", last]
+    t = trace_unet(xl, "a photo of a cat", "cat", 0, names, steps=3, guidance=5.0, batch_size=4)
+    assert float((t.clean - t.corrupted).abs().max()) > 0.01
+    assert torch.equal(t.restored[1], t.clean[0]) and not torch.equal(t.restored[0], t.clean[0])
+
+
 def test_unknown_layer_names_are_clear_errors():
     unet = pipe("sd-v1").unet
     with pytest.raises(LayerError, match="did you mean down_blocks.1.resnets.1"):

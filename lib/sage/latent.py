@@ -108,18 +108,23 @@ class Residual:
         return k
 
     def check(self, steps: int) -> int:
-        """``ValueError`` for an unknown mode, a step outside [0, steps] or a weight ≤ 0 (it would turn the descent
-        into an ascent); the resolved step."""
-        if self.mode not in ("straight_through", "additive"):
-            raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
+        """``ValueError`` before a search for an unknown mode, a step outside [0, steps] or a weight ≤ 0 (it would
+        turn the descent into an ascent); the resolved step."""
+        k = self._mode_and_step(steps)
         if self.weight is not None and not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)
                                             and self.weight > 0):
             raise ValueError(f"residual weight must be a positive number (None: √(1−ᾱ) at the step), got "
                              f"{self.weight!r}")
+        return k
+
+    def _mode_and_step(self, steps: int) -> int:
+        if self.mode not in ("straight_through", "additive"):
+            raise ValueError(f"residual mode must be 'straight_through' or 'additive', got {self.mode!r}")
         return self.resolved_step(steps)
 
     def resolve(self, sched, steps: int) -> tuple[int, float]:
-        k = self.check(steps)
+        k = self._mode_and_step(steps)  # not the weight: with straight_through it only scales the gradient, so a
+        # latent saved with any weight re-renders
         if self.weight is not None:
             return k, float(self.weight)
         a = sched.alphas_cumprod[sched.timesteps[k]] if k < steps else sched.final_alpha_cumprod
@@ -171,13 +176,13 @@ class LatentResult:
     """Outcome of one search. ``found`` is False when no evaluated latent fooled the ensemble."""
 
     found: bool
-    latent: torch.Tensor  # the first successful z + δ, else the best-loss one (exactly what was rendered)
+    latent: torch.Tensor  # the first z + δ whose solo re-render fools the ensemble, else the best-loss one
     delta: torch.Tensor
     loss: float  # loss of ``latent``
     best_loss: float
     iterations: int  # updates made
     history: list[float]
-    image: torch.Tensor | None = None  # the image of ``latent`` as rendered during the search, in [0, 1]
+    image: torch.Tensor | None = None  # ``latent`` rendered alone without gradient (as render_latent does), in [0, 1]
     meta: dict = field(default_factory=dict)
 
     def summary(self) -> str:

@@ -504,7 +504,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
         found = fooled >= config.success_fraction and end >= config.min_end_prob
         # the embedding never moved (one candidate, no iterations, or a zero gradient at the first): the pick is the
         # LM's first proposal, and a cosine to the all-zero start embedding means nothing (NaN)
-        cosine = float(cos[pick]) if bool(emb.detach().any()) else math.nan
+        cosine = float(cos[pick]) if bool(emb[0].detach().any()) else math.nan
         rows.append(dict(round=rnd, prompt=prompt, word=cands[pick], cosine=cosine, candidates=len(cands),
                          proposed=", ".join(cands),
                          loss_start=history[0] if history else math.nan, loss_end=history[-1] if history else math.nan,
@@ -646,8 +646,9 @@ def _read_rounds(path: Path):
 # ------------------------------------------------------------------------------------------------ failure categories
 # The version of the search's rules in its resume key: 2 (2026-12-06) ends a text at a one-token ".", "!", "?" or
 # newline too, takes SDXL's nearest word by the mean of the two encoders' cosines and keeps a class's own group out of
-# "concept overwrite"; campaigns saved under rules 1 are searched again, not resumed.
-RULES = 2
+# "concept overwrite"; 3 (2026-12-07) reports no cosine (NaN) for a word picked while the embedding never moved; campaigns
+# saved under earlier rules are searched again, not resumed.
+RULES = 3
 
 CATEGORIES: dict[str, str] = {
     "concept overwrite": "an added word names another class (another object takes over the image)",

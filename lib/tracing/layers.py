@@ -1,7 +1,9 @@
 """Candidate layers for causal tracing, found by module type so that SD v1, v2 and XL share one rule.
 
 UNet: every ``ResnetBlock2D`` and the ``attn1`` (self-attention), ``attn2`` (cross-attention) and ``ff`` of every
-``BasicTransformerBlock`` (SD v1/v2: 22 + 16 × 3 = 70; SDXL: 17 + 70 × 3 = 227), in forward order.
+``BasicTransformerBlock`` (SD v1/v2: 22 + 16 × 3 = 70; SDXL: 17 + 70 × 3 = 227), in forward order. By default
+SDXL's last resnet is left out (226): only the output convolution follows it, so its restoration is the clean run by
+construction (:func:`restores_the_output`); it is traced when named.
 Text encoders: per encoder (``text_encoder``, and ``text_encoder_2`` on SDXL) and per layer ``i`` of
 ``encoder.layers`` (``text_model.encoder.layers`` in ``CLIPTextModelWithProjection``): the layer's output hidden
 state, its ``self_attn`` output and its ``mlp`` output.
@@ -39,6 +41,18 @@ def unet_layers(unet: torch.nn.Module) -> list[str]:
         if isinstance(m, BasicTransformerBlock):
             names += [f"{n}.{sub}" for sub in ("attn1", "attn2", "ff") if getattr(m, sub, None) is not None]
     return sorted(names, key=_forward_key)
+
+
+def restores_the_output(unet: torch.nn.Module) -> list[str]:
+    """Candidate layers after which only the output convolution runs (no attention, no resnet: SDXL's time embedding
+    carries its pooled text into every resnet), so that restoring one at every step gives the clean run by
+    construction: SDXL's ``up_blocks.2.resnets.2``. None on SD 1.x / 2.x, whose last layer is a transformer block's
+    ``ff``, added to a residual that carries the corruption."""
+    last = len(unet.up_blocks) - 1
+    block = unet.up_blocks[last]
+    if getattr(block, "attentions", None) or getattr(block, "upsamplers", None) or not len(block.resnets):
+        return []
+    return [f"up_blocks.{last}.resnets.{len(block.resnets) - 1}"]
 
 
 def unet_layers_of(config: dict) -> list[str]:
@@ -89,10 +103,12 @@ def _forward_key(name: str) -> tuple:
 
 def resolve_unet_layers(unet: torch.nn.Module, names: Iterable[str] | None = None,
                         kinds: Sequence[str] | None = None) -> list[str]:
-    """Validate ``names`` (default: all candidates), optionally keep only ``kinds``; unknown names raise ``LayerError``."""
+    """Validate ``names`` (default: every candidate but those whose restoration is the clean run by construction,
+    :func:`restores_the_output`), optionally keep only ``kinds``; unknown names raise ``LayerError``."""
     valid = unet_layers(unet)
     if names is None:
-        chosen = valid
+        trivial = set(restores_the_output(unet))
+        chosen = [n for n in valid if n not in trivial]
     else:
         chosen = list(names)
         check_names(chosen, valid, "UNet layer")

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from lib.atomic import write_parquet_atomic
-from lib.loading import describe_source
+from lib.loading import describe_source, is_toy_world
 from lib.params import COMMON, Param, ParameterError, distinct, positive, seed_value
 from lib.paths import shell_path
 from lib.sampling import scheduler_fingerprint
@@ -67,8 +67,8 @@ def probes_match_model(probes: str, model: str) -> str | None:
     """A warning when the toy world's probe captions are about to trace a real model (``-p PROBES sd`` is meant)."""
     if str(probes) != "toy":
         return None
-    kind, where = describe_source(model)
-    if kind == "hub" or kind == "local" and not (Path(where) / "classifiers").is_dir():
+    kind, _ = describe_source(model)
+    if kind in ("hub", "local") and not is_toy_world(model):
         return (f"PROBES='toy' traces {model!r} on the toy world's captions ('a white square sleeping'); "
                 "for a real model pass -p PROBES sd (and STEPS 50, GUIDANCE 7.5 as in the paper)")
     return None

@@ -90,7 +90,7 @@ class SweepConfig:
     batch_size: int = 16
     multiplier: float = 3.0
     uncond: str = "restore"
-    layers: tuple[str, ...] | None = None  # UNet layer names (None: all 70/227)
+    layers: tuple[str, ...] | None = None  # UNet layer names (None: all 70 / SDXL's 226, lib.tracing.layers)
     text_kinds: tuple[str, ...] = TEXT_KINDS
     text_layers: tuple[int, ...] | None = None
     negative: str | None = None

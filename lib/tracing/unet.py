@@ -216,11 +216,11 @@ def trace_unet_reference(pipe, caption: str, subject: str, seed: int, layers: Se
             for h in [pre, *hs]:
                 h.remove()
         img = decode(pipe, lat_r, keep_nonfinite=True)
-        imgs.append(img)
         flags.append(nonfinite(lat_r, img))
-    empty = img_c[:0]
+        imgs.append(img.cpu())  # on the CPU, as a batched Trace's
+    empty = img_c[:0].cpu()
     meta = unet_meta(pipe, labels) if all(len(s) == 1 for s in sets) else []
-    return Trace(labels, img_c, img_x, torch.cat(imgs) if imgs else empty,
+    return Trace(labels, img_c.cpu(), img_x.cpu(), torch.cat(imgs) if imgs else empty,
                  torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool),
                  bool(nonfinite(lat_c, img_c)[0]), bool(nonfinite(lat_x, img_x)[0]), meta)
 
