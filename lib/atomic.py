@@ -50,6 +50,32 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def save_pretrained_atomic(obj, folder: str | Path, **kwargs) -> Path:
+    """``obj.save_pretrained(folder, **kwargs)`` (a diffusers / transformers model, pipeline or tokenizer), file by
+    file atomically: everything is written into a temporary folder beside ``folder`` (``.<name>.<pid>@<host>.<hex>
+    .tmpdir``), each file fsynced and renamed over its target, weights before configs. ``save_pretrained`` itself
+    writes in place, so a run killed while it re-saves a finished stage's weights (the toy world's UNet stage re-saves
+    the whole pipeline at every checkpoint) left them torn. A killed run leaves the temporary folder (git-ignored)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(folder).with_suffix(".tmpdir")
+    try:
+        obj.save_pretrained(tmp, **kwargs)
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
+        for src in files:
+            dst = folder / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(src, dst)
+            _fsync_dir(dst.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -1,5 +1,6 @@
 """Atomic result files (lib.atomic): whole or absent, and a killed writer's temporary file cleaned up."""
 
+import json
 import os
 import time
 
@@ -83,3 +84,37 @@ def test_lib_writes_result_files_only_through_lib_atomic():
                 found.append(f"{f.relative_to(REPO_ROOT)}:{n}: {line.strip()}")
     found = [x for x in found if not x.startswith("lib/atomic.py")]
     assert not found, "non-atomic writes:\n" + "\n".join(found)
+
+
+def test_save_pretrained_atomic_replaces_file_by_file_and_leaves_the_old_files_on_failure(tmp_path):
+    """save_pretrained writes in place: a kill mid-save tore a finished stage's weights. Through a temporary folder,
+    a failed save leaves the old files as they were, and a finished one equals a plain save_pretrained."""
+    from lib.atomic import save_pretrained_atomic
+    from lib.tokenizer import build_clip_tokenizer
+
+    class Model:
+        def __init__(self, tag: str, fail: bool = False):
+            self.tag, self.fail = tag, fail
+
+        def save_pretrained(self, folder, **kwargs):
+            (folder / "sub").mkdir(parents=True)
+            (folder / "sub" / "weights.safetensors").write_text(self.tag)
+            if self.fail:
+                raise RuntimeError("killed mid-save")
+            (folder / "config.json").write_text(json.dumps({"tag": self.tag, **kwargs}))
+
+    out = tmp_path / "model"
+    save_pretrained_atomic(Model("old"), out, safe_serialization=True)
+    assert (out / "sub" / "weights.safetensors").read_text() == "old"
+    assert json.loads((out / "config.json").read_text()) == {"tag": "old", "safe_serialization": True}
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        save_pretrained_atomic(Model("new", fail=True), out)
+    assert (out / "sub" / "weights.safetensors").read_text() == "old"  # untouched: the new one stayed in the temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+    tok = build_clip_tokenizer()
+    plain, atomic = tmp_path / "plain", tmp_path / "atomic"
+    tok.save_pretrained(plain)
+    save_pretrained_atomic(tok, atomic)
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*"))
+    assert files == sorted(p.relative_to(atomic) for p in atomic.rglob("*"))
+    assert all((plain / f).read_bytes() == (atomic / f).read_bytes() for f in files if (plain / f).is_file())

@@ -318,6 +318,15 @@ def test_an_interrupted_training_is_refused_and_can_be_finished(tmp_path, member
     meta = C.train_classifiers(tmp_path, steps=2, members=["edges"], **kw)  # continues edges from its earlier weights
     assert "unfinished" not in meta and set(C.load_classifiers(tmp_path)) == set(C.MEMBERS)
     assert meta["training"]["edges"]["continues"] == {"steps": 7} and meta["training"]["resnet"]["steps"] == 2
+    # killed after the first member's new weights replaced its old ones, before the config said so: the folder is
+    # already marked (before any weight is replaced), not an old config over a mixed ensemble
+    real_save = C._save_weights
+    monkeypatch.setattr(C, "_save_weights", lambda *a, **k: (real_save(*a, **k), (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        C.train_classifiers(tmp_path, steps=1, members=["resnet"], **kw)
+    with pytest.raises(C.ClassifierLoadError, match="interrupted before resnet finished"):
+        C.load_classifiers(tmp_path)
+    monkeypatch.setattr(C, "_save_weights", real_save)
     # a corrupt config: the full rebuild its error names replaces it; retraining some members needs the others' entries
     (tmp_path / C.CONFIG_NAME).write_text("{torn")
     with pytest.raises(C.ClassifierLoadError, match="corrupt classifier config .* the kept members"):

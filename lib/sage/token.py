@@ -137,7 +137,7 @@ def token_key(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, tar
     ``config.iterations``."""
     return campaign_key(pipe, ensemble, prompts=list(prompts), source=source, target=target, seeds=list(seeds),
                         steps=steps, guidance=guidance, config={**asdict(config), "iterations": None},
-                        device=str(pipe.unet.device), dtype=str(pipe.unet.dtype))
+                        device=pipe.unet.device.type, dtype=str(pipe.unet.dtype))  # cuda:1 resumes cuda:0's run
 
 
 def _save_checkpoint(path: Path, v: torch.Tensor, history: list[float], rng, scale: float) -> None:

@@ -500,6 +500,14 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
     def ordered(d: dict) -> dict:
         return {n: d[n] for n in MEMBERS if n in d}
 
+    def write_config(remaining: list[str]) -> None:
+        waiting = {n: s for n, s in pending.items() if n in remaining}  # earlier entries and records, kept listed
+        records = ordered({**{n: old.get("training", {}).get(n, {}) for n in waiting}, **training})
+        _write_config(ordered(trained), out_dir, {"data": data, "training": records,
+                                                  **({"unfinished": remaining} if remaining else {})}, pending=waiting)
+
+    write_config(list(members))  # before any weight is replaced: a kill between a member's weights and the config
+    # write left the old config over a mixed ensemble, loaded without a word
     for name in members:
         trained[name], training[name] = train_member(name, images, targets, per_member[name], seed, device, batch_size,
                                                      lr, val=val, eval_every=eval_every, init=inits.get(name),
@@ -514,11 +522,7 @@ def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, 
         # every finished member is saved at once (a later crash loses nothing; rerun with the remaining --members);
         # the kept members' weights are already in out_dir
         _save_weights(name, trained[name], out_dir)
-        remaining = [n for n in members if n not in trained]
-        waiting = {n: s for n, s in pending.items() if n in remaining}  # earlier entries and records, kept listed
-        records = ordered({**{n: old.get("training", {}).get(n, {}) for n in waiting}, **training})
-        _write_config(ordered(trained), out_dir, {"data": data, "training": records,
-                                                  **({"unfinished": remaining} if remaining else {})}, pending=waiting)
+        write_config([n for n in members if n not in trained])
     meta = {"data": data, "training": ordered(training)}
     loaded = load_classifiers(out_dir, device)
     ev = to_tensor(ev_arr)

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lib.atomic import write_text_atomic
+from lib.atomic import save_pretrained_atomic, write_text_atomic
 from lib.paths import TOY_DIR
 from lib.toy import world as W
 
@@ -137,8 +137,8 @@ def train_lm(out_dir: str | Path = DEFAULT_DIR, steps: int = 1500, seed: int = 0
             "n_params": sum(p.numel() for p in model.parameters()), "rebuild": REBUILD}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_pretrained_atomic(model, out)
+    save_pretrained_atomic(tokenizer, out)
     write_text_atomic(json.dumps(info, indent=2) + "\n", out / "training.json")
     return info
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.atomic import write_atomic, write_text_atomic
+from lib.atomic import save_pretrained_atomic, write_atomic, write_text_atomic
 from lib.loading import dtype_kwarg
 from lib.paths import TOY_DIR, from_repo_root
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
@@ -644,8 +644,8 @@ def _save_text_encoder(model, out: Path) -> None:
 
     te = CLIPTextModel(model.config.text_config)
     te.load_state_dict(model.text_model.state_dict())  # transformers 5: CLIPTextModel has no .text_model wrapper
-    te.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
-    build_clip_tokenizer().save_pretrained(out / "tokenizer")
+    save_pretrained_atomic(te.to(torch.float16), out / "text_encoder", safe_serialization=True)
+    save_pretrained_atomic(build_clip_tokenizer(), out / "tokenizer")
 
 
 # -------------------------------------------------------------------------------------------------------- stage 2
@@ -679,7 +679,7 @@ def train_vae(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | 
     vae = vae.cpu()
     if samples_dir is not None:
         _save_grid(torch.cat([x[:16].cpu(), rec[:16].cpu()]), samples_dir / "vae_recon.png", cols=16)
-    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    save_pretrained_atomic(vae.to(torch.float16), out / "vae", safe_serialization=True)
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], scaling_factor=sf, latent_std=float(lat.std()),
                        recon_mse_train512=val_mse)
 
@@ -767,7 +767,7 @@ def train_vae_decoder(cfg: dict, data: dict, out: Path, steps: int, samples_dir:
     vae = vae.cpu()
     if samples_dir is not None:
         _save_grid(torch.cat([x[:16].cpu(), rec[:16].cpu()]), samples_dir / "vae_decoder_recon.png", cols=16)
-    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    save_pretrained_atomic(vae.to(torch.float16), out / "vae", safe_serialization=True)
     extra = {}
     if disc is not None:
         extra = {"adv": adv, "disc_start": start, "final_d_loss": round(float(np.mean(state["d_loss"][-50:])), 4),
@@ -845,7 +845,7 @@ def sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, steps: int = 25, guida
 def _save_pipeline(unet, vae, te, out: Path):
     pipe = build_pipeline(copy.deepcopy(unet).cpu(), copy.deepcopy(vae).cpu(), copy.deepcopy(te).cpu())
     pipe.to(torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_pretrained_atomic(pipe, out, safe_serialization=True)  # a kill mid-save tears no finished stage's file
 
 
 def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
