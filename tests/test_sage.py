@@ -627,11 +627,10 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     os.utime(stale, (0, 0))  # untouched since long ago (recent ones are left: lib.atomic)
     df2, again = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0, 1, 2], steps=2, config=cfg,
                                  out_dir=tmp_path, batch_size=2)
-    assert searched == [[1]] and df2.resumed.tolist() == [True, False, True] and not stale.exists()
-    for a, b, resumed in zip(first, again, df2.resumed):
-        # a loaded search is bit-identical; seed 1, searched alone this time, differs in the last bits of its losses
-        assert a.history == (b.history if resumed else pytest.approx(b.history, abs=1e-5))
-        assert a.iterations == b.iterations and a.found == b.found
+    # seed 1's batch, [0, 1], is searched again whole: every result is the fresh run's, bit for bit
+    assert searched == [[0, 1]] and df2.resumed.tolist() == [False, False, True] and not stale.exists()
+    for a, b in zip(first, again):
+        assert a.history == b.history and a.iterations == b.iterations and a.found == b.found
         assert torch.equal(a.latent, b.latent) and torch.equal(a.delta, b.delta) and torch.equal(a.image, b.image)
     assert df2.path.equals(df.path) and df2.found.equals(df.found)
     searched.clear()
@@ -639,12 +638,14 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     df3, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=other, out_dir=tmp_path)
     assert searched == [[0]] and not df3.resumed.any() and df3.loc[0, "path"] != df.loc[0, "path"]
     assert not list(tmp_path.glob(".*.tmp"))
-    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2)
+    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1])
     assert Path(df.loc[0, "path"]).name == f"latent_lose_cat_0_{key}.safetensors"
+    assert Path(df.loc[2, "path"]).name.endswith(f"{L.campaign_key(pipe, ens, 'a photo of a cat', 'cat', 2, 7.5, cfg, 2, [2])}"
+                                                 ".safetensors")
     retrained = Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
                           EdgeMember(FnMember(small_net(seed=4), LABELS, "c"))])  # same names, other weights
-    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2) != key
-    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2) == key
+    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) != key
+    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) == key
 
 
 def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp_path):
@@ -652,7 +653,7 @@ def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp
     import lib.sage.latent as L
 
     cfg = LatentSearch(mode="lose", iterations=0)
-    keys = {b: L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, b) for b in (1, 2, 8)}
+    keys = {b: L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, b, [0]) for b in (1, 2, 8)}
     assert len(set(keys.values())) == 3, keys
     one, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=cfg, out_dir=tmp_path,
                              batch_size=1)
@@ -660,6 +661,26 @@ def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp
                              batch_size=2)
     assert not two.resumed.any() and one.loc[0, "path"] != two.loc[0, "path"]
     assert keys[1] in one.loc[0, "path"] and keys[2] in two.loc[0, "path"]
+
+
+def test_an_extended_campaign_gives_exactly_what_a_fresh_run_of_all_its_seeds_gives(pipe, ens, tmp_path, monkeypatch):
+    """Batches are cut at fixed places of SEEDS and a result is reused only from the same batch: seeds [0, 1, 2]
+    extended to [0, 1, 2, 3] searches [2, 3] together, as a fresh run does (it searched 3 alone, or [3] after [2])."""
+    import lib.sage.latent as L
+
+    cfg = LatentSearch(mode="lose", iterations=2, stop_on_success=False)
+    run = lambda seeds, out: latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg,
+                                             out_dir=out, batch_size=2)
+    run([0, 1, 2], tmp_path / "a")
+    searched = []
+    real = L.search_latents
+    monkeypatch.setattr(L, "search_latents", lambda *a, **k: searched.append(k["seeds"]) or real(*a, **k))
+    extended, ext = run([0, 1, 2, 3], tmp_path / "a")
+    assert searched == [[2, 3]] and extended.resumed.tolist() == [True, True, False, False]
+    fresh, new = run([0, 1, 2, 3], tmp_path / "b")
+    assert [Path(p).name for p in fresh.path] == [Path(p).name for p in extended.path]
+    for a, b in zip(ext, new):
+        assert torch.equal(a.latent, b.latent) and a.history == b.history and a.found == b.found
 
 
 def test_repeated_seeds_are_rejected_before_any_search(pipe, ens, lm, monkeypatch):

@@ -220,8 +220,8 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     differently from a batch of one, so a batched search agrees with the same search run alone only up to float
     rounding: a signed step turns the sign of a near-zero gradient entry, which rounding can flip, into a full
     ``lr`` step, and the trajectories can drift apart (in one batch of four, 2 of 256 δ entries differed from the solo
-    search after 3 iterations, δ by up to 0.30 after 8). :func:`latent_campaign` therefore keys its results by the
-    batch size.
+    search after 3 iterations, δ by up to 0.30 after 8). :func:`latent_campaign` therefore keys each result by the
+    seeds of its batch.
 
     A success is confirmed on the latent rendered alone and without gradient, the prompt encoded alone (exactly what
     :func:`render_latent` and a resumed campaign give; on a GPU, batched or gradient-recording kernels may round
@@ -326,32 +326,32 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
 
 
 def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
-                 config: LatentSearch, batch_size: int) -> str:
+                 config: LatentSearch, batch_size: int, batch: Sequence[int] | None = None) -> str:
     """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign searched ``batch_size`` seeds at
-    a time (batched searches agree with solo ones only up to float rounding: :func:`search_latents`)."""
+    a time, for the searches of ``batch`` (the seeds searched together: batched searches agree with solo ones, and
+    with other batches, only up to float rounding, :func:`search_latents`)."""
     from lib.sage.resume import campaign_key as key
 
     return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config),
-               batch_size=int(batch_size), stop_rule="solo-confirmed")  # files of the batch-verdict stop: not reused
+               batch_size=int(batch_size), stop_rule="solo-confirmed",  # files of the batch-verdict stop: not reused
+               **({} if batch is None else {"batch": [int(s) for s in batch]}))
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
                     guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
                     model: str = "", batch_size: int = 8, resume: bool = True):
-    """One search per seed, ``batch_size`` seeds at a time (:func:`search_latents`); returns (tidy table, results).
+    """One search per seed, in batches of ``batch_size`` consecutive ``seeds`` (:func:`search_latents`); returns (tidy
+    table, results).
 
     With ``out_dir`` every search is written (atomically) as soon as its batch finishes, to
     ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
-    (:func:`campaign_key`) hashes the weights (with their dtype and device type), the ensemble, every setting and
-    ``batch_size``, not the seeds; with ``resume`` a search whose file exists is loaded (its image re-rendered
-    exactly) instead of run again, so an interrupted campaign loses nothing and other settings never reuse stale
-    results; an unreadable file is ignored with a warning (its seed is searched again and the file overwritten).
-
-    Only the seeds without a file are searched, chunked in ``seeds`` order among themselves: a resumed or extended
-    campaign (more ``seeds``) batches them differently from a fresh run (seeds [0, 1] done, then [0, …, 7] with
-    batch size 8 searches 2…7 as one batch of 6, not 0…7 as one of 8), so those results agree with a fresh run's only
-    up to float rounding (:func:`search_latents`); each one's ``found`` is still judged on its solo re-render.
-    Repeated seeds are a ``ValueError``.
+    (:func:`campaign_key`) hashes the weights (with their dtype and device type), the ensemble, every setting,
+    ``batch_size`` and the seeds of the search's batch. With ``resume`` a batch whose files all exist is loaded (its
+    images re-rendered exactly) instead of run again; a batch with a missing or unreadable file (a warning names it)
+    is searched again whole. So a resumed, interrupted or extended campaign (more ``seeds``) gives exactly what a fresh
+    run of the same ``seeds`` gives: a batched search differs from the same search in another batch in the last bits,
+    which a signed step can grow (:func:`search_latents`), so a result is reused only from the same batch. Other
+    settings never reuse stale results. Repeated seeds are a ``ValueError``.
     """
     import pandas as pd
 
@@ -359,30 +359,23 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_seeds(seeds)
     seeds = list(seeds)
+    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
     paths: dict[int, Path] = {}
     done: dict[int, LatentResult] = {}
-    if out_dir is not None:
-        if Path(out_dir).is_dir():
-            remove_stale_tmp(out_dir)  # a killed run's half-written file
-        key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size)
-        paths = {s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
-                 for s in seeds}
-        if resume:
-            for s, p in paths.items():
-                if not p.is_file():
-                    continue
-                try:
-                    r = read_result(p)
-                except Exception as err:  # noqa: BLE001 - a truncated or foreign file: search again, say so
-                    why = (str(err).splitlines() or [type(err).__name__])[0]
-                    warnings.warn(f"ignoring unreadable latent result {p.name} ({why}); searching seed {s} again",
-                                  stacklevel=2)
-                    continue
-                done[s] = _rendered(pipe, r)
-    todo = [s for s in seeds if s not in done]
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        for s, r in zip(chunk, search_latents(pipe, ensemble, prompt, cls, seeds=chunk, steps=steps,
+    resumed: set[int] = set()
+    if out_dir is not None and Path(out_dir).is_dir():
+        remove_stale_tmp(out_dir)  # a killed run's half-written file
+    for batch in batches:
+        if out_dir is not None:
+            key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size, batch)
+            paths.update({s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
+                          for s in batch})
+        loaded = _load_batch([paths[s] for s in batch], batch) if out_dir is not None and resume else None
+        if loaded is not None:
+            done.update({s: _rendered(pipe, r) for s, r in zip(batch, loaded)})
+            resumed.update(batch)
+            continue
+        for s, r in zip(batch, search_latents(pipe, ensemble, prompt, cls, seeds=batch, steps=steps,
                                               guidance=guidance, config=config)):
             if out_dir is not None:
                 save_latent(paths[s], r, model=model)
@@ -394,10 +387,26 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
                          best_loss=r.best_loss, iterations=r.iterations,
                          delta_linf=float(r.delta.abs().max()), latent_norm=float(r.latent.float().norm()),
                          stopped=r.meta.get("stopped"), solo_rejected=r.meta.get("solo_rejected"),
-                         path=str(paths[s]) if s in paths else None,
-                         resumed=s not in todo))
+                         path=str(paths[s]) if s in paths else None, resumed=s in resumed))
         results.append(r)
     return pd.DataFrame(rows), results
+
+
+def _load_batch(paths: Sequence[Path], batch: Sequence[int]) -> list[LatentResult] | None:
+    """Every finished search of one batch, or None (then the batch is searched again whole): a file is missing, or
+    one is unreadable (a warning names it)."""
+    if not all(p.is_file() for p in paths):
+        return None
+    out = []
+    for p in paths:
+        try:
+            out.append(read_result(p))
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: search again, say so
+            why = (str(err).splitlines() or [type(err).__name__])[0]
+            warnings.warn(f"ignoring unreadable latent result {p.name} ({why}); searching its batch (seeds "
+                          f"{', '.join(map(str, batch))}) again", stacklevel=3)
+            return None
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ saving, rendering
