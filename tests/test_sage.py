@@ -1189,3 +1189,8 @@ def test_a_batched_find_its_solo_render_does_not_reproduce_does_not_end_the_sear
                           config=LatentSearch(mode="lose", iterations=3))
     assert not r.found and r.iterations == 3 and r.meta["stopped"] is None
     assert r.meta["solo_rejected"] == 4 and r.meta["solo_fooled"] is False
+    # the other way round: the batched image never fails, the solo image of the best latent does: a find
+    flipped = Ensemble([FnMember(lambda x: -logits(x), LABELS, "flipped")])
+    (f,) = search_latents(pipe, flipped, "a photo of a cat", "cat", seeds=[0], steps=2,
+                          config=LatentSearch(mode="lose", iterations=2))
+    assert f.found and f.meta["solo_fooled"] is True and f.iterations == 2 and f.meta["solo_rejected"] == 0

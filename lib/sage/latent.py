@@ -227,7 +227,8 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     :func:`render_latent` and a resumed campaign give; on a GPU, batched or gradient-recording kernels may round
     differently): a search stops, and counts as ``found``, only when that solo image fools the ensemble too; a batched
     success the solo image does not reproduce is counted in ``meta["solo_rejected"]`` and the search goes on. The
-    returned image is that solo rendering (of the best latent when nothing was found). ``meta["batch_solo_max_diff"]``
+    returned image is that solo rendering (of the best latent when nothing was found; should it fool the ensemble
+    alone although its batched image did not, the search counts as ``found`` too). ``meta["batch_solo_max_diff"]``
     is the largest pixel difference between the search's image and the solo one (0 on the CPU for one search),
     ``meta["solo_fooled"]`` the solo image's verdict.
     """
@@ -320,8 +321,8 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
                     residual_mode=config.residual.mode, residual_step=config.residual.step,
                     residual_weight=config.residual.weight, stopped=stopped[b], batch_solo_max_diff=diff,
                     solo_fooled=fooled, solo_rejected=rejected[b])
-        results.append(LatentResult(found[b] is not None and fooled, zp, d, loss_v, best[b][0], len(history[b]) - 1,
-                                    history[b], img, meta))
+        # the solo verdict decides: a best latent whose batched image missed but whose solo image fools is a find too
+        results.append(LatentResult(fooled, zp, d, loss_v, best[b][0], len(history[b]) - 1, history[b], img, meta))
     return results
 
 
@@ -333,7 +334,7 @@ def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, gu
     from lib.sage.resume import campaign_key as key
 
     return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config),
-               batch_size=int(batch_size), stop_rule="solo-confirmed",  # files of the batch-verdict stop: not reused
+               batch_size=int(batch_size), stop_rule="solo-decides",  # files of the batch-verdict rules: not reused
                **({} if batch is None else {"batch": [int(s) for s in batch]}))
 
 
