@@ -241,12 +241,9 @@ def decode(pipe, latents: torch.Tensor, keep_nonfinite: bool = False) -> torch.T
         z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(z)
     else:
         z = z / vae.config.scaling_factor
-    if torch.is_grad_enabled() and z.requires_grad:
-        img = vae.decode(z).sample.float() / 2 + 0.5
-    else:
-        scale = pipe.vae_scale_factor
-        per_call = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * scale * scale))
-        img = torch.cat([vae.decode(part).sample.float() / 2 + 0.5 for part in z.split(per_call)])
+    per_call = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * pipe.vae_scale_factor ** 2))
+    parts = [z] if torch.is_grad_enabled() and z.requires_grad else z.split(per_call)
+    img = torch.cat([vae.decode(part).sample.float() / 2 + 0.5 for part in parts])
     return img.clamp(0, 1).masked_fill(~torch.isfinite(img), float("nan")) if keep_nonfinite else img.clamp(0, 1)
 
 
