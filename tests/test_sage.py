@@ -14,8 +14,9 @@ from torch import nn
 from lib.prompts import PromptError
 from lib.sage.gradient import FP16_LOSS_SCALE, grad_problem, loss_scale_for, scaled_grad, scaled_grad_rows
 from lib.sage.latent import (
-    LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent, project_to_shell, read_result,
-    render_latent, sample_with_residual, save_latent, search_latent, search_latents, shell_bounds, signed_step,
+    MODE_GOAL, SHELL_STD, LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent,
+    project_to_shell, read_result, render_latent, sample_with_residual, save_latent, search_latent, search_latents,
+    shell_bounds, signed_step,
 )
 from lib.sage.loss import (
     ClipMember, Criteria, EdgeMember, Ensemble, FnMember, ToyMember, UnknownClassError, imagenet_groups, timm_member,
@@ -117,6 +118,37 @@ def test_type2_needs_the_members_to_agree_on_the_other_label():
     assert recheck(images, car, "cat", "lose", ensemble=pair).tolist() == [True, True]
 
 
+def test_failure_types_map_to_their_goals_and_the_documented_thresholds():
+    # type 1 (distorted: nothing recognised) descends "uncertain", type 2 (something else, confidently) "other"
+    assert MODE_GOAL == {"type1": "uncertain", "type2": "other", "lose": "lose"}
+    assert Criteria() == Criteria(class_below=0.5, uncertain_below=0.5, confident_above=0.5)  # README: THRESHOLD 0.5
+
+
+def test_each_verdict_reads_its_own_threshold_the_group_sum_and_every_member():
+    one = Ensemble([const_member([0.0, 0.0, 0.0])], groups={"pet": ("cat", "dog")},
+                   criteria=Criteria(class_below=0.5, uncertain_below=0.4))
+    # "pet" spread over cat and dog: car is the top label, but the group holds 0.55 ≥ class_below, so not lost
+    spread = [torch.tensor([[0.30, 0.25, 0.45], [0.20, 0.20, 0.60]])]
+    assert one.judge(spread, "pet", "lose").tolist() == [False, True]
+    # type 1 asks max probability < uncertain_below (0.4), not < class_below (0.5)
+    assert one.judge([torch.tensor([[0.10, 0.45, 0.45], [0.25, 0.37, 0.38]])], "cat", "type1").tolist() == [False, True]
+    # become: every member's top label is the target
+    two = Ensemble([const_member([0.0, 0.0, 0.0], name="a"), const_member([0.0, 0.0, 0.0], name="b")])
+    car, dog = torch.tensor([[0.1, 0.1, 0.8]]), torch.tensor([[0.1, 0.8, 0.1]])
+    assert two.judge([car, dog], "cat", "become", "car").tolist() == [False]
+    assert two.judge([car, car], "cat", "become", "car").tolist() == [True]
+    # the agreed other label sums over the members: not the first member's favourite (a: dog 0.6; a + b: car 1.35)
+    assert two.agreed_label([torch.tensor([[0.0, 0.6, 0.4]]), torch.tensor([[0.0, 0.05, 0.95]])], "cat") == ["car"]
+    # the re-check judges with the search ensemble's criteria and groups
+    checker = const_member([np.log(0.3), np.log(0.7), -20.0], name="held-out")  # cat 0.3, dog 0.7
+    images = torch.rand(1, 3, 8, 8)
+    assert recheck(images, checker, "cat", ensemble=two).tolist() == [True]  # 0.3 < 0.5
+    lenient = Ensemble(two.members, criteria=Criteria(class_below=0.2))
+    assert recheck(images, checker, "cat", ensemble=lenient).tolist() == [False]  # 0.3 ≥ 0.2: the class is still seen
+    grouped = Ensemble(two.members, groups={"pet": ("cat", "dog")})
+    assert recheck(images, checker, "pet", ensemble=grouped).tolist() == [False]  # dog is a pet
+
+
 def test_the_checker_cannot_be_an_ensemble_member_under_another_name():
     import copy
 
@@ -187,6 +219,10 @@ def test_edge_member_is_canny_forward_and_differentiable():
     assert torch.allclose(seen["x"][:, :1], 1 - hard, atol=1e-5)  # forward: exactly Canny (inverted sketch)
     logits.sum().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0 and torch.isfinite(img.grad).all()
+    # straight-through: the soft map's gradient (the inner mean is linear, so the two backward passes agree exactly)
+    soft_img = img.detach().clone().requires_grad_(True)
+    EdgeMember(FnMember(inner, LABELS, "mean"), gradient="soft")(soft_img).sum().backward()
+    torch.testing.assert_close(img.grad, soft_img.grad)
 
 
 def test_edge_member_runs_canny_at_the_inner_member_s_resolution():
@@ -351,6 +387,9 @@ def test_signed_steps_decrease_a_quadratic():
 
 def test_projection_keeps_the_norm_in_the_shell():
     torch.manual_seed(0)
+    # the shell's width: the norm of a d-dim standard normal has std ≈ 1/√2 (here d = 256, 4,000 draws)
+    assert torch.randn(4000, 256).norm(dim=1).std().item() == pytest.approx(SHELL_STD, abs=0.03)
+    assert shell_bounds(256, 3.0) == pytest.approx((16 - 3 / 2**0.5, 16 + 3 / 2**0.5))
     lat = torch.cat([torch.randn(1, 4, 8, 8) * 3, torch.randn(1, 4, 8, 8) * 0.1, torch.randn(1, 4, 8, 8)])
     out = project_to_shell(lat, 3.0)
     lo, hi = shell_bounds(4 * 8 * 8, 3.0)
@@ -433,6 +472,20 @@ def test_a_read_result_has_the_types_of_a_fresh_one(pipe, ens, tmp_path):
     back = read_result(save_latent(tmp_path / "z.safetensors", r))
     assert back.meta == r.meta and back.history == r.history and torch.equal(back.latent, r.latent)
     assert {k: type(v) for k, v in back.meta.items()} == {k: type(v) for k, v in r.meta.items()}  # 2 == 2.0 too
+
+
+def test_an_additive_find_re_renders_with_its_own_sampler(pipe, ens, tmp_path):
+    """The literal residual changes the image, so a re-render must use the saved mode, step and weight (from the
+    file, or from a fresh result's meta, where a step of 0 is an int, not a missing value)."""
+    from lib.sage.latent import LatentRecord
+
+    for k in (0, 1):
+        cfg = LatentSearch(mode="lose", iterations=1, residual=Residual(k, 0.5, "additive"), stop_on_success=False)
+        r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=2, config=cfg)
+        assert torch.equal(render_latent(pipe, save_latent(tmp_path / f"a{k}.safetensors", r)), r.image)
+        assert torch.equal(render_latent(pipe, LatentRecord(r.latent, r.meta)), r.image)
+        plain = render_latent(pipe, LatentRecord(r.latent, {**r.meta, "residual_mode": "straight_through"}))
+        assert not torch.allclose(plain, r.image, atol=1e-3)
 
 
 def test_search_save_and_rerender_exactly(pipe, ens, tmp_path):
@@ -765,6 +818,10 @@ def test_slots_match_the_pipeline_encoding(pipe):
     dog = word_embedding(pipe, "dog")[None]  # one CLIP token: inserting its embedding = writing the word
     ref = encode(pipe, ["a photo of a cat dog"]).cond
     assert torch.allclose(encode_with_slots(pipe, ["a photo of a cat"], dog).cond, ref, atol=1e-5)
+    ids = pipe.tokenizer("photosynthesis", add_special_tokens=False).input_ids
+    assert len(ids) > 1  # a word of several CLIP tokens stands for their mean
+    table = pipe.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(word_embedding(pipe, "photosynthesis"), table[ids].detach().float().mean(0))
     with pytest.raises(NotImplementedError, match="first text encoder"):
         encode_with_slots(SimpleNamespace(text_encoder=None, text_encoder_2=object()), ["a cat"], None)
 
@@ -821,6 +878,19 @@ def test_sdxl_latent_prompt_and_token_search_run(xl, ens, lm, tmp_path):
     assert not torch.allclose(pooled_text(xl, ["a photo of a cat"], dog), pooled_text(xl, ["a photo of a cat"], None))
 
 
+def test_the_prompt_search_optimises_the_next_word_and_its_lookahead_slots(pipe, ens, lm, monkeypatch):
+    import lib.sage.prompt as SP
+
+    shapes, real = [], SP.render_with_slots
+    monkeypatch.setattr(SP, "render_with_slots", lambda p, prompts, emb, *a, **k: shapes.append(
+        None if emb is None else tuple(emb.shape)) or real(p, prompts, emb, *a, **k))
+    for lookahead in (0, 2):
+        shapes.clear()
+        search_prompt(pipe, ens, lm, "cat", seeds=[0], steps=2,
+                      config=PromptSearch(n_words=1, top_k=3, iterations=2, lookahead=lookahead))
+        assert shapes == [(1 + lookahead, 32)] * 2 + [None]  # two optimised renders, then the picked word's
+
+
 def test_gradient_reaches_the_embeddings(pipe, ens):
     emb = torch.zeros(2, 32, requires_grad=True)
     img = render_with_slots(pipe, ["a photo of a cat"], emb, [0], steps=2, guidance=7.5)
@@ -841,6 +911,11 @@ def test_prompt_search_table(pipe, ens, lm):
                           class_words=LABELS)
     assert still.candidates[0] > 1 and np.isnan(still.cosine[0])
     assert still.word[0] == still.proposed[0].split(", ")[0]
+    # found: fooled on *at least* success_fraction of the seeds (here all of them: 1.0 of 1.0 counts)
+    every = PromptSearch(n_words=1, top_k=2, iterations=0, success_fraction=1.0, min_end_prob=0.0)
+    for logits, found in (([0.0, 5.0, 0.0], True), ([5.0, 0.0, 0.0], False)):  # sees a dog / a cat
+        df = search_prompt(pipe, Ensemble([const_member(logits)]), lm, "cat", seeds=[0, 1], steps=2, config=every)
+        assert df.fooled_fraction.tolist() == [float(found)] and df.found.tolist() == [found]
     with pytest.raises(PromptError, match="zebra"):
         search_prompt(pipe, Ensemble([const_member([0.0] * 4, LABELS + ("zebra",))]), lm, "zebra", [0], steps=2)
 
@@ -870,6 +945,39 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     with pytest.raises(UnknownClassError):  # every class checked before any search
         SP.prompt_campaign(pipe, ens, lm, ["cat", "zebra"], [0], steps=2, config=cfg, out_dir=tmp_path)
     assert searched == ["dog", "cat"]
+
+
+def test_every_resume_key_changes_with_each_of_its_settings(pipe, ens, lm):
+    """A changed setting must never load a result searched under the old one."""
+    import lib.sage.latent as L
+    import lib.sage.prompt as SP
+    import lib.sage.token as T
+    from lib.sage.resume import campaign_key
+
+    def differ(fn, base: dict, changes: dict):
+        key = fn(**base)
+        assert fn(**base) == key
+        for name, value in changes.items():
+            assert fn(**{**base, name: value}) != key, name
+
+    cfg = LatentSearch(mode="lose", iterations=2)
+    differ(lambda **k: L.campaign_key(pipe, ens, **k),
+           dict(prompt="a photo of a cat", cls="cat", steps=2, guidance=7.5, config=cfg, batch_size=2, batch=[0, 1]),
+           dict(prompt="a photo of a dog", cls="dog", steps=3, guidance=5.0, config=LatentSearch(mode="lose"),
+                batch_size=4, batch=[0, 2]))
+    pcfg = PromptSearch(n_words=2, top_k=4, iterations=1)
+    differ(lambda **k: SP.prompt_key(pipe, ens, lm, **k),
+           dict(cls="cat", seeds=[0], steps=2, guidance=7.5, config=pcfg, class_words=LABELS, attribute_words=()),
+           dict(cls="dog", seeds=[1], steps=3, guidance=5.0, config=PromptSearch(n_words=3, top_k=4, iterations=1),
+                class_words=("cat",), attribute_words=("red",)))
+    tcfg = TokenAttack(iterations=2, batch_size=2)
+    differ(lambda **k: T.token_key(pipe, ens, **k),
+           dict(prompts=["a photo of a cat"], source="cat", target="car", seeds=[0], steps=2, guidance=7.5,
+                config=tcfg),
+           dict(prompts=["a photo of a red cat"], source="dog", target="dog", seeds=[1], steps=3, guidance=5.0,
+                config=TokenAttack(iterations=2, batch_size=1)))
+    assert campaign_key(pipe, Ensemble(ens.members, criteria=Criteria(class_below=0.4))) != campaign_key(pipe, ens)
+    assert campaign_key(pipe, Ensemble(ens.members, groups={"pet": ("cat", "dog")})) != campaign_key(pipe, ens)
 
 
 def test_prompt_campaign_searches_an_unreadable_class_again(pipe, ens, lm, tmp_path, monkeypatch, dead_pid):
@@ -984,6 +1092,8 @@ def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path,
     assert again.meta["resumed_from"] == 2 and again.history == ref.history and not stale.exists()
     assert torch.equal(again.embedding, ref.embedding) and ref.meta["resumed_from"] == 0
     assert len(set(ref.history)) > 1  # the steps moved the loss: the comparison is not vacuous
+    done = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), **kw)  # finished: loaded, not retrained
+    assert done.meta["resumed_from"] == 5 and done.history == ref.history and torch.equal(done.embedding, ref.embedding)
     fresh = train_token(pipe, ens, prompts, "cat", "car", seeds, config=cfg(5), resume=False, **kw)
     assert fresh.meta["resumed_from"] == 0 and fresh.history == ref.history
     # a finished run is extended by a longer one, and equals that longer run from scratch
@@ -1023,6 +1133,9 @@ def test_ssr_recheck_and_renderer_check(ens):
     # a's second run failed at its start but was not found: it is no run of the search's own (denominator 2, not 3)
     assert t.loc["a", "ssr_searched"] == 1.0 and np.isnan(t.loc["b", "ssr_searched"])  # every start of b failed
     assert t.n_confirmed.to_dict() == {"a": 1, "b": 1} and t.ssr_confirmed.to_dict() == {"a": 0.25, "b": 0.5}
+    # a run without a recorded result is a run, not a find
+    gap = ssr(pd.DataFrame(dict(mode=["a", "a", "a"], found=[True, None, np.nan]))).iloc[0]
+    assert (gap.n_runs, gap.n_found, gap.ssr) == (3, 1, pytest.approx(1 / 3))
     with pytest.raises(KeyError, match="'checked'"):
         ssr(runs, confirmed="checked")
     with pytest.raises(ValueError, match="member of the ensemble"):
@@ -1055,6 +1168,7 @@ def test_a_prompt_is_confirmed_only_by_images_that_fool_the_ensemble_and_the_che
 
 def test_residual_step_zero_is_the_exact_gradient_not_the_default():
     assert [Residual(k).resolved_step(10) for k in (0, None, 10)] == [0, 5, 10]  # 0 is not None: not the default
+    assert Residual().resolved_step(25) == 12  # T // 2 (README: RESIDUAL_STEP None → STEPS // 2)
     with pytest.raises(ValueError, match="outside"):
         Residual(11).resolved_step(10)
     for w in (0.0, -0.5, float("nan")):  # w ≤ 0 would turn the descent into an ascent
@@ -1064,7 +1178,8 @@ def test_residual_step_zero_is_the_exact_gradient_not_the_default():
 
 @pytest.mark.parametrize("bad,error", [(dict(lr=0.0), "lr must be a positive number"),
                                        (dict(lr=-0.05), "lr must be a positive number"),
-                                       (dict(residual=Residual(1, weight=-1.0)), "residual weight")])
+                                       (dict(residual=Residual(1, weight=-1.0)), "residual weight"),
+                                       (dict(delta_range=(0.2, 1.0)), "delta_range must contain 0")])
 def test_a_latent_search_refuses_a_step_that_cannot_descend_before_sampling(pipe, ens, monkeypatch, bad, error):
     import lib.sage.latent as L
 
@@ -1095,8 +1210,14 @@ def test_ngr_flags_non_gaussian_latents():
     # a 10% larger scale: invisible to D'Agostino (shape) and nearly so to KS on 1,024 entries, plain in the norm test
     wide = gauss * 1.1
     assert ngr(wide, test="norm") == 1.0 and ngr(wide) <= 0.5 and ngr(gauss, test="norm") <= 0.5
+    assert ngr(gauss * 0.9, test="norm") == 1.0  # two-sided: a latent shrunk towards the origin is an outlier too
     th, sm = qq_points(gauss[0], 50)
     assert th.shape == sm.shape == (50,)
+    from scipy import stats
+
+    # plotting positions (i + 0.5) / n: finite, symmetric theoretical quantiles
+    np.testing.assert_allclose(th, stats.norm.ppf((np.arange(50) + 0.5) / 50))
+    np.testing.assert_allclose(th, -th[::-1], atol=1e-12)
     with pytest.raises(ValueError, match="unknown test"):
         ngr(gauss, test="shapiro")
     # saved latents are (1, C, S, S): a list, a batch and their torch.cat agree; a stack or a flattening is refused
@@ -1139,6 +1260,8 @@ def test_judge_images_and_before_after(ens):
     df = judge_images(imgs, ens, "cat", "lose", checker=const_member([0.0, 5.0, 0.0], name="held-out"))
     assert len(df) == 3 and {"fooled", "p_class", "checker_confirms", "checker_top"} <= set(df.columns)
     assert (df.checker_top == "dog").all() and df.checker_confirms.all()
+    with pytest.raises(ValueError, match="member of the ensemble"):  # the re-check knows the search's ensemble
+        judge_images(imgs, ens, "cat", "lose", checker=ens.members[0])
     fig = before_after(imgs, imgs.flip(0), ["a", "b", "c"])
     assert len(fig.axes) == 6
     with pytest.raises(ValueError, match="'before' images"):
@@ -1158,6 +1281,9 @@ def test_evaluate_token_returns_images(pipe, ens):
     pd.testing.assert_frame_equal(df1, df, atol=1e-4)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate_token(pipe, ens, res, ["a photo of a cat"], [0, 1], batch_size=0)
+    p = torch.tensor([0.0, 1.0, 2.0]).softmax(0)  # cat, dog, car: the columns name their classes
+    fixed = evaluate_token(pipe, Ensemble([const_member([0.0, 1.0, 2.0])]), res, ["a photo of a cat"], [0])
+    assert fixed.p_target[0] == pytest.approx(float(p[2])) and fixed.p_source[0] == pytest.approx(float(p[0]))
 
 
 def test_a_type2_latent_search_needs_the_members_to_agree(pipe, tmp_path):

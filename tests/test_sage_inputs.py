@@ -635,6 +635,16 @@ def test_setup_checks_members_heads_and_classes_before_the_pipeline_loads(monkey
         setup(P, ["cat"], distinct=("cat", "Cat "))
 
 
+def test_a_class_the_checker_lacks_is_refused_before_the_search():
+    from lib.sage.build import check_classes
+    from lib.sage.loss import UnknownClassError
+
+    ens = Ensemble([const_member([0.0, 0.0, 0.0])], groups={"pet": ("cat", "dog")})
+    check_classes(ens, ["car", "pet"], checker=const_member([0.0, 0.0], labels=("cat", "car"), name="held-out"))
+    with pytest.raises(UnknownClassError, match="'car' is not a label of member 'held-out'"):
+        check_classes(ens, ["cat", "car"], checker=const_member([0.0, 0.0], labels=("cat", "dog"), name="held-out"))
+
+
 def test_a_missing_toy_lm_is_named_with_its_rebuild_command(tmp_path, monkeypatch):
     from lib.loading import ModelLoadError
     from lib.sage.build import check_lm, load_lm

@@ -489,8 +489,9 @@ def render_latent(pipe, record: LatentRecord | str | Path, prompt: str | None = 
     if missing:
         raise ValueError(f"latent record lacks metadata {missing}; was it written by save_latent?")
     check_latent(pipe, rec.latent)
-    residual = Residual(int(m["residual_step"]) if m.get("residual_step") else None,
-                        float(m["residual_weight"]) if m.get("residual_weight") else None,
+    given = lambda k: m.get(k) not in (None, "")  # noqa: E731  (a step of 0 is given: the exact gradient's)
+    residual = Residual(int(m["residual_step"]) if given("residual_step") else None,
+                        float(m["residual_weight"]) if given("residual_weight") else None,
                         m.get("residual_mode") or "straight_through")
     cond = encode(pipe, [prompt or m["prompt"]] * len(rec.latent), m.get("negative") or None)
     lat = rec.latent.to(pipe.unet.device, pipe.unet.dtype)

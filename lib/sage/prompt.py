@@ -577,6 +577,18 @@ def final_prompts(rounds, classes: Sequence[str]):
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
+def prompt_key(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int,
+               guidance: float, config: PromptSearch, class_words: Sequence[str] = (),
+               attribute_words: Sequence[str] = ()) -> str:
+    """:func:`lib.sage.resume.campaign_key` of one class's prompt search: the weights (pipeline, ensemble, LM), the
+    LM's tokenizer, the seeds, every setting and the search's rules version (:data:`RULES`)."""
+    from lib.sage.resume import campaign_key
+
+    return campaign_key(pipe, ensemble, {"lm": lm.model}, lm_tokenizer=getattr(lm, "fingerprint", None),
+                        cls=cls, seeds=list(seeds), steps=steps, guidance=guidance, config=asdict(config),
+                        class_words=list(class_words), attribute_words=list(attribute_words), rules=RULES)
+
+
 def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
                     steps: int = 25, guidance: float = 7.5, config: PromptSearch = PromptSearch(),
                     class_words: Sequence[str] = (), attribute_words: Sequence[str] = (),
@@ -592,7 +604,7 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     """
     import pandas as pd
 
-    from lib.sage.resume import campaign_key, remove_stale_tmp, write_parquet_atomic
+    from lib.sage.resume import remove_stale_tmp, write_parquet_atomic
 
     check_prompt_search(pipe, ensemble, lm, classes, seeds, steps, config)  # every class, before the first search
     if out_dir is not None and Path(out_dir).is_dir():
@@ -605,10 +617,7 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     for c in classes:
         path = None
         if out_dir is not None:
-            key = campaign_key(pipe, ensemble, {"lm": lm.model}, lm_tokenizer=getattr(lm, "fingerprint", None),
-                               cls=c, seeds=list(seeds), steps=steps, guidance=guidance, config=asdict(config),
-                               class_words=list(class_words), attribute_words=list(attribute_words),
-                               rules=RULES)
+            key = prompt_key(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words)
             path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
         df = _read_rounds(path) if path is not None and resume and path.is_file() else None
         if df is not None:
