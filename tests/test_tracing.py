@@ -55,6 +55,18 @@ def test_candidate_layers_by_module_type(family, total, resnets):
         assert "down_blocks.1.resnets.1" in names and "up_blocks.3.attentions.2.transformer_blocks.0.attn2" in names
         assert names[:2] == ["down_blocks.0.resnets.0", "down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
     assert names[-1].startswith("up_blocks.") and names.index("mid_block.resnets.0") < names.index("up_blocks.0.resnets.0")
+    # the order is the forward pass's (SDXL: a transformer block's attn1, attn2, ff before the next block's)
+    from lib.sampling import encode, initial_latents, predict_noise
+
+    p, called = pipe(family), []
+    hooks = [p.unet.get_submodule(n).register_forward_hook(lambda *a, n=n: called.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            predict_noise(p, initial_latents(p, [0]), p.scheduler.timesteps[0], encode(p, ["a"]), 7.5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called[: len(names)] == names
 
 
 def test_sdxl_s_last_resnet_restores_the_clean_run_and_is_left_out_by_default():
@@ -88,6 +100,13 @@ def test_unknown_layer_names_are_clear_errors():
     with pytest.raises(LayerError, match=r"unknown text encoder 'text_encoder_2'; .*valid names \(1\): text_encoder$"):
         text_sites(pipe("sd-v1"), encoders=["text_encoder_2"])
     assert len(resolve_unet_layers(unet, kinds=["attn2"])) == 16
+    from types import SimpleNamespace
+
+    from lib.tracing.unet import unet_meta
+
+    some = ["mid_block.resnets.0", "down_blocks.1.resnets.1"]  # a subset keeps each layer's place in the whole UNet
+    all_names = unet_layers(unet)
+    assert [m["layer_index"] for m in unet_meta(SimpleNamespace(unet=unet), some)] == [all_names.index(n) for n in some]
 
 
 def test_text_sites_per_encoder():
@@ -119,6 +138,9 @@ def test_corruption_adds_scaled_seeded_noise_at_the_subject_only():
     gen = torch.Generator().manual_seed(encoder_noise_seed(item_noise_seed(c, CAPTION, SUBJECT), "text_encoder"))
     expected = torch.randn(2, emb.embedding_dim, generator=gen) * 3 * embedding_std(p, "text_encoder")
     assert torch.allclose(diff[0, [5, 6]], expected, atol=1e-6)  # "red car" at positions 5, 6
+    # σ is the standard deviation of the whole token-embedding table; the default noise is 3σ (ROME, the paper)
+    assert embedding_std(p, "text_encoder") == pytest.approx(float(emb.weight.detach().float().std()), rel=1e-6)
+    assert Corruption().multiplier == 3.0
     clean, bad = encode_pair(p, CAPTION, SUBJECT)
     assert torch.equal(clean.uncond, bad.uncond) and torch.equal(clean.cond[:, :5], bad.cond[:, :5])
     assert (clean.cond[:, 5:] - bad.cond[:, 5:]).abs().max() > 0.1  # causal mask: later positions change
@@ -308,6 +330,12 @@ def test_restorations_before_the_subject_are_the_corrupted_run_and_are_not_gener
     assert (full.restored[before] - full.corrupted).abs().max() < ATOL  # generated: the corrupted run as well
     assert (full.restored - fast.restored).abs().max() < ATOL
     assert torch.equal(fast.nan, full.nan)
+    # a group reaching into the subject ("a red": 4, 5) is generated; one wholly before it (1, 2) is not
+    rows.clear()
+    grouped = trace_text(p, CAPTION, SUBJECT, 2, sites[:1], tokens=[(1, 2), (4, 5)], steps=2, batch_size=8)
+    assert rows == [2 + 1] and [m["token"] for m in grouped.meta] == [-1, -1]  # a group has no single token
+    assert torch.equal(grouped.restored[0], grouped.corrupted[0])
+    assert (grouped.restored[1] - grouped.corrupted[0]).abs().max() > 10 * ATOL
 
 
 def test_the_example_columns_reach_the_unet():
@@ -508,8 +536,46 @@ def test_items_without_a_recovery_give_float_tables_and_a_clear_notebook_error(t
 
 
 def test_token_groups():
-    groups = [token_group(p, [5, 6], 8) for p in [-1, 0, 3, 5, 6, 7, 9]]
-    assert groups == ["", "bos", "before", "subject", "last_subject", "eos", "pad"]
+    groups = [token_group(p, [5, 6], 8) for p in [-1, 0, 3, 5, 6, 7, 8, 9]]
+    assert groups == ["", "bos", "before", "subject", "last_subject", "eos", "pad", "pad"]  # 8: the first pad
+    assert token_group(7, [5, 6], 9) == "after"
+
+
+def test_scoring_rules_at_their_edges():
+    from lib.tracing.score import group_recovery, group_recovery_ci, group_rng, trace_rows
+    from lib.tracing.unet import Trace
+
+    # a reference run that went non-finite flags every row of its item (nan_report lists it), not only its own image
+    img = torch.full((1, 3, 64, 64), 0.5)
+    meta = [dict(component="unet", kind="resnet", layer="l0", layer_index=0, token=-1, token_str="")] * 2
+    for flags in (dict(nan_clean=True), dict(nan_corrupted=True)):
+        t = Trace(["l0", "l0"], img, img, img.repeat(2, 1, 1, 1), torch.zeros(2, dtype=torch.bool), meta=meta, **flags)
+        rows = trace_rows(t, toy_scorer(), CAPTION, model="m", subject=SUBJECT, attribute="color", split="val", seed=0,
+                          noise_seed=0, subject_tokens=[5, 6], n_tokens=8)
+        assert rows["nan"].tolist() == [True, True], flags
+
+    # a row exactly at τ is causal (r ≥ τ)
+    assert mark_causal(_rows([25.0]), 0.5)["causal"].tolist() == [True]
+    # rows marked with MIN_GAP: a 0.5-point gap has no recovery, and the group recovery follows the rows' marks
+    rows = _gap_rows({0: [(30.0, 25.0, 27.5), (30.0, 29.5, 30.0)]})
+    marked = mark_causal(rows, 0.5, min_gap=1.0)
+    assert marked["recovery"].isna().tolist() == [False, True]
+    assert group_recovery(marked, ["layer"]).tolist() == [pytest.approx(0.5)]  # the 0.5-point item left out
+    assert group_recovery(rows, ["layer"], min_gap=0.0).tolist() == [pytest.approx(3.0 / 5.5)]
+    # the percentile bootstrap at level 0.9 reads the 5th and 95th percentiles of its resamples
+    many = _gap_rows({0: [(30.0, 20.0, 20.0 + k) for k in range(8)]})
+    ci = group_recovery_ci(many, ["layer"], level=0.9, n_boot=500, seed=3, min_gap=0.0)
+    r = np.arange(8) / 10.0
+    idx = group_rng(3, ("l0",)).integers(0, 8, size=(500, 8))
+    lo, hi = np.percentile(r[idx].mean(1), [5, 95])
+    assert (ci.recovery_lo.item(), ci.recovery_hi.item()) == (pytest.approx(lo), pytest.approx(hi))
+    # Otsu clips recoveries to [0, 1] before choosing: an overshoot of 5 or -3 counts as 1 or 0
+    wild = np.array([-3.0, 0.0, 0.05, 0.1, 0.6, 0.9, 5.0])
+    assert otsu(wild) == otsu(np.clip(wild, 0, 1))
+    # the Wilson 95% interval of 3 causal rows of 10 (0.108, 0.603: Newcombe 1998's worked example)
+    ten = mark_causal(_rows([30.0] * 3 + [20.0] * 7), 0.5)
+    w = summarize(ten, by=["attribute"])
+    assert (w.causal_lo.item(), w.causal_hi.item()) == (pytest.approx(0.1078, abs=1e-4), pytest.approx(0.6032, abs=1e-4))
 
 
 # --- sweeps ------------------------------------------------------------------------------------------------------
@@ -588,6 +654,35 @@ def test_sweep_rows_hold_the_scores_of_their_own_images(tmp_path):
     assert df["recovery"].tolist() == pytest.approx(list(expected), abs=1e-6, nan_ok=True)  # no gap: undefined
     assert (df["seed"] == 4).all() and (df["noise_seed"] == item_noise_seed(Corruption(3.0, 0).at(4), CAPTION,
                                                                             SUBJECT)).all()
+
+
+def test_a_sweep_traces_every_seed_with_its_noise_scale_noise_seed_and_uncond(tmp_path):
+    """Every setting of the config reaches the traces (the test above runs the defaults): each seed is traced, with
+    the config's NOISE multiplier, NOISE_SEED and UNCOND; another multiplier is another folder's sweep."""
+    import dataclasses
+
+    from lib.tracing.score import clip_scores
+
+    p, scorer = pipe("sd-v1"), toy_scorer()
+    cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:2]), multiplier=2.0,
+                      noise_seed=7, uncond="own")
+    run_sweep(p, scorer, PROBES.iloc[:1], [4, 5], tmp_path, cfg, 0, 1, progress=False)
+    df = collect(tmp_path, tau=0.5)
+    assert sorted(df["seed"].unique()) == [4, 5]
+    # collect's min_gap reaches both the rows' recoveries and the choice of τ
+    assert collect(tmp_path, tau=0.5, min_gap=1e6)["recovery"].isna().all()
+    with pytest.raises(ValueError, match=r"gap above min_gap=1e\+06"):
+        collect(tmp_path, min_gap=1e6)
+    for seed in (4, 5):
+        corruption = Corruption(2.0, 7).at(seed)
+        tr = trace_unet(p, CAPTION, SUBJECT, seed, SUBSET[:2], steps=2, batch_size=8, corruption=corruption,
+                        uncond="own")
+        rows = df[df["seed"] == seed].set_index("layer").loc[list(SUBSET[:2])]
+        assert rows["score"].tolist() == pytest.approx(list(clip_scores(scorer, tr.restored, CAPTION)), abs=1e-5)
+        assert (rows["noise_seed"] == item_noise_seed(corruption, CAPTION, SUBJECT)).all()
+    with pytest.raises(SweepError, match="different sweep config"):
+        run_sweep(p, scorer, PROBES.iloc[:1], [4], tmp_path, dataclasses.replace(cfg, multiplier=3.0), 0, 1,
+                  progress=False)
 
 
 def test_a_sweep_refuses_other_weights_schedules_and_bad_settings_before_writing(tmp_path):
@@ -714,6 +809,14 @@ def test_collect_chooses_tau_on_the_given_items_only(tmp_path):
     assert set(relabelled["split"]) == {"test"}  # labels come from the probe table given
     with pytest.raises(SweepError, match="no rows of the given probes"):
         collect(tmp_path, probes=probes, seeds=[7])
+
+
+def test_a_text_sweep_traces_only_its_kinds_and_layers(tmp_path):
+    p = pipe("sd-v1")
+    cfg = SweepConfig(model="twin:sd-v1", mode="text", steps=2, batch_size=8, text_kinds=("mlp",), text_layers=(1,))
+    run_sweep(p, toy_scorer(), PROBES.iloc[:1], [0], tmp_path, cfg, 0, 1, progress=False)
+    df = collect(tmp_path, tau=0.5)
+    assert set(df["kind"]) == {"mlp"} and set(df["layer_index"]) == {1} and len(df) == 8  # one row per position
 
 
 def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
@@ -946,6 +1049,26 @@ def _synthetic_rows():
     return df[list(COLUMNS)]
 
 
+def test_report_cells_at_tau_and_per_seed_gaps():
+    from lib.tracing.examples import largest_gap_item
+    from lib.tracing.report import cell_flags, clip_gap, text_token_table
+
+    # a text cell whose recovery is exactly τ is causal (≥), as a UNet layer is
+    text = pd.DataFrame([dict(score=25.0, clean_score=30.0, corrupted_score=20.0, split="test", nan=False,
+                              attribute="objects", component="text_encoder", kind="self_attn", layer_index=0,
+                              token_group="last_subject", caption=f"c{j}", subject="s", seed=0) for j in range(2)])
+    assert text_token_table(mark_causal(text, 0.5))["causal"].tolist() == [True]
+    # an interval whose lower end is exactly τ is surely causal
+    cell = pd.DataFrame(dict(recovery=[0.6], recovery_lo=[0.5], recovery_hi=[0.7], tau=[0.5], causal=[True]))
+    assert [f.tolist() for f in cell_flags(cell)] == [[True], [True]]
+    # the gap averages over every (caption, seed) item, not one seed per caption
+    seeds = pd.DataFrame(dict(caption="c", subject="s", attribute="objects", seed=[0, 1],
+                              clean_score=[30.0, 26.0], corrupted_score=[20.0, 28.0]))
+    gap = clip_gap(seeds).iloc[0]
+    assert (gap["items"], gap["gap"], gap["gap_positive"]) == (2, pytest.approx(4.0), 0.5)
+    assert largest_gap_item(seeds)["seed"] == 0  # the largest gap (10 against -2)
+
+
 def test_reports_and_findings_on_synthetic_rows():
     from lib.tracing.report import (clip_gap, nan_report, short_layer, text_findings, text_token_table,
                                     top_layers, unet_findings, unet_layer_table)
@@ -1105,6 +1228,10 @@ def test_figures_render(tmp_path, monkeypatch):
             text_recovery_profile(text_token_table(df))]
     with pytest.raises(ValueError, match="no rows of 'text_encoder_2'"):
         text_recovery_profile(text_token_table(df), "text_encoder_2")
+    # the red dots sit on the causal cells (row: attribute, column: layer in forward order), and only there
+    piv = table.pivot(index="attribute", columns="layer_index", values="causal").sort_index(axis=1)
+    dots = {(int(x - 0.5), int(y - 0.5)) for x, y in figs[0].axes[0].collections[-1].get_offsets()}
+    assert dots == {(x, y) for y, x in zip(*np.nonzero(piv.to_numpy(bool)))} and 0 < len(dots) < piv.size
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)
@@ -1238,18 +1365,23 @@ def test_examples_retrace_each_item_at_its_own_seed(monkeypatch):
     assert items[["caption", "seed"]].values.tolist() == [["objectstest", 3], ["styletest", 0]]  # ties: lowest seed
     calls = []
 
+    tokens = []
+
     def fake_trace(pipe_, caption, subject, seed, *args, corruption, **kwargs):
         calls.append((caption, seed, corruption.image_seed))
+        tokens.append(kwargs.get("tokens"))
         return SimpleNamespace(labels=[])
 
     monkeypatch.setattr(ex, "trace_unet", fake_trace)
     monkeypatch.setattr(ex, "trace_text", fake_trace)
     monkeypatch.setattr(ex, "attach_scores", lambda tr, scorer, caption: tr)
-    monkeypatch.setattr(ex, "subject_positions", lambda tok, caption, subject: [1])
+    monkeypatch.setattr(ex, "subject_positions", lambda tok, caption, subject: [1, 2])
     cfg = SweepConfig(model="m")
     ex.unet_examples(None, None, items, unet_layer_table(df), cfg)
+    tokens.clear()
     ex.text_examples(pipe("sd-v1"), None, items, cfg, sites=[])
     assert calls == [("objectstest", 3, 3), ("styletest", 0, 0)] * 2
+    assert tokens == [[2], [2]]  # the last subject token
     calls.clear()
     ex.text_examples(pipe("sd-v1"), None, items, cfg, seed=7, sites=[])  # an explicit seed for every item
     assert [c[1] for c in calls] == [7, 7]
@@ -1276,9 +1408,10 @@ def test_printed_sweep_command_parses_to_the_notebooks_config(tmp_path, monkeypa
     from lib.tracing import notebook as tracing
     from lib.tracing.sweep import sweep_dir
 
-    P = _nb_params("unet", GUIDANCE=7.123456789, NOISE=2.718281828459045)
+    P = _nb_params("unet", GUIDANCE=7.123456789, NOISE=2.718281828459045, NOISE_SEED=11)
     p, scorer = pipe("sd-v1"), toy_scorer()
     cfg = tracing.sweep_config(P, "unet", p, scorer)
+    assert (cfg.multiplier, cfg.noise_seed) == (2.718281828459045, 11)  # the notebook's noise reaches the sweep
     out = tmp_path / "my out"
     command = tracing.sweep_command(P, cfg, p, out)
     argv = shlex.split(command.split(" -m lib.tracing.sweep ")[1])
