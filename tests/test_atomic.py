@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -50,6 +51,19 @@ def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
     assert remove_stale_tmp(tmp_path, min_age_s=0) == [recent]
 
 
+def test_a_writer_this_user_may_not_signal_is_alive(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: its file is being written."""
+    other = tmp_path / f".t.parquet.4242@{HOST}.0123456789ab.tmp"
+    other.write_bytes(b"partial")
+    os.utime(other, (time.time() - 120, time.time() - 120))
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert remove_stale_tmp(tmp_path) == [] and other.exists()
+
+
 def test_an_interrupted_write_keeps_the_old_file(tmp_path):
     write_text_atomic("old", tmp_path / "t.md")
 
@@ -86,7 +100,7 @@ def test_lib_writes_result_files_only_through_lib_atomic():
     assert not found, "non-atomic writes:\n" + "\n".join(found)
 
 
-def test_save_pretrained_atomic_replaces_file_by_file_and_leaves_the_old_files_on_failure(tmp_path):
+def test_save_pretrained_atomic_replaces_file_by_file_and_leaves_the_old_files_on_failure(tmp_path, monkeypatch):
     """save_pretrained writes in place: a kill mid-save tore a finished stage's weights. Through a temporary folder,
     a failed save leaves the old files as they were, and a finished one equals a plain save_pretrained."""
     from lib.atomic import save_pretrained_atomic
@@ -104,7 +118,10 @@ def test_save_pretrained_atomic_replaces_file_by_file_and_leaves_the_old_files_o
             (folder / "config.json").write_text(json.dumps({"tag": self.tag, **kwargs}))
 
     out = tmp_path / "model"
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst).name) or replace(src, dst))
     save_pretrained_atomic(Model("old"), out, safe_serialization=True)
+    assert renamed == ["weights.safetensors", "config.json"]  # weights first: a kill leaves no new config on old weights
     assert (out / "sub" / "weights.safetensors").read_text() == "old"
     assert json.loads((out / "config.json").read_text()) == {"tag": "old", "safe_serialization": True}
     with pytest.raises(RuntimeError, match="killed mid-save"):

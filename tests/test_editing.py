@@ -59,6 +59,9 @@ def test_closed_form_matches_the_formula_and_gradient_descent():
     assert got.dtype == torch.float64 and torch.allclose(got, expected, atol=1e-10)
     gap = gradient_descent_gap(k, v, w, lam)
     assert gap.rel_update < 1e-6 and gap.objective_iterative >= gap.objective_closed * (1 - 1e-12)
+    # rel_update measures the error against the update W_cf − W, not against W_cf (rel_weight)
+    scale = float(expected.norm() / (expected - w64).norm())
+    assert abs(scale - 1) > 0.1 and gap.rel_update == pytest.approx(gap.rel_weight * scale, rel=1e-6)
 
 
 def test_closed_form_is_the_gradient_descent_optimum_on_real_keys():
@@ -319,6 +322,11 @@ def test_bad_inputs_are_clear_errors():
         quickfix(xl, "van gogh", "painting", layer={"text_encoder": 0})
     with pytest.raises(EditError, match=r"\['text_encoder_2'\] not edited"):
         quickfix(xl, "van gogh", "painting", layer={"text_encoder": 0, "text_encoder_2": 1}, encoders=["text_encoder"])
+    each = quickfix(xl, "van gogh", "painting", layer={"text_encoder": 0, "text_encoder_2": 1})  # a layer per encoder
+    assert sorted(each.deltas) == ["text_encoder:encoder.layers.0.self_attn.out_proj.weight",
+                                   "text_encoder_2:text_model.encoder.layers.1.self_attn.out_proj.weight"]
+    with pytest.raises(PromptError, match="tokens"):  # a target prompt past the 77 tokens (the anchor's fit)
+        quickfix(p, "van gogh", "painting " * 80)
 
 
 # --- apply / revert / save / load ------------------------------------------------------------------------------------
@@ -431,6 +439,10 @@ def test_an_edit_rounded_away_by_float16_weights_warns():
         with e.applied(half):
             pass
     assert 0 < max(e.rounding_error.values()) < 0.01
+    small = WeightEdit({k: v * 3e-3 for k, v in e.deltas.items()}, {})  # a tenth of it rounded away: warned (> 5%)
+    with pytest.warns(PrecisionWarning, match="1[0-9]% of this edit's delta is lost"):
+        small.apply(half)
+    small.revert(half)
     tiny = WeightEdit({k: v * 1e-5 for k, v in e.deltas.items()}, {})  # below half a float16 ulp of the weights
     before = _weights(half)
     with pytest.warns(PrecisionWarning, match="lost to torch.float16 rounding; load text_encoder in float32"):
@@ -450,6 +462,13 @@ def test_an_edit_rounded_away_by_float16_weights_warns():
         warnings.simplefilter("error")
         with tiny.applied(pipe("sd-v1")):  # the same small delta in float32 is kept
             assert max(tiny.rounding_error.values()) < 0.01
+
+
+def test_the_default_lambdas_are_the_documented_ones():
+    from lib.editing.baseline import DEFAULT_LAMBDA_BASELINE
+    from lib.editing.quickfix import DEFAULT_LAMBDA
+
+    assert (DEFAULT_LAMBDA, DEFAULT_LAMBDA_BASELINE) == (0.01, 0.1)  # README: LAMBDA, BASELINE_LAMBDA (TIME's 0.1)
 
 
 def test_save_edited_model_writes_a_new_folder_only(tmp_path):
@@ -473,8 +492,9 @@ def test_save_edited_model_writes_a_new_folder_only(tmp_path):
     from lib.loading import load_pipeline
 
     loaded = load_pipeline(str(src), device="cpu")
-    with pytest.raises(EditError, match="source folder"):
-        save_edited_model(loaded, e, src / "inside")
+    for inside in (src, src / "inside", src / "deep" / "inside"):
+        with pytest.raises(EditError, match="source folder"):
+            save_edited_model(loaded, e, inside)
     with cross_attention_baseline(p, "van gogh", "painting").applied(p):  # it would be saved too, unrecorded
         with pytest.raises(EditError, match=r"another edit is applied to \d+ weight\(s\) \(unet:"):
             save_edited_model(p, e, tmp_path / "with_baseline")
@@ -533,6 +553,8 @@ def test_evaluation_prompts_exclude_edit_prompts_and_hold_the_concept():
     assert len({c for c, _ in got}) == 12 and all(c.lower() not in ex for c, _ in got)
     assert all(s.character == "snoopy" and W.parse_caption(c) == s for c, s in got)
     assert E.concept_prompts("snoopy", 3, seed=0, exclude=ex) == got[:3]
+    many = E.concept_prompts("snoopy", 80, seed=0)  # the training distribution: no held-out (character, style) pair
+    assert not any(W.is_heldout(s) for _, s in many) and len({s.style for _, s in many}) > 2
     un = E.unrelated_prompts(["snoopy", "van gogh"], 10, seed=1)
     assert all(s.character != "snoopy" and s.style != "van gogh" for _, s in un)
     # an object anchor's scenes are edited too, and "grumpy cat" holds the word: neither is "unrelated"
@@ -743,6 +765,19 @@ def test_evaluate_edit_rows_line_up_with_prompts_seeds_and_conditions(monkeypatc
         E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes, [7, 7], steps=1, guidance=1.0)
     with pytest.raises(ValueError, match="3 prompts but 2 scenes"):
         E.evaluate_edit(None, ObjectReader(), {"unedited": None}, prompts, scenes[:2], seeds, steps=1, guidance=1.0)
+
+
+def test_the_evaluation_cache_key_holds_the_noise_schedule_and_the_text_encoder():
+    import copy
+
+    p = pipe()
+    base = E._evaluation_base(p, {}, ["a photo of a cat"], [], [0], 2, 7.5, None, None, 1)
+    other = copy.copy(p)
+    other.scheduler = type(p.scheduler).from_config(p.scheduler.config, beta_end=0.02)
+    assert E._evaluation_base(other, {}, ["a photo of a cat"], [], [0], 2, 7.5, None, None, 1) != base
+    assert E._evaluation_base(copy.copy(p), {}, ["a photo of a cat"], [], [0], 2, 7.5, None, None, 1) == base
+    with quickfix(p, "van gogh", "painting").applied(p):  # an edited text encoder (e.g. a saved edited model)
+        assert E._evaluation_base(p, {}, ["a photo of a cat"], [], [0], 2, 7.5, None, None, 1) != base
 
 
 def test_evaluate_edit_loads_finished_conditions_from_its_cache(monkeypatch, tmp_path):

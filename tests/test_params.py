@@ -13,6 +13,8 @@ def test_valid_parameters_pass_and_ints_become_floats():
     [
         (dict(STEPS="25"), "STEPS: expected int"),
         (dict(STEPS=0), "outside"),
+        (dict(STEPS=1000), "outside"),  # a 1000-step DDIM schedule has no room (make_scheduler), before loading
+        (dict(GUIDANCE=0.5), "outside"),  # below 1 diffusers switches guidance off
         (dict(SEEDS=[]), "at least 1"),
         (dict(SEEDS=[0, "1"]), "every item must be int"),
         (dict(SEEDS=[0, 1, 0]), "SEEDS: [0, 1, 0] repeat [0]"),

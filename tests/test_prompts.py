@@ -12,6 +12,10 @@ def test_long_prompt_is_an_error_unless_truncation_is_asked():
         check_length(TOK, long)
     check_length(TOK, long, truncate=True)
     check_length(TOK, ["a photo of a cat"])
+    at_limit = " ".join(["cat"] * 75)  # 75 words + start + end = 77 tokens: fits; one more does not
+    check_length(TOK, at_limit)
+    with pytest.raises(PromptError, match="has 78 tokens"):
+        check_length(TOK, at_limit + " cat")
 
 
 def test_subject_positions_and_errors():
@@ -36,3 +40,7 @@ def test_a_subject_beyond_the_context_is_refused():
     caption = "a photo of " + "very " * 80 + "snoopy"  # snoopy's tokens lie past the 77-token context
     with pytest.raises(PromptError, match="beyond the 77-token context"):
         subject_positions(tok, caption, "snoopy")
+    words = ["very"] * 74
+    assert subject_positions(tok, " ".join(words + ["cat"]), "cat") == [75]  # the last position before the end token
+    with pytest.raises(PromptError, match="beyond the 77-token context"):  # position 76: the end token's place
+        subject_positions(tok, " ".join(words + ["very", "cat"]), "cat")

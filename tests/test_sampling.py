@@ -5,6 +5,14 @@ from lib.sampling import decode, denoise, encode, generate, initial_latents
 from lib.twins import build_twin
 
 
+def test_initial_latents_are_drawn_on_the_cpu_in_the_unet_s_dtype():
+    pipe = build_twin("sd-v1")
+    lat = initial_latents(pipe, [7, 8])
+    assert lat.dtype == torch.float32 and lat.shape == (2, 4, 8, 8) and not torch.equal(lat[0], lat[1])
+    half = initial_latents(pipe.to(torch.float16), [7, 8])
+    assert half.dtype == torch.float16 and torch.equal(half, lat.half())  # the same draw, in float16
+
+
 @pytest.mark.parametrize("family", ["sd-v1", "sdxl"])
 def test_loop_matches_the_diffusers_pipeline(family):
     pipe = build_twin(family)
