@@ -437,3 +437,20 @@ def test_a_toy_world_is_recognised_by_its_folder_too(tmp_path):
         assert not is_toy_world(other), other
     assert vocabulary(str(TOY_DIR)) == vocabulary("toy") != vocabulary("twin:sd-v1")
     assert class_captions(str(retrained), "cat", 5, seed=3) == class_captions("toy", "cat", 5, seed=3)
+
+
+def test_the_weights_fingerprint_tells_dtypes_apart_even_for_equal_values():
+    """A float16 and a float32 copy of the same (exactly representable) weights: results computed in one precision
+    must not be resumed for the other."""
+    from lib.loading import weights_fingerprint
+
+    net = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        net.weight.fill_(0.5)
+        net.bias.fill_(0.25)
+    copy = torch.nn.Linear(4, 2)
+    copy.load_state_dict(net.state_dict())
+    half = torch.nn.Linear(4, 2).half()
+    half.load_state_dict(net.state_dict())  # the same values, exactly, in float16
+    assert weights_fingerprint({"net": copy}) == weights_fingerprint({"net": net})
+    assert weights_fingerprint({"net": half}) != weights_fingerprint({"net": net})

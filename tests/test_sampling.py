@@ -126,6 +126,8 @@ def test_every_timestep_spacing_follows_its_own_trajectory(spacing):
         warnings.simplefilter("always")
         sched = make_scheduler(pipe, 10)
     assert [issubclass(w.category, ScheduleWarning) for w in caught] == ([True] if spacing == "linspace" else [])
+    if spacing == "linspace":  # sampled as trailing: from the last training timestep, as linspace itself starts
+        assert sched.config.timestep_spacing == "trailing" and int(sched.timesteps[0]) == 999
     ac = sched.alphas_cumprod
 
     class Oracle(torch.nn.Module):  # eps of x_t = sqrt(a) x0 + sqrt(1 - a) eps, at the timestep it is told

@@ -93,6 +93,19 @@ def test_missing_and_corrupt_files(members, tmp_path):
     (tmp_path / "edges.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(C.ClassifierLoadError, match="edges.safetensors.*python -m lib.toy.classifiers"):
         C.load_classifiers(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"not.a.weight": torch.zeros(2)}, str(tmp_path / "edges.safetensors"))  # readable, but other tensors
+    with pytest.raises(C.ClassifierLoadError, match=r"edges.safetensors \(\d+ tensors missing .*1 unexpected .*not.a."
+                                                    "weight.*python -m lib.toy.classifiers") as err:
+        C.load_classifiers(tmp_path)
+    assert "\n" not in str(err.value)  # one line
+    wrong = {k: v.clone() for k, v in members["edges"].state_dict().items()}
+    first = next(iter(wrong))
+    wrong[first] = torch.zeros(3)  # the right names, a wrong shape
+    save_file(wrong, str(tmp_path / "edges.safetensors"))
+    with pytest.raises(C.ClassifierLoadError, match=r"edges.safetensors \(.*size mismatch.*python -m lib.toy"):
+        C.load_classifiers(tmp_path)
     (tmp_path / "edges.safetensors").unlink()
     with pytest.raises(C.ClassifierLoadError, match="missing classifier weights .*edges.safetensors"):
         C.load_classifiers(tmp_path)

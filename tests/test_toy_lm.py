@@ -25,6 +25,7 @@ def test_tokenizer_round_trip(tokenizer):
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text
     assert tokenizer("A Photo of a zebra").input_ids[-1] == tokenizer.unk_token_id
+    assert tokenizer("A Photo of a Red Star").input_ids == tokenizer("a photo of a red star").input_ids  # lower-cased
     ids = tokenizer("a red star, in the style of van gogh").input_ids  # one id per word and comma, no specials
     assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "star", ",", "in", "the", "style", "of", "van", "gogh"]
 
@@ -59,3 +60,21 @@ def test_committed_lm_continues_with_grammar_words():
     W.parse_caption(text)  # greedy decoding produces a caption of the grammar
     top = [w for w, _ in lm.next_words(model, tok, "a photo of a red", k=5)]
     assert set(top) <= set(W.OBJECTS + W.ACTIONS)
+
+
+def test_training_batches_end_each_caption_and_skip_the_padding(tokenizer):
+    ids, mask, labels = lm._batch(tokenizer, ["a red star", "a star"])
+    eos = tokenizer.convert_tokens_to_ids(lm.EOS)
+    assert ids.shape == labels.shape == (2, 4) and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert labels[0, -1] == eos and labels[1, 2] == eos  # the LM learns where a caption ends
+    assert labels[1, 3] == -100  # padding is never a target
+
+
+def test_the_lm_is_validated_on_other_captions_than_it_trains_on(tmp_path, monkeypatch):
+    seen = []
+    real = lm.caption_loss
+    monkeypatch.setattr(lm, "caption_loss", lambda model, tok, texts: seen.append(list(texts)) or real(model, tok,
+                                                                                                        texts[:8]))
+    with torch.random.fork_rng():  # train_lm seeds torch; threads=None leaves the thread count alone
+        lm.train_lm(tmp_path, steps=1, batch_size=4, seed=3, threads=None)
+    assert len(seen[0]) == 2000 and seen[0][:4] != lm.sample_captions(4, 3)

@@ -496,3 +496,13 @@ def test_unfinished_marks_follow_the_stages():
     assert T._redo(todo) == ["unet"]  # a fresh UNet covers the continuation
     T.mark_done(todo, "unet-resume")
     assert todo == {}
+
+
+def test_an_interrupted_continuation_stage_is_refused_by_the_loader_of_what_it_writes(tmp_path):
+    """A killed vae-decoder run tore the decoder the pipeline loads; a killed clip-vision run the tower CLIP-Score uses."""
+    for stage, refused, loaded in (("vae-decoder", T.PIPELINE_STAGES, T.CLIP_STAGES),
+                                   ("clip-vision", T.CLIP_STAGES, T.PIPELINE_STAGES)):
+        (tmp_path / "TRAINING.json").write_text(json.dumps({T.UNFINISHED: {stage: "started t0, not finished"}}))
+        with pytest.raises(RuntimeError, match=f"unfinished \\({stage}: started t0.*--stage {stage} "):
+            T.check_finished(tmp_path, refused)
+        T.check_finished(tmp_path, loaded)  # the other part of the world is not touched by that stage

@@ -110,6 +110,11 @@ def test_bad_inputs():
         Scene(character="snoopy", color="red")
     with pytest.raises(ValueError, match="circle"):
         Scene(object="banana")
+    with pytest.raises(ValueError, match="on the moon.*on a beach"):
+        Scene(object="star", background="on the moon")
+    assert W.parse_caption("A Photo of a Red Star") == Scene(object="star", color="red")  # case does not matter
+    # labels: -1 where the attribute is absent, else the index into the vocabulary
+    assert W.label_indices([Scene(object="star"), Scene(object="star", color="green")], "color").tolist() == [-1, 1]
     with pytest.raises(ValueError, match="character 'nemo' is a fish, not a 'dog'"):
         Scene(character="nemo", object="dog")
     with pytest.raises(ValueError, match="needs an object or a character. Valid vocabulary: objects: 'circle'"):

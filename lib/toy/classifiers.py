@@ -251,9 +251,13 @@ def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.devic
         try:
             m = AttributeClassifier(name, spec["arch"], spec["input"], spec["families"], spec.get("arch_kwargs"),
                                     spec.get("size", W.SIZE))
-            m.load_state_dict(load_file(str(path)))
+            missing, unexpected = m.load_state_dict(load_file(str(path)), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])}), "
+                                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
         except (SafetensorError, RuntimeError, KeyError, OSError, ValueError) as err:
-            raise ClassifierLoadError(f"corrupt classifier weights {path} ({err}); rebuild with: {REBUILD}") from None
+            why = " ".join(str(err).split())[:300]  # one line, however long torch's message
+            raise ClassifierLoadError(f"corrupt classifier weights {path} ({why}); rebuild with: {REBUILD}") from None
         members[name] = m.to(device).eval()
     return members
 
