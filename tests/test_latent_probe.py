@@ -55,7 +55,10 @@ def test_class_accuracy_maps_character_and_object_names():
     assert set(LP.CLASSES[4:]) == {f"plain {W.CHARACTER_OBJECT[c]}" for c in W.CHARACTERS}
 
 
-def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path):
+def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path, monkeypatch):
+    calls, real = [], LP.probe_accuracy
+    monkeypatch.setattr(LP, "probe_accuracy", lambda z_tr, y_tr, z_te, y_te, **k: calls.append(
+        (len(z_tr), len(z_te))) or real(z_tr, y_tr, z_te, y_te, **k))
     with pytest.raises(ValueError, match="n_train and n_test must be >= 1"):
         LP.run_probe("picasso", n_train=0)
     with pytest.raises(ValueError, match="unknown style"):
@@ -69,3 +72,4 @@ def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path):
     assert all(0.0 <= row[k] <= 1.0 for k in ("latent", "latent_train", "pixels8", "roundtrip", "render",
                                                "roundtrip_probe", "render_probe"))
     assert row["render"] >= 0.9  # unstyled renders: the ensemble names character and object
+    assert calls[0] == (48, 16)  # the latent probe is read on the 16 test scenes, not on its 48 training ones

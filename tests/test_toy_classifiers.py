@@ -145,6 +145,9 @@ def test_accuracy_counts_and_table_values_with_fixed_predictions():
     assert table.loc["fixed"].to_dict() == {"object": 0.75, "color": 1 / 3, "style": 1.0}
     with pytest.raises(ValueError, match="4 images but 3 scenes"):
         attribute_accuracy(torch.zeros(4, 3, 8, 8), scenes[:3], {"fixed": Fixed()})
+    # the recorded held-out accuracy scores the same scenes (nemo has no colour to miss)
+    assert C.heldout_accuracy(Fixed(), torch.zeros(4, 3, 8, 8), scenes) == {"object": 0.75, "color": 1 / 3,
+                                                                             "style": 1.0}
 
 
 def test_swap_captions_parse_to_swapped_scenes():
@@ -266,10 +269,14 @@ def test_a_member_trained_alone_equals_the_same_member_trained_with_others(tmp_p
     assert (tmp_path / "seed1" / "edges.safetensors").read_bytes() != edges[0]  # the seed does decide
 
 
-def test_retraining_one_member_keeps_the_others(tmp_path, members):
+def test_retraining_one_member_keeps_the_others(tmp_path, members, monkeypatch):
     C.save_classifiers(members, tmp_path, {"training": {"resnet": {"steps": 7}}, "hardware": {"device": "cpu"}})
     before = {k: v.clone() for k, v in C.load_classifiers(tmp_path)["resnet"].state_dict().items()}
+    splits, make = [], W.make_dataset
+    monkeypatch.setattr(W, "make_dataset", lambda n, seed, split="train", *a, **k: splits.append((n, split)) or
+                        make(n, seed, split, *a, **k))
     meta = C.train_classifiers(tmp_path, steps={"edges": 2}, members=["edges"], n_train=16, n_eval=8, batch_size=4)
+    assert splits == [(16, "any"), (8, "heldout")]  # trained on every combination, "heldout_accuracy" on held-out ones
     assert meta["training"]["edges"]["steps"] == 2 and meta["training"]["resnet"]["steps"] == 7
     assert meta["training"]["resnet"]["hardware"] == {"device": "cpu"}  # the kept member's record travels with it
     loaded = C.load_classifiers(tmp_path)
@@ -407,3 +414,23 @@ def test_the_ensemble_is_the_mean_of_its_members_log_probabilities(members, batc
     assert "color" in lp and "color" not in members["edges"].families  # a family some members lack is still read
     one = classify({"resnet": members["resnet"]}, x)
     assert one.to_dict("list") == members["resnet"].predict(x)  # a one-member ensemble predicts as the member does
+
+
+def test_channel_permuted_images_teach_no_colour(monkeypatch):
+    """A colour-blind view (channels permuted) keeps every label but its colour: the colour head is neither taught
+    the scene's colour on it (cross-entropy target -1) nor distilled towards the teacher's colour there."""
+    import torch.nn.functional as F
+
+    arr, scenes, _ = W.make_dataset(8, 0, "train")
+    families = C.build_member("resnet").families
+    soft = {f: torch.log_softmax(torch.zeros(8, len(C.LABELS[f])), -1) for f in families}
+    seen = {"ce": [], "kl": 0}
+    ce, kl = F.cross_entropy, F.kl_div
+    monkeypatch.setattr(C.F, "cross_entropy", lambda logits, t, **k: seen["ce"].append(t.clone()) or ce(logits, t, **k))
+    monkeypatch.setattr(C.F, "kl_div", lambda *a, **k: seen.__setitem__("kl", seen["kl"] + 1) or kl(*a, **k))
+    with torch.random.fork_rng():
+        C.train_member("resnet", torch.from_numpy(arr), C.scene_targets(scenes), steps=1, seed=0, batch_size=4,
+                       p_permute=1.0, soft=soft, log_every=0)
+    colour = seen["ce"][families.index("color")]
+    assert (colour == -1).all() and not (seen["ce"][families.index("object")] == -1).all()
+    assert seen["kl"] == len(families) - 1  # every family distilled but the colour

@@ -383,6 +383,13 @@ def test_plan_sizes_the_run_from_steps_20_to_200(monkeypatch):
         clock["t"] += 1.0
         plan.tick(step, log)
     assert plan.total == 201 and log.steps == 201
+    # --steps-override fixes the step count: the same slow run keeps all its steps
+    clock["t"] = 0.0
+    plan, log = T._Plan(1_000, budget_min=1.0, override=True), T._Log("x", 1_000, 100)
+    for step in range(201):
+        clock["t"] += 1.0
+        plan.tick(step, log)
+    assert plan.total == 1_000 and plan.budget_s is None
 
 
 def test_adaptive_weight_balances_the_gradient_norms():
