@@ -341,3 +341,19 @@ def test_swapped_captions_change_each_present_attribute_including_the_background
     assert ("background", "in a city", "a photo of a red star in a city") in swaps
     assert ("color", "orange", "a photo of an orange star on a beach") in swaps  # "an" before a vowel
     assert all(W.parse_caption(c) != scene for _, _, c in swaps)
+
+
+def test_pair_grid_accuracy_counts_only_scenes_with_a_truth(monkeypatch):
+    """Reading colour per (object, style) cell: a scene that names no colour is left out, not counted as a miss."""
+    class Red:
+        def predict(self, x):
+            return {"color": ["red"] * len(x)}
+
+    monkeypatch.setattr(E, "EnsembleClassifier", lambda members: Red())
+    grid = E.pair_grid(None, {}, "object", "style", family="color", n=6, sources=["render"], progress=False)
+    cells, scenes, _ = E.grid_scenes("object", "style", "color", 6, 0)
+    colours = np.array([s.color for s in scenes], dtype=object).reshape(len(cells), 6)
+    named = colours != None  # noqa: E711
+    assert (grid["n"].to_numpy() == named.sum(1)).all() and (named.sum(1) < 6).any()
+    expected = [(c[k] == "red").mean() if k.any() else np.nan for c, k in zip(colours, named)]
+    np.testing.assert_allclose(grid["accuracy"].to_numpy(float), expected)

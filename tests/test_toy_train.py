@@ -136,6 +136,22 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
     assert where in msg and "lib.toy.train --stage all" in msg and "\n" not in msg, msg
 
 
+def test_a_vision_tower_lacking_a_tensor_is_named(toy_dir, tmp_path):
+    """load_state_dict(strict=False) takes such a file without a word and leaves that tensor random."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "toy"
+    shutil.copytree(toy_dir, bad)
+    file = next((bad / "clip_vision").glob("*.safetensors"))
+    state = load_file(file)
+    del state[sorted(state)[0]]
+    save_file(state, file)
+    with pytest.raises(RuntimeError, match=f"clip_vision/{file.name}.*missing keys"):
+        T.load_toy_clip(bad)
+
+
 def test_continuation_stages_keep_the_text_encoder_and_log_each_run(toy_dir, tmp_path):
     import shutil
 
@@ -336,6 +352,12 @@ def test_only_the_clip_vision_tower_may_see_heldout_combinations(toy_dir, tmp_pa
             for a in (False, True)]
     assert not any(W.is_heldout(W.parse_caption(n)) for n in negs[0] if n)
     assert any(W.is_heldout(W.parse_caption(n)) for n in negs[1] if n)
+    # a hard negative keeps the caption's phrasing (its place among the scene's captions); only one word changes
+    for i, s in enumerate(scenes[:100]):
+        opts = W.captions(s)
+        neg = T.hard_negative(s, opts[-1 - i % len(opts)], np.random.default_rng(i))
+        if neg is not None:
+            assert W.captions(W.parse_caption(neg)).index(neg) == len(opts) - 1 - i % len(opts), (s, neg)
 
 
 def test_a_rerun_with_the_same_steps_repeats_the_weights_byte_for_byte(tmp_path):
