@@ -535,3 +535,56 @@ def test_an_interrupted_continuation_stage_is_refused_by_the_loader_of_what_it_w
         with pytest.raises(RuntimeError, match=f"unfinished \\({stage}: started t0.*--stage {stage} "):
             T.check_finished(tmp_path, refused)
         T.check_finished(tmp_path, loaded)  # the other part of the world is not touched by that stage
+
+
+def test_training_data_is_drawn_from_the_configured_split_with_or_without_workers(monkeypatch):
+    """The GPU configs render on worker processes: the held-out combinations must stay out there too."""
+    from lib.toy import world as W
+
+    seen = []
+    monkeypatch.setattr(W, "make_dataset", lambda n, seed, split: seen.append(("serial", split)) or ([], [], []))
+    monkeypatch.setattr(W, "make_dataset_parallel", lambda n, seed, split, workers: seen.append(("parallel", split))
+                        or ([], [], []))
+    for workers in (0, 4):
+        T.make_training_data({"n_train": 8, "seed": 0, "render_workers": workers})
+        T.make_training_data({"n_train": 8, "seed": 0, "render_workers": workers, "train_split": "any"})
+    assert seen == [("serial", "train"), ("serial", "any"), ("parallel", "train"), ("parallel", "any")]
+
+
+def test_the_text_encoder_s_hard_negatives_never_name_a_held_out_combination(monkeypatch, tmp_path):
+    """Stage clip trains the diffusion model's text encoder: its hard negatives stay in the training split; only the
+    clip-vision stage with train_split "any" (a measuring instrument) may name held-out combinations."""
+    import copy
+
+    from lib.toy import world as W
+
+    class Stop(Exception):
+        pass
+
+    allowed = []
+    monkeypatch.setattr(T, "hard_negative", lambda s, c, rng, allow_heldout=False: allowed.append(allow_heldout))
+    monkeypatch.setattr(T, "_tokenize", lambda *a: (_ for _ in ()).throw(Stop()))  # stop before any training step
+    images, scenes, caps = W.make_dataset(4, 0, "train")
+    for split, expected in ((None, False), ("train", False), ("any", True)):
+        cfg = {**copy.deepcopy(T.CONFIGS["cpu"]), "device": "cpu"}
+        if split is not None:
+            cfg["train_split"] = split
+        allowed.clear()
+        with torch.random.fork_rng(), pytest.raises(Stop):  # train_clip seeds torch
+            T.train_clip(cfg, {"images": images, "scenes": scenes, "captions": caps}, tmp_path, steps=1)
+        assert allowed == [expected] * 4, split
+
+
+def test_the_unet_trains_on_scaled_latents_and_drops_captions_to_the_empty_one(toy_dir):
+    from lib.tokenizer import build_clip_tokenizer
+    from lib.toy import world as W
+
+    vae, te, tok = T._load_vae(toy_dir, "cpu"), T._load_text_encoder(toy_dir, "cpu"), build_clip_tokenizer()
+    images, _, caps = W.make_dataset(2, 0, "train")
+    data = {"images": np.concatenate([images, images[:1]]), "captions": [caps[0], caps[1], caps[0]]}
+    lat, cap_idx, emb, drop_id = T.unet_training_inputs(vae, te, tok, data, "cpu")
+    with torch.no_grad():
+        mean = vae.encode(T.to_pixels(data["images"])).latent_dist.mean
+    torch.testing.assert_close(lat, mean * vae.config.scaling_factor)  # the scale the pipeline samples in
+    assert drop_id == 2 and emb.shape[0] == 3 and cap_idx.tolist() == [sorted(caps).index(c) for c in data["captions"]]
+    torch.testing.assert_close(emb[drop_id], T._encode_texts(te, tok, [""], "cpu")[0])  # dropout: the empty caption

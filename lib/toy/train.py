@@ -848,6 +848,22 @@ def _save_pipeline(unet, vae, te, out: Path):
     save_pretrained_atomic(pipe, out, safe_serialization=True)  # a kill mid-save tears no finished stage's file
 
 
+@torch.no_grad()
+def unet_training_inputs(vae, te, tok, data: dict, dev: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """What the UNet is trained on, computed once by the frozen encoders: the latents (posterior means × the VAE's
+    ``scaling_factor``, the scale the pipeline samples in), each image's caption index, the text states of the unique
+    captions with the empty caption as the last row (classifier-free guidance's), and that row's index (the caption
+    dropout's)."""
+    pix = to_pixels(data["images"])
+    lat = torch.cat([vae.encode(pix[i : i + 256].to(dev)).latent_dist.mean.float().cpu()
+                     for i in range(0, len(pix), 256)]) * vae.config.scaling_factor
+    uniq = sorted(set(data["captions"]))
+    index = {s: i for i, s in enumerate(uniq)}
+    emb = _encode_texts(te, tok, uniq + [""], dev)
+    cap_idx = torch.tensor([index[s] for s in data["captions"]])
+    return lat, cap_idx, emb, len(uniq)
+
+
 def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path | None = None,
                override: bool = False, resume: bool = False) -> dict:
     """Denoising training of the UNet on frozen VAE latents and text states; ``resume=True`` (stage ``unet-resume``)
@@ -860,17 +876,9 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
     te, vae = _load_text_encoder(out, dev), _load_vae(out, dev)
     te.requires_grad_(False)
     vae.requires_grad_(False)
-    sf = vae.config.scaling_factor
     t0 = time.time()
-    with torch.no_grad():  # frozen encoders: latents (posterior mean) and text states are computed once
-        pix = to_pixels(data["images"])
-        lat = torch.cat([vae.encode(pix[i : i + 256].to(dev)).latent_dist.mean.float().cpu()
-                         for i in range(0, len(pix), 256)]) * sf
-        uniq = sorted(set(data["captions"]))
-        index = {s: i for i, s in enumerate(uniq)}
-        emb = _encode_texts(te, tok, uniq + [""], dev)  # last row: the empty caption (classifier-free guidance)
-        cap_idx = torch.tensor([index[s] for s in data["captions"]])
-    print(f"[unet] encoded {len(lat)} latents (std {lat.std():.3f}) and {len(uniq)} unique captions "
+    lat, cap_idx, emb, drop_id = unet_training_inputs(vae, te, tok, data, dev)
+    print(f"[unet] encoded {len(lat)} latents (std {lat.std():.3f}) and {drop_id} unique captions "
           f"in {time.time() - t0:.1f} s", flush=True)
     emb = emb.to(dev)
     lat, cap_idx = _resident(lat, dev), _resident(cap_idx, dev)
@@ -895,7 +903,6 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
     gdev = dev if dev.startswith("cuda") else "cpu"  # noise is drawn where the model runs (CPU numbers unchanged)
     gen = torch.Generator(device=gdev).manual_seed(cfg["seed"] + 4)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
-    drop_id = len(uniq)
     step = -1
     last_sample = time.time()
     while step + 1 < plan.total:
@@ -936,7 +943,7 @@ def train_unet(cfg: dict, data: dict, out: Path, steps: int, samples_dir: Path |
     _save_pipeline(ema, vae, te, out)
     n_params = sum(p.numel() for p in unet.parameters())
     return log.summary(**plan.info(), batch=c["batch"], lr=c["lr"], ema=c["ema"], caption_dropout=0.1, params=n_params,
-                       unique_captions=len(uniq), resumed=resume)
+                       unique_captions=drop_id, resumed=resume)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
