@@ -368,6 +368,13 @@ def test_a_rerun_with_the_same_steps_repeats_the_weights_byte_for_byte(tmp_path)
     assert len(files) == 4  # text encoder, CLIP vision tower, VAE, UNet
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # each stage seeds itself: a stage run alone, after anything else drew random numbers, repeats too
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    with torch.random.fork_rng():
+        torch.manual_seed(12345)
+        torch.rand(7)
+        T.run("unet", "cpu", tmp_path / "b", steps_override=2, n_train=64)
+    assert (tmp_path / "a" / unet).read_bytes() == (tmp_path / "b" / unet).read_bytes()
 
 
 def test_committed_toy_world_fits_30_mb_and_logs_its_training():
