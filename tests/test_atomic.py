@@ -51,9 +51,9 @@ def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
     assert remove_stale_tmp(tmp_path, min_age_s=0) == [recent]
 
 
-def test_a_writer_this_user_may_not_signal_is_alive(tmp_path, monkeypatch):
+def test_a_writer_this_user_may_not_signal_is_alive(tmp_path, monkeypatch, dead_pid):
     """os.kill(pid, 0) on another user's live process raises PermissionError: its file is being written."""
-    other = tmp_path / f".t.parquet.4242@{HOST}.0123456789ab.tmp"
+    other = tmp_path / f".t.parquet.{dead_pid}@{HOST}.0123456789ab.tmp"  # a pid no process of ours has
     other.write_bytes(b"partial")
     os.utime(other, (time.time() - 120, time.time() - 120))
 

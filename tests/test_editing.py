@@ -27,7 +27,7 @@ from lib.editing import (
 )
 from lib.editing import evaluate as E
 from lib.editing.baseline import collect_embeddings, cross_attention_projections
-from lib.editing.quickfix import capture_out_proj, out_proj
+from lib.editing.quickfix import ROUNDING_TOLERANCE, capture_out_proj, out_proj
 from lib.prompts import PromptError
 from lib.toy import world as W
 from lib.twins import build_twin
@@ -439,9 +439,10 @@ def test_an_edit_rounded_away_by_float16_weights_warns():
         with e.applied(half):
             pass
     assert 0 < max(e.rounding_error.values()) < 0.01
-    small = WeightEdit({k: v * 3e-3 for k, v in e.deltas.items()}, {})  # a tenth of it rounded away: warned (> 5%)
-    with pytest.warns(PrecisionWarning, match="1[0-9]% of this edit's delta is lost"):
+    small = WeightEdit({k: v * 3e-3 for k, v in e.deltas.items()}, {})  # about a tenth of it rounded away: warned
+    with pytest.warns(PrecisionWarning, match="% of this edit's delta is lost"):
         small.apply(half)
+    assert ROUNDING_TOLERANCE < max(small.rounding_error.values()) < 0.5  # above 5%, well under a half
     small.revert(half)
     tiny = WeightEdit({k: v * 1e-5 for k, v in e.deltas.items()}, {})  # below half a float16 ulp of the weights
     before = _weights(half)

@@ -479,9 +479,9 @@ def test_an_additive_find_re_renders_with_its_own_sampler(pipe, ens, tmp_path):
     file, or from a fresh result's meta, where a step of 0 is an int, not a missing value)."""
     from lib.sage.latent import LatentRecord
 
-    for k in (0, 1):
+    for k in (0, 3):  # neither is the default step (4 // 2)
         cfg = LatentSearch(mode="lose", iterations=1, residual=Residual(k, 0.5, "additive"), stop_on_success=False)
-        r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=2, config=cfg)
+        r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=4, config=cfg)
         assert torch.equal(render_latent(pipe, save_latent(tmp_path / f"a{k}.safetensors", r)), r.image)
         assert torch.equal(render_latent(pipe, LatentRecord(r.latent, r.meta)), r.image)
         plain = render_latent(pipe, LatentRecord(r.latent, {**r.meta, "residual_mode": "straight_through"}))

@@ -96,7 +96,7 @@ def test_missing_and_corrupt_files(members, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"not.a.weight": torch.zeros(2)}, str(tmp_path / "edges.safetensors"))  # readable, but other tensors
-    with pytest.raises(C.ClassifierLoadError, match=r"edges.safetensors \(\d+ tensors missing .*1 unexpected .*not.a."
+    with pytest.raises(C.ClassifierLoadError, match=r"edges.safetensors \(\d+ tensor\(s\) missing .*1 tensor\(s\) unexpected .*not.a."
                                                     "weight.*python -m lib.toy.classifiers") as err:
         C.load_classifiers(tmp_path)
     assert "\n" not in str(err.value)  # one line

@@ -293,7 +293,6 @@ def test_committed_toy_clip_ranks_the_true_caption_of_held_out_renders_first():
     assert clip_ranking_accuracy(toy_clip_scorer(), renders, scenes, captions) >= 0.90
 
 
-
 class _Fixed:
     """A classifier that predicts the same labels whatever the images."""
 

@@ -253,8 +253,8 @@ def load_classifiers(folder: str | Path = DEFAULT_DIR, device: str | torch.devic
                                     spec.get("size", W.SIZE))
             missing, unexpected = m.load_state_dict(load_file(str(path)), strict=False)
             if missing or unexpected:
-                raise ValueError(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])}), "
-                                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
+                raise ValueError(", ".join(f"{len(keys)} tensor(s) {what} (e.g. {', '.join(keys[:2])})"
+                                           for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys))
         except (SafetensorError, RuntimeError, KeyError, OSError, ValueError) as err:
             why = " ".join(str(err).split())[:300]  # one line, however long torch's message
             raise ClassifierLoadError(f"corrupt classifier weights {path} ({why}); rebuild with: {REBUILD}") from None
