@@ -13,12 +13,17 @@ on the hooks: a trace split into several loops compiles once per loop's layer se
 or seeds reuse them). Past dynamo's recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default) a
 function runs eager: prefer a tracing ``batch_size`` that holds all layers in one loop, or raise the limit.
 
+:func:`cpu_threads` runs a block (or, as a decorator, a function) with a set number of CPU threads and gives the
+caller back its own count afterwards: the toy world's trainers use it, so a notebook that trains goes on with its
+own thread count (and its numbers) afterwards.
+
 ``cudnn_benchmark=True`` sets the process-wide ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution
 algorithms once per shape and keeps the fastest): it pays off in loops that repeat one shape many times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import torch
@@ -120,6 +125,28 @@ def stored_activation_bytes(fn, exclude: tuple[torch.nn.Module, ...] = ()) -> tu
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+class cpu_threads(contextlib.ContextDecorator):
+    """``with cpu_threads(n):`` runs the block with ``n`` intra-op CPU threads (``None`` or 0: the count as it is) and
+    then restores the count it found, also when the block raises or set another count itself. As ``@cpu_threads()``,
+    it restores the caller's count after each call of a function that sets its own."""
+
+    def __init__(self, n: int | None = None):
+        self.n = n
+        self._before: list[int] = []  # a stack: the same decorator may be entered again by a nested call
+
+    def __enter__(self) -> "cpu_threads":
+        self._before.append(torch.get_num_threads())
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        before = self._before.pop()
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+        return False
 
 
 def median_seconds(fn, repeats: int = 5) -> float:

@@ -32,6 +32,7 @@ from lib.sage.token import (TokenAttack, TokenResult, evaluate_token, load_token
                             train_token)
 from lib.sampling import decode, denoise, encode, initial_latents, make_scheduler, predict_noise
 from lib.scoring import ClipScorer
+from lib.speed import cpu_threads
 from lib.twins import build_twin
 
 LABELS = ("cat", "dog", "car")
@@ -51,10 +52,8 @@ def const_member(logits, labels=LABELS, name="const") -> FnMember:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: on the shared 2-core machine two threads under contention run ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with cpu_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

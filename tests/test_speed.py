@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.paths import REPO_ROOT
-from lib.speed import speed_up
+from lib.speed import cpu_threads, speed_up
 from lib.tracing.layers import unet_layers
 from lib.tracing.unet import trace_unet
 from lib.twins import build_twin
@@ -105,10 +105,30 @@ def _residual_grad(p, steps: int = 3, k: int = 0):
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)  # later test files keep conftest's thread count
+    with cpu_threads(1):  # later test files keep conftest's thread count
+        yield
+
+
+def test_cpu_threads_gives_the_count_back():
+    start = torch.get_num_threads()
+    with cpu_threads(start + 2):
+        assert torch.get_num_threads() == start + 2
+        torch.set_num_threads(start + 1)  # the block sets another count itself
+    assert torch.get_num_threads() == start
+    with pytest.raises(KeyError), cpu_threads(start + 1):
+        raise KeyError("the block fails")
+    assert torch.get_num_threads() == start
+    with cpu_threads(None):  # None: the count as it is
+        assert torch.get_num_threads() == start
+
+    @cpu_threads()
+    def sets(n: int, inner: int | None = None) -> int:
+        torch.set_num_threads(n)
+        if inner is not None:  # the same decorator entered again by a nested call
+            assert sets(inner) == inner and torch.get_num_threads() == n
+        return torch.get_num_threads()
+
+    assert sets(start + 3, inner=start + 1) == start + 3 and torch.get_num_threads() == start
 
 
 def test_checkpointing_keeps_the_gradient_and_stores_less(one_thread):

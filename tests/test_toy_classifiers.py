@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.speed import cpu_threads
 from lib.toy import classifiers as C
 from lib.toy import world as W
 from lib.toy.evaluate import accuracy_table, attribute_accuracy, clip_ranking_accuracy, swap_captions
@@ -275,7 +276,9 @@ def test_retraining_one_member_keeps_the_others(tmp_path, members, monkeypatch):
     splits, make = [], W.make_dataset
     monkeypatch.setattr(W, "make_dataset", lambda n, seed, split="train", *a, **k: splits.append((n, split)) or
                         make(n, seed, split, *a, **k))
-    meta = C.train_classifiers(tmp_path, steps={"edges": 2}, members=["edges"], n_train=16, n_eval=8, batch_size=4)
+    with cpu_threads(3):  # the caller's count; the training sets its own (threads=1) and gives this one back
+        meta = C.train_classifiers(tmp_path, steps={"edges": 2}, members=["edges"], n_train=16, n_eval=8, batch_size=4)
+        assert torch.get_num_threads() == 3
     assert splits == [(16, "any"), (8, "heldout")]  # trained on every combination, "heldout_accuracy" on held-out ones
     assert meta["training"]["edges"]["steps"] == 2 and meta["training"]["resnet"]["steps"] == 7
     assert meta["training"]["resnet"]["hardware"] == {"device": "cpu"}  # the kept member's record travels with it

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lib.speed import cpu_threads
 from lib.toy import lm
 from lib.toy import world as W
 
@@ -78,3 +79,11 @@ def test_the_lm_is_validated_on_other_captions_than_it_trains_on(tmp_path, monke
     with torch.random.fork_rng():  # train_lm seeds torch; threads=None leaves the thread count alone
         lm.train_lm(tmp_path, steps=1, batch_size=4, seed=3, threads=None)
     assert len(seen[0]) == 2000 and seen[0][:4] != lm.sample_captions(4, 3)
+
+
+def test_training_gives_the_caller_its_thread_count_back(tmp_path, monkeypatch):
+    real = lm.caption_loss
+    monkeypatch.setattr(lm, "caption_loss", lambda model, tok, texts: real(model, tok, texts[:8]))
+    with cpu_threads(3), torch.random.fork_rng():  # a notebook's count; train_lm trains on its own (threads=1)
+        lm.train_lm(tmp_path, steps=1, batch_size=4, seed=3, threads=1)
+        assert torch.get_num_threads() == 3

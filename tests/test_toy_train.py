@@ -12,15 +12,25 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from lib.speed import cpu_threads  # noqa: E402
 from lib.toy import train as T  # noqa: E402
 from lib.toy import world as W  # noqa: E402
+
+
+THREADS_AFTER_RUN: list[int] = []
 
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    T.run("all", "cpu", out, steps_override=2)
+    with cpu_threads(3):  # the caller's count; the cpu configuration trains on 2 threads
+        T.run("all", "cpu", out, steps_override=2)
+        THREADS_AFTER_RUN.append(torch.get_num_threads())
     return out
+
+
+def test_training_gives_the_caller_its_thread_count_back(toy_dir):
+    assert T.CONFIGS["cpu"]["threads"] == 2 and THREADS_AFTER_RUN == [3]
 
 
 def test_pipeline_loads_and_generates(toy_dir):

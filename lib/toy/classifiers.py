@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from lib.atomic import write_atomic, write_text_atomic
 from lib.paths import TOY_DIR
+from lib.speed import cpu_threads
 from lib.toy import world as W
 
 NONE = "none"
@@ -414,6 +415,7 @@ def member_steps(steps: int | dict[str, int], members: Sequence[str]) -> dict[st
     return out
 
 
+@cpu_threads()  # the thread count it sets is the caller's again afterwards
 def train_classifiers(out_dir: str | Path = DEFAULT_DIR, steps: int | dict[str, int] = DEFAULT_STEPS, seed: int = 0,
                       device: str = "cpu", members: Sequence[str] = tuple(MEMBERS), n_train: int = DEFAULT_N_TRAIN,
                       n_eval: int = 1000, batch_size: int = 64, threads: int | None = 1, train_split: str = "any",

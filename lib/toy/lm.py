@@ -24,6 +24,7 @@ import torch
 
 from lib.atomic import save_pretrained_atomic, write_text_atomic
 from lib.paths import TOY_DIR
+from lib.speed import cpu_threads
 from lib.toy import world as W
 
 DEFAULT_DIR = TOY_DIR / "lm"
@@ -99,6 +100,7 @@ def next_words(model, tokenizer, prompt: str, k: int = 5) -> list[tuple[str, flo
     return [(tokenizer.convert_ids_to_tokens(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
 
 
+@cpu_threads()  # the thread count it sets is the caller's again afterwards
 def train_lm(out_dir: str | Path = DEFAULT_DIR, steps: int = 1500, seed: int = 0, batch_size: int = 128,
              lr: float = 3e-3, split: str = "any", threads: int | None = 1) -> dict:
     """Train on freshly sampled captions (``split`` of the world, "any" by default: the grammar is the language) and

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lib.atomic import save_pretrained_atomic, write_atomic, write_text_atomic
 from lib.loading import dtype_kwarg
 from lib.paths import TOY_DIR, from_repo_root
+from lib.speed import cpu_threads
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
 
@@ -983,6 +984,7 @@ def mark_done(todo: dict[str, str], stage: str) -> None:
             del todo[st]
 
 
+@cpu_threads()  # the thread count it sets is the caller's again afterwards
 def run(stage: str, config: str, out: str | Path, steps_override: int | None = None,
         samples_dir: str | Path | None = None, n_train: int | None = None,
         budget_min: float | None = None, threads: int | None = None, train_split: str = "train",
