@@ -465,10 +465,10 @@ def model_fingerprint(pipe) -> str:
 
 def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persistent: bool = False) -> str:
     """A cheap hash of the state dicts of named modules as loaded (per tensor: name, shape, dtype, device type, sum,
-    sum of squares): fp16 weights loaded as fp32, or moved to a GPU, compute other numbers, so they get another hash
-    and a resume key built on it never mixes their results. ``non_persistent`` adds the buffers a state dict leaves
-    out (e.g. cached text features). Being sums, it cannot tell a tensor from a permutation of its own entries (rows
-    or heads swapped); any training or edit moves the sums."""
+    sum of squares, and :func:`_position_sum` of its raw bits): fp16 weights loaded as fp32, or moved to a GPU,
+    compute other numbers, so they get another hash and a resume key built on it never mixes their results.
+    ``non_persistent`` adds the buffers a state dict leaves out (e.g. cached text features). The position sum tells a
+    tensor from a permutation of its own entries (rows or heads swapped), which the two sums cannot."""
     h = hashlib.sha1()
     for attr, module in modules.items():
         if module is None:
@@ -481,5 +481,30 @@ def weights_fingerprint(modules: dict[str, torch.nn.Module | None], non_persiste
             x = x.cpu() if x.device.type == "mps" else x  # MPS has no float64 (the device type still enters the hash)
             x = x.double() if t.is_floating_point() else x.long().double()
             h.update(f"{attr}.{name}{tuple(t.shape)}{t.dtype}{t.device.type}{float(x.sum()):.6e}"
-                     f"{float((x * x).sum()):.6e}".encode())
+                     f"{float((x * x).sum()):.6e}{_position_sum(t.detach())}".encode())
     return h.hexdigest()[:16]
+
+
+_PRIME = 2**31 - 1  # position and bits reduced modulo it: their product fits int64, a chunk's sum of products too
+_BIT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _position_sum(t: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """Σ_i i·bits_i mod (2³¹−1) over the flattened tensor's raw bits, in integer arithmetic: exact, so the same for
+    any thread count or order of reduction, and it changes when two different entries swap places (their positions
+    weigh them differently). Computed ``chunk`` entries at a time (bounded temporary memory)."""
+    flat = t.reshape(-1)
+    if flat.device.type == "mps":
+        flat = flat.cpu()  # int64 arithmetic on the CPU
+    if t.is_floating_point():
+        flat = flat.contiguous().view(_BIT_VIEW[t.element_size()])
+    total = 0
+    for start in range(0, flat.numel(), chunk):
+        bits = flat[start : start + chunk].long()
+        if flat.element_size() == 8:
+            bits = bits.remainder(_PRIME)  # 64-bit values: reduced first; narrower ones are below 2³¹ already
+        pos = torch.arange(start, start + len(bits), device=bits.device)
+        if start + len(bits) > _PRIME:
+            pos = pos.remainder_(_PRIME)
+        total += int((bits * pos).remainder_(_PRIME).sum())  # |product| < 2⁶², each term < 2³¹, a chunk's sum < 2⁵³
+    return total % _PRIME

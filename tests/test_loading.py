@@ -454,3 +454,36 @@ def test_the_weights_fingerprint_tells_dtypes_apart_even_for_equal_values():
     half.load_state_dict(net.state_dict())  # the same values, exactly, in float16
     assert weights_fingerprint({"net": copy}) == weights_fingerprint({"net": net})
     assert weights_fingerprint({"net": half}) != weights_fingerprint({"net": net})
+
+
+def test_the_weights_fingerprint_tells_swapped_rows_and_heads_apart():
+    """Swapping two rows, or two attention heads, keeps every sum and sum of squares; the position sum moves. Being
+    integer arithmetic, the same weights hash the same on any thread count and in chunks of any size."""
+    from lib.loading import _position_sum, weights_fingerprint
+    from lib.speed import cpu_threads
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Embedding(5, 3, dtype=torch.float16))
+    before = weights_fingerprint({"net": net})
+    with cpu_threads(1):
+        assert weights_fingerprint({"net": net}) == before
+    w = net[0].weight
+    assert all(_position_sum(t, chunk=c) == _position_sum(t) for t in (w, net[1].weight) for c in (1, 5, 48))
+    with torch.no_grad():
+        w[[0, 3]] = w[[3, 0]].clone()  # two rows (output units) swapped
+    swapped_rows = weights_fingerprint({"net": net})
+    assert swapped_rows != before
+    with torch.no_grad():
+        w[[0, 3]] = w[[3, 0]].clone()
+        assert weights_fingerprint({"net": net}) == before  # swapped back
+        net[1].weight[[1, 4]] = net[1].weight[[4, 1]].clone()  # two token embeddings swapped, in float16
+    assert weights_fingerprint({"net": net}) not in (before, swapped_rows)
+
+    attn = torch.nn.MultiheadAttention(8, num_heads=2)
+    ref = weights_fingerprint({"attn": attn})
+    with torch.no_grad():
+        out = attn.out_proj.weight
+        out.copy_(torch.cat([out[:, 4:], out[:, :4]], dim=1))  # the two heads' input columns swapped
+    assert weights_fingerprint({"attn": attn}) != ref
+    assert _position_sum(torch.tensor([1, 2, 3])) == (0 * 1 + 1 * 2 + 2 * 3)  # integers: their values
+    assert _position_sum(torch.tensor([True, False, True])) == 2
