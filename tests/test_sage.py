@@ -698,6 +698,23 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
                           EdgeMember(FnMember(small_net(seed=4), LABELS, "c"))])  # same names, other weights
     assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) != key
     assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) == key
+    from lib.sage.resume import weights_part
+
+    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1],
+                          weights=weights_part(pipe, ens)) == key  # precomputed fingerprints: the same key
+
+
+def test_a_latent_campaign_fingerprints_the_weights_once(pipe, ens, tmp_path, monkeypatch):
+    """Hashing every weight takes seconds for a full-size model on a CPU: once per campaign, not once per batch."""
+    import lib.sage.resume as R
+
+    calls = []
+    real = R.model_fingerprint
+    monkeypatch.setattr(R, "model_fingerprint", lambda p: calls.append(1) or real(p))
+    cfg = LatentSearch(mode="lose", iterations=0)
+    df, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0, 1, 2], steps=2, config=cfg,
+                            out_dir=tmp_path, batch_size=1)
+    assert len(calls) == 1 and df.path.map(lambda p: Path(p).is_file()).all()
 
 
 def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp_path):

@@ -327,20 +327,23 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
 
 
 def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
-                 config: LatentSearch, batch_size: int, batch: Sequence[int] | None = None) -> str:
+                 config: LatentSearch, batch_size: int, batch: Sequence[int] | None = None,
+                 weights: dict[str, str] | None = None) -> str:
     """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign searched ``batch_size`` seeds at
     a time, for the searches of ``batch`` (the seeds searched together: batched searches agree with solo ones, and
-    with other batches, only up to float rounding, :func:`search_latents`)."""
+    with other batches, only up to float rounding, :func:`search_latents`); ``weights``: the pipeline's and the
+    ensemble's fingerprints, :func:`lib.sage.resume.weights_part`, when already computed."""
     from lib.sage.resume import campaign_key as key
 
-    return key(pipe, ensemble, prompt=prompt, cls=cls, steps=steps, guidance=guidance, config=config_dict(config),
+    return key(pipe, ensemble, weights=weights, prompt=prompt, cls=cls, steps=steps, guidance=guidance,
+               config=config_dict(config),
                batch_size=int(batch_size), stop_rule="solo-decides",  # files of the batch-verdict rules: not reused
                **({} if batch is None else {"batch": [int(s) for s in batch]}))
 
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
                     guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
-                    model: str = "", batch_size: int = 8, resume: bool = True):
+                    model: str = "", batch_size: int = 8, resume: bool = True, weights: dict[str, str] | None = None):
     """One search per seed, in batches of ``batch_size`` consecutive ``seeds`` (:func:`search_latents`); returns (tidy
     table, results).
 
@@ -352,7 +355,8 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
     is searched again whole. So a resumed, interrupted or extended campaign (more ``seeds``) gives exactly what a fresh
     run of the same ``seeds`` gives: a batched search differs from the same search in another batch in the last bits,
     which a signed step can grow (:func:`search_latents`), so a result is reused only from the same batch. Other
-    settings never reuse stale results. Repeated seeds are a ``ValueError``.
+    settings never reuse stale results. Repeated seeds are a ``ValueError``. The weights are fingerprinted once per
+    call (``weights``: :func:`lib.sage.resume.weights_part` of this pipeline and ensemble, when the caller has it).
     """
     import pandas as pd
 
@@ -366,9 +370,13 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
     resumed: set[int] = set()
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_tmp(out_dir)  # a killed run's half-written file
+    if out_dir is not None and weights is None:
+        from lib.sage.resume import weights_part
+
+        weights = weights_part(pipe, ensemble)  # once, not per batch
     for batch in batches:
         if out_dir is not None:
-            key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size, batch)
+            key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size, batch, weights)
             paths.update({s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
                           for s in batch})
         loaded = _load_batch([paths[s] for s in batch], batch) if out_dir is not None and resume else None

@@ -19,19 +19,29 @@ from lib.loading import model_fingerprint, weights_fingerprint
 from lib.sampling import scheduler_settings  # noqa: F401  (re-exported)
 
 
-def campaign_key(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = None, **settings) -> str:
-    """10 hex digits from the pipeline's and the ensemble's weights, the pipeline's scheduler config, the members,
-    their non-weight settings (:func:`member_settings`), criteria and groups, ``modules`` (e.g. a proposal LM) and
-    ``settings`` (anything JSON-able; dataclasses as dicts)."""
+def weights_part(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = None) -> dict[str, str]:
+    """The weights fingerprints :func:`campaign_key` hashes: the pipeline's, and the ensemble's with its scorers'
+    models and ``modules``. Hashing every weight takes a while for a full-size model on a CPU (seconds), so a loop
+    that keys many batches of one campaign computes them once and passes them to each :func:`campaign_key`."""
     scorers = {}  # a CLIP member's scorer that is not itself a module holds its models as attributes
     for n, m in zip(ensemble.names, ensemble.members):
         scorer = getattr(m, "scorer", None)
         if scorer is not None and not isinstance(scorer, torch.nn.Module):
             scorers.update({f"{n}.scorer.{k}": v for k, v in vars(scorer).items() if isinstance(v, torch.nn.Module)})
-    what = dict(model=model_fingerprint(pipe), scheduler=scheduler_settings(pipe), members=ensemble.names,
-                member_settings=[member_settings(m) for m in ensemble.members],
+    return dict(model=model_fingerprint(pipe),
                 member_weights=weights_fingerprint({"ensemble": ensemble, **scorers, **(modules or {})},
-                                                   non_persistent=True),
+                                                   non_persistent=True))
+
+
+def campaign_key(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = None,
+                 weights: dict[str, str] | None = None, **settings) -> str:
+    """10 hex digits from the pipeline's and the ensemble's weights (``weights``: :func:`weights_part` of the same,
+    unchanged, pipeline, ensemble and ``modules``, computed earlier), the pipeline's scheduler config, the members,
+    their non-weight settings (:func:`member_settings`), criteria and groups, ``modules`` (e.g. a proposal LM) and
+    ``settings`` (anything JSON-able; dataclasses as dicts)."""
+    what = dict(**(weights if weights is not None else weights_part(pipe, ensemble, modules)),
+                scheduler=scheduler_settings(pipe), members=ensemble.names,
+                member_settings=[member_settings(m) for m in ensemble.members],
                 groups=sorted(ensemble.groups.items()), criteria=vars(ensemble.criteria), settings=settings)
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
