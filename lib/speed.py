@@ -137,9 +137,10 @@ class cpu_threads(contextlib.ContextDecorator):
         self._before: list[int] = []  # a stack: the same decorator may be entered again by a nested call
 
     def __enter__(self) -> "cpu_threads":
-        self._before.append(torch.get_num_threads())
+        before = torch.get_num_threads()
         if self.n:
-            torch.set_num_threads(self.n)
+            torch.set_num_threads(self.n)  # a bad count raises here, before anything is pushed
+        self._before.append(before)
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -457,18 +457,13 @@ def test_the_weights_fingerprint_tells_dtypes_apart_even_for_equal_values():
 
 
 def test_the_weights_fingerprint_tells_swapped_rows_and_heads_apart():
-    """Swapping two rows, or two attention heads, keeps every sum and sum of squares; the position sum moves. Being
-    integer arithmetic, the same weights hash the same on any thread count and in chunks of any size."""
-    from lib.loading import _position_sum, weights_fingerprint
-    from lib.speed import cpu_threads
+    """Swapping two rows, or two attention heads, keeps every sum and sum of squares; the position sum moves."""
+    from lib.loading import weights_fingerprint
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Embedding(5, 3, dtype=torch.float16))
     before = weights_fingerprint({"net": net})
-    with cpu_threads(1):
-        assert weights_fingerprint({"net": net}) == before
     w = net[0].weight
-    assert all(_position_sum(t, chunk=c) == _position_sum(t) for t in (w, net[1].weight) for c in (1, 5, 48))
     with torch.no_grad():
         w[[0, 3]] = w[[3, 0]].clone()  # two rows (output units) swapped
     swapped_rows = weights_fingerprint({"net": net})
@@ -485,5 +480,32 @@ def test_the_weights_fingerprint_tells_swapped_rows_and_heads_apart():
         out = attn.out_proj.weight
         out.copy_(torch.cat([out[:, 4:], out[:, :4]], dim=1))  # the two heads' input columns swapped
     assert weights_fingerprint({"attn": attn}) != ref
-    assert _position_sum(torch.tensor([1, 2, 3])) == (0 * 1 + 1 * 2 + 2 * 3)  # integers: their values
-    assert _position_sum(torch.tensor([True, False, True])) == 2
+
+
+def _reference_position_sum(t: torch.Tensor, prime: int) -> int:
+    """Σ i·bits_i mod prime in Python integers, the bits read with numpy (signed, as torch's integer views)."""
+    import numpy as np
+
+    flat = t.detach().reshape(-1).cpu()
+    if t.is_floating_point():
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits are the top half of the float32's
+            values = (flat.float().numpy().view(np.int32) >> 16).astype(np.int16).tolist()
+        else:
+            values = flat.numpy().view({2: np.int16, 4: np.int32, 8: np.int64}[t.element_size()]).tolist()
+    else:
+        values = flat.long().tolist()
+    return sum(i * v for i, v in enumerate(values)) % prime
+
+
+@pytest.mark.parametrize("prime", [2**31 - 1, 7])  # 7: the reduction of positions (and of 64-bit values) runs too
+def test_the_position_sum_is_exact_in_every_dtype_and_chunking(prime, monkeypatch):
+    import lib.loading as L
+
+    monkeypatch.setattr(L, "_PRIME", prime)
+    torch.manual_seed(0)
+    base = torch.randn(6, 5) * 1e3
+    tensors = [base.to(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    tensors += [base.t(), base.long() - 500, torch.tensor([-(2**62), 2**40, -5, 3]), base > 0]  # transposed, ints
+    for t in tensors:
+        want = _reference_position_sum(t, prime)
+        assert all(L._position_sum(t, chunk=c) == want for c in (1, 4, 30, 1 << 22)), t.dtype
