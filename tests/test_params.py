@@ -130,7 +130,8 @@ def test_min_len_holds_for_lists_without_an_item_type():
 
 def _validate_cell(name: str, tmp_path, **over):
     """Run notebook ``name``'s parameters cell, the papermill overrides and its validating cell (the one calling
-    ``validate``) in one namespace, as the kernel would: the checks a bad ``-p`` meets before any model loads."""
+    ``validate``, itself or through a ``lib`` module's ``check_params``) in one namespace, as the kernel would: the
+    checks a bad ``-p`` meets before any model loads."""
     import json
     import os
 
@@ -138,7 +139,7 @@ def _validate_cell(name: str, tmp_path, **over):
 
     cells = json.loads((REPO_ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
     params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
-    check = next(c for c in cells if "P = validate(" in "".join(c["source"]))
+    check = next(c for c in cells if any(f in "".join(c["source"]) for f in ("P = validate(", ".check_params(")))
     ns: dict = {}
     exec("".join(params["source"]), ns)
     ns.update(OUTPUT_DIR=str(tmp_path / "out"), **over)

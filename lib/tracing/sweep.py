@@ -4,7 +4,7 @@ Probe files are CSVs with columns ``caption, subject, attribute, split`` (``data
 world writes its own). Each (caption, subject, seed) is written atomically (temporary file, fsync, then
 ``os.replace``) to ``out_dir`` under a name hashed from that key (not the probe row), so any probe selection resumes
 the items another one traced; a re-run skips the files that exist. Under ``accelerate launch --num_processes N``
-each process takes every N-th item (``process_share``: ``accelerate.PartialState``, or torchrun's
+each process takes every N-th item (:func:`lib.processes.process_share`: ``accelerate.PartialState``, or torchrun's
 ``RANK``/``WORLD_SIZE``), so processes never write the same file. ``--multi_gpu`` makes accelerate start N processes
 through torchrun; on a CPU-only machine too (``--cpu`` would start a single process)::
 
@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import torch
 from lib.atomic import remove_stale_tmp, write_parquet_atomic, write_text_atomic
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
+from lib.processes import process_device, process_share
 from lib.prompts import subject_positions
 from lib.sampling import make_scheduler, scheduler_fingerprint
 from lib.scoring import ClipScorer, check_scorer_spec
@@ -284,22 +284,6 @@ def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.D
                       n_tokens=n_tokens)
 
 
-def process_share() -> tuple[int, int]:
-    """(index, count) of this process: ``accelerate.PartialState``'s, or the launcher's environment (``RANK`` /
-    ``WORLD_SIZE`` of torchrun, which ``accelerate launch --multi_gpu`` uses even on a CPU-only machine, where
-    ``PartialState`` reports a single process)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes > 1:
-        return state.process_index, state.num_processes
-    for rank, size in (("RANK", "WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
-                       ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
-        if int(os.environ.get(size, "1")) > 1:
-            return int(os.environ[rank]), int(os.environ[size])
-    return 0, 1
-
-
 def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds: Sequence[int],
               out_dir: str | Path, cfg: SweepConfig, process_index: int | None = None,
               num_processes: int | None = None, limit: int | None = None, progress: bool = True) -> list[Path]:
@@ -435,10 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write to OUT/<mode>-<config hash> (the folder notebooks 04/05 use under OUTPUT_DIR/sweeps "
                          "when given the same settings), so a notebook resumes from this sweep")
     args = ap.parse_args(argv)
-    from accelerate import PartialState
-
     from lib.loading import load_pipeline
-
     from lib.tracing.probes import probe_path
 
     try:
@@ -467,9 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SweepError(f"--limit must be >= 1, got {args.limit}")
     SweepConfig(model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                 multiplier=args.multiplier, uncond=args.uncond)  # bad settings fail before the (slow) load
-    state = PartialState()
     index, count = process_share()
-    device = str(state.device) if args.device in ("auto", state.device.type) else args.device
+    device = process_device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)  # device type and dtype enter the fingerprint
     scorer = _scorer(args.model, args.scorer, str(pipe.unet.device))  # as notebooks 04/05 place it
     cfg = SweepConfig(
