@@ -31,6 +31,7 @@ FORMER_IDS: dict[str, str] = {"sd-v2-1-base": "stabilityai/stable-diffusion-2-1-
 # Randomly initialised stand-ins with the real module names (see lib.twins): "twin:<family>[:full]".
 TWINS: tuple[str, ...] = ("twin:sd-v1", "twin:sd-v2", "twin:sdxl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # a whole pipeline in one file (not a diffusers folder)
 
 
 class ModelLoadError(RuntimeError):
@@ -84,6 +85,10 @@ def describe_source(model: str) -> tuple[str, str]:
     path = Path(model).expanduser()
     if path.exists():
         return "local", str(path)
+    from lib.paths import in_repo
+
+    if not path.is_absolute() and in_repo(path).exists():  # papermill runs the notebooks in notebooks/: a path
+        return "local", str(in_repo(path))  # from the repo root (as OUTPUT_DIR and the others are) is found too
     if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         return "hub", model
     if os.sep in model or model.startswith((".", "~")):
@@ -235,6 +240,13 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             raise ModelLoadError(str(err)) from None
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
+        single = [where] if Path(where).is_file() else sorted(
+            str(f) for f in Path(where).glob("*") if f.suffix in SINGLE_FILE_SUFFIXES)
+        if single:  # a checkpoint as one file (A1111 / ComfyUI style): diffusers needs it as a folder
+            raise ModelLoadError(f"{single[0]} is a single-file checkpoint, not a diffusers pipeline folder: convert it "
+                                 "once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
+                                 "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the "
+                                 "same model family), and give that folder")
         raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
     opts: dict = {} if set(_DTYPE_KWARGS) & set(kwargs) else dtype_kwarg(dtype)
     try:

@@ -153,10 +153,29 @@ def test_folder_without_model_index(tmp_path):
         load_pipeline(str(tmp_path))
 
 
-def test_sources_are_classified():
+def test_a_single_file_checkpoint_is_named_with_how_to_convert_it(tmp_path):
+    ckpt = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    ckpt.write_bytes(b"not read")
+    for given in (ckpt, tmp_path):  # the file itself, or the folder it was downloaded to
+        with pytest.raises(ModelLoadError, match=r"v1-5-pruned-emaonly\.safetensors is a single-file checkpoint, not a "
+                                                 r"diffusers pipeline folder: convert it once, e\.g\. "
+                                                 r"StableDiffusionPipeline\.from_single_file\(file\)") as err:
+            load_pipeline(str(given))
+        assert "\n" not in str(err.value)
+
+
+def test_sources_are_classified(tmp_path, monkeypatch):
     assert describe_source("toy")[0] == "local"
     assert describe_source("sd-v1-5") == ("hub", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert describe_source("twin:sdxl:full") == ("twin", "twin:sdxl:full")
+    from lib.paths import REPO_ROOT
+
+    monkeypatch.chdir(REPO_ROOT / "notebooks")  # where papermill runs the notebooks
+    assert describe_source("data/toy") == ("local", str(REPO_ROOT / "data/toy"))  # a path from the repo root
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "toy").mkdir(parents=True)  # the working directory's own folder comes first
+    assert describe_source("data/toy") == ("local", "data/toy")
+    assert describe_source("org/no-such-model") == ("hub", "org/no-such-model")
 
 
 def _traceable(unet) -> tuple[list[str], list[str]]:
