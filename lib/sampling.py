@@ -249,11 +249,17 @@ def decode(pipe, latents: torch.Tensor, keep_nonfinite: bool = False) -> torch.T
 
 @torch.no_grad()
 def generate(pipe, prompts: str | Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
-             negative: str | None = None) -> torch.Tensor:
-    """Images for ``prompts[i]`` with ``seeds[i]`` (lengths must match), in [0, 1]."""
+             negative: str | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Images for ``prompts[i]`` with ``seeds[i]`` (lengths must match), in [0, 1], on the pipeline's device;
+    ``batch_size`` images at a time (None: all in one batch)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and len(seeds) > batch_size:
+        return torch.cat([generate(pipe, prompts[i : i + batch_size], list(seeds[i : i + batch_size]), steps, guidance,
+                                   negative) for i in range(0, len(seeds), batch_size)])
     lat = denoise(pipe, initial_latents(pipe, seeds), encode(pipe, prompts, negative), steps, guidance)
     return decode(pipe, lat)
 

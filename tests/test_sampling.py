@@ -61,6 +61,22 @@ def test_same_seed_same_image_and_seeds_differ():
     assert torch.equal(b, generate(pipe, ["a cat"], [1], steps=2))  # same seed, same CPU: same numbers
 
 
+def test_generation_in_batches_gives_each_prompt_its_seed(monkeypatch):
+    import lib.sampling as S
+
+    pipe = build_twin("sd-v1")
+    prompts, seeds = ["a cat", "a dog", "a car", "a cat"], [3, 1, 4, 1]
+    calls = []
+    real = S.encode
+    monkeypatch.setattr(S, "encode", lambda p, texts, negative=None: calls.append(list(texts)) or real(p, texts, negative))
+    parts = generate(pipe, prompts, seeds, steps=2, batch_size=3)
+    assert calls == [prompts[:3], prompts[3:]]
+    alone = torch.cat([generate(pipe, [p], [s], steps=2) for p, s in zip(prompts, seeds)])
+    assert parts.shape == alone.shape and torch.allclose(parts, alone, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        generate(pipe, prompts, seeds, steps=2, batch_size=0)
+
+
 @pytest.mark.parametrize("family", ["sd-v1", "sd-v2", "sdxl"])
 def test_the_loop_is_the_pipeline_with_negative_prompts_and_batches(family):
     from diffusers import DDIMScheduler
