@@ -180,7 +180,8 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     # 600 of the 672 captions of "cat", but the held-out draw loses every phrasing of the 400 training scenes
     ("03_sage_token_attack", dict(N_TRAIN_PROMPTS=400, N_TEST_PROMPTS=200),
      "400 + 200 captions of 'cat' (N_TRAIN_PROMPTS + N_TEST_PROMPTS): only 0 captions of 'cat' available, 200 asked"),
-    ("04_causal_tracing_unet", dict(DTYPE="float16"), "unknown parameter(s) DTYPE"),
+    ("04_causal_tracing_unet", dict(DTYPE="float64"), "DTYPE: 'float64' is not one of 'auto', 'float32'"),
+    ("05_causal_tracing_text_encoder", dict(CHECKPOINTING="blocks"), "unknown parameter(s) CHECKPOINTING"),
     ("04_causal_tracing_unet", dict(NOISE=0.0), "NOISE: must be > 0"),
     ("04_causal_tracing_unet", dict(LAYERS=["mid_block.resnets.0", "mid_block.resnets.0"]), "each is traced once"),
     ("05_causal_tracing_text_encoder", dict(TEXT_KINDS=["mlp", "mlp"]), "TEXT_KINDS: ['mlp', 'mlp'] repeat ['mlp']"),
@@ -219,6 +220,25 @@ def test_06_checks_its_layers_against_the_model_configs_before_loading(tmp_path,
     with pytest.raises(EditError, match=r"^SWEEP_LAYERS \[4\] out of range"):
         _validate_cell("06_diffquickfix", tmp_path, SWEEP_LAYERS=[0, 4])
     assert _validate_cell("06_diffquickfix", tmp_path, LAYER=3, SWEEP_LAYERS=[3]).LAYER == 3
+
+
+def test_06_warns_before_loading_that_its_rates_are_the_toy_world_s(tmp_path, monkeypatch, twin_dirs):
+    """A real model (here a saved shape twin's folder standing in for one) gets toy-grammar prompts and the toy world's
+    classifiers: the notebook says so before it loads anything; the toy world and twins run without the warning."""
+    import warnings
+
+    import lib.loading
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
+    with pytest.warns(UserWarning, match=r"is not the toy world: notebook 06 evaluates toy-grammar prompts with the "
+                                         r"toy world's 64-px classifiers.*CLIP-Scores \(open_clip ViT-L/14\)"):
+        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]))
+    with pytest.warns(UserWarning, match=r"CLIP-Scores \(the toy CLIP of TOY_FOLDER\)"):
+        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), TOY_FOLDER="data/toy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in ("toy", "twin:sd-v1"):
+            _validate_cell("06_diffquickfix", tmp_path, MODEL=model)
 
 
 def test_02_checks_its_template_with_the_lm_before_the_pipeline_loads(tmp_path, monkeypatch):

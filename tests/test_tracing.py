@@ -1259,7 +1259,7 @@ def _nb_params(mode: str = "text", **over):
     from lib.params import validate
     from lib.tracing import notebook as tracing
 
-    values = dict(MODEL="twin:sd-v1", DEVICE="cpu", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2,
+    values = dict(MODEL="twin:sd-v1", DEVICE="cpu", DTYPE="auto", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2,
                   GUIDANCE=4.0, NOISE=3.0, NOISE_SEED=0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all",
                   SCORER="auto", OUTPUT_DIR=None, FIGURES_DIR=None)
     values.update(dict(LAYERS=SUBSET[:2], UNCOND="restore") if mode == "unet" else
@@ -1331,6 +1331,17 @@ def test_notebook_layer_check_passes_layers_the_model_has(no_pipeline):
                               ("text", "TEXT_LAYERS", [0, 31])]:
         with pytest.raises(AssertionError, match="loaded before the check"):  # every check passed: the load is next
             tracing.load(_nb_params(mode, MODEL="twin:sdxl:full", SCORER="random", **{key: layers}))
+
+
+def test_notebook_loads_the_model_in_its_dtype(monkeypatch):
+    """``DTYPE`` reaches the load (it enters the weights fingerprint, so the sharded sweep's ``--dtype`` must match)."""
+    import lib.loading
+    from lib.tracing import notebook as tracing
+
+    asked = []
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda model, **kw: asked.append(kw) or "pipe")
+    assert tracing.load(_nb_params(DTYPE="bfloat16", SCORER="random"))[0] == "pipe"
+    assert asked == [dict(device="cpu", dtype="bfloat16")]
 
 
 def test_notebook_batch_size_needs_two_runs():

@@ -14,7 +14,7 @@ LAYERS = ["down_blocks.0.resnets.0", "up_blocks.3.attentions.2.transformer_block
 
 
 def params(mode: str, **over):
-    values = dict(MODEL="toy", DEVICE="cpu", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2, GUIDANCE=4.0,
+    values = dict(MODEL="toy", DEVICE="cpu", DTYPE="auto", PROBES="toy", N_VAL=1, N_TEST=0, SEEDS=[0], STEPS=2, GUIDANCE=4.0,
                   NOISE=3.0, NOISE_SEED=0, BATCH_SIZE=4, TAU=0.5, MIN_GAP=0.0, EVAL_SPLIT="all", SCORER="auto", OUTPUT_DIR=None,
                   FIGURES_DIR=None)
     extra = tracing.UNET_PARAMS if mode == "unet" else tracing.TEXT_PARAMS

@@ -42,7 +42,7 @@ def check_text_kinds(value: list[str]) -> None:
 
 # The parameters both notebooks take besides lib.params.COMMON; each adds its own (UNET_PARAMS / TEXT_PARAMS).
 TRACE_PARAMS: dict[str, Param | None] = {
-    "DTYPE": None, "CHECKPOINTING": None,  # COMMON's, not taken: the pipeline loads in load_pipeline's default dtype
+    "CHECKPOINTING": None,  # COMMON's, not taken: nothing is differentiated
     "PROBES": Param(str), "N_VAL": Param(int, low=1, optional=True), "N_TEST": Param(int, low=0, optional=True),
     # no noise, no clean - corrupted gap: every item would fail to score, after the whole sweep
     "NOISE": Param(float, low=0.0, high=100.0, check=positive), "NOISE_SEED": seed_value(),
@@ -114,7 +114,7 @@ def load(P: SimpleNamespace):
     if message:
         warnings.warn(message, stacklevel=2)
     scorer = scorer_for(P.MODEL, P.SCORER, device=str(resolve_device(P.DEVICE)))  # a missing CLIP fails first
-    pipe = load_pipeline(P.MODEL, device=P.DEVICE)
+    pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
     return pipe, scorer, probes
 
 
