@@ -270,6 +270,38 @@ def test_timm_member_preprocessing_and_groups():
         ens.indices("crane")
 
 
+def test_a_timm_member_loads_local_weights_and_says_in_one_line_what_it_lacks(tmp_path, monkeypatch):
+    """Offline, ``timm:<name>@<file>`` reads the weights from a file; weights neither cached nor given, an unknown
+    name and a missing file are one-line errors that say what to pass."""
+    from safetensors.torch import save_file
+
+    from lib.loading import ModelLoadError
+    from lib.paths import REPO_ROOT
+    from lib.sage.build import make_member
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(3)
+    ref = timm_member("test_resnet.r160_in1k", pretrained=False)
+    save_file({k: v.contiguous() for k, v in ref.model.state_dict().items()}, tmp_path / "w.safetensors")
+    loaded = make_member(f"timm:test_resnet.r160_in1k@{tmp_path / 'w.safetensors'}")
+    assert all(torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(), loaded.model.state_dict().values()))
+    relative = os.path.relpath(tmp_path / "w.safetensors", REPO_ROOT)  # taken from the repo root
+    monkeypatch.chdir(tmp_path.parent)
+    assert torch.equal(make_member(f"timm:test_resnet.r160_in1k@{relative}").model.fc.weight, ref.model.fc.weight)
+    for spec, message in (
+            ("timm:test_resnet.r160_in1k", r"^timm:test_resnet\.r160_in1k could not be created \(.*\) \(without hub "
+                                           r"access its weights must be in the Hugging Face cache, or give a file: "
+                                           r"'timm:test_resnet\.r160_in1k@<weights file>'\)$"),
+            ("timm:no_such_net", r"^timm:no_such_net could not be created \(RuntimeError: Unknown model"),
+            (f"timm:test_resnet.r160_in1k@{tmp_path / 'none.pt'}", r"^timm:test_resnet\.r160_in1k: weights file not "
+                                                                   r"found: .*none\.pt$")):
+        with pytest.raises(ModelLoadError, match=message) as err:
+            make_member(spec)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"give the weights file after '@'"):
+        make_member("timm:test_resnet.r160_in1k@")
+
+
 def test_timm_member_resizes_and_crops_as_timms_eval_transform():
     """Each member's own preprocessing: shorter side to floor(size / crop_pct), then torchvision's centre crop."""
     import math

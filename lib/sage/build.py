@@ -5,7 +5,8 @@ Member specs (strings, as notebook parameters):
 
 * toy world: ``"resnet"``, ``"mobilenet"``, ``"edges"`` (``lib.toy.classifiers``; ``edges`` sees only Canny edges:
   the edge-based member) — the head is ``attribute`` (default ``"object"``); ``"toy:resnet"`` works too;
-* ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config);
+* ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config); ``"timm:<name>@<file>"`` with its
+  weights from a local file (a path from the repo root, or absolute) instead of the Hugging Face cache;
 * ``"edge:timm:<name>"`` (or ``"edge:<any spec>"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
 * ``"clip:<open_clip model>"``: open_clip zero-shot over the ImageNet label names (OpenAI weights).
 
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lib.paths import in_repo
 from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
 
 TOY_MEMBERS: tuple[str, ...] = ("resnet", "mobilenet", "edges")
@@ -62,7 +64,10 @@ def make_member(spec: str, device: str = "cpu", attribute: str = "object", _toy_
             raise ValueError(f"{spec!r}: the toy world's edge member is 'edges' (it computes Canny itself)")
         return EdgeMember(make_member(inner, device, attribute, _toy_cache), name=f"edge-{inner}")
     if spec.startswith("timm:"):
-        return timm_member(spec[len("timm:"):], pretrained=True, device=device)
+        name, at, file = spec[len("timm:"):].partition("@")
+        if at and not file:
+            raise ValueError(f"{spec!r}: give the weights file after '@' (timm:<name>@<file>)")
+        return timm_member(name, pretrained=True, device=device, weights=in_repo(file) if file else None)
     if spec.startswith("clip:"):
         from lib.scoring import openclip_scorer
 

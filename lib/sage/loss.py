@@ -36,6 +36,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -138,11 +139,26 @@ def imagenet_groups() -> dict[str, tuple[str, ...]]:
 
 
 def timm_member(model_name: str, pretrained: bool = True, device: str = "cpu", labels: Sequence[str] | None = None,
-                **kwargs) -> TimmMember:
-    """``timm.create_model(model_name, pretrained=...)`` wrapped as a member; ImageNet labels unless given."""
+                weights: str | Path | None = None, **kwargs) -> TimmMember:
+    """``timm.create_model(model_name, pretrained=...)`` wrapped as a member; ImageNet labels unless given.
+    ``weights``: a local file of the pretrained weights (safetensors or a torch state dict), for a machine without
+    them in the Hugging Face cache. A model that cannot be created (an unknown name, weights not at hand) is a
+    one-line :class:`lib.loading.ModelLoadError`."""
     import timm
 
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs).to(device)
+    from lib.loading import ModelLoadError
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ModelLoadError(f"timm:{model_name}: weights file not found: {weights}")
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(weights)}
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained or weights is not None, **kwargs).to(device)
+    except Exception as err:  # noqa: BLE001 - hub, file and name errors span lines and rarely say what to do
+        first = (str(err).strip().splitlines() or [""])[0]
+        hint = "" if weights is not None else (" (without hub access its weights must be in the Hugging Face cache, "
+                                               f"or give a file: 'timm:{model_name}@<weights file>')")
+        raise ModelLoadError(f"timm:{model_name} could not be created ({type(err).__name__}: {first}){hint}") from None
     n = model.num_classes
     labels = tuple(labels) if labels is not None else (imagenet_labels() if n == 1000 else tuple(map(str, range(n))))
     if len(labels) != n:
