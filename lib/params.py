@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
@@ -164,7 +165,30 @@ def validate(values: Mapping[str, Any], **extra: Param | None) -> SimpleNamespac
     unknown = sorted(set(values) - set(specs))
     if unknown:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(specs))}")
-    return SimpleNamespace(**{k: specs[k].validate(k, v) for k, v in values.items()})
+    P = SimpleNamespace(**{k: specs[k].validate(k, v) for k, v in values.items()})
+    message = toy_sampling_warning(P)
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return P
+
+
+REAL_MIN_STEPS = 20  # fewer DDIM steps than this on Stable Diffusion give visibly unfinished images
+
+
+def toy_sampling_warning(P: SimpleNamespace) -> str | None:
+    """A warning when a model that is neither the toy world nor a shape twin is sampled with fewer than
+    :data:`REAL_MIN_STEPS` steps, as the toy defaults are (8–15 steps, guidance 4): the images, and every number read
+    from them, are then not those of the model as it is used."""
+    from lib.loading import describe_source, is_toy_world
+
+    model, steps = getattr(P, "MODEL", None), getattr(P, "STEPS", None)
+    if model is None or steps is None or steps >= REAL_MIN_STEPS:
+        return None
+    if is_toy_world(model) or describe_source(model)[0] == "twin":
+        return None
+    guidance = getattr(P, "GUIDANCE", None)
+    return (f"MODEL={model!r} is sampled with STEPS={steps}{f', GUIDANCE={guidance}' if guidance is not None else ''} "
+            "(the toy world's small settings); Stable Diffusion is usually sampled with -p STEPS 50 -p GUIDANCE 7.5")
 
 
 def _tname(t: type | tuple[type, ...]) -> str:

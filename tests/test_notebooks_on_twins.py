@@ -2,6 +2,7 @@
 with two text encoders, so a notebook that only works on the toy world fails here and not on a researcher's GPU."""
 
 import pytest
+import torch
 
 from lib.paths import REPO_ROOT
 
@@ -17,7 +18,8 @@ CASES = {
         "down_blocks.0.resnets.0", "mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.resnets.2"]),
     "05_causal_tracing_text_encoder": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0, TEXT_LAYERS=[0]),
     "06_diffquickfix": dict(SEEDS=[0], N_PROMPTS=1, N_UNRELATED=1, N_PARAPHRASES=1, N_MISSPELLINGS=1,
-                            TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[1]),  # without LAYER 0: unedited from the main run
+                            TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[1],  # without LAYER 0: unedited from the main run
+                            SAVE_EDITED_MODEL=True),
 }
 
 
@@ -37,6 +39,15 @@ def test_notebook_runs_on_the_sdxl_twin(name, tmp_path, monkeypatch):
     written = [p.suffix for p in out.rglob("*") if p.is_file()]
     assert ".png" in written and (".csv" in written or ".parquet" in written), sorted(set(written))
     assert not list(hf_home.iterdir())  # nothing fetched or cached from a hub
+    if name == "06_diffquickfix":  # the edited model kept as a folder the other notebooks take as MODEL
+        from lib.editing.quickfix import encoder_layers
+        from lib.loading import load_pipeline
+
+        def out_proj(p):
+            return encoder_layers(p.text_encoder)[0].self_attn.out_proj.weight
+
+        edited, base = load_pipeline(str(out / "edited_model")), load_pipeline(TINY["MODEL"])
+        assert out_proj(edited).shape == out_proj(base).shape and not torch.equal(out_proj(edited), out_proj(base))
 
 
 @pytest.mark.parametrize("bad,error", [({"SWEEP_LAYERS": [0, 50]}, r"SWEEP_LAYERS \[50\] out of range"),

@@ -49,6 +49,23 @@ def test_nan_is_refused_and_ints_stand_for_floats_in_mixed_types():
         Param((str, float)).validate("TAU", True)
 
 
+def test_a_real_model_with_the_toy_step_count_is_warned_about(twin_dirs):
+    """A saved twin folder stands in for a real model (a local folder that is no toy world); the toy world and twins
+    keep their small settings silently."""
+    import warnings
+
+    real = str(twin_dirs["sd-v1"])
+    with pytest.warns(UserWarning, match=rf"^MODEL='{real}' is sampled with STEPS=10, GUIDANCE=4.0 \(the toy "
+                                         r"world's small settings\); Stable Diffusion is usually sampled with -p STEPS "
+                                         r"50 -p GUIDANCE 7.5$"):
+        validate(dict(MODEL=real, STEPS=10, GUIDANCE=4.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(dict(MODEL=real, STEPS=50, GUIDANCE=7.5))
+        for model in ("toy", "twin:sdxl"):
+            validate(dict(MODEL=model, STEPS=2, GUIDANCE=4.0))
+
+
 def test_extra_specs():
     p = validate(dict(NOISE=3.0), NOISE=Param(float, low=0))
     assert p.NOISE == 3.0
@@ -232,9 +249,9 @@ def test_06_warns_before_loading_that_its_rates_are_the_toy_world_s(tmp_path, mo
     monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
     with pytest.warns(UserWarning, match=r"is not the toy world: notebook 06 evaluates toy-grammar prompts with the "
                                          r"toy world's 64-px classifiers.*CLIP-Scores \(open_clip ViT-L/14\)"):
-        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]))
+        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), STEPS=50)
     with pytest.warns(UserWarning, match=r"CLIP-Scores \(the toy CLIP of TOY_FOLDER\)"):
-        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), TOY_FOLDER="data/toy")
+        _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), STEPS=50, TOY_FOLDER="data/toy")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for model in ("toy", "twin:sd-v1"):
