@@ -99,16 +99,41 @@ def describe_source(model: str) -> tuple[str, str]:
     )
 
 
+EDITED_FROM = "EDITED_FROM.json"  # lib.editing.save_edited_model's record of the folder an edited model came from
+
+
+def toy_source(folder: str | Path, _depth: int = 0) -> Path | None:
+    """The toy-world folder ``folder`` is, or was edited from: one :mod:`lib.toy.train` wrote (it holds
+    ``TRAINING.json``, or the toy CLIP's ``clip_vision/``), or one whose :data:`EDITED_FROM` record names such a
+    folder (an edited toy world keeps the toy grammar, and is scored by its source's unedited toy CLIP); else None."""
+    folder = Path(folder)
+    if any((folder / f).exists() for f in ("TRAINING.json", "clip_vision")):
+        return folder
+    record = folder / EDITED_FROM
+    if _depth >= 8 or not record.is_file():
+        return None
+    try:
+        source = json.loads(record.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(source, str) or not source:
+        return None
+    from lib.paths import in_repo
+
+    return toy_source(in_repo(source), _depth + 1)
+
+
 def is_toy_world(model: str) -> bool:
-    """Whether ``model`` is a toy world, whose captions follow :mod:`lib.toy.world`'s grammar: the preset ``toy`` or
-    a folder :mod:`lib.toy.train` wrote (it holds ``TRAINING.json``, or the toy CLIP's ``clip_vision/``)."""
+    """Whether ``model`` is a toy world, whose captions follow :mod:`lib.toy.world`'s grammar: the preset ``toy``, a
+    folder :mod:`lib.toy.train` wrote, or an edit of one saved by :func:`lib.editing.save_edited_model`
+    (:func:`toy_source`)."""
     if model == "toy":
         return True
     try:
         kind, where = describe_source(model)
     except ModelLoadError:
         return False
-    return kind == "local" and any((Path(where) / f).exists() for f in ("TRAINING.json", "clip_vision"))
+    return kind == "local" and toy_source(where) is not None
 
 
 def check_available(model: str) -> None:
@@ -240,14 +265,15 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             raise ModelLoadError(str(err)) from None
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
-        single = [where] if Path(where).is_file() else sorted(
-            str(f) for f in Path(where).glob("*") if f.suffix in SINGLE_FILE_SUFFIXES)
-        if single:  # a checkpoint as one file (A1111 / ComfyUI style): diffusers needs it as a folder
-            raise ModelLoadError(f"{single[0]} is a single-file checkpoint, not a diffusers pipeline folder: convert it "
-                                 "once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
-                                 "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the "
-                                 "same model family), and give that folder")
-        raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}")
+        convert = ("convert it once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
+                   "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the same model "
+                   "family), and give that folder")
+        if Path(where).is_file() and Path(where).suffix in SINGLE_FILE_SUFFIXES:  # A1111 / ComfyUI style
+            raise ModelLoadError(f"{where} is a single-file checkpoint, not a diffusers pipeline folder: {convert}")
+        single = [] if Path(where).is_file() or (Path(where) / "config.json").is_file() else sorted(
+            f.name for f in Path(where).glob("*") if f.suffix in SINGLE_FILE_SUFFIXES)
+        also = f"; if {single[0]} is a single-file checkpoint, {convert}" if single else ""
+        raise ModelLoadError(f"{where} is not a diffusers pipeline folder: model_index.json is missing{hint}{also}")
     opts: dict = {} if set(_DTYPE_KWARGS) & set(kwargs) else dtype_kwarg(dtype)
     try:
         if _has_safety_checker(kind, where, kwargs):

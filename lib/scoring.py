@@ -220,16 +220,17 @@ def check_scorer_spec(spec: str) -> None:
 def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScorer:
     """The CLIP-Score model for ``model`` (tracing, the token attack, DiffQuickFix).
 
-    ``spec``: ``auto`` (a toy-world folder, e.g. ``toy`` → its toy CLIP; a shape twin → a random toy-size
+    ``spec``: ``auto`` (a toy-world folder, e.g. ``toy`` → its toy CLIP, an edited one's → its source's, unedited; a
+    shape twin → a random toy-size
     CLIP; anything else → open_clip ViT-L/14 with OpenAI weights, as in the paper), ``toy`` / ``toy:<folder>``,
     ``random`` (random toy-size CLIP), or ``openclip:<model>:<pretrained|none>``.
     """
-    from lib.loading import describe_source, is_toy_world
+    from lib.loading import describe_source, is_toy_world, toy_source
 
     if spec == "auto":
         kind, where = describe_source(model)
-        if is_toy_world(model):  # a missing clip_vision/ is named, not replaced
-            return toy_clip_scorer(where, device=device)
+        if is_toy_world(model):  # a missing clip_vision/ is named, not replaced; an edited toy world: its source's CLIP
+            return toy_clip_scorer(toy_source(where) or where, device=device)
         if kind == "twin":
             return random_toy_clip_scorer(device=device)
         return openclip_scorer("ViT-L-14", "openai", device=device)

@@ -504,6 +504,36 @@ def test_save_edited_model_writes_a_new_folder_only(tmp_path):
         assert save_edited_model(p, e, tmp_path / "applied").is_dir() and e.is_applied(p)
 
 
+def test_an_edited_toy_world_stays_a_toy_world_scored_by_its_source_clip(tmp_path):
+    """``EDITED_FROM.json`` names the source: the edited folder keeps the toy grammar and is scored by the source's
+    unedited toy CLIP (the edited text encoder is the one under study, not the instrument); ``replace`` swaps a
+    complete new folder in, and never replaces the folder the model was loaded from."""
+    import json
+
+    from lib.loading import is_toy_world, load_pipeline, toy_source
+    from lib.paths import TOY_DIR
+    from lib.scoring import scorer_for
+
+    p = load_pipeline("toy")
+    e = quickfix(p, "van gogh", "painting")
+    out = save_edited_model(p, e, tmp_path / "edited")
+    assert json.loads((out / "EDITED_FROM.json").read_text()) == {"source": "data/toy", "edit": "quickfix_edit.safetensors"}
+    assert is_toy_world(str(out)) and toy_source(out) == TOY_DIR
+    assert scorer_for(str(out)).fingerprint() == scorer_for("toy").fingerprint()
+    other = quickfix(p, "monet", "painting")
+    assert save_edited_model(p, other, out, replace=True) == out  # a rerun's folder, replaced whole
+    assert json.loads((out / "quickfix_edit.json").read_text())["anchors"] == ["monet"]
+    assert not list(tmp_path.glob(".edited.*"))  # no temporary or old folder left
+    edited = load_pipeline(str(out))
+    with pytest.raises(EditError, match="source folder"):
+        save_edited_model(edited, e, out, replace=True)
+    assert (out / "model_index.json").is_file()  # untouched
+    for record in ({"source": str(tmp_path)}, {"source": str(tmp_path / "loop")}, {}, ["data/toy"]):
+        (tmp_path / "loop").mkdir(exist_ok=True)
+        (tmp_path / "loop" / "EDITED_FROM.json").write_text(json.dumps(record))  # no toy world at its end
+        assert not is_toy_world(str(tmp_path / "loop"))
+
+
 # --- the cross-attention baseline --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd-v1", "sdxl"])

@@ -156,12 +156,20 @@ def test_folder_without_model_index(tmp_path):
 def test_a_single_file_checkpoint_is_named_with_how_to_convert_it(tmp_path):
     ckpt = tmp_path / "v1-5-pruned-emaonly.safetensors"
     ckpt.write_bytes(b"not read")
-    for given in (ckpt, tmp_path):  # the file itself, or the folder it was downloaded to
-        with pytest.raises(ModelLoadError, match=r"v1-5-pruned-emaonly\.safetensors is a single-file checkpoint, not a "
-                                                 r"diffusers pipeline folder: convert it once, e\.g\. "
-                                                 r"StableDiffusionPipeline\.from_single_file\(file\)") as err:
+    for given, said in ((ckpt, r"v1-5-pruned-emaonly\.safetensors is a single-file checkpoint, not a diffusers pipeline "
+                               r"folder: convert it once"),
+                        (tmp_path, r"is not a diffusers pipeline folder: model_index\.json is missing; if "  # its folder
+                                   r"v1-5-pruned-emaonly\.safetensors is a single-file checkpoint, convert it once")):
+        with pytest.raises(ModelLoadError, match=said + r", e\.g\. StableDiffusionPipeline\.from_single_file\(file\)") \
+                as err:
             load_pipeline(str(given))
         assert "\n" not in str(err.value)
+    (tmp_path / "config.json").write_text("{}")  # a component folder (unet/, vae/) holds weights and config.json
+    with pytest.raises(ModelLoadError, match=r"model_index\.json is missing$"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"config\.json is not a diffusers pipeline folder: model_index\.json is "
+                                             r"missing$"):
+        load_pipeline(str(tmp_path / "config.json"))  # another file given: not called a checkpoint
 
 
 def test_sources_are_classified(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ CASES = {
     "05_causal_tracing_text_encoder": dict(N_VAL=1, N_TEST=1, TAU=0.5, MIN_GAP=0.0, TEXT_LAYERS=[0]),
     "06_diffquickfix": dict(SEEDS=[0], N_PROMPTS=1, N_UNRELATED=1, N_PARAPHRASES=1, N_MISSPELLINGS=1,
                             TIMING_REPEATS=1, N_FIT=2, SWEEP_LAYERS=[1],  # without LAYER 0: unedited from the main run
-                            SAVE_EDITED_MODEL=True),
+                            SAVE_EDITED_MODEL=True, SCORER="toy"),  # a scorer spec other than auto's choice
 }
 
 

@@ -194,6 +194,8 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     ("03_sage_token_attack", dict(MODEL="twin:sd-v1", N_TRAIN_PROMPTS=10, N_TEST_PROMPTS=7),
      "10 + 7 captions of 'cat' (N_TRAIN_PROMPTS + N_TEST_PROMPTS): only 16 captions of 'cat' available, 17 asked"),
     ("03_sage_token_attack", dict(SOURCE="zebra"), "SOURCE: 'zebra' is not a toy-world object"),
+    ("03_sage_token_attack", dict(SCORER="openclip:ViT-B-32"), "SCORER: scorer 'openclip:ViT-B-32'"),
+    ("06_diffquickfix", dict(SCORER="toy:no/such/folder"), "SCORER: scorer 'toy:no/such/folder': no folder"),
     # 600 of the 672 captions of "cat", but the held-out draw loses every phrasing of the 400 training scenes
     ("03_sage_token_attack", dict(N_TRAIN_PROMPTS=400, N_TEST_PROMPTS=200),
      "400 + 200 captions of 'cat' (N_TRAIN_PROMPTS + N_TEST_PROMPTS): only 0 captions of 'cat' available, 200 asked"),

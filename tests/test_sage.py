@@ -300,6 +300,8 @@ def test_a_timm_member_loads_local_weights_and_says_in_one_line_what_it_lacks(tm
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"give the weights file after '@'"):
         make_member("timm:test_resnet.r160_in1k@")
+    with pytest.raises(ModelLoadError, match=r"^timm:hf-hub:timm/no-such-net@v2 could not be created"):
+        make_member("timm:hf-hub:timm/no-such-net@v2")  # timm's revision of a hub name, not a weights file
 
 
 def test_timm_member_resizes_and_crops_as_timms_eval_transform():
@@ -1235,6 +1237,14 @@ def test_a_latent_search_refuses_a_step_that_cannot_descend_before_sampling(pipe
         monkeypatch.setattr(L, name, lambda *a, **k: pytest.fail("encoded or sampled before the check"))
     with pytest.raises(ValueError, match=error):
         search_latents(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=LatentSearch(**bad))
+
+
+def test_the_sage_clip_scorer_follows_its_spec():
+    from lib.sage.build import clip_scorer
+
+    auto, rand = clip_scorer("toy"), clip_scorer("toy", spec="random")
+    assert auto.fingerprint() != rand.fingerprint() == clip_scorer("twin:sd-v1").fingerprint()  # twins: random
+    assert not any(p.requires_grad for p in rand.module.parameters())  # frozen
 
 
 def test_the_token_notebook_loads_the_clip_scorer_before_training():

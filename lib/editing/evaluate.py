@@ -59,16 +59,17 @@ def check_pair(anchor: str, target: str) -> tuple[Concept, Concept]:
     return a, t
 
 
-def real_model_warning(model: str, toy_folder: str | None = None) -> str | None:
+def real_model_warning(model: str, toy_folder: str | None = None, scorer: str = "auto") -> str | None:
     """What notebook 06's numbers mean for a ``model`` that is neither the toy world nor a shape twin: the prompts
     come from the toy grammar and the removal / preservation rates from the toy world's 64-px classifiers (and, with
-    ``toy_folder``, CLIP-Score from the toy CLIP), so they say nothing about that model; None for the toy world and
-    twins."""
+    ``toy_folder`` and the ``auto`` scorer, CLIP-Score from the toy CLIP), so they say nothing about that model; None
+    for the toy world and twins."""
     from lib.loading import describe_source, is_toy_world
 
     if is_toy_world(model) or describe_source(model)[0] == "twin":
         return None
-    clip = ("the toy CLIP of TOY_FOLDER" if toy_folder else "open_clip ViT-L/14")
+    clip = (f"SCORER={scorer!r}" if scorer != "auto" else "the toy CLIP of TOY_FOLDER" if toy_folder
+            else "open_clip ViT-L/14")
     return (f"MODEL={model!r} is not the toy world: notebook 06 evaluates toy-grammar prompts with the toy world's 64-px "
             f"classifiers, so its removal / preservation rates and goals say nothing about this model; the edit, its "
             f"images and CLIP-Scores ({clip}) do. Edit other concepts of a real model with lib.editing.quickfix "

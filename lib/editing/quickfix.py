@@ -598,12 +598,25 @@ class WeightEdit:
         return f"{type(self).__name__}({info}, {len(self.deltas)} weight(s), {self.nbytes / 2**20:.1f} MiB)"
 
 
-def save_edited_model(pipe, edit: WeightEdit, folder: str | Path) -> Path:
-    """Save the pipeline with ``edit`` applied as a new diffusers folder (plus the edit file, for provenance).
+def check_not_source(source: str | Path | None, folder: str | Path) -> None:
+    """``EditError`` when ``folder`` is the model's ``source`` folder or inside it (a save there would overwrite or
+    nest in the weights it was loaded from); ``source``: a local path, or anything else (a hub id: nothing to check)."""
+    if not source or not Path(source).expanduser().exists():
+        return
+    src, folder = Path(source).expanduser().resolve(), Path(folder).expanduser().resolve()
+    if folder == src or src in folder.parents:
+        raise EditError(f"refusing to write into the model's source folder {src}; choose a new folder")
 
-    Refuses an existing folder, the pipeline's own source folder (or a folder inside it), and a pipeline that holds
-    another applied edit (it would be saved too, recorded nowhere). The pipeline is left as it was (edited or not).
-    Writes to a temporary sibling folder first, so a failure leaves nothing behind.
+
+def save_edited_model(pipe, edit: WeightEdit, folder: str | Path, replace: bool = False) -> Path:
+    """Save the pipeline with ``edit`` applied as a new diffusers folder, with the edit file and ``EDITED_FROM.json``
+    (the source model, repo-relative when inside the repo: an edited toy world stays a toy world,
+    :func:`lib.loading.toy_source`).
+
+    Refuses the pipeline's own source folder (or a folder inside it), a pipeline that holds another applied edit (it
+    would be saved too, recorded nowhere), and an existing folder unless ``replace`` (the old one is removed only once
+    the new one is complete). The pipeline is left as it was (edited or not). Writes to a temporary sibling folder
+    first, so a failure leaves nothing behind.
     """
     import shutil
 
@@ -614,24 +627,36 @@ def save_edited_model(pipe, edit: WeightEdit, folder: str | Path) -> Path:
         raise EditError(f"another edit is applied to {len(others)} weight(s) ({others[0]}, ...): revert it first, or "
                         "the saved model would hold it without a record")
 
+    import json
+
+    from lib.loading import EDITED_FROM
+    from lib.paths import from_repo_root
+
     folder = Path(folder).expanduser().resolve()
     source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if source and Path(source).expanduser().exists():
-        src = Path(source).expanduser().resolve()
-        if folder == src or src in folder.parents:
-            raise EditError(f"refusing to write into the model's source folder {src}; choose a new folder")
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; save_edited_model writes a new folder and never overwrites")
+    check_not_source(source, folder)
+    if folder.exists() and not replace:
+        raise FileExistsError(f"{folder} exists; save_edited_model writes a new folder and never overwrites "
+                              "(replace=True replaces it)")
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}") if folder.exists() else None
     was_applied = edit.is_applied(pipe)
     if not was_applied:
         edit.apply(pipe)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        edit.save(tmp / f"{edit.KIND}_edit.safetensors")
+        edit_file = edit.save(tmp / f"{edit.KIND}_edit.safetensors")
+        where = from_repo_root(source) if source and Path(source).expanduser().exists() else source
+        (tmp / EDITED_FROM).write_text(json.dumps({"source": where, "edit": edit_file.name}, indent=1) + "\n")
+        if old is not None:
+            folder.rename(old)  # the complete new folder is in place before the old one is removed
         tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not folder.exists():
+            old.rename(folder)  # the earlier model, as it was
         raise
     finally:
         if not was_applied:

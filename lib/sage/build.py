@@ -6,7 +6,8 @@ Member specs (strings, as notebook parameters):
 * toy world: ``"resnet"``, ``"mobilenet"``, ``"edges"`` (``lib.toy.classifiers``; ``edges`` sees only Canny edges:
   the edge-based member) — the head is ``attribute`` (default ``"object"``); ``"toy:resnet"`` works too;
 * ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config); ``"timm:<name>@<file>"`` with its
-  weights from a local file (a path from the repo root, or absolute) instead of the Hugging Face cache;
+  weights from a local file (a path from the repo root, or absolute) instead of the Hugging Face cache (not for
+  ``hf-hub:`` names, where timm reads ``@`` as a revision);
 * ``"edge:timm:<name>"`` (or ``"edge:<any spec>"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
 * ``"clip:<open_clip model>"``: open_clip zero-shot over the ImageNet label names (OpenAI weights).
 
@@ -65,6 +66,8 @@ def make_member(spec: str, device: str = "cpu", attribute: str = "object", _toy_
         return EdgeMember(make_member(inner, device, attribute, _toy_cache), name=f"edge-{inner}")
     if spec.startswith("timm:"):
         name, at, file = spec[len("timm:"):].partition("@")
+        if name.startswith(("hf-hub:", "hf_hub:")):  # timm's own "@<revision>" of a hub name: not a file
+            name, at, file = spec[len("timm:"):], "", ""
         if at and not file:
             raise ValueError(f"{spec!r}: give the weights file after '@' (timm:<name>@<file>)")
         return timm_member(name, pretrained=True, device=device, weights=in_repo(file) if file else None)
@@ -223,12 +226,13 @@ def check_lm(lm: str) -> None:
                              "or give its local folder")
 
 
-def clip_scorer(model: str, device: str = "cpu"):
-    """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` (``auto``): the toy CLIP for the toy world, a
-    random toy-size CLIP for shape twins, else open_clip ViT-L/14 (OpenAI weights, local cache)."""
+def clip_scorer(model: str, device: str = "cpu", spec: str = "auto"):
+    """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` of ``spec`` (``auto``: the toy CLIP for the toy world,
+    a random toy-size CLIP for shape twins, else open_clip ViT-L/14 with OpenAI weights from the local cache;
+    ``openclip:<model>:<weights or local file>``, ``toy:<folder>``, ``random``)."""
     from lib.scoring import scorer_for
 
-    scorer = scorer_for(model, "auto", device)
+    scorer = scorer_for(model, spec, device)
     if scorer.module is not None:
         freeze(scorer.module)
     return scorer

@@ -153,12 +153,13 @@ def timm_member(model_name: str, pretrained: bool = True, device: str = "cpu", l
             raise ModelLoadError(f"timm:{model_name}: weights file not found: {weights}")
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(weights)}
     try:
-        model = timm.create_model(model_name, pretrained=pretrained or weights is not None, **kwargs).to(device)
+        model = timm.create_model(model_name, pretrained=pretrained or weights is not None, **kwargs)
     except Exception as err:  # noqa: BLE001 - hub, file and name errors span lines and rarely say what to do
         first = (str(err).strip().splitlines() or [""])[0]
         hint = "" if weights is not None else (" (without hub access its weights must be in the Hugging Face cache, "
                                                f"or give a file: 'timm:{model_name}@<weights file>')")
         raise ModelLoadError(f"timm:{model_name} could not be created ({type(err).__name__}: {first}){hint}") from None
+    model = model.to(device)
     n = model.num_classes
     labels = tuple(labels) if labels is not None else (imagenet_labels() if n == 1000 else tuple(map(str, range(n))))
     if len(labels) != n:
