@@ -629,6 +629,7 @@ def save_edited_model(pipe, edit: WeightEdit, folder: str | Path, replace: bool 
 
     import json
 
+    from lib.atomic import write_text_atomic
     from lib.loading import EDITED_FROM
     from lib.paths import from_repo_root
 
@@ -647,7 +648,7 @@ def save_edited_model(pipe, edit: WeightEdit, folder: str | Path, replace: bool 
         pipe.save_pretrained(tmp, safe_serialization=True)
         edit_file = edit.save(tmp / f"{edit.KIND}_edit.safetensors")
         where = from_repo_root(source) if source and Path(source).expanduser().exists() else source
-        (tmp / EDITED_FROM).write_text(json.dumps({"source": where, "edit": edit_file.name}, indent=1) + "\n")
+        write_text_atomic(json.dumps({"source": where, "edit": edit_file.name}, indent=1) + "\n", tmp / EDITED_FROM)
         if old is not None:
             folder.rename(old)  # the complete new folder is in place before the old one is removed
         tmp.rename(folder)
