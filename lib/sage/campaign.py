@@ -118,9 +118,7 @@ def run_campaigns(pipe, ensemble, P: SimpleNamespace, latent_dir: str | Path, pr
                                   weights=weights)
         runs.append(df)
         results.update({(c, m, s): r for s, r in zip(seeds, res)})
-    columns = ["seed", "mode", "cls", "prompt", "found", "loss", "best_loss", "iterations", "delta_linf",
-               "latent_norm", "stopped", "solo_rejected", "path", "resumed"]
-    return (pd.concat(runs, ignore_index=True) if runs else pd.DataFrame(columns=columns)), results
+    return (pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()), results  # no units: an empty share
 
 
 def write_params(P: SimpleNamespace, out: str | Path) -> Path:
