@@ -136,6 +136,12 @@ def is_toy_world(model: str) -> bool:
     return kind == "local" and toy_source(where) is not None
 
 
+def is_stand_in(model: str) -> bool:
+    """Whether ``model`` is one of the project's stand-ins for Stable Diffusion, the toy world (:func:`is_toy_world`)
+    or a shape twin, rather than a real model (whose warnings about toy-world settings it skips)."""
+    return is_toy_world(model) or describe_source(model)[0] == "twin"
+
+
 def check_available(model: str) -> None:
     """``ModelLoadError`` before anything loads when ``model`` is a hub id (or hub preset) that the hub is switched off
     for and the local cache does not hold (the same message :func:`load_pipeline` would give after its other loads)."""

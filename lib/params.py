@@ -179,12 +179,12 @@ def toy_sampling_warning(P: SimpleNamespace) -> str | None:
     """A warning when a model that is neither the toy world nor a shape twin is sampled with fewer than
     :data:`REAL_MIN_STEPS` steps, as the toy defaults are (8–15 steps, guidance 4): the images, and every number read
     from them, are then not those of the model as it is used."""
-    from lib.loading import describe_source, is_toy_world
+    from lib.loading import is_stand_in
 
     model, steps = getattr(P, "MODEL", None), getattr(P, "STEPS", None)
     if model is None or steps is None or steps >= REAL_MIN_STEPS:
         return None
-    if is_toy_world(model) or describe_source(model)[0] == "twin":
+    if is_stand_in(model):
         return None
     guidance = getattr(P, "GUIDANCE", None)
     return (f"MODEL={model!r} is sampled with STEPS={steps}{f', GUIDANCE={guidance}' if guidance is not None else ''} "

@@ -64,9 +64,9 @@ def real_model_warning(model: str, toy_folder: str | None = None, scorer: str = 
     come from the toy grammar and the removal / preservation rates from the toy world's 64-px classifiers (and, with
     ``toy_folder`` and the ``auto`` scorer, CLIP-Score from the toy CLIP), so they say nothing about that model; None
     for the toy world and twins."""
-    from lib.loading import describe_source, is_toy_world
+    from lib.loading import is_stand_in
 
-    if is_toy_world(model) or describe_source(model)[0] == "twin":
+    if is_stand_in(model):
         return None
     clip = (f"SCORER={scorer!r}" if scorer != "auto" else "the toy CLIP of TOY_FOLDER" if toy_folder
             else "open_clip ViT-L/14")

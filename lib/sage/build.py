@@ -134,9 +134,9 @@ TOY_LM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 def toy_parts_warning(model: str, members: Sequence[str], lm: str | None = None) -> str | None:
     """A warning when a model that is neither the toy world nor a shape twin is about to be judged by the toy world's
     64-px classifiers (or searched with its caption LM): numbers that say nothing about that model."""
-    from lib.loading import describe_source
+    from lib.loading import is_stand_in
 
-    if is_toy(model) or describe_source(model)[0] == "twin":
+    if is_stand_in(model):
         return None
     toy = [m for m in members if _is_toy_spec(m)] + (["LM='toy'"] if lm == "toy" else [])
     if not toy:
