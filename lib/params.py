@@ -168,8 +168,14 @@ def validate(values: Mapping[str, Any], **extra: Param | None) -> SimpleNamespac
     P = SimpleNamespace(**{k: specs[k].validate(k, v) for k, v in values.items()})
     message = toy_sampling_warning(P)
     if message:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, ToySettingsWarning, stacklevel=2)
     return P
+
+
+class ToySettingsWarning(UserWarning):
+    """A real model met the toy world's settings or parts (its step count, classifiers, LM or probe captions): the
+    numbers run but say little about that model. Launched worker processes other than the first silence it (the
+    same words from every process)."""
 
 
 REAL_MIN_STEPS = 20  # fewer DDIM steps than this on Stable Diffusion give visibly unfinished images

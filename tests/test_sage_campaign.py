@@ -71,6 +71,39 @@ def test_a_parameters_file_round_trips_and_a_bad_one_fails_before_loading(tmp_pa
         campaign.read_params(bad)  # not an AttributeError after the pipeline load
 
 
+def test_only_the_first_launched_process_warns_about_the_toy_settings(tmp_path, monkeypatch, twin_dirs):
+    """A real model (a saved twin folder) with the toy world's step count and classifiers: process 0 of 2 warns of
+    both, process 1 stays silent (it would repeat the same words)."""
+    import warnings
+
+    import lib.loading
+    import lib.processes
+    from lib.params import ToySettingsWarning
+
+    class Loading(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loading
+
+    real = str(twin_dirs["sd-v1"])
+    with pytest.warns(ToySettingsWarning):
+        path = campaign.write_params(params(MODEL=real, OUTPUT_DIR=str(tmp_path)), tmp_path)
+    monkeypatch.setattr(lib.loading, "load_pipeline", load)  # stops each process where the pipeline would load
+    said = {}
+    for index in (0, 1):
+        monkeypatch.setattr(lib.processes, "process_share", lambda i=index: (i, 2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(Loading):
+                campaign.main(["--params", str(path)])
+        said[index] = [str(w.message) for w in caught if issubclass(w.category, ToySettingsWarning)]
+    assert len(said[0]) == 2, said[0]
+    assert said[0][0].startswith(f"MODEL={real!r} is sampled with STEPS=2, GUIDANCE=4.0")
+    assert said[0][1].startswith(f"MODEL={real!r} is not the toy world, but resnet, edges belong to it")
+    assert said[1] == []
+
+
 def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lib.sage.campaign", "--params", str(tmp_path / "none.json")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lib.params import ToySettingsWarning
 from lib.paths import in_repo
 from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
 
@@ -159,7 +160,7 @@ def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: 
 
     message = toy_parts_warning(P.MODEL, list(P.ENSEMBLE) + ([P.CHECKER] if P.CHECKER else []), getattr(P, "LM", None))
     if message:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, ToySettingsWarning, stacklevel=2)
     ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(resolve_device(P.DEVICE)),
                                   attribute=P.ATTRIBUTE, criteria=criteria)
     check_classes(ens, classes, checker)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
-from lib.params import COMMON, Param, ParameterError, check_step, distinct, has_placeholder, positive, validate
+from lib.params import (COMMON, Param, ParameterError, ToySettingsWarning, check_step, distinct, has_placeholder,
+                        positive, validate)
 
 OUTPUT_NAME = "01_sage_latent_search"  # the notebook's default output folder under runs/
 PARAMS_FILE = "params.json"
@@ -160,15 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from lib.processes import process_device, process_share
 
-    P = read_params(args.params)  # a bad file fails before the (slow) pipeline load
     index, count = process_share()
-    if count > 1 and not units(P)[index::count]:
-        print(f"process {index}/{count}: 0 search(es) (more processes than units)", flush=True)
-        return 0
-    P.DEVICE = process_device(P.DEVICE)  # this process's GPU, of the device type the notebook named
-    from lib.sage.build import setup
+    with warnings.catch_warnings():
+        if index > 0:  # process 0 says it; every process would say the same
+            warnings.simplefilter("ignore", ToySettingsWarning)
+        P = read_params(args.params)  # a bad file fails before the (slow) pipeline load
+        if count > 1 and not units(P)[index::count]:
+            print(f"process {index}/{count}: 0 search(es) (more processes than units)", flush=True)
+            return 0
+        P.DEVICE = process_device(P.DEVICE)  # this process's GPU, of the device type the notebook named
+        from lib.sage.build import setup
 
-    pipe, ens, _ = setup(P, P.CLASSES, criteria(P))
+        pipe, ens, _ = setup(P, P.CLASSES, criteria(P))
     latent_dir = Path(args.latents) if args.latents else Path(args.params).resolve().parent / "latents"
     runs, _ = run_campaigns(pipe, ens, P, latent_dir, index, count, progress=False)
     print(f"process {index}/{count}: {len(runs)} search(es), {int((~runs['resumed'].astype(bool)).sum())} run now, "

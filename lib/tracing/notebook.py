@@ -17,7 +17,7 @@ import pandas as pd
 
 from lib.atomic import write_parquet_atomic
 from lib.loading import describe_source, is_toy_world
-from lib.params import COMMON, Param, ParameterError, distinct, positive, seed_value
+from lib.params import COMMON, Param, ParameterError, ToySettingsWarning, distinct, positive, seed_value
 from lib.paths import shell_path
 from lib.sampling import scheduler_fingerprint
 from lib.scoring import check_scorer_spec
@@ -112,7 +112,7 @@ def load(P: SimpleNamespace):
     check_layers(P)
     message = probes_match_model(P.PROBES, P.MODEL)
     if message:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, ToySettingsWarning, stacklevel=2)
     scorer = scorer_for(P.MODEL, P.SCORER, device=str(resolve_device(P.DEVICE)))  # a missing CLIP fails first
     pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
     return pipe, scorer, probes
