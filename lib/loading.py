@@ -313,7 +313,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                     from None
             if isinstance(err, (OSError, ValueError)):  # not in the cache (a cached id loads as a folder, above)
                 raise ModelLoadError(_not_local(where, model, f" ({type(err).__name__})")) from None
-        bad = _unreadable_weight_file(where) if kind == "local" else None
+        bad = unreadable_weight_file(where) if kind == "local" else None
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
             from None
@@ -413,11 +413,12 @@ def only_variant(folder: str | Path) -> str | None:
     return needed.pop() if len(needed) == 1 and len(every) == 1 else None
 
 
-def _unreadable_weight_file(folder: str | Path) -> Path | None:
-    """The first safetensors file in a pipeline folder's components whose header cannot be read (e.g. truncated)."""
+def unreadable_weight_file(folder: str | Path, pattern: str = "*/*.safetensors") -> Path | None:
+    """The first safetensors file under ``folder`` matching ``pattern`` (default: a pipeline folder's components)
+    whose header cannot be read (e.g. truncated)."""
     from safetensors import safe_open
 
-    for file in sorted(Path(folder).glob("*/*.safetensors")):
+    for file in sorted(Path(folder).glob(pattern)):
         try:
             with safe_open(str(file), "pt"):
                 pass

@@ -145,10 +145,14 @@ def test_min_len_holds_for_lists_without_an_item_type():
     assert validate(dict(PAIRS=[["a", "b"]]), PAIRS=Param(list, min_len=1)).PAIRS == [["a", "b"]]
 
 
+MODEL_LOADS = ("load_pipeline(", "setup(P", "tracing.load(", "load_toy_pipeline(", "from_pretrained(", "load_lm(",
+               "load_classifiers(")  # how the notebooks load weights
+
+
 def _validate_cell(name: str, tmp_path, **over):
     """Run notebook ``name``'s parameters cell, the papermill overrides and its validating cell (the one calling
     ``validate``, itself or through a ``lib`` module's ``check_params``) in one namespace, as the kernel would: the
-    checks a bad ``-p`` meets before any model loads."""
+    checks a bad ``-p`` meets before any model loads (no earlier cell may load one: :data:`MODEL_LOADS`)."""
     import json
     import os
 
@@ -157,6 +161,9 @@ def _validate_cell(name: str, tmp_path, **over):
     cells = json.loads((REPO_ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
     params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
     check = next(c for c in cells if any(f in "".join(c["source"]) for f in ("P = validate(", ".check_params(")))
+    earlier = "".join("".join(c["source"]) for c in cells[: cells.index(check)] if c["cell_type"] == "code")
+    loads = [f for f in MODEL_LOADS if f in earlier]
+    assert not loads, f"{name}: a cell before its parameter check loads a model ({loads})"
     ns: dict = {}
     exec("".join(params["source"]), ns)
     ns.update(OUTPUT_DIR=str(tmp_path / "out"), **over)

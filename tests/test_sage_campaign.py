@@ -147,6 +147,7 @@ def test_two_launched_processes_write_what_the_notebook_resumes_exactly(tmp_path
     fresh_runs, fresh = campaign.run_campaigns(pipe, ens, P, tmp_path / "one process", progress=False)
     assert not fresh_runs["resumed"].any()
     assert sorted(p.name for p in latents.iterdir()) == sorted(p.name for p in (tmp_path / "one process").iterdir())
+    assert set(fresh) == set(results) and len(fresh) == 3
     for key, r in fresh.items():
         assert torch.equal(results[key].latent, r.latent) and torch.equal(results[key].image, r.image)
         assert results[key].found == r.found and results[key].history == r.history

@@ -552,12 +552,13 @@ def test_a_batched_search_counts_as_found_only_if_its_solo_image_fools(pipe):
     cfg = LatentSearch(mode="lose", iterations=1)
     fickle = Ensemble([batch_size_member("f1"), batch_size_member("f2")])
     res = search_latents(pipe, fickle, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg)
+    assert len(res) == 2
     for r in res:  # fooled in the batch at once, not by the image that is saved and re-renders
         assert r.iterations == 0 and not r.found and r.meta["solo_fooled"] is False
         assert 0.0 <= r.meta["batch_solo_max_diff"] < 1e-4
     steady = Ensemble([const_member([0.0, 9.0, 0.0], name="d1"), const_member([0.0, 9.0, 0.0], name="d2")])
     res = search_latents(pipe, steady, "a photo of a cat", "cat", seeds=[0, 1], steps=2, config=cfg)
-    assert all(r.found and r.meta["solo_fooled"] is True for r in res)
+    assert len(res) == 2 and all(r.found and r.meta["solo_fooled"] is True for r in res)
     one = search_latent(pipe, steady, "a photo of a cat", "cat", seed=0, steps=2, config=cfg)
     assert one.found and one.meta["batch_solo_max_diff"] == 0.0 and one.meta["solo_fooled"] is True
 

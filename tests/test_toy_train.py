@@ -134,6 +134,8 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
         (bad / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     where = damage.split()[-1 if damage == "corrupt unet" else 0] if "unet" in damage or "text_encoder" in damage \
         else "tokenizer"
+    if damage.startswith("missing"):  # the file itself, not only its folder
+        where = f"tokenizer/{damage.split()[1]}"
     with pytest.raises((FileNotFoundError, RuntimeError), match=f"{where}.*lib.toy.train --stage all"):
         T.load_toy_pipeline(bad)
     if where == "text_encoder":  # CLIP-Score's model reads the same file

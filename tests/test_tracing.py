@@ -919,10 +919,13 @@ def test_toy_probe_set_is_committed_and_well_formed():
         probe_path("nope.csv")
 
 
-def test_long_caption_fails_before_any_generation(tmp_path):
+def test_long_caption_fails_before_any_generation(tmp_path, monkeypatch):
+    """The too-long caption is the last item: a per-item check would trace the two before it."""
+    import lib.tracing.sweep
     from lib.prompts import PromptError
 
-    long = PROBES.assign(caption=["a photo of a red car " + "very " * 80, "a photo of a dog", "a blue cup"])
+    monkeypatch.setattr(lib.tracing.sweep, "trace_unet", lambda *a, **k: pytest.fail("an item was traced"))
+    long = PROBES.assign(caption=[CAPTION, "a photo of a dog", "a photo of a blue cup " + "very " * 80])
     with pytest.raises(PromptError, match="tokens .limit 77"):
         run_sweep(pipe("sd-v1"), toy_scorer(), long, [0], tmp_path, SweepConfig(model="twin:sd-v1"), 0, 1,
                   progress=False)
@@ -1447,7 +1450,10 @@ def test_printed_sweep_command_parses_to_the_notebooks_config(tmp_path, monkeypa
     model.mkdir()
     probes.write_text("caption,subject,attribute,split\na photo of a cat,cat,objects,val\n")
     monkeypatch.chdir(tmp_path)
-    P2 = _nb_params("unet", MODEL="model", PROBES="p.csv")
+    from lib.params import ToySettingsWarning
+
+    with pytest.warns(ToySettingsWarning):  # an empty folder stands for a real model sampled with 2 steps
+        P2 = _nb_params("unet", MODEL="model", PROBES="p.csv")
     argv = shlex.split(tracing.sweep_command(P2, cfg, p, REPO_ROOT / "runs" / "04").split(" -m lib.tracing.sweep ")[1])
     assert argv[argv.index("--model") + 1] == str(model) and argv[argv.index("--probes") + 1] == str(probes)
     assert argv[argv.index("--out") + 1] == "runs/04/sweeps"

@@ -17,6 +17,7 @@ Real classifiers need their weights in the local caches (no downloads here); the
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -192,8 +193,13 @@ def load_lm(lm: str = "toy", device: str = "cpu"):
     try:
         return CandidateLM(where, device=device)
     except Exception as err:  # noqa: BLE001 - transformers' errors span many lines and rarely name the file
+        from lib.loading import unreadable_weight_file
+
         first = (str(err).strip().splitlines() or [""])[0]
-        raise ModelLoadError(f"could not load the LM in {where} ({type(err).__name__}: {first}).{hint}") from None
+        bad = unreadable_weight_file(where, "*.safetensors") if Path(where).is_dir() else None
+        which = f": {bad} is unreadable" if bad is not None else ""
+        raise ModelLoadError(f"could not load the LM in {where}{which} ({type(err).__name__}: {first}).{hint}"
+                             ) from None
 
 
 def check_lm(lm: str) -> None:
@@ -208,8 +214,6 @@ def check_lm(lm: str) -> None:
             raise ValueError(f"toy LM file missing: {toy_lm.DEFAULT_DIR / missing[0]}. Rebuild it with "
                              f"`{toy_lm.REBUILD}` (from the repo root)")
         return
-    from pathlib import Path
-
     where = Path(lm).expanduser()
     if where.is_dir():
         if not (where / "config.json").is_file():
