@@ -28,6 +28,19 @@ def save_figure(fig, name: str, out_dir: Path, figures_dir: str | Path | None = 
     return path
 
 
+def show_figure(fig, name: str, out_dir: Path, figures_dir: str | Path | None = None, dpi: int = 120) -> None:
+    """:func:`save_figure` as ``out_dir/name.png``, close ``fig``, and display that file in a notebook: this module
+    selects the Agg backend, which shows nothing inline, so what the reader sees is the file written. Outside IPython
+    only the file is made. Returns None, so that a cell ending with it prints no path."""
+    path = save_figure(fig, name, out_dir, figures_dir, dpi)
+    plt.close(fig)
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    display(Image(filename=str(path)))
+
+
 def image_grid(images: torch.Tensor | np.ndarray | Sequence, rows: int, cols: int,
                row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
                title: str | None = None, scale: float = 1.2):

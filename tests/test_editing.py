@@ -26,6 +26,7 @@ from lib.editing import (
     save_edited_model,
 )
 from lib.editing import evaluate as E
+from lib.editing import report as R
 from lib.editing.baseline import collect_embeddings, cross_attention_projections
 from lib.editing.quickfix import ROUNDING_TOLERANCE, capture_out_proj, out_proj
 from lib.prompts import PromptError
@@ -666,22 +667,100 @@ def test_notebook_06_tables_on_hand_computed_rows():
     df["anchor"] = ps["anchor"].to_numpy()[df["prompt_id"]]
     E.mark_hits(df, {"van gogh": "painting", "snoopy": "dog"})
     assert not df.loc[df["anchor"].isna(), ["concept_hit", "target_hit"]].any().any()  # unrelated rows: no anchor
-    removal = E.removal_table(df)
+    removal = R.removal_table(df)
     assert removal.loc[("van gogh", "unedited"), "concept_rate"] == 0.5  # seed 0 only draws the style
     assert removal.loc[("van gogh", "edit"), ["concept_rate", "target_rate"]].tolist() == [0.0, 0.5]
     assert removal.loc[("snoopy", "unedited"), ["concept_rate", "target_rate"]].tolist() == [1.0, 0.0]
     assert removal.loc[("snoopy", "edit"), ["concept_rate", "target_rate"]].tolist() == [0.0, 1.0]  # a generic dog
     assert removal.loc[("snoopy", "edit"), ["clip_prompt", "clip_target", "n"]].tolist() == [10.0, 20.0, 2]
-    pres = E.preservation_table(df)
+    pres = R.preservation_table(df)
     assert pres["accuracy"].tolist() == [1.0, 0.5] and pres["accuracy_vs_unedited"].tolist() == [1.0, 0.5]
     assert pres["clip_prompt"].tolist() == [12.0, 12.0]
     unscored = df.drop(columns=["clip_prompt", "clip_target"])  # evaluate_anchors without a scorer
-    assert list(E.removal_table(unscored).columns) == ["concept_rate", "target_rate", "n"]
-    assert list(E.preservation_table(unscored).columns) == ["accuracy", "accuracy_vs_unedited"]
-    assert E.goal_verdict(True) == "met" and E.goal_verdict(False) == "missed"
-    assert E.goal_verdict(True, 0.8) == "met" and E.goal_verdict(False, 0.8) == "missed"
-    assert E.goal_verdict(True, 0.79) == "not testable (unedited rate < 0.80)"
-    assert E.goal_verdict(True, float("nan")).startswith("not testable")
+    assert list(R.removal_table(unscored).columns) == ["concept_rate", "target_rate", "n"]
+    assert list(R.preservation_table(unscored).columns) == ["accuracy", "accuracy_vs_unedited"]
+    assert R.goal_verdict(True) == "met" and R.goal_verdict(False) == "missed"
+    assert R.goal_verdict(True, 0.8) == "met" and R.goal_verdict(False, 0.8) == "missed"
+    assert R.goal_verdict(True, 0.79) == "not testable (unedited rate < 0.80)"
+    assert R.goal_verdict(True, float("nan")).startswith("not testable")
+
+
+def test_clip_table_and_layer_sweep_on_hand_computed_rows():
+    """Notebook 06's CLIP-Score table, layer sweep, per-anchor layer claim and goals, on rows known by hand."""
+    rows = []  # condition, layer, anchor, concept_hit, accuracy, CLIP
+    rates = {0: {"van gogh": 0.0, "snoopy": 0.5}, 1: {"van gogh": 1.0, "snoopy": 0.0}}  # edited, per layer
+    for layer, per_anchor in rates.items():
+        for a, rate in per_anchor.items():
+            rows += [dict(condition="edit", layer=layer, anchor=a, concept_hit=i < 4 * rate, accuracy=0.0,
+                          clip_prompt=1.0, clip_target=2.0) for i in range(4)]
+        rows += [dict(condition="edit", layer=layer, anchor=None, concept_hit=False, accuracy=0.45 + 0.45 * layer,
+                      clip_prompt=3.0, clip_target=float("nan"))]
+    unedited = pd.DataFrame([dict(condition="unedited", anchor=a, concept_hit=True, accuracy=0.0, clip_prompt=5.0,
+                                  clip_target=6.0) for a in ("van gogh", "snoopy")]
+                            + [dict(condition="unedited", anchor=None, concept_hit=False, accuracy=0.9,
+                                    clip_prompt=7.0, clip_target=float("nan"))])
+    edited = pd.DataFrame(rows)
+    clip = R.clip_table(pd.concat([unedited, edited[edited.layer == 0]]))
+    assert clip.loc["unedited"].tolist() == [5.0, 6.0, 7.0] and clip.loc["edit"].tolist() == [1.0, 2.0, 3.0]
+    sweep = R.layer_sweep_table(unedited, edited, ["van gogh", "snoopy"])
+    assert list(sweep.columns) == ["van gogh", "snoopy", "preservation"]
+    assert sweep["van gogh"].tolist() == [0.0, 1.0] and sweep["snoopy"].tolist() == [0.5, 0.0]
+    assert sweep["preservation"].tolist() == pytest.approx([0.5, 1.0])
+    before = pd.Series({"van gogh": 1.0, "snoopy": 0.75})
+    claim = R.layer_claim(sweep, before)
+    assert claim.loc["van gogh"].tolist() == [1.0, [0], "met"]  # removed by the layer-0 edit only
+    assert claim.loc["snoopy", "removed_at_layers"] == [1]
+    assert claim.loc["snoopy", "verdict"] == "not testable (unedited rate < 0.80)"
+    assert R.layer_claim(sweep, before.replace(0.75, 0.8)).loc["snoopy", "verdict"] == "missed"  # layer 1, not 0
+    assert R.layer_claim(sweep.drop(index=0), before).loc["van gogh", "verdict"] == "not testable (layer 0 not swept)"
+
+    removal = pd.DataFrame({"concept_rate": [1.0, 0.05, 0.75, 0.5]}, index=pd.MultiIndex.from_tuples(
+        [("van gogh", "unedited"), ("van gogh", "edit"), ("snoopy", "unedited"), ("snoopy", "edit")],
+        names=["anchor", "condition"]))
+    preservation = pd.DataFrame({"accuracy_vs_unedited": [1.0, 0.96]}, index=["unedited", "edit"])
+    multi = pd.DataFrame({"unedited": [1.0], "multi-concept edit": [0.2]}, index=["nemo"])
+    multi_pres = pd.DataFrame({"accuracy_vs_unedited": [1.0, 0.9]}, index=["unedited", "multi-concept edit"])
+    goals = R.goals_table(removal, preservation, multi, multi_pres, claim)
+    assert goals.values.tolist() == [
+        ["edit", "van gogh: rate before ≥ 0.80", 1.0, "met"],
+        ["edit", "van gogh: rate after ≤ 0.10", 0.05, "met"],
+        ["edit", "snoopy: rate before ≥ 0.80", 0.75, "missed"],
+        ["edit", "snoopy: rate after ≤ 0.10", 0.5, "not testable (unedited rate < 0.80)"],
+        ["edit", "unrelated accuracy ≥ 0.95 × unedited", 0.96, "met"],
+        ["multi-concept", "nemo: rate after ≤ 0.10", 0.2, "missed"],
+        ["multi-concept", "unrelated accuracy ≥ 0.95 × unedited", 0.9, "missed"],
+        ["layer sweep", "van gogh: only layer 0 removes it", 1.0, "met"],
+        ["layer sweep", "snoopy: only layer 0 removes it", 0.0, "not testable (unedited rate < 0.80)"],
+    ]
+
+
+def test_pairs_parameters_name_what_is_wrong():
+    E.check_pairs([["van gogh", "painting"], ("snoopy", "dog")])
+    for pairs, message in (([["van gogh"]], r"every pair must be \[anchor, target\]"),
+                           ([["van gogh", " "]], "two non-empty strings"),
+                           ([["snoopy", "painting"]], "anchor 'snoopy' is a character and target 'painting' a style"),
+                           ([["monet", "painting"], ["monet", "van gogh"]], "anchor 'monet' is given twice"),
+                           ([["monet", "monet"]], r"anchor and target are the same phrase \('monet'\)")):
+        with pytest.raises((ValueError, EditError), match=message):
+            E.check_pairs(pairs)
+
+
+def test_substituted_rates_generate_each_anchor_prompt_with_its_target_in_its_place(monkeypatch):
+    seen = {}
+
+    def fake_generate(pipe, prompts, seeds, steps, guidance, batch_size=64):
+        seen.update(prompts=list(prompts), seeds=list(seeds), batch_size=batch_size)
+        return torch.zeros(len(prompts) * len(seeds), 3, 8, 8)
+
+    styles = ["van gogh", "painting", "painting", "painting"]  # per image: prompt-major, 2 seeds
+    monkeypatch.setattr(E, "generate_images", fake_generate)
+    monkeypatch.setattr(E, "classify", lambda members, images: pd.DataFrame({"style": styles[: len(images)]}))
+    sets = {"van gogh": [("a cat painted by van gogh", W.Scene(object="cat", style="van gogh")),
+                         ("a dog, in the style of van gogh", W.Scene(object="dog", style="van gogh"))]}
+    got = E.substituted_rates(None, {}, sets, {"van gogh": "painting"}, ["van gogh"], [0, 1], 4, 4.0, batch_size=3)
+    assert seen == dict(prompts=["a cat painted by painting", "a dog, in the style of painting"], seeds=[0, 1],
+                        batch_size=3)
+    assert got.loc["van gogh"].tolist() == ["a cat painted by painting", 0.25]
 
 
 def test_evaluate_anchors_scores_each_image_against_the_scene_the_edit_should_draw(monkeypatch):

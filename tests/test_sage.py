@@ -543,8 +543,10 @@ def test_batched_searches_match_searches_one_at_a_time_on_the_twin(pipe, ens):
     batched search agrees with a solo one only up to float rounding (search_latents), so the key has the batch size."""
     seeds = [0, 1, 2, 3]
     cfg = LatentSearch(mode="lose", iterations=4, stop_on_success=False)
-    batched = search_latents(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg)
-    for s, a, b in zip(seeds, batched, _alone(pipe, ens, seeds, cfg)):
+    batched, alone = search_latents(pipe, ens, "a photo of a cat", "cat", seeds=seeds, steps=2, config=cfg), \
+        _alone(pipe, ens, seeds, cfg)
+    assert len(batched) == len(alone) == len(seeds)
+    for s, a, b in zip(seeds, batched, alone):
         assert a.meta["seed"] == s and a.iterations == b.iterations == 4
         assert a.history == pytest.approx(b.history, abs=1e-5)  # batched kernels: last-bit differences only
         assert torch.equal(a.delta, b.delta) and torch.equal(a.latent, b.latent)
@@ -847,9 +849,7 @@ def test_a_damaged_toy_lm_fails_in_one_line_naming_the_file(tmp_path, monkeypatc
     with pytest.raises(ModelLoadError) as err:
         load_lm("toy")
     msg = str(err.value)
-    assert str(bad) in msg and toy_lm.REBUILD in msg and "\n" not in msg, msg
-    if action == "missing":
-        assert name in msg
+    assert str(bad / name) in msg and toy_lm.REBUILD in msg and "\n" not in msg, msg
     with pytest.raises(ModelLoadError, match="could not load the LM in"):
         load_lm(str(tmp_path / "empty"))  # a local folder without an LM: one line, no rebuild hint
 
@@ -995,6 +995,43 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     with pytest.raises(UnknownClassError):  # every class checked before any search
         SP.prompt_campaign(pipe, ens, lm, ["cat", "zebra"], [0], steps=2, config=cfg, out_dir=tmp_path)
     assert searched == ["dog", "cat"]
+
+
+def test_prompt_campaign_shows_one_bar_that_ends_full(pipe, ens, lm, tmp_path, monkeypatch):
+    """One bar over every class's embedding iterations, no nested bar per word: it steps each iteration, and what is
+    not run (a loaded class, a forced word, an early stop) counts as done, so the bar ends at its total."""
+    import tqdm as tqdm_module
+
+    import lib.sage.prompt as SP
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, desc=None, unit=None):
+            self.total, self.desc, self.n, self.steps, self.closed = total, desc, 0, [], False
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+            self.steps.append(k)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Bar)
+    cfg = PromptSearch(n_words=2, top_k=4, iterations=3)
+    SP.prompt_campaign(pipe, ens, lm, ["cat", "dog"], [0], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path,
+                       progress=True)
+    assert len(bars) == 1 and bars[0].desc == "prompt searches" and bars[0].closed
+    assert bars[0].total == bars[0].n == 2 * 2 * 3 and bars[0].steps[:3] == [1, 1, 1]
+    SP.prompt_campaign(pipe, ens, lm, ["cat", "dog"], [0], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path,
+                       progress=True)  # both loaded
+    assert len(bars) == 2 and bars[1].steps == [6, 6] and bars[1].n == bars[1].total
+    SP.search_prompt(pipe, ens, lm, "cat", [0], steps=2, config=cfg, progress=True)  # alone: its own bar
+    assert len(bars) == 3 and bars[2].n == bars[2].total == 6 and bars[2].closed
 
 
 def test_every_resume_key_changes_with_each_of_its_settings(pipe, ens, lm):
@@ -1216,7 +1253,8 @@ def test_a_prompt_is_confirmed_only_by_images_that_fool_the_ensemble_and_the_che
         confirmed([True, False], [True])
 
 
-def test_residual_step_zero_is_the_exact_gradient_not_the_default():
+def test_residual_step_zero_is_kept_not_taken_for_the_default():
+    """Step 0 is a valid choice (with weight 1, the exact gradient: checked by the gradient tests), not "unset"."""
     assert [Residual(k).resolved_step(10) for k in (0, None, 10)] == [0, 5, 10]  # 0 is not None: not the default
     assert Residual().resolved_step(25) == 12  # T // 2 (README: RESIDUAL_STEP None → STEPS // 2)
     with pytest.raises(ValueError, match="outside"):
@@ -1260,14 +1298,18 @@ def test_the_token_notebook_loads_the_clip_scorer_before_training():
 
 def test_ngr_flags_non_gaussian_latents():
     torch.manual_seed(0)
-    gauss = torch.randn(4, 4, 16, 16)
+    gauss = torch.randn(40, 4, 16, 16)  # N(0, I) latents: each test rejects about alpha of them
     uniform = (torch.rand(2, 4, 16, 16) - 0.5) * 3.4
-    assert ngr(gauss) <= 0.5 and ngr(uniform) == 1.0 and ngr(uniform, test="ks") == 1.0
-    assert ngr(gauss * 2, test="ks") == 1.0 and ngr(gauss * 2) <= 0.5  # KS sees the scale, D'Agostino the shape
+    for test in ("dagostino", "ks", "norm"):
+        assert ngr(gauss, test=test) <= 0.15 and ngr(gauss, test=test, alpha=1e-9) == 0.0, test
+    assert ngr(gauss, alpha=0.5) >= 0.3  # alpha is the level used
+    assert ngr(uniform) == 1.0 and ngr(uniform, alpha=1e-9) == 1.0 and ngr(uniform, test="ks") == 1.0
+    # KS sees the scale, D'Agostino only the shape (doubling is exact in floating point: the same statistic)
+    assert ngr(gauss * 2, test="ks") == 1.0 and ngr(gauss * 2) == ngr(gauss)
     assert set(normality(gauss).columns) >= {"p_value", "non_gaussian", "norm"}
-    # a 10% larger scale: invisible to D'Agostino (shape) and nearly so to KS on 1,024 entries, plain in the norm test
+    # a 10% larger scale: invisible to D'Agostino (shape), plain in the norm test
     wide = gauss * 1.1
-    assert ngr(wide, test="norm") == 1.0 and ngr(wide) <= 0.5 and ngr(gauss, test="norm") <= 0.5
+    assert ngr(wide, test="norm") == 1.0 and ngr(wide) <= 0.15
     assert ngr(gauss * 0.9, test="norm") == 1.0  # two-sided: a latent shrunk towards the origin is an outlier too
     th, sm = qq_points(gauss[0], 50)
     assert th.shape == sm.shape == (50,)
@@ -1280,7 +1322,8 @@ def test_ngr_flags_non_gaussian_latents():
         ngr(gauss, test="shapiro")
     # saved latents are (1, C, S, S): a list, a batch and their torch.cat agree; a stack or a flattening is refused
     saved = list(torch.cat([gauss, uniform]).split(1))
-    assert ngr(saved) == ngr(torch.cat(saved)) == ngr(list(torch.cat([gauss, uniform]))) == 2 / 6 + ngr(gauss) * 4 / 6
+    assert ngr(saved) == ngr(torch.cat(saved)) == ngr(list(torch.cat([gauss, uniform]))) == pytest.approx(
+        (2 + ngr(gauss) * 40) / 42)
     for bad in (torch.stack(saved), torch.cat(saved).flatten(1), [gauss.flatten()]):
         with pytest.raises(ValueError, match=r"a latent is \(C, S, S\)"):
             ngr(bad)
@@ -1324,6 +1367,55 @@ def test_judge_images_and_before_after(ens):
     assert len(fig.axes) == 6
     with pytest.raises(ValueError, match="'before' images"):
         before_after(imgs, imgs[:2])
+
+
+def test_render_and_judge_generates_one_image_per_seed_and_judges_it(pipe, ens):
+    from lib.sage.report import judge_images, render_and_judge
+    from lib.sampling import generate
+
+    images, table = render_and_judge(pipe, ens, "a photo of a cat", "cat", [3, 1], 2, 4.0, batch_size=1)
+    torch.testing.assert_close(images, generate(pipe, ["a photo of a cat"] * 2, [3, 1], 2, 4.0, batch_size=1))
+    expected = judge_images(images, ens, "cat").drop(columns="image")
+    assert table["seed"].tolist() == [3, 1]
+    pd.testing.assert_frame_equal(table.drop(columns="seed"), expected)
+
+
+def test_prompt_result_applies_the_success_rules_per_image(monkeypatch):
+    """Notebook 02's judgement of a class's result: the template and the prompt on the search's seeds, a found prompt
+    again on the evaluation seeds (in batches the size of the search's), each rule per image."""
+    import lib.sage.report as R
+
+    fooled = {"a photo of a cat": [True, False, False, False], "a photo of a cat sleeping": [True, True, True, False],
+              "eval": [True, False, False, False, True, True]}
+    checked = {"a photo of a cat": [False] * 4, "a photo of a cat sleeping": [True, True, False, True],
+               "eval": [True] * 6}
+    calls = []
+
+    def fake(pipe, ensemble, prompt, cls, seeds, steps, guidance, checker=None, batch_size=None, verdict="lose"):
+        key = "eval" if seeds[0] >= 100 else prompt
+        calls.append((prompt, list(seeds), batch_size))
+        table = pd.DataFrame(dict(seed=seeds, fooled=fooled[key], p_class=0.5, checker_confirms=checked[key],
+                                  checker_top="cat"))
+        return torch.zeros(len(seeds), 3, 8, 8), table
+
+    monkeypatch.setattr(R, "render_and_judge", fake)
+    result = SimpleNamespace(cls="cat", prompt="a photo of a cat sleeping", found=True, category="context",
+                             loss_prompt=-1.5)
+    row, base, images = R.prompt_result(None, None, result, "a photo of a {cls}", [0, 1, 2, 3],
+                                        list(range(100, 106)), 2, 4.0, 0.5, checker=object(), attribute="object")
+    assert calls == [("a photo of a cat", [0, 1, 2, 3], None), ("a photo of a cat sleeping", [0, 1, 2, 3], None),
+                     ("a photo of a cat sleeping", list(range(100, 106)), 4)]
+    assert base.shape == images.shape == (4, 3, 8, 8)
+    assert row["words_added"] == 1 and row["fooled_fraction"] == 0.75 and row["base_fooled_fraction"] == 0.25
+    assert not row["found_at_base"]  # the template alone fools 1 of 4 seeds, under 0.5
+    assert row["checker_fraction"] == 0.75 and row["confirmed_fraction"] == 0.5 and row["confirmed"]  # seeds 0, 1
+    assert row["eval_fooled_fraction"] == 0.5 and row["holds_on_eval"] and row["confirmed_on_eval"]
+    assert row["renderer_label"] == "cat" and row["asks_for_class"]
+    calls.clear()
+    lost = SimpleNamespace(**{**vars(result), "found": False})
+    row, _, _ = R.prompt_result(None, None, lost, "a photo of a {cls}", [0, 1, 2, 3], [100], 2, 4.0, 0.5)
+    assert len(calls) == 2 and np.isnan(row["eval_fooled_fraction"]) and not row["holds_on_eval"]
+    assert "confirmed" not in row and "renderer_label" not in row  # no checker, no toy attribute
 
 
 def test_evaluate_token_returns_images(pipe, ens):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.editing.quickfix import TEMPLATES, WeightEdit, phrase_pattern
+from lib.editing.quickfix import TEMPLATES, WeightEdit, concept_pairs, phrase_pattern, substitute
 from lib.sampling import generate_all
 from lib.toy import world as W
 from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
@@ -57,6 +57,17 @@ def check_pair(anchor: str, target: str) -> tuple[Concept, Concept]:
         raise ValueError(f"anchor {anchor!r} is {kinds[0]} and target {target!r} {kinds[1]}: pair a phrase with one of "
                          "its own kind (a style with a style), or a character with an object")
     return a, t
+
+
+def check_pairs(pairs: Sequence) -> None:
+    """Notebook 06's ``PAIRS`` / ``MULTI_PAIRS`` (a :class:`lib.params.Param` check): [anchor, target] pairs of
+    non-empty strings that the evaluation can draw (:func:`check_pair`), each anchor once and never its own target
+    (:func:`lib.editing.quickfix.concept_pairs`); ``ValueError`` otherwise."""
+    for p in pairs:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) and x.strip() for x in p)):
+            raise ValueError(f"every pair must be [anchor, target] (two non-empty strings), got {p!r}")
+        check_pair(*p)
+    concept_pairs([a for a, _ in pairs], [t for _, t in pairs])
 
 
 def real_model_warning(model: str, toy_folder: str | None = None, scorer: str = "auto") -> str | None:
@@ -443,36 +454,25 @@ def evaluate_anchors(pipe, members, conditions: Mapping[str, WeightEdit | None],
     return (df, images) if kwargs.get("keep_images") else df
 
 
-def removal_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (anchor, condition) on the anchors' prompts: concept and target rates, CLIP-Scores (when scored), images."""
-    c = df[df.anchor.notna()].groupby(["anchor", "condition"], sort=False)
-    clip = {k: (k, "mean") for k in ("clip_prompt", "clip_target") if k in df}
-    return c.agg(concept_rate=("concept_hit", "mean"), target_rate=("target_hit", "mean"), **clip, n=("seed", "size"))
-
-
-def preservation_table(df: pd.DataFrame, reference: str = "unedited") -> pd.DataFrame:
-    """Per condition on the unrelated prompts: scene accuracy, CLIP-Score (when scored), and accuracy relative to
-    ``reference``."""
-    clip = {"clip_prompt": ("clip_prompt", "mean")} if "clip_prompt" in df else {}
-    u = df[df.anchor.isna()].groupby("condition", sort=False).agg(accuracy=("accuracy", "mean"), **clip)
-    u["accuracy_vs_unedited"] = u.accuracy / u.loc[reference, "accuracy"]
-    return u
-
-
-TESTABLE_RATE = 0.8  # a removal is only a removal if the unedited model drew the concept at least this often
-
-
-def goal_verdict(ok: bool, before: float | None = None) -> str:
-    """``met`` / ``missed``; ``not testable`` when the unedited model's concept rate ``before`` is below
-    :data:`TESTABLE_RATE` (a removal goal)."""
-    if before is not None and not before >= TESTABLE_RATE:
-        return f"not testable (unedited rate < {TESTABLE_RATE:.2f})"
-    return "met" if ok else "missed"
+def substituted_rates(pipe, members, concept_sets: Mapping[str, Sequence[tuple[str, W.Scene]]],
+                      target_of: Mapping[str, str], anchors: Sequence[str], seeds: Sequence[int], steps: int,
+                      guidance: float, batch_size: int = 64) -> pd.DataFrame:
+    """The unedited model's concept rate on each anchor's evaluation prompts with the anchor replaced by its target
+    ("… painted by van gogh" → "… painted by painting"), per anchor with an example prompt: a reference for an edit's
+    residual, since a phrasing the model never saw may draw the anchor by itself."""
+    rows = [(a, substitute(c, a, target_of[a])) for a in anchors for c, _ in concept_sets[a]]
+    images = generate_images(pipe, [p for _, p in rows], seeds, steps, guidance, batch_size=batch_size)
+    pred = classify(members, images).add_prefix("pred_")
+    pred["anchor"] = [a for a, _ in rows for _ in seeds]
+    return pd.DataFrame({
+        "substituted prompt, e.g.": [next(p for b, p in rows if b == a) for a in anchors],
+        "unedited on substituted prompts": [concept_rate(pred[pred.anchor == a], a).mean() for a in anchors],
+    }, index=pd.Index(anchors, name="anchor"))
 
 
 __all__ = [
-    "Concept", "MISSPELLINGS", "TESTABLE_RATE", "check_pair", "classify", "concept", "concept_prompts", "concept_rate",
+    "Concept", "MISSPELLINGS", "check_pair", "check_pairs", "classify", "concept", "concept_prompts", "concept_rate",
     "edit_prompts", "edit_scene", "edit_fingerprint", "evaluate_anchors", "evaluate_edit", "generate_images",
-    "goal_verdict", "mark_hits", "misspellings", "nearest_caption", "preservation_table", "prompt_table",
-    "removal_table", "scene_accuracy", "unrelated_prompts", "variant_prompts",
+    "mark_hits", "misspellings", "nearest_caption", "prompt_table", "scene_accuracy", "substituted_rates",
+    "unrelated_prompts", "variant_prompts",
 ]

@@ -35,7 +35,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -438,17 +438,45 @@ class PromptSearch:
 
 def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
                   guidance: float = 7.5, config: PromptSearch = PromptSearch(),
-                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool = False):
+                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool | Any = False):
     """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
 
     ``loss_prompt``: the surrogate loss (goal ``lose``, mean over the seeds) of the round's prompt, words only;
     ``best_loss``: the lowest ``loss_prompt`` of this and the earlier rounds, so a class with no find reports its best.
     When the LM proposes no word the search ends with a row that adds none (``found`` False, ``word`` None, the reason
-    in ``stopped``). ``progress``: a tqdm bar (stderr) over the embedding iterations of each round.
+    in ``stopped``). ``progress``: True for a tqdm bar (stderr) over the search's embedding iterations, or a bar to
+    advance (:func:`prompt_campaign`'s); it ends advanced by ``n_words × iterations``, however early the search ends.
     """
     import pandas as pd
 
     check_prompt_search(pipe, ensemble, lm, [cls], seeds, steps, config)
+    bar, own_bar = _search_bar(progress, config.n_words * config.iterations)
+    done_before = bar.n if bar is not None else 0
+    try:
+        return pd.DataFrame(_grow_prompt(pipe, ensemble, lm, cls, seeds, steps, guidance, config, class_words,
+                                         attribute_words, bar))
+    finally:
+        if bar is not None:
+            bar.update(done_before + config.n_words * config.iterations - bar.n)  # iterations not run count as done
+            if own_bar:
+                bar.close()
+
+
+def _search_bar(progress, total: int):
+    """(bar, made here): ``progress`` itself when it is a bar, a new tqdm bar of ``total`` when True, else None."""
+    if progress is False or progress is None:
+        return None, False
+    if progress is True:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="prompt search", unit="it"), True
+    return progress, False
+
+
+def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int,
+                 guidance: float, config: PromptSearch, class_words: Sequence[str], attribute_words: Sequence[str],
+                 bar) -> list[dict]:
+    """:func:`search_prompt`'s rounds as rows; ``bar`` (or None) advanced by one per embedding iteration."""
     base = config.template.format(cls=cls)
     prompt, rows, best = base, [], math.nan
     scale = loss_scale_for(pipe)
@@ -471,12 +499,9 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
             break
         emb = torch.zeros(1 + config.lookahead, d)
         history, stopped = [], None
-        its = range(config.iterations if len(cands) > 1 else 0)  # one candidate: the choice is forced
-        if progress:
-            from tqdm import tqdm
-
-            its = tqdm(its, desc=f"{cls} word {rnd + 1}", leave=False)
-        for it in its:
+        if bar is not None:
+            bar.set_postfix_str(f"{cls}, word {rnd + 1}", refresh=False)
+        for it in range(config.iterations if len(cands) > 1 else 0):  # one candidate: the choice is forced
             emb.requires_grad_(True)
             img = render_with_slots(pipe, [prompt] * len(seeds), emb, seeds, steps, guidance, config.grad_from_step)
             loss = ensemble.loss(ensemble.probs(img), cls, "lose").mean()
@@ -489,6 +514,8 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                 emb = emb.detach()
                 break
             emb = signed_step(emb.detach(), g, config.lr, lo, hi)
+            if bar is not None:
+                bar.update()
         table = torch.stack([word_embedding(pipe, w) for w in cands])
         cos = slot_cosine(pipe, table, emb[0].detach().float()[None])
         pick = int(cos.argmax())
@@ -515,7 +542,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
                          stopped=stopped))
         if found and config.stop_on_success:
             break
-    return pd.DataFrame(rows)
+    return rows
 
 
 def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
@@ -600,7 +627,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     and every setting; with ``resume`` a finished class is loaded instead of searched again (an unreadable file: searched
     again, with a warning). Every class is checked
     (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
-    any other class is searched. ``progress``: tqdm bars over the classes and each round's iterations.
+    any other class is searched. ``progress``: one tqdm bar over every class's embedding iterations (``n_words ×
+    iterations`` per class; a loaded class counts as done).
     """
     import pandas as pd
 
@@ -610,10 +638,12 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_tmp(out_dir)  # a killed run's half-written file
     parts = []
+    per_class = config.n_words * config.iterations
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        classes = tqdm(classes, desc="prompt searches")
+        bar = tqdm(total=len(classes) * per_class, desc="prompt searches", unit="it")
     for c in classes:
         path = None
         if out_dir is not None:
@@ -622,13 +652,17 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
         df = _read_rounds(path) if path is not None and resume and path.is_file() else None
         if df is not None:
             df = df.assign(resumed=True)
+            if bar is not None:
+                bar.update(per_class)
         else:
             df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
-                               progress).assign(cls=c)
+                               bar if bar is not None else False).assign(cls=c)
             if path is not None:
                 write_parquet_atomic(df, path)
             df = df.assign(resumed=False)
         parts.append(df)
+    if bar is not None:
+        bar.close()
     return pd.concat(parts, ignore_index=True)
 
 

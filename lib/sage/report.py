@@ -34,6 +34,59 @@ def judge_images(images: torch.Tensor, ensemble: Ensemble, cls: str, verdict: Ve
     return df
 
 
+def render_and_judge(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int,
+                     guidance: float, checker=None, batch_size: int | None = None, verdict: Verdict = "lose"):
+    """(images, table): ``prompt`` generated once per seed (``batch_size`` images a call; None: all in one) and each
+    image judged by :func:`judge_images`, the table with a ``seed`` column in place of ``image``."""
+    from lib.sampling import generate
+
+    images = generate(pipe, [prompt] * len(seeds), list(seeds), steps, guidance, batch_size=batch_size)
+    judged = judge_images(images, ensemble, cls, verdict, checker=checker)
+    judged.insert(0, "seed", list(seeds))
+    return images, judged.drop(columns="image")
+
+
+def prompt_result(pipe, ensemble: Ensemble, result, template: str, seeds: Sequence[int], eval_seeds: Sequence[int],
+                  steps: int, guidance: float, success_fraction: float, checker=None, attribute: str | None = None):
+    """Notebook 02's judgement of one class's prompt-search result (a row of
+    :func:`lib.sage.prompt.final_prompts`): (row, template images, result images), every image on ``seeds``.
+
+    The row holds the ensemble's verdicts on the template and on the prompt, ``found_at_base`` (a find whose template
+    alone already fools the ensemble on ``success_fraction`` of the seeds: a find of the model, not of the search),
+    with a ``checker`` the per-seed re-check (``confirmed``: fooled *and* confirmed on enough of the same images), the
+    verdict on fresh ``eval_seeds`` for a found prompt (``holds_on_eval``, ``confirmed_on_eval``; NaN / False when
+    nothing was found), and with ``attribute`` (the toy world) the renderer's reading of the prompt."""
+    from lib.sage.metrics import confirmed_fraction, prompt_confirmed, renderer_check
+
+    cls, prompt, found = result.cls, result.prompt, bool(result.found)
+    base = template.format(cls=cls)
+    base_images, jb = render_and_judge(pipe, ensemble, base, cls, seeds, steps, guidance, checker)
+    images, jf = render_and_judge(pipe, ensemble, prompt, cls, seeds, steps, guidance, checker)
+    row = dict(cls=cls, prompt=prompt, found=found, words_added=len(prompt.split()) - len(base.split()),
+               category=result.category, loss_prompt=result.loss_prompt, p_class_base=jb.p_class.mean(),
+               p_class_prompt=jf.p_class.mean(), fooled_fraction=jf.fooled.mean(),
+               base_fooled_fraction=jb.fooled.mean())
+    row["found_at_base"] = found and row["base_fooled_fraction"] >= success_fraction
+    if checker is not None:
+        row["checker_fraction"] = jf.checker_confirms.mean()
+        row["confirmed_fraction"] = confirmed_fraction(jf.fooled, jf.checker_confirms)  # per seed: both
+        row["confirmed"] = found and prompt_confirmed(jf.fooled, jf.checker_confirms, success_fraction)
+        row["checker_top"] = ", ".join(jf.checker_top)
+    row.update(eval_fooled_fraction=float("nan"), holds_on_eval=False)
+    if checker is not None:
+        row["confirmed_on_eval"] = False
+    if found:  # chosen on ``seeds``: does it fail on images it never saw? Batches the size of the search's
+        _, je = render_and_judge(pipe, ensemble, prompt, cls, eval_seeds, steps, guidance, checker,
+                                 batch_size=len(seeds))
+        row.update(eval_fooled_fraction=je.fooled.mean(), holds_on_eval=bool(je.fooled.mean() >= success_fraction))
+        if checker is not None:
+            row["confirmed_on_eval"] = prompt_confirmed(je.fooled, je.checker_confirms, success_fraction)
+    if attribute is not None:
+        rc = renderer_check([prompt], cls, attribute).iloc[0]
+        row.update(renderer_label=rc.renderer_label, asks_for_class=rc.asks_for_class)
+    return row, base_images, images
+
+
 def before_after(before: torch.Tensor, after: torch.Tensor, labels: Sequence[str] | None = None,
                  rows: tuple[str, str] = ("before", "after"), title: str | None = None, max_cols: int = 8):
     """A 2 × N grid: ``before[i]`` above ``after[i]`` (both (N, 3, H, W) in [0, 1]); column labels ``labels``."""
@@ -56,19 +109,3 @@ def no_result_figure(message: str):
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=8, wrap=True)
     return fig
-
-
-def show(fig, name: str, out_dir, figures_dir=None) -> None:
-    """Save ``fig`` with :func:`lib.plotting.save_figure`, close it, and display the saved PNG in the notebook
-    (``lib.plotting`` selects the Agg backend, so figures are not shown inline by themselves)."""
-    import matplotlib.pyplot as plt
-
-    from lib.plotting import save_figure
-
-    path = save_figure(fig, name, out_dir, figures_dir)
-    plt.close(fig)
-    try:
-        from IPython.display import Image, display
-    except ImportError:  # outside IPython: the file is the result
-        return
-    display(Image(filename=str(path)))

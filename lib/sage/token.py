@@ -192,13 +192,13 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
 @torch.no_grad()
 def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
                    steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False,
-                   batch_size: int | None = None, progress: bool = False):
-    """One row per (held-out prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
+                   batch_size: int | None = None, progress: bool = False, desc: str = "token images"):
+    """One row per (prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
     ``return_images``: return ``(table, images with the token, images without)`` instead of the table. Repeated
     seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
-    (None: all at once; SD at 512 px needs chunks). ``progress``: a tqdm bar (stderr) over the images, with the token
-    and without.
+    (None: all at once; SD at 512 px needs chunks). ``progress``: a tqdm bar (stderr, labelled ``desc``) over the
+    images, with the token and without.
     """
     import pandas as pd
 
@@ -215,8 +215,7 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     from tqdm import tqdm
 
     both = scorer is not None or return_images  # the images without the token too
-    bar = tqdm(total=len(ps) * (2 if both else 1), desc="held-out images", unit="img", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(ps) * (2 if both else 1), desc=desc, unit="img", disable=not progress, leave=False)
 
     def render(slots: torch.Tensor | None) -> torch.Tensor:
         out = []
