@@ -1470,3 +1470,25 @@ def test_a_batched_find_its_solo_render_does_not_reproduce_does_not_end_the_sear
     (f,) = search_latents(pipe, flipped, "a photo of a cat", "cat", seeds=[0], steps=2,
                           config=LatentSearch(mode="lose", iterations=2))
     assert f.found and f.meta["solo_fooled"] is True and f.iterations == 2 and f.meta["solo_rejected"] == 0
+
+
+def test_ngr_table_and_the_sage_figures():
+    import matplotlib.pyplot as plt
+
+    from lib.sage.metrics import ngr_table
+    from lib.sage.plots import class_probability_figure, loss_figure, qq_loss_figure
+
+    torch.manual_seed(0)
+    gauss, uniform = list(torch.randn(3, 4, 8, 8)), list((torch.rand(2, 4, 8, 8) - 0.5) * 3.4)
+    t = ngr_table({"gauss": gauss, "uniform": uniform, "none": []}, alpha=0.05)
+    assert t.latents.tolist() == ["gauss", "uniform", "none"] and t.n.tolist() == [3, 2, 0]
+    assert t.loc[1, "NGR_dagostino"] == ngr(uniform) and t.loc[0, "NGR_norm"] == ngr(gauss, test="norm")
+    assert t.loc[0, "mean_norm"] == pytest.approx(float(np.mean([float(z.norm()) for z in gauss])))
+    assert t.loc[2, ["NGR_dagostino", "NGR_ks", "NGR_norm", "mean_norm"]].isna().all()
+    fig = qq_loss_figure(gauss[0], "seed 0", None, "", {"a": [1.0, 0.5], "b": [2.0]})
+    assert len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 2  # the seed's points and the diagonal
+    rounds = pd.DataFrame(dict(cls=["cat", "cat", "dog"], round=[0, 1, 0], p_class=[0.9, 0.4, 0.8]))
+    assert [len(line.get_xdata()) for line in class_probability_figure(rounds, ["cat", "dog"], 3).axes[0].lines] \
+        == [2, 1]
+    assert list(loss_figure([3.0, 2.0, 1.0], "loss", "t").axes[0].lines[0].get_ydata()) == [3.0, 2.0, 1.0]
+    plt.close("all")

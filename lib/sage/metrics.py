@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -179,6 +179,21 @@ def normality(latents: torch.Tensor | Sequence[torch.Tensor], test: str = "dagos
 def ngr(latents, test: str = "dagostino", alpha: float = 0.05) -> float:
     """Non-Gaussian rate: fraction of latents rejected by the normality test."""
     return float(normality(latents, test, alpha)["non_gaussian"].mean())
+
+
+def ngr_table(latent_sets: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.05):
+    """One row per named set of latents: ``n``, the NGR of each test (:func:`normality`'s ``dagostino``, ``ks``,
+    ``norm``; NaN for an empty set) and the mean norm."""
+    import pandas as pd
+
+    rows = []
+    for name, lats in latent_sets.items():
+        row = dict(latents=name, n=len(lats))
+        for test in ("dagostino", "ks", "norm"):
+            row[f"NGR_{test}"] = float(normality(lats, test, alpha).non_gaussian.mean()) if lats else float("nan")
+        row["mean_norm"] = float(np.mean([float(z.float().norm()) for z in lats])) if lats else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def qq_points(latent: torch.Tensor, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
