@@ -713,6 +713,15 @@ def test_clip_table_and_layer_sweep_on_hand_computed_rows():
     assert claim.loc["snoopy", "verdict"] == "not testable (unedited rate < 0.80)"
     assert R.layer_claim(sweep, before.replace(0.75, 0.8)).loc["snoopy", "verdict"] == "missed"  # layer 1, not 0
     assert R.layer_claim(sweep.drop(index=0), before).loc["van gogh", "verdict"] == "not testable (layer 0 not swept)"
+    assert R.layer_claim(sweep.drop(index=1), before).loc["van gogh", "verdict"] == "not testable (no layer but 0 swept)"
+    from lib.editing.plots import layer_sweep_figure
+
+    fig = layer_sweep_figure(sweep, before, ["van gogh", "snoopy"])
+    drawn = [[line for line in ax.lines if len(line.get_xdata())] for ax in fig.axes]  # not seaborn's legend stubs
+    assert [len(lines) for lines in drawn] == [2 + 2 + 1, 1 + 1]  # rates, unedited rates, goal; preservation, goal
+    assert sorted(float(line.get_ydata()[0]) for line in drawn[0][2:]) == [0.1, 0.75, 1.0]  # the dotted goal, dashed
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["van gogh", "snoopy"]
+    assert list(fig.axes[1].get_xticks()) == [0, 1]
 
     removal = pd.DataFrame({"concept_rate": [1.0, 0.05, 0.75, 0.5]}, index=pd.MultiIndex.from_tuples(
         [("van gogh", "unedited"), ("van gogh", "edit"), ("snoopy", "unedited"), ("snoopy", "edit")],

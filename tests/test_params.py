@@ -254,12 +254,13 @@ def test_06_warns_before_loading_that_its_rates_are_the_toy_world_s(tmp_path, mo
     import warnings
 
     import lib.loading
+    from lib.params import ToySettingsWarning
 
     monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
-    with pytest.warns(UserWarning, match=r"is not the toy world: notebook 06 evaluates toy-grammar prompts with the "
-                                         r"toy world's 64-px classifiers.*CLIP-Scores \(open_clip ViT-L/14\)"):
+    with pytest.warns(ToySettingsWarning, match=r"is not the toy world: notebook 06 evaluates toy-grammar prompts with "
+                                                r"the toy world's 64-px classifiers.*CLIP-Scores \(open_clip ViT-L/14\)"):
         _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), STEPS=50)
-    with pytest.warns(UserWarning, match=r"CLIP-Scores \(the toy CLIP of TOY_FOLDER\)"):
+    with pytest.warns(ToySettingsWarning, match=r"CLIP-Scores \(the toy CLIP of TOY_FOLDER\)"):
         _validate_cell("06_diffquickfix", tmp_path, MODEL=str(twin_dirs["sd-v1"]), STEPS=50, TOY_FOLDER="data/toy")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1033,6 +1033,14 @@ def test_prompt_campaign_shows_one_bar_that_ends_full(pipe, ens, lm, tmp_path, m
     SP.search_prompt(pipe, ens, lm, "cat", [0], steps=2, config=cfg, progress=True)  # alone: its own bar
     assert len(bars) == 3 and bars[2].n == bars[2].total == 6 and bars[2].closed
 
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SP, "_grow_prompt", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, progress=True)
+    assert len(bars) == 4 and bars[3].n == 0 and bars[3].closed  # not shown as done, and closed
+
 
 def test_every_resume_key_changes_with_each_of_its_settings(pipe, ens, lm):
     """A changed setting must never load a result searched under the old one."""
@@ -1481,12 +1489,15 @@ def test_ngr_table_and_the_sage_figures():
     torch.manual_seed(0)
     gauss, uniform = list(torch.randn(3, 4, 8, 8)), list((torch.rand(2, 4, 8, 8) - 0.5) * 3.4)
     t = ngr_table({"gauss": gauss, "uniform": uniform, "none": []}, alpha=0.05)
+    pd.testing.assert_frame_equal(ngr_table({"gauss": torch.stack(gauss)}), t.iloc[:1])  # a batch as well as a list
     assert t.latents.tolist() == ["gauss", "uniform", "none"] and t.n.tolist() == [3, 2, 0]
     assert t.loc[1, "NGR_dagostino"] == ngr(uniform) and t.loc[0, "NGR_norm"] == ngr(gauss, test="norm")
     assert t.loc[0, "mean_norm"] == pytest.approx(float(np.mean([float(z.norm()) for z in gauss])))
     assert t.loc[2, ["NGR_dagostino", "NGR_ks", "NGR_norm", "mean_norm"]].isna().all()
     fig = qq_loss_figure(gauss[0], "seed 0", None, "", {"a": [1.0, 0.5], "b": [2.0]})
     assert len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 2  # the seed's points and the diagonal
+    fig = qq_loss_figure(gauss[0], "seed 0", uniform[0], "found", {"a": [1.0]})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["seed 0", "found"]
     rounds = pd.DataFrame(dict(cls=["cat", "cat", "dog"], round=[0, 1, 0], p_class=[0.9, 0.4, 0.8]))
     assert [len(line.get_xdata()) for line in class_probability_figure(rounds, ["cat", "dog"], 3).axes[0].lines] \
         == [2, 1]

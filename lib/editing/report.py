@@ -63,12 +63,14 @@ def layer_claim(sweep: pd.DataFrame, before: pd.Series) -> pd.DataFrame:
     """The paper's claim per anchor of a :func:`layer_sweep_table`: an edit of layer :data:`CLAIM_LAYER` removes the
     concept (rate ≤ :data:`REMOVED_RATE`) and an edit of no other layer does. ``before``: the unedited concept rate
     per anchor; below :data:`TESTABLE_RATE` the claim is not testable on that anchor, nor where the sweep left out
-    layer :data:`CLAIM_LAYER`."""
+    layer :data:`CLAIM_LAYER` or every other layer."""
     rows = []
     for a in sweep.columns.drop("preservation"):
         removed = [int(layer) for layer in sweep.index if sweep.loc[layer, a] <= REMOVED_RATE]
         if CLAIM_LAYER not in sweep.index:
             verdict = f"not testable (layer {CLAIM_LAYER} not swept)"
+        elif len(sweep.index) < 2:
+            verdict = f"not testable (no layer but {CLAIM_LAYER} swept)"
         else:
             verdict = goal_verdict(removed == [CLAIM_LAYER], float(before[a]))
         rows.append(dict(anchor=a, unedited_rate=float(before[a]), removed_at_layers=removed, verdict=verdict))

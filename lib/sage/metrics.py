@@ -188,6 +188,7 @@ def ngr_table(latent_sets: Mapping[str, Sequence[torch.Tensor]], alpha: float = 
 
     rows = []
     for name, lats in latent_sets.items():
+        lats = _as_list(lats) if len(lats) else []  # a batch (B, C, S, S) or a list of latents
         row = dict(latents=name, n=len(lats))
         for test in ("dagostino", "ks", "norm"):
             row[f"NGR_{test}"] = float(normality(lats, test, alpha).non_gaussian.mean()) if lats else float("nan")

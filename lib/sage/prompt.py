@@ -453,24 +453,25 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     bar, own_bar = _search_bar(progress, config.n_words * config.iterations)
     done_before = bar.n if bar is not None else 0
     try:
-        return pd.DataFrame(_grow_prompt(pipe, ensemble, lm, cls, seeds, steps, guidance, config, class_words,
-                                         attribute_words, bar))
+        rows = _grow_prompt(pipe, ensemble, lm, cls, seeds, steps, guidance, config, class_words, attribute_words, bar)
+        if bar is not None:  # iterations not run (a forced word, an early stop) count as done
+            bar.update(done_before + config.n_words * config.iterations - bar.n)
+        return pd.DataFrame(rows)
     finally:
-        if bar is not None:
-            bar.update(done_before + config.n_words * config.iterations - bar.n)  # iterations not run count as done
-            if own_bar:
-                bar.close()
+        if own_bar:
+            bar.close()
 
 
 def _search_bar(progress, total: int):
-    """(bar, made here): ``progress`` itself when it is a bar, a new tqdm bar of ``total`` when True, else None."""
-    if progress is False or progress is None:
-        return None, False
-    if progress is True:
+    """(bar, made here): ``progress`` itself when it is a bar (has ``update``), a new tqdm bar of ``total`` when it is
+    otherwise true, else None."""
+    if hasattr(progress, "update"):
+        return progress, False
+    if progress:
         from tqdm import tqdm
 
         return tqdm(total=total, desc="prompt search", unit="it"), True
-    return progress, False
+    return None, False
 
 
 def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int,
@@ -644,25 +645,27 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
         from tqdm import tqdm
 
         bar = tqdm(total=len(classes) * per_class, desc="prompt searches", unit="it")
-    for c in classes:
-        path = None
-        if out_dir is not None:
-            key = prompt_key(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words)
-            path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
-        df = _read_rounds(path) if path is not None and resume and path.is_file() else None
-        if df is not None:
-            df = df.assign(resumed=True)
-            if bar is not None:
-                bar.update(per_class)
-        else:
-            df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
-                               bar if bar is not None else False).assign(cls=c)
-            if path is not None:
-                write_parquet_atomic(df, path)
-            df = df.assign(resumed=False)
-        parts.append(df)
-    if bar is not None:
-        bar.close()
+    try:
+        for c in classes:
+            path = None
+            if out_dir is not None:
+                key = prompt_key(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words)
+                path = Path(out_dir) / f"prompt_rounds_{c}_{key}.parquet".replace(" ", "-")
+            df = _read_rounds(path) if path is not None and resume and path.is_file() else None
+            if df is not None:
+                df = df.assign(resumed=True)
+                if bar is not None:
+                    bar.update(per_class)
+            else:
+                df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
+                                   bar if bar is not None else False).assign(cls=c)
+                if path is not None:
+                    write_parquet_atomic(df, path)
+                df = df.assign(resumed=False)
+            parts.append(df)
+    finally:
+        if bar is not None:
+            bar.close()
     return pd.concat(parts, ignore_index=True)
 
 
