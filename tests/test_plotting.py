@@ -38,8 +38,11 @@ def test_every_notebook_shows_the_figures_it_saves(notebook):
     outputs = [o for c in cells for o in c.get("outputs", [])]
     plain = ["".join(o.get("data", {}).get("text/plain", "")) for o in outputs]
     assert not [t for t in plain if "<Figure size" in t or "PosixPath(" in t]
-    if "show_figure(" in source:
-        assert any("image/png" in o.get("data", {}) for o in outputs), f"{notebook.name}: no figure shown"
+    for index, cell in enumerate(cells):  # each cell that shows figures holds at least one image per call
+        calls = "".join(cell["source"]).count("show_figure(")
+        images = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+        assert images >= calls, f"{notebook.name}, code cell {index}: {calls} show_figure calls, {images} images"
+    assert "show_figure(" in source, f"{notebook.name} shows no figure"
 
 
 def test_the_numbered_notebooks_are_found():
