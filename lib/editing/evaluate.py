@@ -1,9 +1,9 @@
 """Evaluating concept edits in the toy world: held-out prompts, paraphrases and misspellings, generation under an
 edit, ensemble classification against the known scene, and the toy CLIP-Score.
 
-The edit is fitted on ``TEMPLATES`` prompts ("A photo of van gogh", ...); every evaluation prompt here is a toy-world
-caption (:func:`lib.toy.world.captions`) that is *not* one of those prompts, so the edit is always scored on prompts
-it was not built from.
+The edit is fitted on toy captions (:func:`caption_prompts`, notebook 06's default) or on ``TEMPLATES`` prompts ("A
+photo of van gogh", ...); every evaluation prompt here is a toy-world caption (:func:`lib.toy.world.captions`) that
+is *not* one of the fitting prompts, so the edit is always scored on prompts it was not built from.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ MISSPELLINGS: dict[str, tuple[str, ...]] = {
 
 
 def misspellings(phrase: str, n: int = 3) -> list[str]:
-    """``n`` misspellings of ``phrase``: the listed ones, else a dropped, a doubled and a swapped letter."""
+    """``n`` misspellings of ``phrase``: the listed ones first, then a dropped, a doubled and a swapped letter."""
     known = list(MISSPELLINGS.get(_norm(phrase), ()))
     p = _norm(phrase)
     letters = [i for i, ch in enumerate(p) if ch.isalpha()]

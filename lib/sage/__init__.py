@@ -7,7 +7,11 @@
 * :mod:`lib.sage.metrics` — SSR(A), independent re-check, NGR;
 * :mod:`lib.sage.build` — what notebooks 01–03 share: ensemble/checker from short specs, proposer LM, CLIP scorer,
   failure-category vocabularies, captions of a class;
-* :mod:`lib.sage.report` — judged-image tables (ensemble + held-out checker) and before/after grids.
+* :mod:`lib.sage.report` — judged-image tables (ensemble + held-out checker) and before/after grids;
+* :mod:`lib.sage.plots` — the QQ, loss and class-probability figures;
+* :mod:`lib.sage.gradient` — loss scaling and gradient checks for float16 / bfloat16 backward passes;
+* :mod:`lib.sage.campaign` — notebook 01's latent searches as units of work, sharded with ``accelerate launch``;
+* :mod:`lib.sage.resume` — the key hashing everything a result depends on, and atomic table writes.
 
 No official code was released; every choice where the paper is silent is documented in the module docstrings and
 exposed as a parameter.

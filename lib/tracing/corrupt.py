@@ -9,6 +9,10 @@ independent across captions, latent seeds and encoders and reproducible run to r
 that encodes the caption through the pipeline is corrupted consistently. Rows are recognised by their token ids:
 only rows whose ids start with the caption's ids are corrupted, so the negative (unconditional) prompt encoded in
 the same ``encode`` call stays clean.
+
+Samples: ROME averages 10 corrupted samples per prompt. Here each (caption, image seed) item is one sample, its noise
+drawn with its latent seed, so a caption gets ``len(SEEDS)`` corrupted samples (one with the default ``SEEDS=[0]``,
+three in the README's full sweep) and noise and latent vary together: ``SEEDS`` of ten is ROME's count.
 """
 
 from __future__ import annotations
