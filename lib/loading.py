@@ -262,14 +262,19 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
             check_toy_folder(where)  # names the first missing file (or unfinished stage) and the command that fixes it
         except (FileNotFoundError, RuntimeError) as err:
             raise ModelLoadError(str(err)) from None
-    elif kind == "local" and (Path(where) / "TRAINING.json").is_file():  # a toy world lib.toy.train wrote elsewhere
-        from lib.toy.train import PIPELINE_STAGES, check_finished
+    toy_folder = kind == "local" and (Path(where) / "TRAINING.json").is_file()  # a toy world lib.toy.train wrote
+    if toy_folder:
+        from lib.toy.train import check_toy_folder
 
-        try:
-            check_finished(where, PIPELINE_STAGES)  # an interrupted or stale stage: refused, with what finishes it
-        except RuntimeError as err:
+        try:  # a missing file named (not the .bin diffusers falls back to), or an unfinished stage, with the fix
+            check_toy_folder(where)
+        except (FileNotFoundError, RuntimeError) as err:
             raise ModelLoadError(str(err)) from None
     hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
+    if toy_folder and not toy:
+        from lib.toy.train import rebuild_hint
+
+        hint = f" ({rebuild_hint(Path(where) / 'model_index.json').rstrip('.')})"
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
         convert = ("convert it once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
                    "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the same model "
@@ -313,7 +318,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
                     from None
             if isinstance(err, (OSError, ValueError)):  # not in the cache (a cached id loads as a folder, above)
                 raise ModelLoadError(_not_local(where, model, f" ({type(err).__name__})")) from None
-        bad = unreadable_weight_file(where) if kind == "local" else None
+        bad = damaged_file(where) if kind == "local" else None
         what = f": {bad} is unreadable" if bad else ""
         raise ModelLoadError(f"could not load the pipeline in {where}{what} ({type(err).__name__}: {first}){hint}") \
             from None
@@ -427,6 +432,16 @@ def unreadable_weight_file(folder: str | Path, pattern: str = "*/*.safetensors")
     return None
 
 
+def damaged_file(folder: str | Path) -> Path | None:
+    """The first file of a pipeline folder that cannot be read: a safetensors file of a component whose header fails
+    (:func:`unreadable_weight_file`), else a JSON file (the folder's or a component's) that does not parse."""
+    bad = unreadable_weight_file(folder)
+    if bad is not None:
+        return bad
+    return next((f for f in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*/*.json")])
+                 if not _parses(f)), None)
+
+
 def incomplete_weights(pipe, folder: str | Path) -> tuple[Path, list[str]] | None:
     """The first weight file of a local pipeline folder that lacks tensors of its module, with their names (None if
     none does). Both libraries load such a file without an error: diffusers leaves the tensors on the meta device
@@ -481,11 +496,23 @@ def _check_tokenizers(where: str, hint: str) -> None:
             tok = getattr(transformers, tok_spec[-1]).from_pretrained(folder / tok_name)
             cfg = json.loads(enc_cfg.read_text())
             problem = tokenizer_problem(tok, int(cfg["vocab_size"]), int(cfg["max_position_embeddings"]))
-        except Exception as err:  # noqa: BLE001 - one line naming the folder
+        except Exception as err:  # noqa: BLE001 - one line naming the folder, and its file when one JSON is broken
             first = (str(err).strip().splitlines() or [""])[0]
+            broken = [f for f in sorted((folder / tok_name).glob("*.json")) if not _parses(f)]
+            if broken:
+                raise ModelLoadError(f"{broken[0]} is not valid JSON ({type(err).__name__}: {first}){hint}") from None
             problem = f"unreadable ({type(err).__name__}: {first})"
         if problem:
             raise ModelLoadError(f"{folder / tok_name} looks damaged: {problem}{hint}")
+
+
+def _parses(path: Path) -> bool:
+    """Whether ``path`` holds valid JSON."""
+    try:
+        json.loads(path.read_text())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _has_safety_checker(kind: str, where: str, hub_kwargs: dict | None = None) -> bool:

@@ -51,7 +51,9 @@ class Param:
                     raise ParameterError(f"{name}: every item must be {_tname(self.items)}, got {v!r}")
         for v in value if self.items is not None else [value]:
             if self.low is not None and v < self.low or self.high is not None and v > self.high:
-                raise ParameterError(f"{name}: {v!r} is outside [{self.low}, {self.high}]")
+                raise ParameterError(f"{name}: {v!r} is outside [{self.low}, {self.high}]" if None not in (self.low, self.high)
+                                     else f"{name}: {v!r} is below the minimum {self.low}" if self.high is None
+                                     else f"{name}: {v!r} is above the maximum {self.high}")
         if self.choices is not None and value not in self.choices:
             raise ParameterError(f"{name}: {value!r} is not one of {', '.join(map(repr, self.choices))}")
         if self.check is not None:
@@ -83,6 +85,24 @@ def distinct(values: Sequence, why: str = "each is one run") -> None:
         raise ValueError(f"{values} repeat {twice}: {why}; give each once")
 
 
+def _writable_folder(value: str) -> None:
+    """An output folder that is, or can become, a writable folder (a relative one from the repo root): checked before
+    any heavy work, since the first write comes after it (``lib.paths.output_dir`` creates the folder later)."""
+    import os
+
+    from lib.paths import in_repo
+
+    path = in_repo(value)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ValueError(f"{value!r} {what}, not a folder: give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{value!r}: {existing} is not writable: give a folder this user can write")
+
+
 SEED_MAX = 2**63 - 1  # the largest seed torch's generators, numpy and an int64 table column all take (2**64 failed late)
 
 
@@ -105,8 +125,8 @@ COMMON: dict[str, Param] = {
     "GUIDANCE": Param(float, low=1.0, high=50.0),  # below 1 diffusers turns guidance off (lib.sampling)
     "BATCH_SIZE": Param(int, low=1, high=4096),
     "CHECKPOINTING": Param(str, choices=tuple(m for m in CHECKPOINTING if m), optional=True),  # lib.speed.save_memory
-    "OUTPUT_DIR": Param(str, optional=True),
-    "FIGURES_DIR": Param(str, optional=True),
+    "OUTPUT_DIR": Param(str, optional=True, check=_writable_folder),
+    "FIGURES_DIR": Param(str, optional=True, check=_writable_folder),
 }
 
 
@@ -145,6 +165,20 @@ def positive(value: Any) -> None:
     bad = [v for v in (value if isinstance(value, list) else [value]) if not v > 0]
     if bad:
         raise ValueError(f"must be > 0, got {bad[0]!r}")
+
+
+def interval(value: Any) -> None:
+    """A ``check``: a (low, high) pair of finite numbers with low < high."""
+    if not (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                    for v in value) and value[0] < value[1]):
+        raise ValueError(f"must be a (low, high) pair of numbers with low < high, got {tuple(value)!r}")
+
+
+def check_fields(obj: Any, **specs: Param) -> None:
+    """Check the fields of a settings object (a search's dataclass) as parameters: ``ParameterError`` naming
+    ``<Class>.<field>``, its value and what is valid, when the object is made (before any work)."""
+    for name, spec in specs.items():
+        spec.validate(f"{type(obj).__name__}.{name}", getattr(obj, name))
 
 
 def check_disjoint(P: SimpleNamespace, name: str, other: str, why: str) -> None:

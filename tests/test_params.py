@@ -1,6 +1,7 @@
 import pytest
 
 from lib.params import Param, ParameterError, validate
+from lib.paths import REPO_ROOT
 
 
 def test_valid_parameters_pass_and_ints_become_floats():
@@ -69,8 +70,10 @@ def test_a_real_model_with_the_toy_step_count_is_warned_about(twin_dirs):
 def test_extra_specs():
     p = validate(dict(NOISE=3.0), NOISE=Param(float, low=0))
     assert p.NOISE == 3.0
-    with pytest.raises(ParameterError, match="NOISE"):
+    with pytest.raises(ParameterError, match=r"^NOISE: -1\.0 is below the minimum 0$"):
         validate(dict(NOISE=-1.0), NOISE=Param(float, low=0))
+    with pytest.raises(ParameterError, match=r"^N: 5 is above the maximum 4$"):  # a one-sided range says which side
+        validate(dict(N=5), N=Param(int, high=4))
 
 
 def test_runs_root_can_be_redirected(tmp_path):
@@ -166,7 +169,7 @@ def _validate_cell(name: str, tmp_path, **over):
     assert not loads, f"{name}: a cell before its parameter check loads a model ({loads})"
     ns: dict = {}
     exec("".join(params["source"]), ns)
-    ns.update(OUTPUT_DIR=str(tmp_path / "out"), **over)
+    ns.update({"OUTPUT_DIR": str(tmp_path / "out"), **over})
     cwd = os.getcwd()
     os.chdir(REPO_ROOT / "notebooks")  # where papermill runs them
     try:
@@ -182,6 +185,9 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     ("01_sage_latent_search", dict(CLASSES=["cat", "dog", "cat"]), "CLASSES: ['cat', 'dog', 'cat'] repeat ['cat']"),
     ("01_sage_latent_search", dict(DELTA_MAX=0.0), "DELTA_MAX: must be > 0, got 0.0"),
     ("01_sage_latent_search", dict(RESIDUAL_WEIGHT=0.0), "RESIDUAL_WEIGHT: must be > 0, got 0.0"),  # a zero gradient
+    ("01_sage_latent_search", dict(PROMPT_TEMPLATE="a photo of a {cls} on mars"),  # searched without a word before
+     "PROMPT_TEMPLATE: cannot parse subject 'cat on mars' in caption 'a photo of a cat on mars'. Valid vocabulary: objects"),
+    ("01_sage_latent_search", dict(MODEL="twin:sd-v1", PROMPT_TEMPLATE="a photo of a {cls} on mars"), None),  # not toy
     ("02_sage_prompt_search", dict(BATCH_SIZE=4), "unknown parameter(s) BATCH_SIZE"),
     ("02_sage_prompt_search", dict(CLASSES=["cat", "cat"]), "CLASSES: ['cat', 'cat'] repeat ['cat']"),
     ("02_sage_prompt_search", dict(EMB_RANGE=0.0), "EMB_RANGE: must be > 0"),
@@ -194,6 +200,7 @@ NOTEBOOK_REFUSALS = [  # (notebook, override, message): each notebook's own chec
     ("02_sage_prompt_search", dict(LM="./no_such_lm"), "LM: LM folder not found: ./no_such_lm"),
     ("03_sage_token_attack", dict(TEST_SEEDS=[3, 100]), "SEEDS and TEST_SEEDS share [3]"),
     ("03_sage_token_attack", dict(EMB_RANGE=0.0), "EMB_RANGE: must be > 0"),
+    ("03_sage_token_attack", dict(TARGET="Cat "), "TARGET: 'Cat ' equals SOURCE 'cat'"),  # was a ValueError, untested
     ("03_sage_token_attack", dict(TEST_SEEDS=[2**64]), "TEST_SEEDS: 18446744073709551616 is outside"),
     ("02_sage_prompt_search", dict(EVAL_SEEDS=[2**64]), "EVAL_SEEDS: 18446744073709551616 is outside"),
     ("00_toy_world", dict(RENDER_SEEDS=[2**64]), "RENDER_SEEDS: 18446744073709551616 is outside"),
@@ -234,6 +241,33 @@ def test_notebooks_refuse_bad_parameters_before_loading(name, over, message, tmp
     with pytest.raises(ParameterError) as err:
         _validate_cell(name, tmp_path, **over)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))])
+def test_every_notebook_refuses_an_output_folder_it_cannot_write_before_loading(name, tmp_path, monkeypatch):
+    """The first write comes after the heavy work (02: after its first class), so a file, a path under a file or a
+    read-only folder given as OUTPUT_DIR / FIGURES_DIR fails in the parameter check, in one line naming it."""
+    import os
+
+    import lib.loading
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("")
+    cases = [("OUTPUT_DIR", str(a_file), "is a file, not a folder"),
+             ("OUTPUT_DIR", str(a_file / "out"), f"lies under the file {a_file}, not a folder"),
+             ("FIGURES_DIR", "README.md", "FIGURES_DIR: 'README.md' is a file")]  # relative: from the repo root
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        cases.append(("OUTPUT_DIR", str(locked / "out"), f"{locked} is not writable"))
+    for key, value, message in cases:
+        with pytest.raises(ParameterError) as err:
+            _validate_cell(name, tmp_path, **{key: value})
+        assert str(err.value).startswith(f"{key}: ") and message in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+    assert not (a_file.is_dir() or (REPO_ROOT / "README.md").is_dir())
+    _validate_cell(name, tmp_path, OUTPUT_DIR=str(tmp_path / "new" / "deeper"))  # a folder yet to create: accepted
 
 
 def test_06_checks_its_layers_against_the_model_configs_before_loading(tmp_path, monkeypatch):
@@ -336,3 +370,20 @@ def test_positive_and_disjoint_checks():
 def test_every_notebooks_defaults_pass_its_checks(name, tmp_path):
     P = _validate_cell(name, tmp_path)
     assert P.OUTPUT_DIR == str(tmp_path / "out")
+
+
+def test_02_names_an_unknown_class_with_near_matches_before_the_lm_or_pipeline_loads(tmp_path, monkeypatch):
+    """The LM used to load first and refuse 'cta' as an unknown word, with no class list (a hub LM: several GB)."""
+    import json
+
+    import lib.loading
+    import lib.sage.build
+    from lib.sage.loss import UnknownClassError
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
+    monkeypatch.setattr(lib.sage.build, "load_lm", lambda *a, **k: pytest.fail("the LM loaded"))
+    cells = json.loads((REPO_ROOT / "notebooks" / "02_sage_prompt_search.ipynb").read_text())["cells"]
+    models = next(c for c in cells if "load_lm(" in "".join(c["source"]))  # the cell that loads the models
+    ns = {"P": _validate_cell("02_sage_prompt_search", tmp_path, CLASSES=["cta"])}
+    with pytest.raises(UnknownClassError, match=r"'cta'.*near matches: 'cat'"):
+        exec("".join(models["source"]), ns)

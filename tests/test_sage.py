@@ -997,6 +997,44 @@ def test_prompt_campaign_writes_each_class_and_resumes(pipe, ens, lm, tmp_path, 
     assert searched == ["dog", "cat"]
 
 
+def test_an_interrupted_prompt_search_resumes_after_its_last_finished_round(pipe, ens, lm, tmp_path, monkeypatch):
+    """A class's rounds are written as they finish (at SD size a round is minutes of backward passes): a search
+    stopped in its second round resumes there, to the table an uninterrupted search gives, and the class's file
+    replaces the rounds file when it is done."""
+    import lib.sage.prompt as SP
+
+    cfg = PromptSearch(n_words=3, top_k=4, iterations=1, stop_on_success=False)
+    whole = SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, class_words=LABELS,
+                               out_dir=tmp_path / "whole")
+    assert len(whole) == 3
+    real_end, ends, interrupt = lm.end_prob, [], [True]
+
+    def end_prob(prompt):
+        ends.append(prompt)
+        if len(ends) == 2 and interrupt and interrupt.pop():
+            raise KeyboardInterrupt  # in round 2, after round 1 was written
+        return real_end(prompt)
+
+    monkeypatch.setattr(lm, "end_prob", end_prob)
+    with pytest.raises(KeyboardInterrupt):
+        SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, class_words=LABELS, out_dir=tmp_path / "x")
+    (partial,) = (tmp_path / "x").glob("*.rounds.parquet")
+    assert pd.read_parquet(partial)["prompt"].tolist() == whole["prompt"].tolist()[:1]
+    ends.clear()
+    again = SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, class_words=LABELS,
+                               out_dir=tmp_path / "x")
+    assert ends == whole["prompt"].tolist()[1:]  # rounds 2 and 3 only
+    pd.testing.assert_frame_equal(again, whole)
+    assert not partial.exists() and len(list((tmp_path / "x").glob("prompt_rounds_*.parquet"))) == 1
+    ends.clear()
+    alone = SP.search_prompt(pipe, ens, lm, "cat", [0], steps=2, config=cfg, class_words=LABELS,
+                             rounds_file=tmp_path / "alone.parquet")  # a single search takes a rounds file too
+    pd.testing.assert_frame_equal(alone, whole.drop(columns=["cls", "resumed"]))
+    ends.clear()
+    assert SP.search_prompt(pipe, ens, lm, "cat", [0], steps=2, config=cfg, class_words=LABELS,
+                            rounds_file=tmp_path / "alone.parquet").equals(alone) and ends == []  # all loaded
+
+
 def test_prompt_campaign_shows_one_bar_that_ends_full(pipe, ens, lm, tmp_path, monkeypatch):
     """One bar over every class's embedding iterations, no nested bar per word: it steps each iteration, and what is
     not run (a loaded class, a forced word, an early stop) counts as done, so the bar ends at its total."""
@@ -1122,8 +1160,9 @@ def test_found_prompts_must_be_complete_sentences_for_the_lm(pipe, lm):
     cfg = dict(n_words=2, top_k=3, iterations=1)
     df = search_prompt(pipe, fooled, lm, "cat", [0], steps=2, config=PromptSearch(min_end_prob=0.0, **cfg))
     assert len(df) == 1 and df.found[0]  # check off: the first word already counts
-    df = search_prompt(pipe, fooled, lm, "cat", [0], steps=2, config=PromptSearch(min_end_prob=1.01, **cfg))
-    assert len(df) == 2 and not df.found.any()  # never complete: fooled, but grown on and not reported
+    df = search_prompt(pipe, fooled, lm, "cat", [0], steps=2, config=PromptSearch(min_end_prob=1.0, **cfg))
+    assert (df.end_prob < 1.0).all()  # so no prompt is complete enough for the bar of 1.0
+    assert len(df) == 2 and not df.found.any()  # fooled, but grown on and not reported
     assert (df.fooled_fraction == 1.0).all() and df.end_prob.between(0, 1).all()
 
 

@@ -110,6 +110,12 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none.json'} does not exist: run notebook 01 (it writes params.json to its output "
         "folder) or give another --params"]
+    path = campaign.write_params(params(CLASSES=["cta"]), tmp_path)  # the ensemble's check: a traceback before
+    proc = subprocess.run([sys.executable, "-m", "lib.sage.campaign", "--params", str(path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "'cta'" in lines[0] and "near matches: 'cat'" in lines[0], lines[0]
 
 
 def test_each_launched_process_takes_its_own_gpu_and_auto_means_what_the_notebook_means(monkeypatch):

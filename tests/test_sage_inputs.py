@@ -485,7 +485,10 @@ def test_grad_from_step_outside_the_sampling_steps_is_a_value_error(pipe, monkey
 
     monkeypatch.setattr(SP, "render_with_slots", no_render)
     monkeypatch.setattr(T, "render_with_slots", no_render)
-    for bad in (2, 5, -1):
+    for cls in (PromptSearch, TokenAttack):  # a negative step: refused when the settings are made
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}\.grad_from_step: -1 is below the minimum 0$"):
+            cls(grad_from_step=-1)
+    for bad in (2, 5):
         with pytest.raises(ValueError, match=rf"grad_from_step must be in \[0, 1\] for 2 sampling steps.*got {bad}"):
             search_prompt(pipe, edge_ensemble(), ListLM("red", "dog"), "cat", [0], steps=2,
                           config=PromptSearch(grad_from_step=bad))
@@ -677,3 +680,24 @@ def test_a_real_model_judged_by_the_toy_world_s_classifiers_is_warned_about():
                         DTYPE="float32", CHECKPOINTING=None)
     with pytest.warns(UserWarning, match="is not the toy world"), pytest.raises(ModelLoadError):
         setup(P, ["cat"])  # warned before the load, which fails offline (the hub is off in tests)
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda: LatentSearch(iterations=-1), r"^LatentSearch\.iterations: -1 is below the minimum 0$"),  # a TypeError late
+    (lambda: LatentSearch(shell_sigmas=0.0), r"^LatentSearch\.shell_sigmas: must be > 0, got 0\.0$"),
+    (lambda: PromptSearch(iterations=-5), r"^PromptSearch\.iterations: -5 is below the minimum 0$"),  # ran no search
+    (lambda: PromptSearch(lr=-0.05), r"^PromptSearch\.lr: -0\.05 is below the minimum 0\.0$"),  # climbed the loss
+    (lambda: PromptSearch(n_words=0), r"^PromptSearch\.n_words: 0 is below the minimum 1$"),
+    (lambda: PromptSearch(emb_range=(2.5, -2.5)), r"^PromptSearch\.emb_range: must be a \(low, high\) pair"),
+    (lambda: PromptSearch(success_fraction=0.0), r"^PromptSearch\.success_fraction: must be > 0"),
+    (lambda: TokenAttack(batch_size=0), r"^TokenAttack\.batch_size: 0 is below the minimum 1$"),
+    (lambda: TokenAttack(iterations=-1), r"^TokenAttack\.iterations: -1 is below the minimum 0$"),  # an untrained token
+    (lambda: TokenAttack(lr=0.0), r"^TokenAttack\.lr: must be > 0, got 0\.0$"),
+    (lambda: TokenAttack(seed=-1), r"^TokenAttack\.seed: -1 is outside \[0, 9223372036854775807\]$"),
+])
+def test_search_settings_are_checked_when_made_by_library_callers_too(make, error):
+    """The notebooks check their parameters; a direct library call made these silently (or failed late)."""
+    from lib.params import ParameterError
+
+    with pytest.raises(ParameterError, match=error):
+        make()

@@ -102,7 +102,8 @@ def test_a_missing_committed_file_can_be_restored_from_git():
 
 @pytest.mark.parametrize("damage", ["missing tokenizer.json", "missing tokenizer_config.json",
                                     "tiny tokenizer.json", "no length limit", "corrupt unet",
-                                    "unet lacks a tensor", "text_encoder lacks a tensor"])
+                                    "unet lacks a tensor", "text_encoder lacks a tensor", "missing unet weights",
+                                    "broken tokenizer.json"])
 def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path, damage, monkeypatch):
     import shutil
 
@@ -112,7 +113,11 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
     bad = tmp_path / "toy"
     shutil.copytree(toy_dir, bad)
     tok = bad / "tokenizer"
-    if damage.startswith("missing"):
+    if damage == "missing unet weights":  # diffusers then looked for a .bin and named that
+        (bad / "unet/diffusion_pytorch_model.safetensors").unlink()
+    elif damage == "broken tokenizer.json":
+        (tok / "tokenizer.json").write_text('{"version": ')
+    elif damage.startswith("missing"):
         (tok / damage.split()[1]).unlink()
     elif damage == "tiny tokenizer.json":  # loads without complaint as a 2-token vocabulary
         spec = json.loads((tok / "tokenizer.json").read_text())
@@ -134,8 +139,10 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
         (bad / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     where = damage.split()[-1 if damage == "corrupt unet" else 0] if "unet" in damage or "text_encoder" in damage \
         else "tokenizer"
-    if damage.startswith("missing"):  # the file itself, not only its folder
+    if damage.startswith("missing") or damage == "broken tokenizer.json":  # the file itself, not only its folder
         where = f"tokenizer/{damage.split()[1]}"
+    if damage == "missing unet weights":
+        where = "unet/diffusion_pytorch_model.safetensors"
     with pytest.raises((FileNotFoundError, RuntimeError), match=f"{where}.*lib.toy.train --stage all"):
         T.load_toy_pipeline(bad)
     if where == "text_encoder":  # CLIP-Score's model reads the same file
@@ -146,6 +153,10 @@ def test_damaged_toy_folders_fail_in_one_line_naming_the_file(toy_dir, tmp_path,
         load_pipeline("toy")
     msg = str(err.value)
     assert where in msg and "lib.toy.train --stage all" in msg and "\n" not in msg, msg
+    with pytest.raises(ModelLoadError) as err:  # the same folder given by its path, as a retrained world is
+        load_pipeline(str(bad))
+    msg = str(err.value)
+    assert where in msg and f"lib.toy.train --stage all --config gpu --out {bad}" in msg and "\n" not in msg, msg
 
 
 def test_a_vision_tower_lacking_a_tensor_is_named(toy_dir, tmp_path):

@@ -628,7 +628,7 @@ def test_sweep_resumes_shards_and_flags_nan(tmp_path):
     assert not df.loc[~df["nan"], "score"].isna().any() and not nan_rows["causal"].any()
     report = nan_report(df)  # what the notebooks show: one line per item with a non-finite run
     assert len(report) == 2 and (report["nan_runs"] == 1).all() and set(report["caption"]) == set(nan_rows["caption"])
-    with pytest.raises(SweepError, match="different sweep config"):
+    with pytest.raises(SweepError, match=r"different sweep config \(.*steps: 2 there, 3 now.*\); use another"):
         run_sweep(p, toy_scorer(), PROBES, [0], out, SweepConfig(model="twin:sd-v1", steps=3), 0, 1, progress=False)
     with pytest.raises(SweepError, match="empty"):
         run_sweep(p, toy_scorer(), PROBES.iloc[:0], [0], tmp_path / "x", cfg, 0, 1, progress=False)
@@ -680,7 +680,7 @@ def test_a_sweep_traces_every_seed_with_its_noise_scale_noise_seed_and_uncond(tm
         rows = df[df["seed"] == seed].set_index("layer").loc[list(SUBSET[:2])]
         assert rows["score"].tolist() == pytest.approx(list(clip_scores(scorer, tr.restored, CAPTION)), abs=1e-5)
         assert (rows["noise_seed"] == item_noise_seed(corruption, CAPTION, SUBJECT)).all()
-    with pytest.raises(SweepError, match="different sweep config"):
+    with pytest.raises(SweepError, match=r"different sweep config \(multiplier: 2\.0 there, 3\.0 now\)"):
         run_sweep(p, scorer, PROBES.iloc[:1], [4], tmp_path, dataclasses.replace(cfg, multiplier=3.0), 0, 1,
                   progress=False)
 
@@ -828,7 +828,7 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
     with pytest.raises(LayerError, match="has layers 0..11"):
         run_sweep(p, toy_scorer(), PROBES, [0], tmp_path, SweepConfig(model="twin:sd-v1", mode="text",
                                                                      text_layers=(12,)), 0, 1, progress=False)
-    with pytest.raises(SweepError, match="no seeds"):
+    with pytest.raises(SweepError, match=r"^seeds: needs at least 1 item\(s\), got \[\]$"):
         run_sweep(p, toy_scorer(), PROBES, [], tmp_path, SweepConfig(model="twin:sd-v1"), 0, 1, progress=False)
     with pytest.raises(SweepError, match="uncond must be"):
         SweepConfig(model="twin:sd-v1", uncond="both")
@@ -843,6 +843,11 @@ def test_bad_text_sites_and_seeds_fail_before_sweep_json(tmp_path):
 @pytest.mark.parametrize("flags,error", [
     (["--mode", "text", "--text-layers", "x"], r"--text-layers 'x': give comma-separated integers"),
     (["--seeds", "0,one"], r"--seeds '0,one': give comma-separated integers"),
+    (["--seeds", "-1"], r"seeds: -1 is outside \[0, 9223372036854775807\]"),  # was accepted
+    (["--seeds", str(2**64)], r"seeds: 18446744073709551616 is outside"),  # was traced, then failed in the item
+    (["--seeds", "0,0"], r"repeat \[0\]"),
+    (["--n-val", "0"], r"--n-val must be >= 1"),
+    (["--n-val", "1", "--n-test", "-1"], r"--n-test must be >= 0"),
     (["--mode", "text", "--text-layers", "0,12"], r"no text encoder has layer\(s\) \[12\]: text_encoder has layers 0..11"),
     (["--mode", "unet", "--layers", "mid_block.resnets.0,mid_block.resnets.2"],
      r"unknown UNet layer 'mid_block.resnets.2'; did you mean"),
@@ -855,6 +860,15 @@ def test_cli_checks_its_flags_before_loading_the_pipeline(tmp_path, monkeypatch,
     with pytest.raises(SweepError, match=error):
         main(["--model", "twin:sd-v1", "--probes", "toy", "--out", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cli_ends_a_refused_sweep_with_one_error_line(tmp_path):
+    """``python -m lib.tracing.sweep`` (each process of ``accelerate launch`` too) prints ``error: ...``, no traceback."""
+    cmd = [sys.executable, "-m", "lib.tracing.sweep", "--model", "twin:sd-v1", "--probes", str(tmp_path / "nope.csv"),
+           "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "nope.csv" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("rows,error", [
@@ -1435,10 +1449,17 @@ def test_printed_sweep_command_parses_to_the_notebooks_config(tmp_path, monkeypa
     monkeypatch.setattr(lib.loading, "load_pipeline", lambda model, **kw: (loaded.append(kw), p)[1])
     monkeypatch.setattr(sweep_mod, "_scorer", lambda *a: scorer)
     monkeypatch.setattr(sweep_mod, "run_sweep", lambda pipe_, sc, probes, seeds, folder, c, *a, **k:
-                        seen.update(cfg=c, folder=folder) or [])
+                        seen.update(cfg=c, folder=folder, probes=probes, seeds=seeds) or [])
     assert sweep_mod.main(argv) == 0
     assert loaded == [dict(device="cpu", dtype="float32")]
     assert seen["cfg"] == cfg and seen["folder"] == sweep_dir(out / "sweeps", cfg)
+    from lib.tracing.probes import probe_path, select_probes
+
+    # the notebook's rows (N_VAL=1, N_TEST=0: one caption per attribute), not the whole probe set
+    assert argv[argv.index("--n-val") + 1] == "1" and argv[argv.index("--n-test") + 1] == "0"
+    pd.testing.assert_frame_equal(seen["probes"], select_probes(load_probes(probe_path("toy")), 1, 0))
+    assert len(seen["probes"]) < len(load_probes(probe_path("toy"))) and seen["seeds"] == [0]
+    assert "--n-test" not in tracing.sweep_command(_nb_params("unet", N_TEST=None), cfg, p, out)  # None: every row
     # paths as the command run from the repo root names them: no machine path for a folder inside the repo, and a
     # relative MODEL / PROBES path (taken from the notebook's cwd, notebooks/) made absolute or repo-relative
     from lib.paths import REPO_ROOT

@@ -58,8 +58,10 @@ def test_toy_probes_on_a_real_model_are_flagged(tmp_path):
 
 
 def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
-    with pytest.raises(ParameterError, match="TAU: use 'otsu'"):
+    with pytest.raises(ParameterError, match=r"^TAU: 1\.5 is neither 'otsu' .* nor a number in \[0, 1\]$"):
         params("unet", TAU=1.5)
+    with pytest.raises(ParameterError, match=r"^TAU: 'Otsu' is neither 'otsu'"):  # the value was not named
+        params("unet", TAU="Otsu")
     with pytest.raises(ParameterError, match=r"TEXT_KINDS: unknown kind\(s\) \['attn'\]"):
         params("text", TEXT_KINDS=["attn"])
     for bad in ("clip", "openclip", "openclip::openai", "toy:"):
@@ -81,3 +83,18 @@ def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):
         main(["--model", "toy", "--probes", "toy", "--out", str(tmp_path), "--scorer", "openclip:ViT-B-32"])
     with pytest.raises(SweepError, match="probe set 'no_such' not found"):
         main(["--model", "toy", "--probes", "no_such", "--out", str(tmp_path)])
+
+
+def test_a_toy_world_refuses_probe_captions_outside_its_grammar_before_loading(tmp_path, monkeypatch):
+    """A custom probe file with words the toy text encoder never saw was traced without a word."""
+    import lib.loading
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded"))
+    probes = tmp_path / "zoo.csv"
+    probes.write_text("caption,subject,attribute,split\na photo of a zebra,zebra,objects,val\n")
+    with pytest.raises(ParameterError, match=r"^PROBES: cannot parse subject 'zebra' in caption 'a photo of a zebra'\. "
+                                             r"Valid vocabulary: objects: 'circle'"):
+        tracing.load(params("unet", PROBES=str(probes), LAYERS=LAYERS))
+    with pytest.raises(SweepError, match=r"^--probes: cannot parse subject 'zebra'"):
+        main(["--model", "toy", "--probes", str(probes), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

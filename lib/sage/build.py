@@ -8,7 +8,7 @@ Member specs (strings, as notebook parameters):
 * ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config); ``"timm:<name>@<file>"`` with its
   weights from a local file (a path from the repo root, or absolute) instead of the Hugging Face cache (not for
   ``hf-hub:`` names, where timm reads ``@`` as a revision);
-* ``"edge:timm:<name>"`` (or ``"edge:<any spec>"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
+* ``"edge:timm:<name>"`` (or ``"edge:<any non-toy spec>"``, e.g. ``"edge:clip:ViT-B-32"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
 * ``"clip:<open_clip model>"``: open_clip zero-shot over the ImageNet label names (OpenAI weights).
 
 Real classifiers need their weights in the local caches (no downloads here); the toy ones are committed.
@@ -148,25 +148,36 @@ def toy_parts_warning(model: str, members: Sequence[str], lm: str | None = None)
             "causal LM id")
 
 
-def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: tuple[str, str] | None = None):
-    """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
-    ``P.CHECKPOINTING``, the members ``P.ENSEMBLE`` and ``P.CHECKER`` on ``P.ATTRIBUTE``, ``classes`` checked, and
-    ``distinct`` = (source, target) a target that shares no member's label with the source
-    (:meth:`lib.sage.loss.Ensemble.check_distinct`).
-
-    The ensemble is built and these checked first: a misspelt member, head or class, or an ImageNet target inside the
-    source's group, fails in one line before the (for SD, minutes-long) pipeline load."""
-    from lib.loading import load_pipeline, resolve_device
-    from lib.speed import save_memory
+def build_members(P, classes: Sequence[str], criteria: Criteria = Criteria(),
+                  distinct: tuple[str, str] | None = None, _stacklevel: int = 2):
+    """(ensemble, checker) for a SAGE notebook's parameters ``P``: the members ``P.ENSEMBLE`` and ``P.CHECKER`` on
+    ``P.ATTRIBUTE``, ``classes`` checked, and ``distinct`` = (source, target) a target that shares no member's label
+    with the source (:meth:`lib.sage.loss.Ensemble.check_distinct`). A misspelt member, head or class, or an ImageNet
+    target inside the source's group, fails here in one line, before any diffusion model or LM loads."""
+    from lib.loading import resolve_device
 
     message = toy_parts_warning(P.MODEL, list(P.ENSEMBLE) + ([P.CHECKER] if P.CHECKER else []), getattr(P, "LM", None))
     if message:
-        warnings.warn(message, ToySettingsWarning, stacklevel=2)
+        warnings.warn(message, ToySettingsWarning, stacklevel=_stacklevel)
     ens, checker = build_ensemble(P.ENSEMBLE, P.CHECKER, device=str(resolve_device(P.DEVICE)),
                                   attribute=P.ATTRIBUTE, criteria=criteria)
     check_classes(ens, classes, checker)
     if distinct is not None:
         ens.check_distinct(*distinct)
+    return ens, checker
+
+
+def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: tuple[str, str] | None = None,
+          members: tuple | None = None):
+    """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
+    ``P.CHECKPOINTING``, and the members of :func:`build_members` (or ``members``, the pair it returned earlier).
+
+    The ensemble is built and checked first: a misspelt member, head or class fails in one line before the (for SD,
+    minutes-long) pipeline load."""
+    from lib.loading import load_pipeline
+    from lib.speed import save_memory
+
+    ens, checker = members if members is not None else build_members(P, classes, criteria, distinct, _stacklevel=3)
     pipe = load_pipeline(P.MODEL, device=P.DEVICE, dtype=P.DTYPE)
     freeze_pipeline(pipe)
     save_memory(pipe, P.CHECKPOINTING)

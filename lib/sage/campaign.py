@@ -65,7 +65,26 @@ def check_params(values: Mapping[str, Any]) -> SimpleNamespace:
         raise ParameterError(f"missing parameter(s) {', '.join(missing)}")
     P = validate(values, **PARAMS)
     check_step(P, "RESIDUAL_STEP", inclusive=True)
+    check_toy_prompts(P)
     return P
+
+
+def check_toy_prompts(P: SimpleNamespace) -> None:
+    """On the toy world, ``ParameterError`` (one line, with the vocabulary) when ``PROMPT_TEMPLATE`` makes a prompt
+    outside its caption grammar, e.g. "a photo of a {cls} on mars": its text encoder never saw such words. Classes
+    that are no toy word are left to the ensemble's check, which names near matches."""
+    from lib.loading import is_toy_world
+    from lib.toy import world as W
+
+    if not is_toy_world(P.MODEL):
+        return
+    words = {w for family in W.VOCAB.values() for w in family}
+    for c in P.CLASSES:
+        if c.strip().lower() in words:
+            try:
+                W.parse_caption(prompt_for(P, c))
+            except ValueError as err:
+                raise ParameterError(f"PROMPT_TEMPLATE: {err}") from None
 
 
 def criteria(P: SimpleNamespace):
@@ -183,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from lib.loading import ModelLoadError
+    from lib.sage.loss import UnknownClassError
 
     try:
         raise SystemExit(main())
-    except (ParameterError, ModelLoadError) as err:  # one line, not a traceback from every launched process
+    except (ValueError, UnknownClassError, ModelLoadError) as err:  # one line, not a traceback from every process
         raise SystemExit(f"error: {err}") from None

@@ -39,7 +39,7 @@ from typing import Literal, Sequence
 import torch
 
 from lib.atomic import remove_stale_tmp
-from lib.params import distinct
+from lib.params import Param, check_fields, distinct, positive
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad_rows
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
@@ -170,6 +170,10 @@ class LatentSearch:
     residual: Residual = Residual()
     stop_on_success: bool = True
 
+    def __post_init__(self) -> None:
+        """``lr`` and ``delta_range`` are checked by :func:`search_latents`, with what a wrong value would do."""
+        check_fields(self, iterations=Param(int, low=0), shell_sigmas=Param(float, low=0.0, optional=True, check=positive))
+
 
 @dataclass
 class LatentResult:
@@ -240,7 +244,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     if (seeds is None) == (latents is None):
         raise ValueError("give exactly one of seed(s)= or latent(s)=")
     if seeds is not None and len(seeds) == 0:
-        raise ValueError("seeds is empty")
+        raise ValueError("seeds is empty: give at least one seed")
     if seeds is not None:
         check_seeds(seeds)
     lo, hi = config.delta_range

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.params import Param, check_fields, interval, positive
 from lib.prompts import PromptError
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import Residual, check_seeds, sample_with_residual, signed_step
@@ -435,10 +436,18 @@ class PromptSearch:
     min_end_prob: float = 0.1  # a found prompt must be one the LM would end there (ours; 0: off)
     stop_on_success: bool = True
 
+    def __post_init__(self) -> None:
+        check_fields(self, n_words=Param(int, low=1), top_k=Param(int, low=1), min_prob=Param(float, low=0.0, high=1.0),
+                     lookahead=Param(int, low=0), lr=Param(float, low=0.0, check=positive),
+                     iterations=Param(int, low=0), emb_range=Param((tuple, list), check=interval),
+                     grad_from_step=Param(int, low=0), success_fraction=Param(float, low=0.0, high=1.0, check=positive),
+                     min_end_prob=Param(float, low=0.0, high=1.0))
+
 
 def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
                   guidance: float = 7.5, config: PromptSearch = PromptSearch(),
-                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool | Any = False):
+                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool | Any = False,
+                  rounds_file: str | Path | None = None):
     """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
 
     ``loss_prompt``: the surrogate loss (goal ``lose``, mean over the seeds) of the round's prompt, words only;
@@ -446,14 +455,31 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     When the LM proposes no word the search ends with a row that adds none (``found`` False, ``word`` None, the reason
     in ``stopped``). ``progress``: True for a tqdm bar (stderr) over the search's embedding iterations, or a bar to
     advance (:func:`prompt_campaign`'s); it ends advanced by ``n_words × iterations``, however early the search ends.
+
+    ``rounds_file``: each finished round is written there at once (atomically; the rounds so far), and the rounds an
+    existing file holds are taken instead of searched again. A round depends only on the prompt before it, so a
+    search interrupted after some rounds resumes to the same table. The caller names the file after everything the
+    search depends on (:func:`prompt_campaign` does, with :func:`prompt_key`).
     """
     import pandas as pd
 
     check_prompt_search(pipe, ensemble, lm, [cls], seeds, steps, config)
     bar, own_bar = _search_bar(progress, config.n_words * config.iterations)
     done_before = bar.n if bar is not None else 0
+    done = _read_rounds(Path(rounds_file), "its rounds are searched again") \
+        if rounds_file is not None and Path(rounds_file).is_file() else None
+    done = [] if done is None else done.drop(columns=["cls", "resumed"], errors="ignore").to_dict("records")
+    save = None
+    if rounds_file is not None:
+        from lib.atomic import write_parquet_atomic
+
+        def save(rows: list[dict]) -> None:
+            write_parquet_atomic(pd.DataFrame(rows), rounds_file)
     try:
-        rows = _grow_prompt(pipe, ensemble, lm, cls, seeds, steps, guidance, config, class_words, attribute_words, bar)
+        if bar is not None and done:
+            bar.update(len(done) * config.iterations)
+        rows = _grow_prompt(pipe, ensemble, lm, cls, seeds, steps, guidance, config, class_words, attribute_words, bar,
+                            done, save)
         if bar is not None:  # iterations not run (a forced word, an early stop) count as done
             bar.update(done_before + config.n_words * config.iterations - bar.n)
         return pd.DataFrame(rows)
@@ -476,14 +502,21 @@ def _search_bar(progress, total: int):
 
 def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int,
                  guidance: float, config: PromptSearch, class_words: Sequence[str], attribute_words: Sequence[str],
-                 bar) -> list[dict]:
-    """:func:`search_prompt`'s rounds as rows; ``bar`` (or None) advanced by one per embedding iteration."""
+                 bar, done: Sequence[dict] = (), save=None) -> list[dict]:
+    """:func:`search_prompt`'s rounds as rows; ``bar`` (or None) advanced by one per embedding iteration. ``done``:
+    rounds already searched (their last prompt is grown further, unless they ended the search); ``save(rows)`` is
+    called after each round."""
     base = config.template.format(cls=cls)
-    prompt, rows, best = base, [], math.nan
+    prompt, rows, best = base, list(done), math.nan
+    if rows:
+        last = rows[-1]
+        if last["word"] is None or (last["found"] and config.stop_on_success) or len(rows) >= config.n_words:
+            return rows  # the search had ended
+        prompt, best = last["prompt"], last["best_loss"]
     scale = loss_scale_for(pipe)
     d = slot_dim(pipe)
     lo, hi = config.emb_range
-    for rnd in range(config.n_words):
+    for rnd in range(len(rows), config.n_words):
         full = _context_full(lm, prompt)  # words of several LM tokens can fill it before n_words rounds
         overflow = slots_overflow(pipe, prompt, 1 + config.lookahead)  # and the text encoder's 77 tokens
         proposed = [] if full or overflow else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
@@ -497,6 +530,8 @@ def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seq
                              loss_start=math.nan, loss_end=math.nan, loss_prompt=math.nan, best_loss=best,
                              p_class=math.nan, fooled_fraction=math.nan, end_prob=math.nan, found=False, category=None,
                              stopped=why))
+            if save is not None:
+                save(rows)
             break
         emb = torch.zeros(1 + config.lookahead, d)
         history, stopped = [], None
@@ -541,6 +576,8 @@ def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seq
                          category=categorize(prompt, base, cls, class_words, attribute_words,
                                             ensemble.groups.get(cls.strip().lower(), ())) if found else None,
                          stopped=stopped))
+        if save is not None:
+            save(rows)
         if found and config.stop_on_success:
             break
     return rows
@@ -626,7 +663,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     With ``out_dir`` each finished class is written at once (atomically) to
     ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
     and every setting; with ``resume`` a finished class is loaded instead of searched again (an unreadable file: searched
-    again, with a warning). Every class is checked
+    again, with a warning). A class's rounds are written as they finish too (``<that name>.rounds.parquet``, removed
+    when the class is done), so a search interrupted mid-class resumes after its last finished round. Every class is checked
     (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
     any other class is searched. ``progress``: one tqdm bar over every class's embedding iterations (``n_words ×
     iterations`` per class; a loaded class counts as done).
@@ -657,10 +695,14 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
                 if bar is not None:
                     bar.update(per_class)
             else:
+                partial = None if path is None else path.with_name(path.stem + ".rounds.parquet")
+                if partial is not None and not resume and partial.exists():
+                    partial.unlink()  # resume=False: every round searched again
                 df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
-                                   bar if bar is not None else False).assign(cls=c)
+                                   bar if bar is not None else False, rounds_file=partial).assign(cls=c)
                 if path is not None:
                     write_parquet_atomic(df, path)
+                    partial.unlink(missing_ok=True)  # the class's file holds its rounds now
                 df = df.assign(resumed=False)
             parts.append(df)
     finally:
@@ -669,17 +711,17 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     return pd.concat(parts, ignore_index=True)
 
 
-def _read_rounds(path: Path):
-    """A class's finished rounds written by :func:`prompt_campaign`, with the columns older files lack; None (and a
-    warning: the class is searched again and the file overwritten) when the file is unreadable."""
+def _read_rounds(path: Path, then: str = "searching its class again"):
+    """A class's finished rounds written by :func:`prompt_campaign` (or a search's ``rounds_file``), with the columns
+    older files lack; None (and a warning: the class is searched again and the file overwritten) when the file is
+    unreadable."""
     import pandas as pd
 
     try:
         df = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: search again, say so
         why = (str(err).splitlines() or [type(err).__name__])[0]
-        warnings.warn(f"ignoring unreadable prompt-search result {path.name} ({why}); searching its class again",
-                      stacklevel=3)
+        warnings.warn(f"ignoring unreadable prompt-search result {path.name} ({why}); {then}", stacklevel=3)
         return None
     if "stopped" not in df:  # written before searches recorded why they stopped
         df["stopped"] = None

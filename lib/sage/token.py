@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.params import Param, check_fields, interval, positive, seed_value
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import check_seeds, signed_step
 from lib.sage.loss import Ensemble
@@ -60,6 +61,11 @@ class TokenAttack:
     batch_size: int = 4
     grad_from_step: int = 0
     seed: int = 0  # minibatch order
+
+    def __post_init__(self) -> None:
+        check_fields(self, lr=Param(float, low=0.0, check=positive), iterations=Param(int, low=0),
+                     emb_range=Param((tuple, list), check=interval), batch_size=Param(int, low=1),
+                     grad_from_step=Param(int, low=0), seed=seed_value())
 
 
 @dataclass

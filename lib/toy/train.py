@@ -1,6 +1,6 @@
 """Train the toy Stable Diffusion on the toy world: (1) CLIP, (2) VAE, (3) UNet, following SD's recipe.
 
-    python -m lib.toy.train --stage {clip,vae,unet,all} --config {cpu,gpu} --out data/toy [--steps-override N]
+    python -m lib.toy.train --stage {clip,vae,unet,all,clip-vision,vae-decoder,unet-resume} --config {cpu,gpu} --out data/toy [--steps-override N]
 
 Writes a diffusers folder that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline
 (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``, fp16 safetensors), the toy CLIP's vision tower and
@@ -185,7 +185,10 @@ _COMPONENTS = ("text_encoder", "vae", "unet", "clip_vision", "tokenizer", "sched
 
 
 def _toy_root(path: Path) -> Path:
-    """The toy-world folder of one of its files (a component's file, or ``TRAINING.json`` / ``model_index.json``)."""
+    """The toy-world folder of one of its files (a component's file, or ``TRAINING.json`` / ``model_index.json``), of a
+    component folder, or the toy-world folder itself (a path without a suffix)."""
+    if path.is_dir() or not path.suffix:
+        return path.parent if path.name in _COMPONENTS else path
     return path.parent.parent if path.parent.name in _COMPONENTS else path.parent
 
 
@@ -232,7 +235,8 @@ def _check_readable(path: Path) -> Path:
 
 def _corrupt(path: Path, err: Exception) -> RuntimeError:
     first = (str(err).strip().splitlines() or [""])[0]
-    return RuntimeError(f"toy model file {path} is unreadable or corrupt ({type(err).__name__}: {first}). "
+    what = "toy model folder" if path.is_dir() else "toy model file"
+    return RuntimeError(f"{what} {path} is unreadable or corrupt ({type(err).__name__}: {first}). "
                         f"{rebuild_hint(path)}")
 
 
@@ -292,8 +296,10 @@ def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: 
     folder = check_toy_folder(folder)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_kwarg(dtype), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command
-        raise _corrupt(folder, err) from err
+    except Exception as err:  # noqa: BLE001 - re-raised with the rebuild command, naming the file when one is
+        from lib.loading import damaged_file
+
+        raise _corrupt(damaged_file(folder) or folder, err) from err
     from lib.loading import incomplete_weights, tokenizer_problem
 
     gap = incomplete_weights(pipe, folder)
@@ -990,7 +996,7 @@ def run(stage: str, config: str, out: str | Path, steps_override: int | None = N
         budget_min: float | None = None, threads: int | None = None, train_split: str = "train",
         latent_channels: int | None = None, batch: int | None = None) -> dict:
     """Train ``stage`` (``all`` = clip, vae, unet from scratch; ``clip-vision`` / ``vae-decoder`` / ``unet-resume``
-    continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (CPU config), ``threads``
+    continue saved weights without invalidating the later stages) with ``CONFIGS[config]``; ``budget_min`` overrides the stage's wall-clock budget (either config), ``threads``
     the CPU thread count (use 1 when other jobs share the cores: OpenMP threads stall each other when oversubscribed);
     ``train_split="any"`` lets the ``clip-vision`` stage see held-out combinations (see :func:`train_clip`);
     ``latent_channels`` sizes a new VAE (stages ``vae`` and ``all``; the UNet follows the saved VAE); ``batch`` overrides
@@ -1127,7 +1133,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=STAGES, required=True,
                     help="all = clip, vae, unet from scratch; clip-vision / vae-decoder / unet-resume continue saved weights")
-    ap.add_argument("--budget-min", type=float, default=None, help="wall-clock budget of each stage (cpu config)")
+    ap.add_argument("--budget-min", type=float, default=None, help="wall-clock budget of each stage, minutes (either config)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's)")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="cpu")
     ap.add_argument("--out", default=str(TOY_DIR))

@@ -30,7 +30,7 @@ from lib.tracing.sweep import (SweepConfig, check_captions, collect, load_probes
 
 def check_tau(value: Any) -> None:
     if isinstance(value, str) and value != "otsu" or isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError("use 'otsu' (chosen on the validation split) or a number in [0, 1]")
+        raise ValueError(f"{value!r} is neither 'otsu' (chosen on the validation split) nor a number in [0, 1]")
 
 
 def check_text_kinds(value: list[str]) -> None:
@@ -104,10 +104,14 @@ def load(P: SimpleNamespace):
     from lib.loading import load_pipeline, resolve_device
     from lib.scoring import scorer_for
     from lib.tokenizer import build_clip_tokenizer
-    from lib.tracing.probes import probe_path, select_probes
+    from lib.tracing.probes import check_toy_grammar, probe_path, select_probes
 
     probes = select_probes(load_probes(probe_path(P.PROBES)), P.N_VAL, P.N_TEST)  # before the heavy load
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
+    try:
+        check_toy_grammar(P.MODEL, probes)
+    except ValueError as err:
+        raise ParameterError(f"PROBES: {err}") from None
     check_splits(P, probes)
     check_layers(P)
     message = probes_match_model(P.PROBES, P.MODEL)
@@ -140,8 +144,8 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, process
 
     It writes into ``out/sweeps/<mode>-<hash>``, the folder this notebook reads: floats are printed exactly (``repr``)
     and the model loads on the notebook's device type and dtype (both enter the weights fingerprint), so a re-run of
-    the notebook with the same parameters and ``OUTPUT_DIR`` resumes from it (the CLI traces every probe row; the
-    notebook keeps its selection).
+    the notebook with the same parameters and ``OUTPUT_DIR`` resumes from it. ``N_VAL`` / ``N_TEST`` become
+    ``--n-val`` / ``--n-test``, so the command traces the notebook's probe rows, no more.
     """
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
     probes = shlex.quote(P.PROBES) if str(P.PROBES) in NAMED_SETS else shell_path(probe_path(P.PROBES))
@@ -150,6 +154,7 @@ def sweep_command(P: SimpleNamespace, cfg: SweepConfig, pipe, out: Path, process
             ("--dtype", dtype), ("--seeds", ",".join(map(str, P.SEEDS))), ("--steps", cfg.steps),
             ("--guidance", repr(cfg.guidance)), ("--batch-size", cfg.batch_size),
             ("--multiplier", repr(cfg.multiplier)), ("--noise-seed", cfg.noise_seed), ("--scorer", cfg.scorer)]
+    args += [(flag, n) for flag, n in (("--n-val", P.N_VAL), ("--n-test", P.N_TEST)) if n is not None]
     if cfg.mode == "unet":
         args.append(("--uncond", cfg.uncond))
         if cfg.layers:

@@ -90,6 +90,17 @@ def select_probes(probes: pd.DataFrame, n_val: int | None = None, n_test: int | 
     return pd.concat(parts).sort_index().reset_index(drop=True)
 
 
+def check_toy_grammar(model: str, probes: pd.DataFrame) -> None:
+    """On the toy world, ``ValueError`` (one line, with the vocabulary) for the first probe caption outside its
+    caption grammar (e.g. "a photo of a zebra" in a custom probe file): its text encoder never saw such words."""
+    from lib.loading import is_toy_world
+    from lib.toy.world import parse_caption
+
+    if is_toy_world(model):
+        for caption in probes["caption"]:
+            parse_caption(caption)
+
+
 def main() -> None:
     path = NAMED_SETS["toy"]
     write_csv_atomic(toy_probe_set(), path)

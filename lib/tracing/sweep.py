@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import re
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,8 +172,12 @@ class WorkItem:
 
 def work_items(probes: pd.DataFrame, seeds: Sequence[int]) -> list[WorkItem]:
     """Every probe row × seed, in a fixed order (rows outer, seeds inner)."""
-    if len(seeds) == 0:
-        raise SweepError("no seeds given")
+    from lib.params import ParameterError, seed_list
+
+    try:
+        seeds = seed_list().validate("seeds", list(seeds))
+    except ParameterError as err:
+        raise SweepError(str(err)) from None
     return [WorkItem(int(i), r.caption, r.subject, r.attribute, r.split, int(s))
             for i, r in enumerate(probes.itertuples()) for s in seeds]
 
@@ -238,8 +243,11 @@ def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
         except ValueError as err:
             raise SweepError(f"{path} is not valid JSON ({err}): the settings of the traces in {out_dir} are "
                              f"unknown; {fix}") from None
-        if held != json.loads(cfg.to_json()):
-            raise SweepError(f"{path} holds a different sweep config; {fix}")
+        now = json.loads(cfg.to_json())
+        if held != now:
+            diff = "; ".join(f"{k}: {held.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(held) | set(now))
+                             if held.get(k) != now.get(k))
+            raise SweepError(f"{path} holds a different sweep config ({diff}); {fix}")
         return
     if any(out_dir.glob("*.parquet")):
         raise SweepError(f"{out_dir} holds trace files but no {CONFIG_FILE}: their settings are unknown; {fix}")
@@ -409,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated states restored per text-encoder layer (default: {','.join(TEXT_KINDS)})")
     ap.add_argument("--scorer", default="auto", help="auto (toy CLIP for toy folders, random toy CLIP for twins, "
                     "open_clip ViT-L-14/openai otherwise), toy[:<folder>], random, openclip:<model>:<pretrained|none>")
+    ap.add_argument("--n-val", type=int, default=None,
+                    help="the first N validation rows of each attribute, as a notebook's N_VAL (default: all)")
+    ap.add_argument("--n-test", type=int, default=None,
+                    help="the first N test rows of each attribute, as a notebook's N_TEST (default: all)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N (probe, seed) items")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                     help="auto: this process's accelerate device; cuda: this process's GPU; mps: Apple's GPU (one "
@@ -420,19 +432,28 @@ def main(argv: list[str] | None = None) -> int:
                          "when given the same settings), so a notebook resumes from this sweep")
     args = ap.parse_args(argv)
     from lib.loading import load_pipeline
-    from lib.tracing.probes import probe_path
+    from lib.tracing.probes import check_toy_grammar, probe_path, select_probes
 
     try:
         probes = load_probes(probe_path(args.probes))  # bad probe files and seeds fail before the (slow) pipeline load
     except FileNotFoundError as err:
         raise SweepError(str(err)) from None
+    for flag, n, low in (("--n-val", args.n_val, 1), ("--n-test", args.n_test, 0)):
+        if n is not None and n < low:
+            raise SweepError(f"{flag} must be >= {low} (or left out: every row), got {n}")
+    probes = select_probes(probes, args.n_val, args.n_test)
+    if probes.empty:
+        raise SweepError(f"--n-val {args.n_val} --n-test {args.n_test} select no rows of {args.probes!r}")
     kinds = tuple(k.strip() for k in args.text_kinds.split(",") if k.strip())
     if not kinds or set(kinds) - set(TEXT_KINDS):
         raise SweepError(f"--text-kinds {args.text_kinds!r}: choose from {', '.join(TEXT_KINDS)}")
     check_captions(build_clip_tokenizer(), probes)  # every SD text encoder uses CLIP's BPE and 77 tokens
+    try:
+        check_toy_grammar(args.model, probes)
+    except ValueError as err:
+        raise SweepError(f"--probes: {err}") from None
     seeds = _ints(args.seeds, "--seeds")
-    if not seeds:
-        raise SweepError("no seeds given")
+    work_items(probes, seeds)  # seeds: at least one, distinct, in torch's range
     try:
         check_scorer_spec(args.scorer)
     except ValueError as err:
@@ -468,5 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the shell: a refused sweep ends with one ``error:`` line (per process) instead of a traceback."""
+    from lib.loading import ModelLoadError
+    from lib.prompts import PromptError
+
+    try:
+        return main(argv)
+    except (SweepError, PromptError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
