@@ -11,14 +11,15 @@ class PromptError(ValueError):
     """A prompt cannot be used as given (too long, or the subject is not in it)."""
 
 
-def check_length(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], truncate: bool = False) -> None:
-    """Raise ``PromptError`` for a prompt longer than the encoder's context, unless truncation is asked for."""
+def check_length(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], truncate: bool = False,
+                 fix: str = "shorten it") -> None:
+    """Raise ``PromptError`` for a prompt longer than the encoder's context, unless truncation is asked for; ``fix``
+    says what the caller can do about it."""
     limit = tokenizer.model_max_length
     for p in [prompts] if isinstance(prompts, str) else prompts:
         n = len(tokenizer(p, truncation=False).input_ids)
         if n > limit and not truncate:
-            raise PromptError(f"prompt has {n} tokens (limit {limit} with start/end): {p[:60]!r}...; "
-                              "shorten it or pass truncate=True")
+            raise PromptError(f"prompt has {n} tokens (limit {limit} with start/end): {p[:60]!r}...; {fix}")
 
 
 def subject_occurrences(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> list[list[int]]:

@@ -74,7 +74,8 @@ def encode(pipe, prompts: str | Sequence[str], negative: str | None = None, trun
 
 def _encode(pipe, prompts: str | Sequence[str], negative: str | None, truncate: bool) -> Conditioning:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one prompt, not one per character
-    check_length(pipe.tokenizer, prompts + ([] if negative is None else [negative]), truncate=truncate)
+    check_length(pipe.tokenizer, prompts + ([] if negative is None else [negative]), truncate=truncate,
+                 fix="shorten it or pass truncate=True")
     device = pipe.unet.device
     negative = None if negative is None else [negative] * len(prompts)
     if not is_sdxl(pipe):

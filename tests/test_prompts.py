@@ -8,7 +8,7 @@ TOK = build_clip_tokenizer()
 
 def test_long_prompt_is_an_error_unless_truncation_is_asked():
     long = "a photo of a cat " * 30
-    with pytest.raises(PromptError, match="tokens"):
+    with pytest.raises(PromptError, match=r"tokens .*; shorten it$"):  # a tracing or editing caller cannot truncate
         check_length(TOK, long)
     check_length(TOK, long, truncate=True)
     check_length(TOK, ["a photo of a cat"])
@@ -44,3 +44,11 @@ def test_a_subject_beyond_the_context_is_refused():
     assert subject_positions(tok, " ".join(words + ["cat"]), "cat") == [75]  # the last position before the end token
     with pytest.raises(PromptError, match="beyond the 77-token context"):  # position 76: the end token's place
         subject_positions(tok, " ".join(words + ["very", "cat"]), "cat")
+
+
+def test_only_encode_suggests_truncation_which_only_it_offers():
+    from lib.sampling import encode
+    from lib.twins import build_twin
+
+    with pytest.raises(PromptError, match=r"; shorten it or pass truncate=True$"):
+        encode(build_twin("sd-v1"), "a photo of a cat " * 30)

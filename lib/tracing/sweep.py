@@ -243,15 +243,36 @@ def _check_config(out_dir: Path, cfg: SweepConfig) -> None:
         except ValueError as err:
             raise SweepError(f"{path} is not valid JSON ({err}): the settings of the traces in {out_dir} are "
                              f"unknown; {fix}") from None
-        now = json.loads(cfg.to_json())
-        if held != now:
-            diff = "; ".join(f"{k}: {held.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(held) | set(now))
-                             if held.get(k) != now.get(k))
+        diff = _config_diff(held, json.loads(cfg.to_json()))
+        if diff:
             raise SweepError(f"{path} holds a different sweep config ({diff}); {fix}")
         return
     if any(out_dir.glob("*.parquet")):
         raise SweepError(f"{out_dir} holds trace files but no {CONFIG_FILE}: their settings are unknown; {fix}")
     write_text_atomic(cfg.to_json(), path)
+
+
+_LOADED = ("fingerprint", "scheduler", "scorer_fingerprint")  # known only once the pipeline and the scorer are loaded
+
+
+def _config_diff(held: dict, now: dict, skip: Sequence[str] = ()) -> str:
+    """The settings that differ between a folder's ``sweep.json`` and this run's, as ``key: there, now`` items."""
+    return "; ".join(f"{k}: {held.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(held) | set(now))
+                     if k not in skip and held.get(k) != now.get(k))
+
+
+def check_folder_settings(out_dir: str | Path, cfg: SweepConfig) -> None:
+    """Before the (slow) load: ``SweepError`` when ``out_dir`` holds a sweep whose settings differ from ``cfg``'s in
+    anything but what loading decides (weights, scheduler and scorer fingerprints, checked when the sweep starts)."""
+    path = Path(out_dir) / CONFIG_FILE
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no folder, or one :func:`_check_config` refuses with its own reason
+    diff = _config_diff(held, json.loads(cfg.to_json()), _LOADED)
+    if diff:
+        raise SweepError(f"{path} holds a different sweep config ({diff}); use another output folder, or delete the "
+                         "whole folder to start over")
 
 
 def check_captions(tokenizer, probes: pd.DataFrame) -> None:
@@ -467,8 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SweepError(str(err)) from None
     if args.limit is not None and args.limit < 1:
         raise SweepError(f"--limit must be >= 1, got {args.limit}")
-    SweepConfig(model=args.model, mode=args.mode, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
-                multiplier=args.multiplier, uncond=args.uncond)  # bad settings fail before the (slow) load
+    given = SweepConfig(model=model_spec(args.model), mode=args.mode, steps=args.steps, guidance=args.guidance,
+                        batch_size=args.batch_size, multiplier=args.multiplier, noise_seed=args.noise_seed,
+                        uncond=args.uncond, layers=layers, text_kinds=kinds, text_layers=text_layers,
+                        scorer=args.scorer)  # bad settings fail before the (slow) load
+    if not args.nested:  # a folder of other settings, too (a nested folder is named by them)
+        check_folder_settings(args.out, given)
     index, count = process_share()
     device = process_device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)  # device type and dtype enter the fingerprint
