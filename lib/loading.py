@@ -274,7 +274,7 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
     if toy_folder and not toy:
         from lib.toy.train import rebuild_hint
 
-        hint = f" ({rebuild_hint(Path(where) / 'model_index.json').rstrip('.')})"
+        hint = f" ({rebuild_hint(Path(where)).rstrip('.')})"
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
         convert = ("convert it once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
                    "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the same model "

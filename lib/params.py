@@ -92,10 +92,16 @@ def _writable_folder(value: str) -> None:
 
     from lib.paths import in_repo
 
+    if value == "":
+        return  # the default folder, as None (lib.paths.output_dir)
     path = in_repo(value)
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as err:  # a parent this user cannot read
+        raise ValueError(f"{value!r} cannot be reached ({type(err).__name__}: {err}): give a folder this user can "
+                         "write") from None
     if not existing.is_dir():
         what = "is a file" if existing == path else f"lies under the file {existing}"
         raise ValueError(f"{value!r} {what}, not a folder: give a folder path")

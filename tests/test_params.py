@@ -268,6 +268,7 @@ def test_every_notebook_refuses_an_output_folder_it_cannot_write_before_loading(
         assert "\n" not in str(err.value)
     assert not (a_file.is_dir() or (REPO_ROOT / "README.md").is_dir())
     _validate_cell(name, tmp_path, OUTPUT_DIR=str(tmp_path / "new" / "deeper"))  # a folder yet to create: accepted
+    _validate_cell(name, tmp_path, OUTPUT_DIR="", FIGURES_DIR="")  # "": the default folder, as None
 
 
 def test_06_checks_its_layers_against_the_model_configs_before_loading(tmp_path, monkeypatch):

@@ -1026,6 +1026,11 @@ def test_an_interrupted_prompt_search_resumes_after_its_last_finished_round(pipe
     assert ends == whole["prompt"].tolist()[1:]  # rounds 2 and 3 only
     pd.testing.assert_frame_equal(again, whole)
     assert not partial.exists() and len(list((tmp_path / "x").glob("prompt_rounds_*.parquet"))) == 1
+    assert partial.name.startswith(".")  # hidden: a listing of prompt_rounds_*.parquet finds finished classes only
+    (tmp_path / "whole").joinpath(partial.name).write_bytes(b"")  # left by a kill after the class file was written
+    assert SP.prompt_campaign(pipe, ens, lm, ["cat"], [0], steps=2, config=cfg, class_words=LABELS,
+                              out_dir=tmp_path / "whole").resumed.all()
+    assert not (tmp_path / "whole" / partial.name).exists()  # removed when its class loads
     ends.clear()
     alone = SP.search_prompt(pipe, ens, lm, "cat", [0], steps=2, config=cfg, class_words=LABELS,
                              rounds_file=tmp_path / "alone.parquet")  # a single search takes a rounds file too

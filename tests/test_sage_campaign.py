@@ -116,6 +116,11 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "'cta'" in lines[0] and "near matches: 'cat'" in lines[0], lines[0]
+    path = campaign.write_params(params(ENSEMBLE=["resnet", "edge:edges"]), tmp_path)  # a member spec refused
+    proc = subprocess.run([sys.executable, "-m", "lib.sage.campaign", "--params", str(path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: 'edge:edges': the toy world's edge member is 'edges' (it computes Canny itself)"], proc.stderr
 
 
 def test_each_launched_process_takes_its_own_gpu_and_auto_means_what_the_notebook_means(monkeypatch):

@@ -684,7 +684,7 @@ def test_a_real_model_judged_by_the_toy_world_s_classifiers_is_warned_about():
 
 @pytest.mark.parametrize("make, error", [
     (lambda: LatentSearch(iterations=-1), r"^LatentSearch\.iterations: -1 is below the minimum 0$"),  # a TypeError late
-    (lambda: LatentSearch(shell_sigmas=0.0), r"^LatentSearch\.shell_sigmas: must be > 0, got 0\.0$"),
+    (lambda: LatentSearch(shell_sigmas=-1.0), r"^LatentSearch\.shell_sigmas: -1\.0 is below the minimum 0\.0$"),
     (lambda: PromptSearch(iterations=-5), r"^PromptSearch\.iterations: -5 is below the minimum 0$"),  # ran no search
     (lambda: PromptSearch(lr=-0.05), r"^PromptSearch\.lr: -0\.05 is below the minimum 0\.0$"),  # climbed the loss
     (lambda: PromptSearch(n_words=0), r"^PromptSearch\.n_words: 0 is below the minimum 1$"),
@@ -701,3 +701,44 @@ def test_search_settings_are_checked_when_made_by_library_callers_too(make, erro
 
     with pytest.raises(ParameterError, match=error):
         make()
+    assert LatentSearch(shell_sigmas=0.0).shell_sigmas == 0.0  # the sphere ‖z‖ = √d, as notebook 01 accepts
+
+
+class RunsOutLM(ListLM):
+    """Proposes its words for the template, then nothing: the search ends with a row that adds no word."""
+
+    def propose(self, prefix: str, k: int = 20, scan: int = 2000, min_prob: float = 0.0) -> list[str]:
+        return list(self.words) if prefix == "a photo of a cat" else []
+
+
+def test_a_rounds_file_resumes_a_search_that_ended_without_adding_its_table(pipe, tmp_path, monkeypatch):
+    """Read back from parquet, the "no word" row's ``None`` was ``NaN``: a finished search, resumed, grew another
+    "no word" row each time. A finished search's rounds file now gives its table without rendering anything."""
+    import lib.sage.prompt as SP
+
+    cfg = PromptSearch(n_words=3, iterations=1, min_end_prob=0.0, stop_on_success=False)
+    rounds = tmp_path / "rounds.parquet"
+    first = search_prompt(pipe, edge_ensemble(), RunsOutLM("red", "dog"), "cat", [0], steps=2, config=cfg,
+                          rounds_file=rounds)
+    assert len(first) == 2 and pd.isna(first.word[1]) and first.stopped[1].startswith("LM proposed no word")
+    monkeypatch.setattr(SP, "render_with_slots", lambda *a, **k: pytest.fail("rendered again"))
+    for _ in range(2):
+        again = search_prompt(pipe, edge_ensemble(), RunsOutLM("red", "dog"), "cat", [0], steps=2, config=cfg,
+                              rounds_file=rounds)
+        pd.testing.assert_frame_equal(again, first)
+    fooled = Ensemble([const_member([-9.0, 9.0, 0.0])])  # always "dog": the first word is a find
+    found_file = tmp_path / "found.parquet"
+    monkeypatch.undo()
+    stop = PromptSearch(n_words=3, iterations=1, min_end_prob=0.0)
+    found = search_prompt(pipe, fooled, ListLM("red", "dog"), "cat", [0], steps=2, config=stop, rounds_file=found_file)
+    assert len(found) == 1 and found.found[0]
+    monkeypatch.setattr(SP, "render_with_slots", lambda *a, **k: pytest.fail("rendered again"))
+    pd.testing.assert_frame_equal(search_prompt(pipe, fooled, ListLM("red", "dog"), "cat", [0], steps=2, config=stop,
+                                                rounds_file=found_file), found)  # a find ended it: nothing grown
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the rounds of a "cat" search are not a "dog" search's
+        warnings.simplefilter("always")
+        with pytest.raises(pytest.fail.Exception, match="rendered again"):
+            search_prompt(pipe, fooled, ListLM("red", "dog"), "dog", [0], steps=2, config=stop, rounds_file=found_file)
+    assert [str(w.message) for w in caught if "holds rounds of another search" in str(w.message)], caught

@@ -887,6 +887,21 @@ def test_the_cli_refuses_a_folder_of_other_settings_before_loading(tmp_path, mon
         main([*argv, "--steps", "3", "--nested"])
 
 
+def test_the_cli_names_an_unparsable_probe_file_and_work_items_take_numpy_seeds(tmp_path):
+    import numpy as np
+
+    from lib.tracing.sweep import main
+
+    bad = tmp_path / "probes.csv"
+    bad.write_bytes(b"caption,subject\n\xff\xfe,\x00\n")  # not UTF-8: a traceback from pandas before
+    with pytest.raises(SweepError, match=rf"^--probes '{bad}': cannot read it \(UnicodeDecodeError"):
+        main(["--model", "twin:sd-v1", "--probes", str(bad), "--out", str(tmp_path / "o")])
+    items = work_items(PROBES.iloc[:1], np.array([0, 1]))  # a table's seed column
+    assert [it.seed for it in items] == [0, 1] and all(type(it.seed) is int for it in items)
+    with pytest.raises(SweepError, match="every item must be int"):
+        work_items(PROBES.iloc[:1], [True])
+
+
 def test_the_cli_ends_a_refused_sweep_with_one_error_line(tmp_path):
     """``python -m lib.tracing.sweep`` (each process of ``accelerate launch`` too) prints ``error: ...``, no traceback."""
     cmd = [sys.executable, "-m", "lib.tracing.sweep", "--model", "twin:sd-v1", "--probes", str(tmp_path / "nope.csv"),

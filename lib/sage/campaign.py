@@ -192,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         P.DEVICE = process_device(P.DEVICE)  # this process's GPU, of the device type the notebook named
         from lib.sage.build import setup
 
-        pipe, ens, _ = setup(P, P.CLASSES, criteria(P))
+        try:
+            pipe, ens, _ = setup(P, P.CLASSES, criteria(P))
+        except ValueError as err:  # a member spec or head refused before any search: the parameters' fault
+            raise ParameterError(str(err)) from None
     latent_dir = Path(args.latents) if args.latents else Path(args.params).resolve().parent / "latents"
     runs, _ = run_campaigns(pipe, ens, P, latent_dir, index, count, progress=False)
     print(f"process {index}/{count}: {len(runs)} search(es), {int((~runs['resumed'].astype(bool)).sum())} run now, "
@@ -206,5 +209,5 @@ if __name__ == "__main__":
 
     try:
         raise SystemExit(main())
-    except (ValueError, UnknownClassError, ModelLoadError) as err:  # one line, not a traceback from every process
+    except (ParameterError, UnknownClassError, ModelLoadError) as err:  # one line, not a traceback per process
         raise SystemExit(f"error: {err}") from None

@@ -39,7 +39,7 @@ from typing import Literal, Sequence
 import torch
 
 from lib.atomic import remove_stale_tmp
-from lib.params import Param, check_fields, distinct, positive
+from lib.params import Param, check_fields, distinct
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad_rows
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
@@ -172,7 +172,7 @@ class LatentSearch:
 
     def __post_init__(self) -> None:
         """``lr`` and ``delta_range`` are checked by :func:`search_latents`, with what a wrong value would do."""
-        check_fields(self, iterations=Param(int, low=0), shell_sigmas=Param(float, low=0.0, optional=True, check=positive))
+        check_fields(self, iterations=Param(int, low=0), shell_sigmas=Param(float, low=0.0, optional=True))  # 0: the sphere
 
 
 @dataclass

@@ -457,8 +457,10 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     advance (:func:`prompt_campaign`'s); it ends advanced by ``n_words × iterations``, however early the search ends.
 
     ``rounds_file``: each finished round is written there at once (atomically; the rounds so far), and the rounds an
-    existing file holds are taken instead of searched again. A round depends only on the prompt before it, so a
-    search interrupted after some rounds resumes to the same table. The caller names the file after everything the
+    existing file holds are taken instead of searched again (a file whose first prompt does not grow this search's
+    template is ignored, with a warning). A round depends only on the prompt before it (each round starts from the
+    pipeline's initial loss scale, so in float16 too), so a search interrupted after some rounds resumes to the same
+    table. The caller names the file after everything the
     search depends on (:func:`prompt_campaign` does, with :func:`prompt_key`).
     """
     import pandas as pd
@@ -469,6 +471,13 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     done = _read_rounds(Path(rounds_file), "its rounds are searched again") \
         if rounds_file is not None and Path(rounds_file).is_file() else None
     done = [] if done is None else done.drop(columns=["cls", "resumed"], errors="ignore").to_dict("records")
+    done = [{k: None if k in ("word", "category", "stopped") and _no_word(v) else v for k, v in r.items()}
+            for r in done]  # a missing string reads back as NaN: None, as a search writes it
+    base = config.template.format(cls=cls)
+    if done and not str(done[0]["prompt"]).startswith(base):
+        warnings.warn(f"{Path(rounds_file).name} holds rounds of another search ({done[0]['prompt']!r} does not grow "
+                      f"{base!r}); searching again", stacklevel=2)
+        done = []
     save = None
     if rounds_file is not None:
         from lib.atomic import write_parquet_atomic
@@ -510,13 +519,13 @@ def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seq
     prompt, rows, best = base, list(done), math.nan
     if rows:
         last = rows[-1]
-        if last["word"] is None or (last["found"] and config.stop_on_success) or len(rows) >= config.n_words:
+        if _no_word(last["word"]) or (last["found"] and config.stop_on_success) or len(rows) >= config.n_words:
             return rows  # the search had ended
         prompt, best = last["prompt"], last["best_loss"]
-    scale = loss_scale_for(pipe)
     d = slot_dim(pipe)
     lo, hi = config.emb_range
     for rnd in range(len(rows), config.n_words):
+        scale = loss_scale_for(pipe)  # each round starts afresh (float16), so a resumed round is the same round
         full = _context_full(lm, prompt)  # words of several LM tokens can fill it before n_words rounds
         overflow = slots_overflow(pipe, prompt, 1 + config.lookahead)  # and the text encoder's 77 tokens
         proposed = [] if full or overflow else lm.propose(prompt, config.top_k, min_prob=config.min_prob)
@@ -581,6 +590,12 @@ def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seq
         if found and config.stop_on_success:
             break
     return rows
+
+
+def _no_word(word) -> bool:
+    """A round that added no word (or a missing string): ``None``, or ``NaN`` once a rounds file has been read back
+    (pandas stores a column of strings and ``None`` as strings, which read back with ``NaN``)."""
+    return word is None or (isinstance(word, float) and math.isnan(word))
 
 
 def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
@@ -663,8 +678,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     With ``out_dir`` each finished class is written at once (atomically) to
     ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
     and every setting; with ``resume`` a finished class is loaded instead of searched again (an unreadable file: searched
-    again, with a warning). A class's rounds are written as they finish too (``<that name>.rounds.parquet``, removed
-    when the class is done), so a search interrupted mid-class resumes after its last finished round. Every class is checked
+    again, with a warning). A class's rounds are written as they finish too (``.<that name's stem>.rounds.parquet``,
+    removed when the class is done), so a search interrupted mid-class resumes after its last finished round. Every class is checked
     (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
     any other class is searched. ``progress``: one tqdm bar over every class's embedding iterations (``n_words ×
     iterations`` per class; a loaded class counts as done).
@@ -692,10 +707,11 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
             df = _read_rounds(path) if path is not None and resume and path.is_file() else None
             if df is not None:
                 df = df.assign(resumed=True)
+                _rounds_file(path).unlink(missing_ok=True)  # left by a kill between the class file and its removal
                 if bar is not None:
                     bar.update(per_class)
             else:
-                partial = None if path is None else path.with_name(path.stem + ".rounds.parquet")
+                partial = None if path is None else _rounds_file(path)
                 if partial is not None and not resume and partial.exists():
                     partial.unlink()  # resume=False: every round searched again
                 df = search_prompt(pipe, ensemble, lm, c, seeds, steps, guidance, config, class_words, attribute_words,
@@ -709,6 +725,12 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
         if bar is not None:
             bar.close()
     return pd.concat(parts, ignore_index=True)
+
+
+def _rounds_file(path: Path) -> Path:
+    """Where a class's rounds are written while it is searched: beside its class file, hidden, so a listing of
+    ``prompt_rounds_*.parquet`` finds only finished classes."""
+    return path.with_name(f".{path.stem}.rounds.parquet")
 
 
 def _read_rounds(path: Path, then: str = "searching its class again"):

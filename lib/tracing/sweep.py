@@ -40,6 +40,7 @@ import torch
 from lib.atomic import remove_stale_tmp, write_parquet_atomic, write_text_atomic
 from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
+from lib.params import ParameterError, seed_list
 from lib.processes import process_device, process_share
 from lib.prompts import subject_positions
 from lib.sampling import make_scheduler, scheduler_fingerprint
@@ -172,10 +173,9 @@ class WorkItem:
 
 def work_items(probes: pd.DataFrame, seeds: Sequence[int]) -> list[WorkItem]:
     """Every probe row × seed, in a fixed order (rows outer, seeds inner)."""
-    from lib.params import ParameterError, seed_list
-
-    try:
-        seeds = seed_list().validate("seeds", list(seeds))
+    try:  # numpy integers (a table's seed column) are seeds too
+        plain = [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s for s in seeds]
+        seeds = seed_list().validate("seeds", plain)
     except ParameterError as err:
         raise SweepError(str(err)) from None
     return [WorkItem(int(i), r.caption, r.subject, r.attribute, r.split, int(s))
@@ -457,8 +457,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         probes = load_probes(probe_path(args.probes))  # bad probe files and seeds fail before the (slow) pipeline load
+    except SweepError:
+        raise
     except FileNotFoundError as err:
         raise SweepError(str(err)) from None
+    except (OSError, ValueError) as err:  # not a CSV pandas can parse
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SweepError(f"--probes {args.probes!r}: cannot read it ({type(err).__name__}: {first})") from None
     for flag, n, low in (("--n-val", args.n_val, 1), ("--n-test", args.n_test, 0)):
         if n is not None and n < low:
             raise SweepError(f"{flag} must be >= {low} (or left out: every row), got {n}")
@@ -473,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         check_toy_grammar(args.model, probes)
     except ValueError as err:
         raise SweepError(f"--probes: {err}") from None
-    seeds = _ints(args.seeds, "--seeds")
-    work_items(probes, seeds)  # seeds: at least one, distinct, in torch's range
+    try:  # at least one, distinct, in torch's range
+        seeds = seed_list().validate("--seeds", _ints(args.seeds, "--seeds"))
+    except ParameterError as err:
+        raise SweepError(str(err)) from None
     try:
         check_scorer_spec(args.scorer)
     except ValueError as err:
