@@ -43,3 +43,20 @@ def dead_pid():
 
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True, timeout=60).stdout)
+
+
+class PipelineLoaded(Exception):
+    """Raised where ``lib.loading.load_pipeline`` would have loaded a model (fixture ``load_reached``)."""
+
+
+@pytest.fixture
+def load_reached(monkeypatch):
+    """``lib.loading.load_pipeline`` replaced by a stand-in that raises :class:`PipelineLoaded`: a test sees that the
+    checks let a run through to the (slow) load, or, with ``pytest.raises`` of another error, that they stopped it."""
+    import lib.loading
+
+    def load(*args, **kwargs):
+        raise PipelineLoaded
+
+    monkeypatch.setattr(lib.loading, "load_pipeline", load)
+    return PipelineLoaded

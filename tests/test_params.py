@@ -303,36 +303,31 @@ def test_06_warns_before_loading_that_its_rates_are_the_toy_world_s(tmp_path, mo
             _validate_cell("06_diffquickfix", tmp_path, MODEL=model)
 
 
-def test_02_checks_its_template_with_the_lm_before_the_pipeline_loads(tmp_path, monkeypatch):
-    """A template word the proposer LM cannot encode fails before the pipeline loads (it failed after)."""
+def test_02_checks_its_template_with_the_lm_and_its_classes_before_the_pipeline_loads(tmp_path, monkeypatch,
+                                                                                       load_reached):
+    """A template word the proposer LM cannot encode fails before the pipeline loads (it failed after); an unknown
+    class is named with near matches before the LM loads too (the LM refused 'cta' as an unknown word, with no class
+    list, after loading: several GB for a hub LM)."""
     import json
-    import os
 
-    import lib.loading
-    from lib.paths import REPO_ROOT
+    import lib.sage.build
     from lib.prompts import PromptError
+    from lib.sage.loss import UnknownClassError
 
-    class Loaded(Exception):
-        pass
-
-    def no_load(*args, **kwargs):
-        raise Loaded
-
-    monkeypatch.setattr(lib.loading, "load_pipeline", no_load)
     cells = json.loads((REPO_ROOT / "notebooks" / "02_sage_prompt_search.ipynb").read_text())["cells"]
-    load_cell = "".join(next(c for c in cells if "setup(P" in "".join(c["source"]))["source"])
-    for template, raised in [("a photo of a {cls} on mars", PromptError), ("a photo of a {cls}", Loaded)]:
-        ns = {"__builtins__": __builtins__}
-        P = _validate_cell("02_sage_prompt_search", tmp_path, TEMPLATE=template)
-        ns["P"] = P
-        cwd = os.getcwd()
-        os.chdir(REPO_ROOT / "notebooks")
-        try:
-            with pytest.raises(raised, match="cannot encode 'a photo of a cat on mars': unknown word\\(s\\) \\['mars'\\]"
-                               if raised is PromptError else None):
+    load_cell = "".join(next(c for c in cells if "load_lm(" in "".join(c["source"]))["source"])  # the models' cell
+    cases = [(dict(TEMPLATE="a photo of a {cls} on mars"), PromptError,
+              r"cannot encode 'a photo of a cat on mars': unknown word\(s\) \['mars'\]"),
+             (dict(CLASSES=["cta"]), UnknownClassError, r"'cta'.*near matches: 'cat'"),
+             (dict(TEMPLATE="a photo of a {cls}"), load_reached, None)]
+    for over, raised, match in cases:
+        with monkeypatch.context() as m:
+            if raised is UnknownClassError:
+                m.setattr(lib.sage.build, "load_lm", lambda *a, **k: pytest.fail("the LM loaded"))
+            ns = {"__builtins__": __builtins__, "P": _validate_cell("02_sage_prompt_search", tmp_path, **over)}
+            m.chdir(REPO_ROOT / "notebooks")
+            with pytest.raises(raised, match=match):
                 exec(load_cell, ns)
-        finally:
-            os.chdir(cwd)
 
 
 def test_a_toy_folder_without_its_clip_is_refused_by_06(tmp_path):
@@ -371,20 +366,3 @@ def test_positive_and_disjoint_checks():
 def test_every_notebooks_defaults_pass_its_checks(name, tmp_path):
     P = _validate_cell(name, tmp_path)
     assert P.OUTPUT_DIR == str(tmp_path / "out")
-
-
-def test_02_names_an_unknown_class_with_near_matches_before_the_lm_or_pipeline_loads(tmp_path, monkeypatch):
-    """The LM used to load first and refuse 'cta' as an unknown word, with no class list (a hub LM: several GB)."""
-    import json
-
-    import lib.loading
-    import lib.sage.build
-    from lib.sage.loss import UnknownClassError
-
-    monkeypatch.setattr(lib.loading, "load_pipeline", lambda *a, **k: pytest.fail("a pipeline loaded"))
-    monkeypatch.setattr(lib.sage.build, "load_lm", lambda *a, **k: pytest.fail("the LM loaded"))
-    cells = json.loads((REPO_ROOT / "notebooks" / "02_sage_prompt_search.ipynb").read_text())["cells"]
-    models = next(c for c in cells if "load_lm(" in "".join(c["source"]))  # the cell that loads the models
-    ns = {"P": _validate_cell("02_sage_prompt_search", tmp_path, CLASSES=["cta"])}
-    with pytest.raises(UnknownClassError, match=r"'cta'.*near matches: 'cat'"):
-        exec("".join(models["source"]), ns)

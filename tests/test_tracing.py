@@ -862,18 +862,10 @@ def test_cli_checks_its_flags_before_loading_the_pipeline(tmp_path, monkeypatch,
     assert not (tmp_path / "o").exists()
 
 
-def test_the_cli_refuses_a_folder_of_other_settings_before_loading(tmp_path, monkeypatch):
+def test_the_cli_refuses_a_folder_of_other_settings_before_loading(tmp_path, load_reached):
     """Into a plain ``--out`` holding another sweep, the refusal came after the pipeline and CLIP had loaded."""
-    import lib.loading
     from lib.tracing.sweep import main
 
-    class Loaded(Exception):
-        pass
-
-    def load(*args, **kwargs):
-        raise Loaded
-
-    monkeypatch.setattr(lib.loading, "load_pipeline", load)
     held = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=(SUBSET[0],), scorer="auto",
                        fingerprint="f", scheduler="s", scorer_fingerprint="c")
     (tmp_path / "sweep.json").write_text(held.to_json())
@@ -881,9 +873,9 @@ def test_the_cli_refuses_a_folder_of_other_settings_before_loading(tmp_path, mon
             "--layers", SUBSET[0]]
     with pytest.raises(SweepError, match=r"different sweep config \(steps: 2 there, 3 now\); use another"):
         main([*argv, "--steps", "3"])
-    with pytest.raises(Loaded):  # the same settings: on to the load (the fingerprints are checked after it)
+    with pytest.raises(load_reached):  # the same settings: on to the load (the fingerprints are checked after it)
         main([*argv, "--steps", "2"])
-    with pytest.raises(Loaded):  # --nested names its folder by the settings: nothing to compare
+    with pytest.raises(load_reached):  # --nested names its folder by the settings: nothing to compare
         main([*argv, "--steps", "3", "--nested"])
 
 
