@@ -255,26 +255,16 @@ def _from_pretrained(kind: str, where: str, model: str, dtype: torch.dtype, **kw
         snapshot = cached_snapshot(where)
         if snapshot is not None:  # offline, a cached hub id is a folder: its variant, tokenizers, weights are checked
             kind, where = "local", snapshot
-    if toy:
-        from lib.toy.train import check_toy_folder
+    hint = ""
+    if toy or kind == "local" and (Path(where) / "TRAINING.json").is_file():  # or a toy world lib.toy.train wrote
+        from lib.toy.train import check_toy_folder, rebuild_hint
 
-        try:
-            check_toy_folder(where)  # names the first missing file (or unfinished stage) and the command that fixes it
-        except (FileNotFoundError, RuntimeError) as err:
-            raise ModelLoadError(str(err)) from None
-    toy_folder = kind == "local" and (Path(where) / "TRAINING.json").is_file()  # a toy world lib.toy.train wrote
-    if toy_folder:
-        from lib.toy.train import check_toy_folder
-
-        try:  # a missing file named (not the .bin diffusers falls back to), or an unfinished stage, with the fix
+        try:  # names the first missing file (not the .bin diffusers falls back to) or unfinished stage, and the fix
             check_toy_folder(where)
         except (FileNotFoundError, RuntimeError) as err:
             raise ModelLoadError(str(err)) from None
-    hint = " (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy else ""
-    if toy_folder and not toy:
-        from lib.toy.train import rebuild_hint
-
-        hint = f" ({rebuild_hint(Path(where)).rstrip('.')})"
+        hint = (" (rebuild the toy world: python -m lib.toy.train --stage all --config gpu)" if toy
+                else f" ({rebuild_hint(Path(where)).rstrip('.')})")
     if kind == "local" and not (Path(where) / "model_index.json").is_file():
         convert = ("convert it once, e.g. StableDiffusionPipeline.from_single_file(file).save_pretrained(folder) "
                    "(StableDiffusionXLPipeline for SDXL; offline, pass config= a diffusers folder of the same model "

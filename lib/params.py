@@ -51,9 +51,10 @@ class Param:
                     raise ParameterError(f"{name}: every item must be {_tname(self.items)}, got {v!r}")
         for v in value if self.items is not None else [value]:
             if self.low is not None and v < self.low or self.high is not None and v > self.high:
-                raise ParameterError(f"{name}: {v!r} is outside [{self.low}, {self.high}]" if None not in (self.low, self.high)
-                                     else f"{name}: {v!r} is below the minimum {self.low}" if self.high is None
-                                     else f"{name}: {v!r} is above the maximum {self.high}")
+                where = (f"is outside [{self.low}, {self.high}]" if None not in (self.low, self.high)
+                         else f"is below the minimum {self.low}" if self.high is None
+                         else f"is above the maximum {self.high}")
+                raise ParameterError(f"{name}: {v!r} {where}")
         if self.choices is not None and value not in self.choices:
             raise ParameterError(f"{name}: {value!r} is not one of {', '.join(map(repr, self.choices))}")
         if self.check is not None:

@@ -8,7 +8,8 @@ Member specs (strings, as notebook parameters):
 * ``"timm:<name>"``: a pretrained timm ImageNet classifier (its own data config); ``"timm:<name>@<file>"`` with its
   weights from a local file (a path from the repo root, or absolute) instead of the Hugging Face cache (not for
   ``hf-hub:`` names, where timm reads ``@`` as a revision);
-* ``"edge:timm:<name>"`` (or ``"edge:<any non-toy spec>"``, e.g. ``"edge:clip:ViT-B-32"``): that classifier behind kornia Canny edges (:class:`EdgeMember`);
+* ``"edge:timm:<name>"`` (or ``"edge:<any non-toy spec>"``, e.g. ``"edge:clip:ViT-B-32"``): that classifier behind
+  kornia Canny edges (:class:`EdgeMember`);
 * ``"clip:<open_clip model>"``: open_clip zero-shot over the ImageNet label names (OpenAI weights).
 
 Real classifiers need their weights in the local caches (no downloads here); the toy ones are committed.

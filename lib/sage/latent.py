@@ -172,7 +172,8 @@ class LatentSearch:
 
     def __post_init__(self) -> None:
         """``lr`` and ``delta_range`` are checked by :func:`search_latents`, with what a wrong value would do."""
-        check_fields(self, iterations=Param(int, low=0), shell_sigmas=Param(float, low=0.0, optional=True))  # 0: the sphere
+        check_fields(self, iterations=Param(int, low=0),
+                     shell_sigmas=Param(float, low=0.0, optional=True))  # 0: onto the sphere ‖z‖ = √d
 
 
 @dataclass

@@ -679,10 +679,10 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     ``out_dir/prompt_rounds_<cls>_<key>.parquet``, ``key`` hashing the weights (pipeline, ensemble, LM), the seeds
     and every setting; with ``resume`` a finished class is loaded instead of searched again (an unreadable file: searched
     again, with a warning). A class's rounds are written as they finish too (``.<that name's stem>.rounds.parquet``,
-    removed when the class is done), so a search interrupted mid-class resumes after its last finished round. Every class is checked
-    (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot take fails before
-    any other class is searched. ``progress``: one tqdm bar over every class's embedding iterations (``n_words ×
-    iterations`` per class; a loaded class counts as done).
+    removed when the class is done), so a search interrupted mid-class resumes after its last finished round. Every
+    class is checked (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot
+    take fails before any other class is searched. ``progress``: one tqdm bar over every class's embedding
+    iterations (``n_words × iterations`` per class; a loaded class counts as done).
     """
     import pandas as pd
 
