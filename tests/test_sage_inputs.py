@@ -742,3 +742,23 @@ def test_a_rounds_file_resumes_a_search_that_ended_without_adding_its_table(pipe
         with pytest.raises(pytest.fail.Exception, match="rendered again"):
             search_prompt(pipe, fooled, ListLM("red", "dog"), "dog", [0], steps=2, config=stop, rounds_file=found_file)
     assert [str(w.message) for w in caught if "holds rounds of another search" in str(w.message)], caught
+
+
+def test_checker_with_an_ensemble_members_weights_under_another_name_is_refused_when_built(tmp_path):
+    """``timm:x@a`` and ``timm:x@b`` holding one set of weights are one classifier: refused when the ensemble is built,
+    not after the search (where :func:`lib.sage.metrics.confirmed` compares weights)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from lib.sage.build import build_ensemble
+
+    torch.manual_seed(0)
+    weights = timm.create_model("resnet10t", pretrained=False).state_dict()
+    save_file(weights, tmp_path / "a.safetensors")
+    save_file(weights, tmp_path / "b.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, tmp_path / "c.safetensors")
+    member = f"timm:resnet10t@{tmp_path / 'a.safetensors'}"
+    with pytest.raises(ValueError, match="has the weights of an ensemble member"):
+        build_ensemble([member], f"timm:resnet10t@{tmp_path / 'b.safetensors'}")
+    ens, checker = build_ensemble([member], f"timm:resnet10t@{tmp_path / 'c.safetensors'}")
+    assert checker is not None and len(ens.members) == 1

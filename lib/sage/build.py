@@ -26,6 +26,7 @@ import numpy as np
 from lib.params import ToySettingsWarning
 from lib.paths import in_repo
 from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
+from lib.sage.metrics import network_prints
 
 TOY_MEMBERS: tuple[str, ...] = ("resnet", "mobilenet", "edges")
 _CAPTION_TEMPLATES: tuple[str, ...] = (  # non-toy captions of a class for the token attack (ours)
@@ -107,6 +108,9 @@ def build_ensemble(specs: Sequence[str], checker: str | None = None, device: str
     groups = None if toy else imagenet_groups()
     ens = Ensemble(members, groups, criteria)
     chk = make_member(checker, device, attribute, cache) if checker else None
+    if chk is not None and any(network_prints(chk) & network_prints(m) for m in members):  # e.g. one file, two names
+        raise ValueError(f"checker {checker!r} has the weights of an ensemble member: the re-check needs a held-out "
+                         "classifier")
     return ens, chk
 
 

@@ -65,8 +65,8 @@ def recheck(images: torch.Tensor, checker: Member, cls: str, verdict: Verdict = 
     members agreed on (:meth:`Ensemble.agreed_label`; a label the checker does not have cannot be confirmed).
     """
     if ensemble is not None:
-        mine = _network_prints(checker)
-        if any(checker is m or mine & _network_prints(m) for m in ensemble.members):
+        mine = network_prints(checker)
+        if any(checker is m or mine & network_prints(m) for m in ensemble.members):
             raise ValueError("the checker is a member of the ensemble (the same network): an independent re-check "
                              "needs a held-out classifier")
     crit = criteria or (ensemble.criteria if ensemble is not None else Criteria())
@@ -103,7 +103,7 @@ def prompt_confirmed(fooled, checker_confirms, success_fraction: float) -> bool:
     return confirmed_fraction(fooled, checker_confirms) >= success_fraction
 
 
-def _network_prints(member) -> set[str]:
+def network_prints(member) -> set[str]:
     """Weight fingerprints of the networks inside a member (the member itself and what it wraps), to tell whether
     two members are one classifier."""
     from lib.loading import weights_fingerprint
