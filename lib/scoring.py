@@ -171,11 +171,11 @@ TOY_PIXEL_STD = (0.5, 0.5, 0.5)
 def toy_clip_scorer(folder=None, device: str | torch.device = "cpu", tokenizer=None) -> ClipScorer:
     """CLIP-Score with the toy world's CLIP (``folder``, default ``data/toy``, holds ``text_encoder/`` and
     ``clip_vision/``; 64 px inputs scaled to [-1, 1], as it was trained)."""
-    from lib.paths import TOY_DIR
+    from lib.paths import resolve_toy_folder
     from lib.tokenizer import build_clip_tokenizer
     from lib.toy.train import load_toy_clip
 
-    model = load_toy_clip(TOY_DIR if folder is None else folder).to(device)
+    model = load_toy_clip(resolve_toy_folder(folder)).to(device)
     return hf_clip_scorer(model, tokenizer or build_clip_tokenizer(), mean=TOY_PIXEL_MEAN, std=TOY_PIXEL_STD)
 
 

@@ -618,3 +618,15 @@ def test_the_unet_trains_on_scaled_latents_and_drops_captions_to_the_empty_one(t
     torch.testing.assert_close(lat, mean * vae.config.scaling_factor)  # the scale the pipeline samples in
     assert drop_id == 2 and emb.shape[0] == 3 and cap_idx.tolist() == [sorted(caps).index(c) for c in data["captions"]]
     torch.testing.assert_close(emb[drop_id], T._encode_texts(te, tok, [""], "cpu")[0])  # dropout: the empty caption
+
+
+def test_toy_folder_arguments_mean_what_load_pipeline_takes(tmp_path, monkeypatch):
+    """"toy" is the committed world and a relative folder is taken from the repo root in every toy loader, as in
+    ``load_pipeline`` (check_toy_folder("toy") used to send the user to retrain a folder named "toy")."""
+    from lib.paths import TOY_DIR
+    from lib.scoring import toy_clip_scorer
+
+    monkeypatch.chdir(tmp_path)
+    assert T.check_toy_folder("toy") == TOY_DIR
+    assert T.check_toy_folder("data/toy") == TOY_DIR
+    assert toy_clip_scorer("data/toy").module.config.projection_dim == T.load_toy_clip("toy").config.projection_dim

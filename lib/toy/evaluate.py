@@ -25,7 +25,7 @@ import torch
 
 from lib.atomic import write_csv_atomic, write_text_atomic
 from lib.params import distinct
-from lib.paths import TOY_DIR
+from lib.paths import TOY_DIR, in_repo, resolve_toy_folder
 from lib.scoring import toy_clip_scorer
 from lib.toy import world as W
 from lib.toy.classifiers import (FAMILIES, LABELS, NONE, AttributeClassifier, ensemble_log_probs, scene_label,
@@ -376,13 +376,14 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
 # ----------------------------------------------------------------------------------------------- loading and grids
 def load_toy_world(folder: str | Path = TOY_DIR, device: str = "cpu", classifiers: str | Path | None = None):
     """(pipeline, classifier members, toy-CLIP scorer) of a toy-world folder; missing or corrupt files raise an error
-    that names the file and the command that rebuilds it."""
+    that names the file and the command that rebuilds it. ``"toy"`` is ``data/toy``; relative paths are taken from the
+    repo root."""
     from lib.toy.classifiers import load_classifiers
     from lib.toy.train import load_toy_pipeline
 
-    folder = Path(folder)
+    folder = resolve_toy_folder(folder)
     pipe = load_toy_pipeline(folder, device=device)
-    members = load_classifiers(Path(classifiers) if classifiers else folder / "classifiers", device)
+    members = load_classifiers(in_repo(classifiers) if classifiers else folder / "classifiers", device)
     return pipe, members, toy_clip_scorer(folder, device)
 
 

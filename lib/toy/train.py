@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from lib.atomic import save_pretrained_atomic, write_atomic, write_text_atomic
 from lib.loading import dtype_kwarg
-from lib.paths import TOY_DIR, from_repo_root
+from lib.paths import TOY_DIR, from_repo_root, resolve_toy_folder
 from lib.speed import cpu_threads
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
@@ -278,8 +278,9 @@ def _redo(todo: dict) -> list[str]:
 
 def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
     """``folder`` when it holds every file the toy pipeline loads and no unfinished training stage
-    (:func:`check_finished`); else ``FileNotFoundError`` / ``RuntimeError`` naming the file and the rebuild command."""
-    folder = Path(folder)
+    (:func:`check_finished`); else ``FileNotFoundError`` / ``RuntimeError`` naming the file and the rebuild command.
+    ``"toy"`` is ``data/toy`` and a relative path is taken from the repo root (:func:`lib.paths.resolve_toy_folder`)."""
+    folder = resolve_toy_folder(folder)
     for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
@@ -323,10 +324,12 @@ def _read_json(path: Path):
 def load_toy_clip(folder: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
     """The toy ``CLIPModel``: text tower from ``text_encoder/``, vision tower + projections from ``clip_vision/``.
 
-    Images go in as :func:`clip_preprocess` makes them (64×64, values in [-1, 1]).
+    Images go in as :func:`clip_preprocess` makes them (64×64, values in [-1, 1]). ``folder`` as in
+    :func:`check_toy_folder`.
     """
+    folder = resolve_toy_folder(folder)
     check_finished(folder, CLIP_STAGES)
-    return _read_toy_clip(Path(folder), dtype)
+    return _read_toy_clip(folder, dtype)
 
 
 def _read_toy_clip(folder: Path, dtype: torch.dtype = torch.float32):
