@@ -1199,6 +1199,7 @@ def test_token_attack_train_evaluate_save(pipe, ens, tmp_path):
                                                                                        None))
     back = load_token(save_token(tmp_path / "tok.safetensors", res))
     assert torch.equal(back.embedding, res.embedding) and back.target == "car" and back.meta["steps"] == 2
+    assert back.history == res.history and "history" not in back.meta  # the loss curve survives the file
 
 
 def test_token_training_resumes_from_its_checkpoint_exactly(pipe, ens, tmp_path, monkeypatch, dead_pid):

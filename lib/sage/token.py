@@ -249,16 +249,20 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
 
 
 def save_token(path: str | Path, result: TokenResult) -> Path:
+    """Write the token embedding, its settings (``meta``) and its loss ``history`` as safetensors (atomic)."""
+    meta = {k: "" if v is None else str(v) for k, v in result.meta.items()}
     return write_safetensors_atomic({"embedding": result.embedding}, path,
-                                    {k: "" if v is None else str(v) for k, v in result.meta.items()})
+                                    {**meta, "history": json.dumps(list(map(float, result.history)))})
 
 
 def load_token(path: str | Path) -> TokenResult:
+    """The :class:`TokenResult` :func:`save_token` wrote (loss history included; ``[]`` for a file without one)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
         emb = f.get_tensor("embedding")
+    history = json.loads(meta.pop("history", "") or "[]")
     meta = {k: (int(v) if k in ("steps", "iterations", "batch_size", "grad_from_step", "resumed_from") else
                 float(v) if k in ("guidance", "lr") else v or None) for k, v in meta.items()}
-    return TokenResult(emb, meta["source"], meta["target"], [], meta)
+    return TokenResult(emb, meta["source"], meta["target"], history, meta)
