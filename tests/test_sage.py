@@ -15,8 +15,8 @@ from lib.prompts import PromptError
 from lib.sage.gradient import FP16_LOSS_SCALE, grad_problem, loss_scale_for, scaled_grad, scaled_grad_rows
 from lib.sage.latent import (
     MODE_GOAL, SHELL_STD, LatentSearch, LatentShapeError, Residual, check_latent, latent_campaign, load_latent,
-    project_to_shell, read_result, render_latent, sample_with_residual, save_latent, search_latent, search_latents,
-    shell_bounds, signed_step,
+    load_result, project_to_shell, read_result, render_latent, sample_with_residual, save_latent, search_latent,
+    search_latents, shell_bounds, signed_step,
 )
 from lib.sage.loss import (
     ClipMember, Criteria, EdgeMember, Ensemble, FnMember, ToyMember, UnknownClassError, imagenet_groups, timm_member,
@@ -504,6 +504,7 @@ def test_a_read_result_has_the_types_of_a_fresh_one(pipe, ens, tmp_path):
     r = search_latent(pipe, ens, "a photo of a cat", "cat", seed=4, steps=2, guidance=3.0, config=cfg)
     back = read_result(save_latent(tmp_path / "z.safetensors", r))
     assert back.meta == r.meta and back.history == r.history and torch.equal(back.latent, r.latent)
+    assert torch.equal(load_result(pipe, tmp_path / "z.safetensors").image, r.image)  # with the image re-rendered
     assert {k: type(v) for k, v in back.meta.items()} == {k: type(v) for k, v in r.meta.items()}  # 2 == 2.0 too
 
 

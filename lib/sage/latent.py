@@ -426,6 +426,8 @@ def _load_batch(paths: Sequence[Path], batch: Sequence[int]) -> list[LatentResul
 # ------------------------------------------------------------------------------------------------ saving, rendering
 @dataclass
 class LatentRecord:
+    """A saved latent and the metadata that re-renders it (:func:`load_latent`, :func:`render_latent`)."""
+
     latent: torch.Tensor
     meta: dict
 
@@ -445,6 +447,8 @@ def save_latent(path: str | Path, result: LatentResult, model: str = "") -> Path
 
 
 def load_latent(path: str | Path) -> LatentRecord:
+    """The latent and the metadata (strings) of a file :func:`save_latent` wrote, for :func:`render_latent`;
+    :func:`read_result` reads the whole search outcome, typed."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
