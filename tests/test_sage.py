@@ -727,17 +727,17 @@ def test_an_interrupted_campaign_resumes_without_searching_again(pipe, ens, tmp_
     df3, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=other, out_dir=tmp_path)
     assert searched == [[0]] and not df3.resumed.any() and df3.loc[0, "path"] != df.loc[0, "path"]
     assert not list(tmp_path.glob(".*.tmp"))
-    key = L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1])
+    key = L.latent_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1])
     assert Path(df.loc[0, "path"]).name == f"latent_lose_cat_0_{key}.safetensors"
-    assert Path(df.loc[2, "path"]).name.endswith(f"{L.campaign_key(pipe, ens, 'a photo of a cat', 'cat', 2, 7.5, cfg, 2, [2])}"
+    assert Path(df.loc[2, "path"]).name.endswith(f"{L.latent_key(pipe, ens, 'a photo of a cat', 'cat', 2, 7.5, cfg, 2, [2])}"
                                                  ".safetensors")
     retrained = Ensemble([FnMember(small_net(seed=1), LABELS, "a"), FnMember(small_net(seed=2), LABELS, "b"),
                           EdgeMember(FnMember(small_net(seed=4), LABELS, "c"))])  # same names, other weights
-    assert L.campaign_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) != key
-    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) == key
+    assert L.latent_key(pipe, retrained, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) != key
+    assert L.latent_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1]) == key
     from lib.sage.resume import weights_part
 
-    assert L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1],
+    assert L.latent_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, 2, [0, 1],
                           weights=weights_part(pipe, ens)) == key  # precomputed fingerprints: the same key
 
 
@@ -759,7 +759,7 @@ def test_the_latent_key_and_file_names_change_with_the_batch_size(pipe, ens, tmp
     import lib.sage.latent as L
 
     cfg = LatentSearch(mode="lose", iterations=0)
-    keys = {b: L.campaign_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, b, [0]) for b in (1, 2, 8)}
+    keys = {b: L.latent_key(pipe, ens, "a photo of a cat", "cat", 2, 7.5, cfg, b, [0]) for b in (1, 2, 8)}
     assert len(set(keys.values())) == 3, keys
     one, _ = latent_campaign(pipe, ens, "a photo of a cat", "cat", seeds=[0], steps=2, config=cfg, out_dir=tmp_path,
                              batch_size=1)
@@ -1100,7 +1100,7 @@ def test_every_resume_key_changes_with_each_of_its_settings(pipe, ens, lm):
             assert fn(**{**base, name: value}) != key, name
 
     cfg = LatentSearch(mode="lose", iterations=2)
-    differ(lambda **k: L.campaign_key(pipe, ens, **k),
+    differ(lambda **k: L.latent_key(pipe, ens, **k),
            dict(prompt="a photo of a cat", cls="cat", steps=2, guidance=7.5, config=cfg, batch_size=2, batch=[0, 1]),
            dict(prompt="a photo of a dog", cls="dog", steps=3, guidance=5.0, config=LatentSearch(mode="lose"),
                 batch_size=4, batch=[0, 2]))

@@ -331,7 +331,7 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     return results
 
 
-def campaign_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
+def latent_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guidance: float,
                  config: LatentSearch, batch_size: int, batch: Sequence[int] | None = None,
                  weights: dict[str, str] | None = None) -> str:
     """:func:`lib.sage.resume.campaign_key` of one (prompt, class) latent campaign searched ``batch_size`` seeds at
@@ -354,7 +354,7 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
 
     With ``out_dir`` every search is written (atomically) as soon as its batch finishes, to
     ``out_dir/latent_<mode>_<cls>_<seed>_<key>.safetensors`` — the found latent, or the best one — where ``key``
-    (:func:`campaign_key`) hashes the weights (with their dtype and device type), the ensemble, every setting,
+    (:func:`latent_key`) hashes the weights (with their dtype and device type), the ensemble, every setting,
     ``batch_size`` and the seeds of the search's batch. With ``resume`` a batch whose files all exist is loaded (its
     images re-rendered exactly) instead of run again; a batch with a missing or unreadable file (a warning names it)
     is searched again whole. So a resumed, interrupted or extended campaign (more ``seeds``) gives exactly what a fresh
@@ -381,7 +381,7 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
         weights = weights_part(pipe, ensemble)  # once, not per batch
     for batch in batches:
         if out_dir is not None:
-            key = campaign_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size, batch, weights)
+            key = latent_key(pipe, ensemble, prompt, cls, steps, guidance, config, batch_size, batch, weights)
             paths.update({s: Path(out_dir) / f"latent_{config.mode}_{cls}_{s}_{key}.safetensors".replace(" ", "-")
                           for s in batch})
         loaded = _load_batch([paths[s] for s in batch], batch) if out_dir is not None and resume else None
