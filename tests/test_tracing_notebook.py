@@ -47,14 +47,14 @@ def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp
 
 
 def test_toy_probes_on_a_real_model_are_flagged(tmp_path):
-    assert "PROBES sd" in tracing.probes_match_model("toy", "CompVis/stable-diffusion-v1-4")
-    assert tracing.probes_match_model("toy", str(tmp_path)) is not None  # a local folder that is no toy world
-    assert tracing.probes_match_model("sd", "CompVis/stable-diffusion-v1-4") is None
-    assert tracing.probes_match_model("toy", "toy") is None and tracing.probes_match_model("toy", "twin:sd-v1") is None
+    assert "PROBES sd" in tracing.probes_warning("toy", "CompVis/stable-diffusion-v1-4")
+    assert tracing.probes_warning("toy", str(tmp_path)) is not None  # a local folder that is no toy world
+    assert tracing.probes_warning("sd", "CompVis/stable-diffusion-v1-4") is None
+    assert tracing.probes_warning("toy", "toy") is None and tracing.probes_warning("toy", "twin:sd-v1") is None
     (tmp_path / "classifiers").mkdir()  # a classifiers/ folder alone does not make a toy world
-    assert tracing.probes_match_model("toy", str(tmp_path)) is not None
+    assert tracing.probes_warning("toy", str(tmp_path)) is not None
     (tmp_path / "TRAINING.json").write_text("{}")  # a toy-world folder: lib.toy.train writes TRAINING.json
-    assert tracing.probes_match_model("toy", str(tmp_path)) is None
+    assert tracing.probes_warning("toy", str(tmp_path)) is None
 
 
 def test_bad_trace_parameters_and_cli_kinds_fail_first(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ TEXT_PARAMS: dict[str, Param] = {
 }
 
 
-def probes_match_model(probes: str, model: str) -> str | None:
+def probes_warning(probes: str, model: str) -> str | None:
     """A warning when the toy world's probe captions are about to trace a real model (``-p PROBES sd`` is meant)."""
     if str(probes) != "toy":
         return None
@@ -114,7 +114,7 @@ def load(P: SimpleNamespace):
         raise ParameterError(f"PROBES: {err}") from None
     check_splits(P, probes)
     check_layers(P)
-    message = probes_match_model(P.PROBES, P.MODEL)
+    message = probes_warning(P.PROBES, P.MODEL)
     if message:
         warnings.warn(message, ToySettingsWarning, stacklevel=2)
     scorer = scorer_for(P.MODEL, P.SCORER, device=str(resolve_device(P.DEVICE)))  # a missing CLIP fails first
