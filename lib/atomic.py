@@ -14,7 +14,10 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
 # Temporary names, newest first: .<name>.<pid>@<host>[.<hex>].tmp; SAGE's older .<name>.<pid>.<hex12>.tmp; tracing's
@@ -89,6 +92,14 @@ def write_parquet_atomic(df, path: str | Path) -> Path:
 def write_csv_atomic(df, path: str | Path, index: bool = False) -> Path:
     """A pandas DataFrame to ``path`` (CSV) atomically (:func:`write_atomic`)."""
     return write_atomic(path, lambda tmp: df.to_csv(tmp, index=index))
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """``tensors`` (moved to the CPU) and string ``metadata`` to ``path`` atomically (:func:`write_atomic`)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,7 +18,8 @@ from lib.sage.latent import (
 )
 from lib.sage.loss import ClipMember, EdgeMember, Ensemble, FnMember
 from lib.sage.prompt import CandidateLM, PromptError, PromptSearch, final_prompts, prompt_campaign, search_prompt
-from lib.sage.resume import campaign_key, member_settings, write_atomic, write_parquet_atomic, write_safetensors_atomic
+from lib.atomic import write_atomic, write_parquet_atomic, write_safetensors_atomic
+from lib.sage.resume import campaign_key, member_settings
 from lib.sage.token import TokenAttack, TokenResult, evaluate_token, train_token
 from lib.scoring import ClipScorer
 from lib.twins import build_twin

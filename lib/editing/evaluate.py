@@ -396,7 +396,7 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
             images[name] = imgs
         if cache_key is not None:
             from lib.atomic import write_parquet_atomic
-            from lib.sage.resume import write_safetensors_atomic
+            from lib.atomic import write_safetensors_atomic
 
             if keep_images:  # the images first: rows without them are not a finished cache entry of this kind
                 write_safetensors_atomic({"images": imgs}, cache_dir / f"condition_{cache_key}.safetensors", {})

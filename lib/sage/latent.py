@@ -437,7 +437,7 @@ def save_latent(path: str | Path, result: LatentResult, model: str = "") -> Path
     (found, losses, iterations, history) as safetensors; written to a temporary name and renamed (atomic)."""
     import json
 
-    from lib.sage.resume import write_safetensors_atomic
+    from lib.atomic import write_safetensors_atomic
 
     meta = {k: "" if v is None else str(v) for k, v in {**result.meta, "found": result.found, "loss": result.loss,
                                                         "best_loss": result.best_loss, "iterations": result.iterations,

@@ -686,7 +686,7 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     """
     import pandas as pd
 
-    from lib.sage.resume import remove_stale_tmp, write_parquet_atomic
+    from lib.atomic import remove_stale_tmp, write_parquet_atomic
 
     check_prompt_search(pipe, ensemble, lm, classes, seeds, steps, config)  # every class, before the first search
     if out_dir is not None and Path(out_dir).is_dir():

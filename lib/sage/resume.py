@@ -1,22 +1,20 @@
-"""Resumable SAGE campaigns: a key hashing everything a result depends on, and atomic table writes.
+"""Resumable SAGE campaigns: a key hashing everything a result depends on.
 
-A campaign writes each finished item (:func:`~lib.atomic.write_parquet_atomic`, :func:`write_safetensors_atomic`: a
-unique temporary file, fsynced, then renamed; :func:`~lib.atomic.remove_stale_tmp` clears a killed writer's) under a
-name that carries :func:`campaign_key`, so a rerun with the same weights and settings loads it, and any other weights
-or settings (a retrained classifier with the same name included) start fresh instead of reusing a stale result.
+A campaign writes each finished item (:mod:`lib.atomic`'s ``write_parquet_atomic`` and ``write_safetensors_atomic``:
+a unique temporary file, fsynced, then renamed; ``remove_stale_tmp`` clears a killed writer's) under a name that
+carries :func:`campaign_key`, so a rerun with the same weights and settings loads it, and any other weights or settings
+(a retrained classifier with the same name included) start fresh instead of reusing a stale result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 
-from lib.atomic import remove_stale_tmp, write_atomic, write_parquet_atomic  # noqa: F401  (re-exported)
 from lib.loading import model_fingerprint, weights_fingerprint
-from lib.sampling import scheduler_settings  # noqa: F401  (re-exported)
+from lib.sampling import scheduler_settings
 
 
 def weights_part(pipe, ensemble, modules: dict[str, torch.nn.Module] | None = None) -> dict[str, str]:
@@ -77,9 +75,3 @@ def _is_part(value) -> bool:
     return (callable(value) and hasattr(value, "labels")) or hasattr(value, "image_features")
 
 
-def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """``tensors`` (moved to the CPU) and string ``metadata`` to ``path`` atomically (:func:`lib.atomic.write_atomic`)."""
-    from safetensors.torch import save_file
-
-    cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    return write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))

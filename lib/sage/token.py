@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.atomic import remove_stale_tmp, write_safetensors_atomic
 from lib.params import Param, check_fields, interval, positive, seed_value
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import check_seeds, signed_step
@@ -47,7 +48,7 @@ from lib.sage.prompt import (
     _check_pipe, _replaced_embeddings, check_grad_from_step, encode_with_slots, render_with_slots, slot_dim,
     slot_ids,
 )
-from lib.sage.resume import campaign_key, remove_stale_tmp, write_safetensors_atomic
+from lib.sage.resume import campaign_key
 from lib.sampling import is_sdxl
 
 
