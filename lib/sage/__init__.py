@@ -11,7 +11,7 @@
 * :mod:`lib.sage.plots` — the QQ, loss and class-probability figures;
 * :mod:`lib.sage.gradient` — loss scaling and gradient checks for float16 / bfloat16 backward passes;
 * :mod:`lib.sage.campaign` — notebook 01's latent searches as units of work, sharded with ``accelerate launch``;
-* :mod:`lib.sage.resume` — the key hashing everything a result depends on, and atomic table writes.
+* :mod:`lib.sage.resume` — the key hashing everything a result depends on (atomic writes: :mod:`lib.atomic`).
 
 No official code was released; every choice where the paper is silent is documented in the module docstrings and
 exposed as a parameter.
