@@ -27,6 +27,8 @@ help:
 	@echo "make test     - install into $(VENV) if needed, run pytest and the nbval notebook checks"
 	@echo "make figures  - install if needed, run every numbered notebook headless (papermill), write figures/"
 	@echo "make notebooks-update - re-execute the committed notebooks in place (after a change of numbers)"
+	@echo "make bench    - install if needed, list benchmarks/bench.py's options (benchmarks/README.md)"
+	@echo "make wheels   - download the wheels the lent GPU box lacks into .whl (carry it to the device call)"
 
 install: $(STAMP)
 
@@ -69,6 +71,7 @@ bench: $(STAMP)
 
 # What the lent GPU box lacks (benchmarks/README.md), for its Python 3.12: carry .whl (git-ignored) to the device call.
 wheels:
+	rm -rf .whl  # a second version of a wheel left from an older pin makes the device's pip install fail
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  diffusers==0.42.1 open_clip_torch==3.3.0 kornia==0.9.0 kornia_rs==0.2.0 ftfy==6.3.1 wcwidth==0.9.5

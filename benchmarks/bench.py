@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lib.atomic import write_text_atomic  # noqa: E402
 from lib.sampling import decode, denoise, encode, initial_latents  # noqa: E402
 from lib.speed import COMPILE_MODES, check_compile, speed_up  # noqa: E402
 from lib.twins import build_twin  # noqa: E402
@@ -127,11 +129,44 @@ def _register_method_cases() -> None:
                 CASES[name] = fn
 
 
-def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
-    if ctx.speed.get("compile"):
+class _LimitHits(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings: the frame runs eagerly from then on (torch keeps no
+    counter of recompiles)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.hits += str(record.msg).startswith("torch._dynamo hit config.")
+
+
+def _frames_converted() -> int:
+    """Frames dynamo has converted so far: one per cache miss, i.e. per compile or recompile."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def time_case(name: str, ctx: Context, warmup: int, repeats: int,
+              progress: Callable[[dict], None] | None = None) -> Result:
+    """Time one case: ``warmup`` untimed calls, then ``repeats`` timed ones. ``progress`` gets what is measured so far
+    after every call (the JSON of a case killed mid-way still holds its warm-up and compile times)."""
+    compiled = bool(ctx.speed.get("compile"))
+    limit_log, limit_hits = logging.getLogger("torch._dynamo.convert_frame"), _LimitHits()
+    if compiled:
         from torch._dynamo.utils import counters
 
         counters.clear()  # process-wide: each case reports its own compile counters
+        limit_log.addHandler(limit_hits)
+    try:
+        return _time_case(name, ctx, warmup, repeats, limit_hits, progress or (lambda _: None))
+    finally:
+        limit_log.removeHandler(limit_hits)
+
+
+def _time_case(name: str, ctx: Context, warmup: int, repeats: int, limit_hits: _LimitHits,
+               progress: Callable[[dict], None]) -> Result:
     fn, params, extra = CASES[name](ctx)
     warm = []
     for i in range(warmup):
@@ -140,13 +175,16 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         fn()
         ctx.sync()
         warm.append(time.perf_counter() - t0)
-        print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s", flush=True)  # a case cut short still says how far
+        sage = "".join(f", {k} {extra[k]}" for k in ("grad_finite", "backward_passes_max") if k in extra)
+        print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s{sage}", flush=True)  # a case cut short says how far
+        progress(dict(case=name, warmup_s=warm, times_s=[], extra=dict(extra)))
     extra.pop("backward_passes_max", None)  # a SAGE case's count restarts: a warm-up's overflow is not a timed run's
     start = None
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached while compiling do not count towards the timed runs' reserved peak
         torch.cuda.reset_peak_memory_stats(ctx.device)
         start = torch.cuda.memory_allocated(ctx.device) / 2**30
+    frames_before = _frames_converted() if ctx.speed.get("compile") else 0
     times = []
     for _ in range(repeats):
         ctx.sync()
@@ -154,6 +192,7 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         fn()
         ctx.sync()
         times.append(time.perf_counter() - t0)
+        progress(dict(case=name, warmup_s=warm, times_s=times, extra=dict(extra)))
     cuda = ctx.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved(ctx.device) / 2**30 if cuda else None
@@ -164,7 +203,9 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int) -> Result:
         from torch._dynamo.utils import counters
 
         extra = {**extra, "compile_counters": {k: dict(v) for k, v in counters.items()
-                                               if k in ("stats", "inductor", "graph_break", "recompiles") and v}}
+                                               if k in ("stats", "frames", "inductor", "graph_break") and v},
+                 "frames_compiled_while_timed": _frames_converted() - frames_before,
+                 "recompile_limit_hits": limit_hits.hits}
     return Result(name, params, times, statistics.median(times), min(times), peak, dict(extra), warm, reserved, start)
 
 
@@ -175,8 +216,9 @@ def machine_facts() -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Atomically (a kill mid-write leaves the previous file, not a truncated one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
+    write_text_atomic(json.dumps(obj, indent=1), path)
 
 
 def environment(device: torch.device) -> dict:
@@ -205,16 +247,21 @@ def environment(device: torch.device) -> dict:
 
 
 def flags(result: dict) -> list[str]:
-    """What makes a case's timing not what its row says: a compiled case that fell back (graph breaks, recompiles,
-    skipped CUDA graphs), a SAGE gradient that was not finite, backward passes repeated after a float16 overflow."""
+    """What makes a case's timing not what its row says: a compiled case that fell back (graph breaks, frames that
+    failed to compile, the recompile limit hit, skipped CUDA graphs) or compiled during its timed runs, a SAGE
+    gradient that was not finite, backward passes repeated after a float16 overflow."""
     out = []
     extra = result.get("extra", {})
     counters = extra.get("compile_counters", {})
     breaks = sum(counters.get("graph_break", {}).values())
-    recompiles = sum(counters.get("recompiles", {}).values())
+    frames = counters.get("frames", {})
+    failed = frames.get("total", 0) - frames.get("ok", 0)
     skips = sum(v for k, v in counters.get("inductor", {}).items() if "cudagraph_skip" in k)
-    out += [f"{n} {what}" for n, what in ((breaks, "graph breaks"), (recompiles, "recompiles"),
-                                          (skips, "CUDA-graph skips")) if n]
+    out += [f"{n} {what}" for n, what in ((breaks, "graph breaks"), (failed, "frames not compiled"),
+                                          (extra.get("recompile_limit_hits", 0), "recompile-limit fallbacks"),
+                                          (skips, "CUDA-graph skips"),
+                                          (extra.get("frames_compiled_while_timed", 0),
+                                           "frames compiled during the timed runs")) if n]
     if extra.get("grad_finite") is False:
         out.append("gradient not finite")
     if extra.get("backward_passes_max", 1) > 1:
@@ -248,6 +295,13 @@ def summary_rows(paths: list[Path]) -> list[str]:
             rows.append(f"| {r.get('case', '?')} | {report.get('size', '?')} | {how} | {med:.3f} | {low:.3f} | {per} | "
                         f"{mem} | {warm} | {env.get('gpu', 'cpu')}, {report.get('dtype', '')} | {commit} | "
                         f"{'; '.join(flags(r))} |")
+        cut = report.get("unfinished")
+        if cut:  # killed mid-case: its warm-ups (compile times) and any timed runs, no median
+            warm = " / ".join(f"{w:.1f}" for w in cut.get("warmup_s", []))
+            timed = " / ".join(f"{t:.3f}" for t in cut.get("times_s", []))
+            rows.append(f"| {cut.get('case', '?')} | {report.get('size', '?')} | {how} | cut short | "
+                        f"{timed or '–'} | | | {warm} | {env.get('gpu', 'cpu')}, {report.get('dtype', '')} | "
+                        f"{env.get('commit')} | {'; '.join(flags(cut)) or 'unfinished'} |")
     return rows
 
 
@@ -298,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         speed["cudnn_benchmark"] = True
     ctx = Context(device, dtype, args.size, speed)
     report = dict(environment=environment(device), size=args.size, dtype=str(dtype), speed=speed, results=[])
+    def unfinished(state: dict) -> None:  # the case under way, rewritten after each call: cut short, it says how far
+        if args.out:
+            write_json(args.out, {**report, "unfinished": state})
+
     for name in names:
-        res = time_case(name, ctx, args.warmup, args.repeats)
+        res = time_case(name, ctx, args.warmup, args.repeats, unfinished)
         ctx.reset()
         report["results"].append(asdict(res))
         mem = (f", peak {res.peak_mem_gib:.1f} GiB (reserved {res.peak_reserved_gib:.1f})"

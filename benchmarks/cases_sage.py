@@ -5,7 +5,7 @@ the VAE decode, the ensemble, the backward pass to ``δ`` through the residual p
 projection — exactly :func:`lib.sage.latent.search_latent`'s inner loop.
 
     python benchmarks/bench.py --cases sage_latent_iter --size full --device cuda --dtype float16
-    python benchmarks/cases_sage.py --size tiny --iterations 100 --steps 10       # a whole search, CPU
+    python benchmarks/cases_sage.py --size tiny --iterations 100 --search-steps 10  # a whole search, CPU
     python benchmarks/cases_sage.py --model toy --steps 10 --batch 1 8 --threads 2  # batched searches, toy world
     python benchmarks/cases_sage.py --size full --stored --threads 2   # stored activations per checkpointing, CPU
 
@@ -247,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=("tiny", "full"), default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps of the timed iteration")
     ap.add_argument("--residual-step", type=int, default=None)
     ap.add_argument("--members", choices=("small", "imagenet"), default=None)
     ap.add_argument("--iterations", type=int, default=0, help="also time a whole search of this many iterations")
-    ap.add_argument("--search-steps", type=int, default=10)
+    ap.add_argument("--search-steps", type=int, default=10, help="sampling steps of the --iterations search")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpointing", choices=[m or "none" for m in CHECKPOINTING], default=None,

@@ -11,17 +11,20 @@
 #   T2I_COMMIT=<sha> bash benchmarks/device_session.sh targets    # the seven GPU target cases only (~5 min)
 #   T2I_COMMIT=<sha> bash benchmarks/device_session.sh speed      # latent iteration: one search without checkpoints, 8 batched with step checkpoints; eager, then CUDA graphs / compiled (~9 min)
 #   T2I_COMMIT=<sha> bash benchmarks/device_session.sh trace      # the 70-layer trace: eager baseline, then CUDA graphs (~9 min)
+#   T2I_COMMIT=<sha> bash benchmarks/device_session.sh both       # one session for both targets: the single search and the
+#       trace eager, then the single search under CUDA graphs with what is left (~9 min)
 # Needs the wheels in .whl (carry ".whl"); writes logs, sample grids and a tarball of the new weights under $OUT.
 # BUDGET (default 560): seconds this script may use from its start; every step's limit is what is left of it, so the
 #   logs and JSON of a cut-short step come back before the call's own limit (the run tool's timeout_s: give it ~600).
 set -o pipefail
+cd "$(dirname "$0")/.." || exit 1  # the repo root: .whl, PYTHONPATH and data/toy are relative to it
 BUDGET=${BUDGET:-560}
 left() { local l=$((BUDGET - SECONDS - ${1:-0})); [ "$l" -gt 1 ] || l=1; echo "$l"; }  # seconds left (minus $1), >= 1
 CUT="" FAILED=""
 record() { if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then CUT="$CUT $1"; else FAILED="$FAILED $1(rc $2)"; fi; }
-case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace}" >&2; exit 2 ;; esac
+case "$1" in clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace|both) ;; *) echo "usage: bash benchmarks/device_session.sh {clip-vae|clip-vision|vae|unet|unet-resume|targets|speed|trace|both}" >&2; exit 2 ;; esac
 : "${OUT:?run this on the device machine, where OUT is set}"
-case "$1" in targets|speed|trace)  # their JSON records the commit; the copied tree has no .git
+case "$1" in targets|speed|trace|both)  # their JSON records the commit; the copied tree has no .git
   : "${T2I_COMMIT:?give the commit in the call (T2I_COMMIT=<sha> bash benchmarks/device_session.sh ...)}" ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -54,7 +57,7 @@ trace() {  # the 70-layer trace: an eager baseline on this machine, then the com
   # the rest of the budget (~380 s: build, compile at batch 144, 4 traces of 12-17 s); max-autotune (minutes of
   # autotuning on a fresh cache) does not fit the same call and is left out
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  timeout -k 10 120 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --warmup 1 --repeats 1 \
+  timeout -k 10 150 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --warmup 1 --repeats 1 \
     --channels-last --cudnn-benchmark --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 | tee -a "$OUT/trace.log" || record trace_eager $?
   for spec in reduce-overhead:400:2; do
     IFS=: read -r mode limit warmup <<< "$spec"
@@ -63,6 +66,24 @@ trace() {  # the 70-layer trace: an eager baseline on this machine, then the com
       --compile-mode "$mode" --channels-last --cudnn-benchmark --warmup "$warmup" --repeats 2 --cases trace_sd14_unet70 \
       --out "$OUT/trace_$mode.json" 2>&1 | tee -a "$OUT/trace.log" || record "trace_$mode" $?
   done
+}
+both() {  # a session lent once measures both targets: each eager (the baselines of this machine), then the case
+  # most likely to meet its target, the launch-bound single search, under CUDA graphs with the rest of the budget
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+  timeout -k 10 200 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --repeats 2 \
+    --channels-last --cudnn-benchmark --cases sage_latent_iter_k40_nockpt --out "$OUT/speed_eager.json" 2>&1 \
+    | tee -a "$OUT/both.log" || record speed_eager $?
+  timeout -k 10 150 python3 benchmarks/bench.py --size full --device cuda --dtype float16 --warmup 1 --repeats 1 \
+    --channels-last --cudnn-benchmark --cases trace_sd14_unet70 --out "$OUT/trace_eager.json" 2>&1 \
+    | tee -a "$OUT/both.log" || record trace_eager $?
+  rest=$(left); if [ "$rest" -gt 90 ]; then
+    timeout -k 10 "$rest" python3 benchmarks/bench.py --size full --device cuda --dtype float16 --compile \
+      --compile-mode reduce-overhead --channels-last --cudnn-benchmark --warmup 2 --repeats 2 \
+      --cases sage_latent_iter_k40_nockpt --out "$OUT/speed_sage_latent_iter_k40_nockpt_reduce-overhead.json" 2>&1 \
+      | tee -a "$OUT/both.log" || record sage_latent_iter_k40_nockpt_reduce-overhead $?
+  else
+    CUT="$CUT reduce-overhead(not started: $rest s left)"
+  fi
 }
 case "$1" in
   clip-vae)
@@ -95,6 +116,7 @@ case "$1" in
   targets) targets ;;
   speed) speed ;;
   trace) trace ;;
+  both) both ;;
 esac
 ls "$OUT"/*.json >/dev/null 2>&1 &&  # one markdown row per measured case, for notebooks/RESULTS.md
   python3 benchmarks/bench.py --summarize "$OUT"/*.json 2>&1 | tee -a "$OUT/session.log"

@@ -30,9 +30,11 @@ def test_summary_flags_what_makes_a_timing_not_what_its_row_says(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import bench
 
-    fell_back = {"extra": {"compile_counters": {"graph_break": {"a": 2, "b": 1}, "recompiles": {"x": 1},
-                                                 "inductor": {"cudagraph_skips": 4}}}}
-    assert bench.flags(fell_back) == ["3 graph breaks", "1 recompiles", "4 CUDA-graph skips"]
+    fell_back = {"extra": {"compile_counters": {"graph_break": {"a": 2, "b": 1}, "frames": {"total": 9, "ok": 8},
+                                                 "inductor": {"cudagraph_skips": 4}},
+                           "recompile_limit_hits": 1, "frames_compiled_while_timed": 2}}
+    assert bench.flags(fell_back) == ["3 graph breaks", "1 frames not compiled", "1 recompile-limit fallbacks",
+                                      "4 CUDA-graph skips", "2 frames compiled during the timed runs"]
     overflow = {"extra": {"grad_finite": False, "backward_passes_max": 5}}
     assert bench.flags(overflow) == ["gradient not finite",
                                      "up to 5 backward passes per iteration (float16 overflow)"]
@@ -164,6 +166,26 @@ def test_the_device_session_script_parses_and_refuses_an_unknown_mode(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing installed or written
 
 
+def test_the_device_session_both_mode_runs_its_three_cases_in_order(tmp_path):
+    """``both`` (one session for the SAGE and the trace target), with python3 replaced by a stub that records each
+    call: from another folder, the eager single search, the eager trace, then the single search under CUDA graphs."""
+    stub, out = tmp_path / "bin", tmp_path / "out"
+    stub.mkdir()
+    out.mkdir()
+    (stub / "python3").write_text('#!/bin/bash\necho "$PWD | $*" >> "$OUT/calls.txt"\n')
+    (stub / "python3").chmod(0o755)
+    env = {**os.environ, "OUT": str(out), "T2I_COMMIT": "abc1234", "PATH": f"{stub}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "device_session.sh"), "both"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (out / "calls.txt").read_text().splitlines()
+    assert all(c.startswith(f"{REPO_ROOT} | ") for c in calls), calls  # run from the repo root wherever started
+    cases = [c.split("--cases ")[1].split()[0] for c in calls if "--cases" in c]
+    assert cases == ["sage_latent_iter_k40_nockpt", "trace_sd14_unet70", "sage_latent_iter_k40_nockpt"], calls
+    assert "--compile-mode reduce-overhead" in calls[-1] and "--warmup 2" in calls[-1]
+    assert "cut short: none; failed: none" in r.stdout
+
+
 def test_the_standalone_sage_report_says_where_it_ran(tmp_path):
     """``cases_sage.py --out`` (RESULTS quotes its numbers) records device, dtype, checkpointing, members and the
     environment (versions, commit) at the top, as bench.py's JSON does."""
@@ -179,3 +201,67 @@ def test_the_standalone_sage_report_says_where_it_ran(tmp_path):
     (row,) = report["iteration"]
     assert row["steps"] == 2 and row["dtype"] == "torch.float32" and row["median_s"] > 0
 
+
+
+def test_a_compiled_case_counts_what_torch_does_not(monkeypatch):
+    """Recompiles past dynamo's limit (the frame then runs eagerly) and compiles inside the timed runs are flagged from
+    what really happens: a function compiled on CPU whose input shape changes on every call."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench
+    import torch
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    n = iter(range(1, 100))
+
+    def case(ctx):
+        return (lambda: f(torch.ones(next(n)))), {}, {}
+
+    monkeypatch.setitem(bench.CASES, "reshaping", case)
+    res = bench.time_case("reshaping", bench.Context(torch.device("cpu"), torch.float32, "tiny", {"compile": True}), 1, 2)
+    flags = bench.flags({"extra": res.extra})
+    assert res.extra["recompile_limit_hits"] == 1 and res.extra["frames_compiled_while_timed"] >= 1, res.extra
+    assert "1 recompile-limit fallbacks" in flags, flags
+    torch._dynamo.reset()
+    g = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)  # one shape: compiled in the warm-up only
+    monkeypatch.setitem(bench.CASES, "steady", lambda ctx: ((lambda: g(torch.ones(3))), {}, {}))
+    res = bench.time_case("steady", bench.Context(torch.device("cpu"), torch.float32, "tiny", {"compile": True}), 1, 2)
+    assert bench.flags({"extra": res.extra}) == [] and res.extra["compile_counters"]["frames"] == {"total": 1, "ok": 1}
+    torch._dynamo.reset()
+
+
+def test_a_case_killed_mid_way_leaves_its_warm_ups_in_the_json(tmp_path):
+    """A compiled case cut off by the device call's limit used to write nothing: its compile time was lost."""
+    import signal
+    import time
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--size", "tiny", "--cases",
+           "generate_sd14_b1", "--warmup", "1", "--repeats", "10000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "T2I_COMMIT": "abc1234"})
+    try:
+        for line in proc.stdout:  # the warm-up is done
+            if "warm-up 1/1" in line:
+                break
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until the file shows a timed run: then the process is killed mid-case
+            try:
+                if json.loads(out.read_text())["unfinished"]["times_s"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    report = json.loads(out.read_text())
+    cut = report["unfinished"]
+    assert report["results"] == [] and cut["case"] == "generate_sd14_b1" and len(cut["warmup_s"]) == 1
+    assert cut["times_s"], cut  # timed runs finished before the kill are kept
+    summary = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench.py"), "--summarize", str(out)],
+                             check=True, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert len(summary) == 3 and "| generate_sd14_b1 | tiny | eager | cut short |" in summary[2], summary
