@@ -247,7 +247,7 @@ def check_lm(lm: str) -> None:
                              "or give its local folder")
 
 
-def clip_scorer(model: str, device: str = "cpu", spec: str = "auto"):
+def clip_scorer(model: str, spec: str = "auto", device: str = "cpu"):
     """CLIP-Score model, frozen: :func:`lib.scoring.scorer_for` of ``spec`` (``auto``: the toy CLIP for the toy world,
     a random toy-size CLIP for shape twins, else open_clip ViT-L/14 with OpenAI weights from the local cache;
     ``openclip:<model>:<weights or local file>``, ``toy:<folder>``, ``random``)."""
