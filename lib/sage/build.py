@@ -23,12 +23,23 @@ from typing import Sequence
 
 import numpy as np
 
-from lib.params import ToySettingsWarning
+from lib.params import Param, ToySettingsWarning, positive
 from lib.paths import in_repo
 from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
 from lib.sage.metrics import network_prints
 
 TOY_MEMBERS: tuple[str, ...] = ("resnet", "mobilenet", "edges")
+SEARCH_PARAMS: dict[str, Param] = {  # the parameters of notebooks 01-03 alike (besides lib.params.COMMON)
+    "ITERATIONS": Param(int, low=0, high=100_000),
+    "STEP_SIZE": Param(float, low=1e-6, high=10.0),
+    "ENSEMBLE": Param(list, items=str, min_len=1),
+    "CHECKER": Param(str, optional=True),
+    "ATTRIBUTE": Param(str),
+}
+EMBEDDING_PARAMS: dict[str, Param] = {  # and of the two searches over text embeddings (02, 03)
+    "EMB_RANGE": Param(float, low=0.0, check=positive),
+    "GRAD_FROM_STEP": Param(int, low=0),
+}
 _CAPTION_TEMPLATES: tuple[str, ...] = (  # non-toy captions of a class for the token attack (ours)
     "a photo of a {cls}", "a picture of a {cls}", "an image of a {cls}", "a close-up photo of a {cls}",
     "a photo of a {cls} on a sofa", "a photo of a {cls} in a garden", "a {cls} sitting on the grass",

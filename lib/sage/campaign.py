@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from lib.params import (COMMON, Param, ParameterError, ToySettingsWarning, check_step, distinct, has_placeholder,
                         positive, validate)
+from lib.sage.build import SEARCH_PARAMS
 
 OUTPUT_NAME = "01_sage_latent_search"  # the notebook's default output folder under runs/
 PARAMS_FILE = "params.json"
@@ -38,19 +39,15 @@ def _modes(value: Sequence[str]) -> None:
 
 
 PARAMS: dict[str, Param] = {  # notebook 01's parameters besides lib.params.COMMON
+    **SEARCH_PARAMS,
     "CLASSES": Param(list, items=str, min_len=1, check=distinct),
     "PROMPT_TEMPLATE": Param(str, check=has_placeholder("cls")),
     "MODES": Param(list, items=str, min_len=1, check=_modes),
-    "ITERATIONS": Param(int, low=0, high=100_000),
-    "STEP_SIZE": Param(float, low=1e-6, high=10.0),
     "DELTA_MAX": Param(float, low=0.0, high=100.0, check=positive),
     "SHELL_SIGMAS": Param(float, low=0.0, optional=True),
     "RESIDUAL_STEP": Param(int, low=0, optional=True),
     "RESIDUAL_WEIGHT": Param(float, low=0.0, optional=True, check=positive),
     "RESIDUAL_MODE": Param(str, choices=("straight_through", "additive")),
-    "ENSEMBLE": Param(list, items=str, min_len=1),
-    "CHECKER": Param(str, optional=True),
-    "ATTRIBUTE": Param(str),
     "THRESHOLD": Param(float, low=0.0, high=1.0),
     "NGR_ALPHA": Param(float, low=0.0, high=1.0),
     "TIME_ITERATIONS": Param(int, low=0, high=100_000),
