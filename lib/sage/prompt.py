@@ -569,7 +569,7 @@ def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seq
             probs = ensemble.probs(render_with_slots(pipe, [prompt] * len(seeds), None, seeds, steps, guidance,
                                                      grad=False))
             fooled = ensemble.judge(probs, cls, "lose").float().mean().item()
-            p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(cls))]).mean().item()
+            p_cls = ensemble.class_prob(probs, cls).mean().item()
             loss_p = ensemble.loss(probs, cls, "lose").mean().item()
         best = loss_p if math.isnan(best) else min(best, loss_p)
         end = lm.end_prob(prompt)

@@ -18,13 +18,11 @@ def judge_images(images: torch.Tensor, ensemble: Ensemble, cls: str, verdict: Ve
     import pandas as pd
 
     probs = ensemble.probs(images)
-    idx = ensemble.indices(cls)
-    p_cls = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, idx)]).mean(0)
+    p_cls = ensemble.class_prob(probs, cls)
     fooled = ensemble.judge(probs, cls, verdict, target)
     df = pd.DataFrame({"image": range(len(images)), "fooled": fooled.cpu().numpy(), "p_class": p_cls.cpu().numpy()})
     if target is not None:
-        t_idx = ensemble.indices(target)
-        df["p_target"] = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, t_idx)]).mean(0).cpu().numpy()
+        df["p_target"] = ensemble.class_prob(probs, target).cpu().numpy()
     for m, name, p in zip(ensemble.members, ensemble.names, probs):
         df[f"top_{name}"] = [m.labels[int(i)] for i in p.argmax(-1)]
     if checker is not None:

@@ -234,8 +234,7 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     with_tok = render(tok)
     probs = ensemble.probs(with_tok)
     success = ensemble.judge(probs, result.source, "become", result.target)
-    p_t = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.target))]).mean(0)
-    p_s = torch.stack([p[:, i].sum(-1) for p, i in zip(probs, ensemble.indices(result.source))]).mean(0)
+    p_t, p_s = ensemble.class_prob(probs, result.target), ensemble.class_prob(probs, result.source)
     text_cos = F.cosine_similarity(pooled_text(pipe, ps, None), pooled_text(pipe, ps, result.embedding), dim=-1)
     f64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731 - float64 columns round and print cleanly
     df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
