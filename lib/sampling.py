@@ -43,8 +43,24 @@ class Conditioning:
         return Conditioning(self.cond[idx], self.uncond[idx], pick(self.added), pick(self.added_uncond))
 
 
+TOKENIZER_OF: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
 def is_sdxl(pipe) -> bool:
+    """Two text encoders (``text_encoder_2`` present): the SDXL family."""
     return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoder_names(pipe) -> list[str]:
+    """The pipeline's text encoders that are present with their tokenizer (:data:`TOKENIZER_OF`): ``text_encoder``
+    and, on SDXL, ``text_encoder_2``."""
+    present = lambda name: getattr(pipe, name, None) is not None  # noqa: E731
+    return [n for n, t in TOKENIZER_OF.items() if present(n) and present(t)]
+
+
+def tokenizer_for(pipe, encoder: str):
+    """The tokenizer that feeds ``encoder`` (``tokenizer_2`` for ``text_encoder_2``)."""
+    return getattr(pipe, TOKENIZER_OF[encoder])
 
 
 def conditioning_layers(pipe, encoder: str = "text_encoder") -> int:

@@ -42,12 +42,11 @@ from safetensors.torch import save_file
 
 from lib.atomic import write_atomic, write_text_atomic
 from lib.prompts import PromptError, check_length, subject_not_found, subject_occurrences
-from lib.sampling import conditioning_layers
+from lib.sampling import TOKENIZER_OF, conditioning_layers, text_encoder_names
 
 TEMPLATES: tuple[str, ...] = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
 DEFAULT_LAMBDA = 0.01
 MAX_CONDITION = 1e12  # above this condition number of λI + Σkkᵀ, λ is raised (with a warning)
-TOKENIZER_OF: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 FORMAT_VERSION = 1
 Align = Literal["pad", "truncate"]
 
@@ -666,12 +665,6 @@ def save_edited_model(pipe, edit: WeightEdit, folder: str | Path, replace: bool 
 
 
 # ------------------------------------------------------------------------------------------------ DiffQuickFix
-def encoder_names(pipe) -> list[str]:
-    """The pipeline's CLIP text encoders that have a tokenizer: ``text_encoder`` and, for SDXL, ``text_encoder_2``."""
-    present = lambda name: getattr(pipe, name, None) is not None  # noqa: E731
-    return [n for n, t in TOKENIZER_OF.items() if present(n) and present(t)]
-
-
 def encoder_layers(text_encoder) -> torch.nn.ModuleList:
     """``encoder.layers`` of a ``CLIPTextModel`` (transformers 5) or ``CLIPTextModelWithProjection``."""
     tm = getattr(text_encoder, "text_model", text_encoder)
@@ -685,7 +678,7 @@ def unreached_encoders(pipe, layer: int, encoders: Sequence[str] | None = None) 
     """The text encoders (of ``encoders``, default all) whose ``layer`` exists but does not reach the UNet's
     cross-attention (:func:`lib.sampling.conditioning_layers`; SDXL's last layers): an edit there changes no token
     embedding the UNet reads."""
-    return [n for n in (encoder_names(pipe) if encoders is None else encoders)
+    return [n for n in (text_encoder_names(pipe) if encoders is None else encoders)
             if conditioning_layers(pipe, n) <= layer < len(encoder_layers(getattr(pipe, n)))]
 
 
@@ -775,7 +768,7 @@ def collect_keys_values(pipe, anchors: str | Sequence[str], targets: str | Seque
     te = getattr(pipe, encoder, None)
     tok = getattr(pipe, TOKENIZER_OF.get(encoder, ""), None)
     if te is None or tok is None:
-        raise EditError(f"the pipeline has no {encoder!r} with a tokenizer; encoders here: {encoder_names(pipe)}")
+        raise EditError(f"the pipeline has no {encoder!r} with a tokenizer; encoders here: {text_encoder_names(pipe)}")
     proj = out_proj(te, layer)
     n_pos = getattr(getattr(te, "config", None), "max_position_embeddings", None)
     if n_pos is not None and int(tok.model_max_length) != int(n_pos):
@@ -816,12 +809,12 @@ class QuickFixEdit(WeightEdit):
         t0 = time.perf_counter()
         pairs = concept_pairs(anchors, targets)
         names = [encoders] if isinstance(encoders, str) else list(encoders) if encoders is not None \
-            else encoder_names(pipe)
+            else text_encoder_names(pipe)
         if not names:
             raise EditError("the pipeline has no CLIP text encoder to edit")
-        unknown = [n for n in names if n not in encoder_names(pipe)]
+        unknown = [n for n in names if n not in text_encoder_names(pipe)]
         if unknown:
-            raise EditError(f"unknown encoder(s) {unknown}; this pipeline has {encoder_names(pipe)}")
+            raise EditError(f"unknown encoder(s) {unknown}; this pipeline has {text_encoder_names(pipe)}")
         if isinstance(layer, Mapping):
             lacking, extra = [n for n in names if n not in layer], [n for n in layer if n not in names]
             if lacking or extra:

@@ -46,7 +46,7 @@ from lib.prompts import PromptError
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import Residual, check_seeds, sample_with_residual, signed_step
 from lib.sage.loss import Ensemble
-from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl
+from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl, text_encoder_names, tokenizer_for
 
 PLACEHOLDER_ID = 0  # any id other than EOS: its embedding is overwritten
 
@@ -64,7 +64,8 @@ def _check_pipe(pipe) -> None:
 
 
 def _encoders(pipe) -> list:
-    return [pipe.text_encoder, pipe.text_encoder_2] if is_sdxl(pipe) else [pipe.text_encoder]
+    """The text-encoder modules, in :func:`lib.sampling.text_encoder_names`' order."""
+    return [getattr(pipe, n) for n in text_encoder_names(pipe)]
 
 
 # -------------------------------------------------------------------------------------------- embeddings in prompts
@@ -173,7 +174,7 @@ def _slots_before_eos(pipe, n: int, values: torch.Tensor):
     :data:`SLOT_WORD` (the prompts, not a negative prompt), they get ``values`` (n, D₁ + D₂), split between the
     encoders (SDXL)."""
     handles, start = [], 0
-    for te, tok in zip(_encoders(pipe), (pipe.tokenizer, pipe.tokenizer_2)):
+    for te, tok in zip(_encoders(pipe), (tokenizer_for(pipe, n) for n in text_encoder_names(pipe))):
         emb = te.get_input_embeddings()
         part = values[:, start : start + emb.embedding_dim]
         start += emb.embedding_dim

@@ -26,8 +26,8 @@ from typing import Iterator, Sequence
 import torch
 
 from lib.prompts import subject_positions
-from lib.sampling import Conditioning, encode
-from lib.tracing.layers import encoder_root, text_encoders
+from lib.sampling import Conditioning, encode, text_encoder_names, tokenizer_for
+from lib.tracing.layers import encoder_root
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,6 @@ def subject_noise(corruption: Corruption, caption: str, subject: str, encoder: s
     """Standard-normal draws (unscaled) of ``encoder`` for (caption, subject, ``corruption.image_seed``)."""
     gen = torch.Generator().manual_seed(encoder_noise_seed(item_noise_seed(corruption, caption, subject), encoder))
     return torch.randn(*shape, generator=gen)
-
-
-def tokenizer_for(pipe, encoder: str):
-    """The tokenizer that feeds ``encoder`` (``tokenizer_2`` for ``text_encoder_2``)."""
-    return pipe.tokenizer_2 if encoder == "text_encoder_2" else pipe.tokenizer
 
 
 def token_embedding(pipe, encoder: str) -> torch.nn.Embedding:
@@ -141,7 +136,7 @@ def gated(pipe, captions: Sequence[str], subjects: Sequence[str],
     """
     gates, handles = {}, []
     try:
-        for enc in text_encoders(pipe):
+        for enc in text_encoder_names(pipe):
             gate = Gate(targets_for(pipe, enc, captions, subjects, corruption))
             emb = token_embedding(pipe, enc)
             handles.append(emb.register_forward_pre_hook(lambda m, args, g=gate: g.observe(args[0])))

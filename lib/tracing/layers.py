@@ -24,7 +24,6 @@ UnetKind = Literal["resnet", "attn1", "attn2", "ff"]
 TextKind = Literal["hidden", "self_attn", "mlp"]
 UNET_KINDS: tuple[str, ...] = ("resnet", "attn1", "attn2", "ff")
 TEXT_KINDS: tuple[str, ...] = ("hidden", "self_attn", "mlp")
-TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 
 
 class LayerError(KeyError):
@@ -160,11 +159,6 @@ def layers_prefix(model: torch.nn.Module) -> str:
     return "text_model.encoder.layers" if hasattr(model, "text_model") else "encoder.layers"
 
 
-def text_encoders(pipe) -> list[str]:
-    """The pipeline's text-encoder attributes that are present (SD 1.x/2.x: one; SDXL: two)."""
-    return [e for e in TEXT_ENCODERS if getattr(pipe, e, None) is not None]
-
-
 def check_text_layers(layers: Sequence[int], depths: dict[str, int]) -> None:
     """``LayerError`` for layer indices that no text encoder has (``depths``: encoder → number of layers)."""
     wrong = sorted({i for i in layers if not any(0 <= i < d for d in depths.values())})
@@ -181,9 +175,9 @@ def text_sites(pipe, encoders: Sequence[str] | None = None, kinds: Sequence[str]
     By default (``layers=None``) a layer whose output never reaches the UNet is left out
     (:func:`lib.sampling.layer_reaches_unet`; SDXL's ``text_encoder`` layer 11: its restoration is the corrupted image
     by construction, a zero that would only pull Otsu's τ down); named in ``layers``, it is traced."""
-    from lib.sampling import layer_reaches_unet
+    from lib.sampling import layer_reaches_unet, text_encoder_names
 
-    present = text_encoders(pipe)
+    present = text_encoder_names(pipe)
     encoders = present if encoders is None else list(encoders)
     check_names(encoders, present, "text encoder")
     bad = sorted(set(kinds) - set(TEXT_KINDS))

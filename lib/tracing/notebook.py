@@ -19,9 +19,9 @@ from lib.atomic import write_parquet_atomic
 from lib.loading import describe_source, is_toy_world
 from lib.params import COMMON, Param, ParameterError, ToySettingsWarning, distinct, positive, seed_value
 from lib.paths import shell_path
-from lib.sampling import scheduler_fingerprint
+from lib.sampling import scheduler_fingerprint, text_encoder_names
 from lib.scoring import check_scorer_spec
-from lib.tracing.layers import TEXT_KINDS, text_encoders
+from lib.tracing.layers import TEXT_KINDS
 from lib.tracing.probes import NAMED_SETS, probe_path
 from lib.tracing.report import pick_split
 from lib.tracing.sweep import (SweepConfig, check_captions, collect, load_probes, model_fingerprint,
@@ -125,7 +125,7 @@ def load(P: SimpleNamespace):
 def traced_encoders(pipe, df: pd.DataFrame) -> list[str]:
     """The pipeline's text encoders with rows in ``df`` (SDXL with ``TEXT_LAYERS`` all above 11: ``text_encoder_2``)."""
     present = set(df["component"])
-    return [enc for enc in text_encoders(pipe) if enc in present]
+    return [enc for enc in text_encoder_names(pipe) if enc in present]
 
 
 def sweep_config(P: SimpleNamespace, mode: str, pipe, scorer) -> SweepConfig:

@@ -287,10 +287,9 @@ def check_captions(tokenizer, probes: pd.DataFrame) -> None:
 
 def check_subjects(pipe, probes: pd.DataFrame) -> None:
     """Fail before any generation when a caption does not fit or a subject is not found (every encoder's tokenizer)."""
-    from lib.tracing.corrupt import tokenizer_for
-    from lib.tracing.layers import text_encoders
+    from lib.sampling import text_encoder_names, tokenizer_for
 
-    for enc in text_encoders(pipe):
+    for enc in text_encoder_names(pipe):
         check_captions(tokenizer_for(pipe, enc), probes)
 
 

@@ -24,10 +24,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lib.sampling import Conditioning, decode, denoise, encode, initial_latents
-from lib.tracing.corrupt import Corruption, Gate, cat_conditionings, gated, tokenizer_for
+from lib.sampling import Conditioning, decode, denoise, encode, initial_latents, text_encoder_names, tokenizer_for
+from lib.tracing.corrupt import Corruption, Gate, cat_conditionings, gated
 from lib.prompts import subject_positions
-from lib.tracing.layers import TextSite, text_encoders, text_sites
+from lib.tracing.layers import TextSite, text_sites
 from lib.tracing.unet import Trace, nonfinite
 
 
@@ -163,7 +163,7 @@ def trace_text(pipe, caption: str, subject: str, seed: int, sites: Sequence[Text
     (module docstring), so they get its image and flag."""
     corruption = corruption.at(seed)
     restores = restores_for(pipe, caption, sites, tokens)
-    first = min(subject_positions(tokenizer_for(pipe, enc), caption, subject)[0] for enc in text_encoders(pipe))
+    first = min(subject_positions(tokenizer_for(pipe, enc), caption, subject)[0] for enc in text_encoder_names(pipe))
     live = [i for i, r in enumerate(restores) if not (skip_unaffected and max(r.tokens) < first)]
     clean = encode(pipe, [caption], negative)
     with gated(pipe, [caption], [subject], corruption):
