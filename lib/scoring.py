@@ -147,8 +147,8 @@ def hf_clip_scorer(model, tokenizer, image_size: int | None = None, mean=OPENAI_
     """A scorer from a transformers ``CLIPModel`` (the toy world's CLIP, or any local CLIP checkpoint)."""
     device = next(model.parameters()).device
     return ClipScorer(
-        encode_image=lambda px: _features(model.get_image_features(pixel_values=px)),
-        encode_text=lambda ids: _features(model.get_text_features(input_ids=ids)),
+        encode_image=lambda px: pooled_features(model.get_image_features(pixel_values=px)),
+        encode_text=lambda ids: pooled_features(model.get_text_features(input_ids=ids)),
         tokenize=lambda texts: tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids,
         image_size=image_size or model.config.vision_config.image_size,
         mean=tuple(mean),
@@ -158,7 +158,7 @@ def hf_clip_scorer(model, tokenizer, image_size: int | None = None, mean=OPENAI_
     )
 
 
-def _features(out) -> torch.Tensor:
+def pooled_features(out) -> torch.Tensor:
     """transformers 5 may return a model output instead of a tensor from ``get_*_features``."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.editing.quickfix import TEMPLATES, WeightEdit, concept_pairs, phrase_pattern, substitute
+from lib.editing.quickfix import TEMPLATES, WeightEdit, concept_pairs, normalize_phrase, phrase_pattern, substitute
 from lib.sampling import generate_all
 from lib.toy import world as W
 from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
@@ -114,17 +114,13 @@ def edit_prompts(anchors: Iterable[str], templates: Sequence[str] = TEMPLATES) -
     return {" ".join(t.replace("{}", a).lower().split()) for a in anchors for t in templates}
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def _distinct_prompts(n: int, seed: int, pick: Callable[[W.Scene], W.Scene | None],
                       skip: Iterable[str] = (), words: Iterable[str] = ()) -> list[tuple[str, W.Scene]]:
     """Up to ``n`` distinct (caption, scene) pairs: training-distribution scenes mapped by ``pick`` (``None`` rejects
     one), captioned from the same generator, minus captions in ``skip`` (normalised text) and captions naming one of
     ``words`` as a whole word (any case); reproducible from ``seed``."""
     named = re.compile("|".join(phrase_pattern(w) for w in words), re.IGNORECASE) if words else None
-    skip = {_norm(e) for e in skip}
+    skip = {normalize_phrase(e) for e in skip}
     rng = np.random.default_rng(seed)
     out, seen = [], set()
     for _ in range(200 * max(n, 1)):
@@ -134,7 +130,7 @@ def _distinct_prompts(n: int, seed: int, pick: Callable[[W.Scene], W.Scene | Non
         if scene is None:
             continue
         cap = W.caption(scene, rng)
-        if _norm(cap) in skip or cap in seen or named is not None and named.search(cap):
+        if normalize_phrase(cap) in skip or cap in seen or named is not None and named.search(cap):
             continue
         seen.add(cap)
         out.append((cap, scene))
@@ -218,8 +214,8 @@ MISSPELLINGS: dict[str, tuple[str, ...]] = {
 
 def misspellings(phrase: str, n: int = 3) -> list[str]:
     """``n`` misspellings of ``phrase``: the listed ones first, then a dropped, a doubled and a swapped letter."""
-    known = list(MISSPELLINGS.get(_norm(phrase), ()))
-    p = _norm(phrase)
+    known = list(MISSPELLINGS.get(normalize_phrase(phrase), ()))
+    p = normalize_phrase(phrase)
     letters = [i for i, ch in enumerate(p) if ch.isalpha()]
     mid = letters[len(letters) // 2] if letters else 0
     made = [p[:mid] + p[mid + 1:], p[:mid] + p[mid] + p[mid:], p[:mid] + p[mid + 1:mid + 2] + p[mid] + p[mid + 2:]]

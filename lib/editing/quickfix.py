@@ -261,7 +261,7 @@ def _phrases(name: str, value: str | Sequence[str]) -> list[str]:
     return items
 
 
-def _norm(phrase: str) -> str:
+def normalize_phrase(phrase: str) -> str:
     """A phrase as CLIP's tokenizer sees it: lower case, single spaces."""
     return " ".join(phrase.lower().split())
 
@@ -277,7 +277,7 @@ def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
     each edit a mapping of its own anchors only."""
     out: dict[str, list[str]] = {}
     for key, value in (prompts or {}).items():
-        k = _norm(key)
+        k = normalize_phrase(key)
         if k in out:
             raise EditError(f"prompts are given twice for {key!r} (keys are matched case-insensitively)")
         if isinstance(value, str) or not all(isinstance(p, str) for p in value):
@@ -285,7 +285,7 @@ def _prompts_by_phrase(prompts: Mapping[str, Sequence[str]] | None,
         if not list(value):  # was taken as "no prompts given" and fitted on the templates, recorded as []
             raise EditError(f"prompts[{key!r}] is empty: give its prompts, or leave the key out for the templates")
         out[k] = list(value)
-    anchors, targets = {_norm(x) for x, _ in pairs}, {_norm(y) for _, y in pairs}
+    anchors, targets = {normalize_phrase(x) for x, _ in pairs}, {normalize_phrase(y) for _, y in pairs}
     both = [k for k in out if k in anchors and k in targets]
     if both:
         raise EditError(f"prompts given for {both}, which are both an anchor and a target: give the anchors' prompts "
@@ -309,11 +309,12 @@ def concept_pairs(anchors: str | Sequence[str], targets: str | Sequence[str]) ->
         raise EditError(f"{len(a)} anchors but {len(t)} targets; give one target, or one per anchor")
     seen: dict[str, str] = {}
     for x, y in zip(a, t):
-        if _norm(x) == _norm(y):
+        if normalize_phrase(x) == normalize_phrase(y):
             raise EditError(f"anchor and target are the same phrase ({x!r}): the edit would do nothing")
-        if _norm(x) in seen:
-            raise EditError(f"anchor {x!r} is given twice (targets {seen[_norm(x)]!r} and {y!r}): give each anchor once")
-        seen[_norm(x)] = y
+        if normalize_phrase(x) in seen:
+            raise EditError(f"anchor {x!r} is given twice (targets {seen[normalize_phrase(x)]!r} and {y!r}): give each "
+                            "anchor once")
+        seen[normalize_phrase(x)] = y
     return list(zip(a, t))
 
 
@@ -343,10 +344,10 @@ def align_prompts(tokenizer, anchors: str | Sequence[str], targets: str | Sequen
     length = int(tokenizer.model_max_length)
     out = []
     for anchor, target in pairs:
-        a_prompts = list(given.get(_norm(anchor)) or [t.replace("{}", anchor) for t in templates])
-        if given.get(_norm(target)):
-            t_prompts, t_before = list(given[_norm(target)]), [None] * len(given[_norm(target)])
-        elif given.get(_norm(anchor)):
+        a_prompts = list(given.get(normalize_phrase(anchor)) or [t.replace("{}", anchor) for t in templates])
+        if given.get(normalize_phrase(target)):
+            t_prompts, t_before = list(given[normalize_phrase(target)]), [None] * len(given[normalize_phrase(target)])
+        elif given.get(normalize_phrase(anchor)):
             t_prompts = [substitute(p, anchor, target) for p in a_prompts]
             t_before = [_text_before(p, anchor) for p in a_prompts]
         else:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lib.atomic import save_pretrained_atomic, write_atomic, write_text_atomic
 from lib.loading import dtype_kwarg
 from lib.paths import TOY_DIR, from_repo_root, resolve_toy_folder
+from lib.scoring import pooled_features
 from lib.speed import cpu_threads
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
@@ -147,18 +148,14 @@ def to_pixels(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
 clip_preprocess = to_pixels
 
 
-def _features(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
-
-
 def image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected (unnormalised) image embeddings of the toy CLIP."""
-    return _features(clip.get_image_features(pixel_values=pixel_values))
+    return pooled_features(clip.get_image_features(pixel_values=pixel_values))
 
 
 def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
     """Projected (unnormalised) text embeddings of the toy CLIP."""
-    return _features(clip.get_text_features(input_ids=input_ids))
+    return pooled_features(clip.get_text_features(input_ids=input_ids))
 
 
 # ---------------------------------------------------------------------------------------------------- file checks
