@@ -24,7 +24,7 @@ import torch
 from lib.editing.quickfix import TEMPLATES, WeightEdit, concept_pairs, normalize_phrase, phrase_pattern, substitute
 from lib.sampling import generate_all
 from lib.toy import world as W
-from lib.toy.classifiers import FAMILIES, AttributeClassifier, ensemble_log_probs, scene_label
+from lib.toy.classifiers import AttributeClassifier, EnsembleClassifier, scene_label
 
 CONCEPT_ATTRIBUTES = ("style", "character", "object")  # where an anchor or a target phrase may live
 
@@ -247,18 +247,11 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
         return generate_all(pipe, prompts, seeds, steps, guidance, batch_size, progress)
 
 
-@torch.no_grad()
 def classify(members: AttributeClassifier | Mapping[str, AttributeClassifier], images: torch.Tensor,
              batch_size: int = 256) -> pd.DataFrame:
-    """Ensemble predictions (argmax of the members' mean log-probabilities), one column per family."""
+    """Ensemble predictions (:class:`lib.toy.classifiers.EnsembleClassifier`), one column per family."""
     members = {members.name: members} if isinstance(members, AttributeClassifier) else dict(members)
-    labels = {f: lab for m in members.values() for f, lab in m.labels.items()}
-    cols: dict[str, list[str]] = {f: [] for f in FAMILIES if f in labels}
-    for i in range(0, len(images), batch_size):
-        lp = ensemble_log_probs(members, images[i : i + batch_size])
-        for f in cols:
-            cols[f] += [labels[f][j] for j in lp[f].argmax(-1).tolist()]
-    return pd.DataFrame(cols)
+    return pd.DataFrame(EnsembleClassifier(members).predict(images, batch_size))
 
 
 def scene_accuracy(pred: pd.DataFrame, scenes: Sequence[W.Scene]) -> pd.Series:

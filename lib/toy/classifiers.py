@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -270,6 +270,30 @@ def ensemble_log_probs(members: dict[str, AttributeClassifier], images: torch.Te
         for f, v in m(images).items():
             acc.setdefault(f, []).append(F.log_softmax(v, -1))
     return {f: torch.stack(v).mean(0) for f, v in acc.items()}
+
+
+class EnsembleClassifier:
+    """The classifier members as one predictor: per family, argmax of the mean log-probability over the members that
+    have that family (:func:`ensemble_log_probs`).  Quacks like an ``AttributeClassifier``."""
+
+    name = "ensemble"
+
+    def __init__(self, members: Mapping[str, AttributeClassifier]):
+        self.members = dict(members)
+        have = {f for m in self.members.values() for f in m.families}
+        self.families = tuple(f for f in FAMILIES if f in have)
+        self.labels = {f: LABELS[f] for f in self.families}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {f: [] for f in self.families}
+        for m in self.members.values():
+            m.eval()
+        for i in range(0, len(images), batch_size):
+            lp = ensemble_log_probs(self.members, images[i : i + batch_size])
+            for f in self.families:
+                out[f] += [self.labels[f][j] for j in lp[f].argmax(-1).tolist()]
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------ training

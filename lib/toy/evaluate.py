@@ -28,8 +28,7 @@ from lib.params import distinct
 from lib.paths import TOY_DIR, in_repo, resolve_toy_folder
 from lib.scoring import toy_clip_scorer
 from lib.toy import world as W
-from lib.toy.classifiers import (FAMILIES, LABELS, NONE, AttributeClassifier, ensemble_log_probs, scene_label,
-                                 to_tensor)
+from lib.toy.classifiers import FAMILIES, NONE, AttributeClassifier, EnsembleClassifier, scene_label, to_tensor
 
 
 def attribute_accuracy(images: np.ndarray | torch.Tensor, scenes: Sequence[W.Scene],
@@ -186,30 +185,6 @@ def prompts_frame(prompts: Sequence[EvalPrompt]) -> pd.DataFrame:
                          for p in prompts])
 
 
-class EnsembleClassifier:
-    """The classifier members as one predictor: per family, argmax of the mean log-probability over the members that
-    have that family (:func:`lib.toy.classifiers.ensemble_log_probs`).  Quacks like an ``AttributeClassifier``."""
-
-    name = "ensemble"
-
-    def __init__(self, members: Mapping[str, AttributeClassifier]):
-        self.members = dict(members)
-        have = {f for m in self.members.values() for f in m.families}
-        self.families = tuple(f for f in FAMILIES if f in have)
-        self.labels = {f: LABELS[f] for f in self.families}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {f: [] for f in self.families}
-        for m in self.members.values():
-            m.eval()
-        for i in range(0, len(images), batch_size):
-            lp = ensemble_log_probs(self.members, images[i : i + batch_size])
-            for f in self.families:
-                out[f] += [self.labels[f][j] for j in lp[f].argmax(-1).tolist()]
-        return out
-
-
 def with_ensemble(members: Mapping[str, AttributeClassifier]) -> dict:
     """``members`` plus their :class:`EnsembleClassifier` under the name "ensemble"."""
     return {**dict(members), "ensemble": EnsembleClassifier(members)}
@@ -298,9 +273,16 @@ def generate_captions(pipe, captions: Sequence[str], seeds: Sequence[int], steps
 
 def generate_prompts(pipe, prompts: Sequence[EvalPrompt], seeds: Sequence[int], steps: int = 25,
                      guidance: float = 4.0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Images of every prompt's caption for every seed (order: prompt-major), :func:`generate_captions`."""
-    jobs = [(p.caption, int(s)) for p in prompts for s in seeds]
-    return generate_captions(pipe, [c for c, _ in jobs], [s for _, s in jobs], steps, guidance, batch_size, progress)
+    """Images of every prompt's caption for every seed (order: prompt-major; :func:`lib.sampling.generate_all` with a
+    progress bar), float (N, 3, H, W) in [0, 1] on the CPU."""
+    from tqdm import tqdm
+
+    from lib.sampling import generate_all
+
+    with tqdm(total=len(prompts) * len(seeds), desc="generating", unit="img", disable=not progress,
+              file=sys.stderr) as bar:
+        return generate_all(pipe, [p.caption for p in prompts], [int(s) for s in seeds], steps, guidance, batch_size,
+                            bar)
 
 
 def evaluate_renders(classifiers: Mapping[str, AttributeClassifier], prompts: Sequence[EvalPrompt],
