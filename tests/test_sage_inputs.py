@@ -763,3 +763,14 @@ def test_checker_with_an_ensemble_members_weights_under_another_name_is_refused_
         build_ensemble([member], f"timm:resnet10t@{tmp_path / 'b.safetensors'}")
     ens, checker = build_ensemble([member], f"timm:resnet10t@{tmp_path / 'c.safetensors'}")
     assert checker is not None and len(ens.members) == 1
+
+
+def test_empty_seeds_or_prompts_are_one_message_in_every_search(pipe):
+    """The latent, prompt and token searches say the same thing for no seed (each used to phrase it its own way)."""
+    ens = edge_ensemble()
+    with pytest.raises(ValueError, match="seeds is empty: give at least one seed"):
+        search_prompt(pipe, ens, StubLM("red"), "cat", [], steps=2, config=PromptSearch(n_words=1, iterations=1))
+    with pytest.raises(ValueError, match="seeds is empty: give at least one seed"):
+        train_token(pipe, ens, ["a photo of a cat"], "cat", "car", [], steps=2)
+    with pytest.raises(ValueError, match="prompts is empty: give at least one training prompt"):
+        train_token(pipe, ens, [], "cat", "car", [0], steps=2)

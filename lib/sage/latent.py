@@ -85,8 +85,10 @@ def check_latent(pipe, latent: torch.Tensor) -> None:
 
 
 def check_seeds(seeds: Sequence[int]) -> None:
-    """Raise ``ValueError`` when a seed repeats: each seed is one search (one run of SSR, one image judged), so a
-    repeat would count the same result twice."""
+    """Raise ``ValueError`` when there is no seed or a seed repeats: each seed is one search (one run of SSR, one
+    image judged), so a repeat would count the same result twice."""
+    if len(seeds) == 0:
+        raise ValueError("seeds is empty: give at least one seed")
     distinct(seeds, "each seed is one search")
 
 
@@ -244,8 +246,6 @@ def search_latents(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Seque
     config.residual.check(steps)  # before any sampling
     if (seeds is None) == (latents is None):
         raise ValueError("give exactly one of seed(s)= or latent(s)=")
-    if seeds is not None and len(seeds) == 0:
-        raise ValueError("seeds is empty: give at least one seed")
     if seeds is not None:
         check_seeds(seeds)
     lo, hi = config.delta_range

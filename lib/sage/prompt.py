@@ -606,8 +606,6 @@ def check_prompt_search(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequ
     words, room for ``n_words`` more tokens in its context) and for the text encoders (room for the first round's
     ``1 + lookahead`` slots; a later round that would not fit ends the search with the reason in ``stopped``)."""
     _check_pipe(pipe)
-    if not seeds:
-        raise ValueError("need at least one seed")
     check_seeds(seeds)
     check_grad_from_step(config.grad_from_step, steps)
     for c in classes:

@@ -89,8 +89,8 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
     """
     _check_pipe(pipe)
     ensemble.check_distinct(source, target)
-    if not prompts or not seeds:
-        raise ValueError("need at least one training prompt and one seed")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one training prompt")
     check_seeds(seeds)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
