@@ -204,7 +204,8 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype" if takes_dtype else "torch_dtype": dtype}
 
 
-def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto", **kwargs):
+def load_pipeline(model: str = "toy", device: str = "auto", dtype: str | torch.dtype = "auto",
+                  **kwargs) -> DiffusionPipeline:
     """Load a diffusers pipeline on ``device``/``dtype`` (auto: CUDA fp16 when present, else CPU fp32; an SDXL VAE
     that asks for it (``force_upcast``) is kept in float32, :func:`lib.sampling.upcast_sdxl_vae`; ``pipe(...)`` works
     as well).

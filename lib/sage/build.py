@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -27,6 +27,11 @@ from lib.params import Param, ToySettingsWarning, positive
 from lib.paths import in_repo
 from lib.sage.loss import ClipMember, Criteria, EdgeMember, Ensemble, imagenet_groups, imagenet_labels, timm_member
 from lib.sage.metrics import network_prints
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from lib.sage.loss import Member
 
 TOY_MEMBERS: tuple[str, ...] = ("resnet", "mobilenet", "edges")
 SEARCH_PARAMS: dict[str, Param] = {  # the parameters of notebooks 01-03 alike (besides lib.params.COMMON)
@@ -184,7 +189,7 @@ def build_members(P, classes: Sequence[str], criteria: Criteria = Criteria(),
 
 
 def setup(P, classes: Sequence[str], criteria: Criteria = Criteria(), distinct: tuple[str, str] | None = None,
-          members: tuple | None = None):
+          members: tuple | None = None) -> tuple[DiffusionPipeline, Ensemble, Member | None]:
     """(pipeline, ensemble, checker) for a SAGE notebook's parameters ``P``: the pipeline frozen and set to
     ``P.CHECKPOINTING``, and the members of :func:`build_members` (or ``members``, the pair it returned earlier).
 

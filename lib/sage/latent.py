@@ -34,7 +34,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
@@ -43,6 +43,9 @@ from lib.params import Param, check_fields, distinct
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad_rows
 from lib.sage.loss import Ensemble, Goal
 from lib.sampling import Conditioning, decode, encode, initial_latents, make_scheduler, predict_noise
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Mode = Literal["type1", "type2", "lose"]
 MODE_GOAL: dict[str, str] = {"type1": "uncertain", "type2": "other", "lose": "lose"}
@@ -348,7 +351,8 @@ def latent_key(pipe, ensemble: Ensemble, prompt: str, cls: str, steps: int, guid
 
 def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequence[int], steps: int = 25,
                     guidance: float = 7.5, config: LatentSearch = LatentSearch(), out_dir: str | Path | None = None,
-                    model: str = "", batch_size: int = 8, resume: bool = True, weights: dict[str, str] | None = None):
+                    model: str = "", batch_size: int = 8, resume: bool = True,
+                    weights: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[LatentResult]]:
     """One search per seed, in batches of ``batch_size`` consecutive ``seeds`` (:func:`search_latents`); returns (tidy
     table, results).
 

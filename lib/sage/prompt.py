@@ -35,7 +35,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import Residual, check_seeds, sample_with_residual, signed_step
 from lib.sage.loss import Ensemble
 from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl, text_encoder_names, tokenizer_for
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PLACEHOLDER_ID = 0  # any id other than EOS: its embedding is overwritten
 
@@ -448,7 +451,7 @@ class PromptSearch:
 def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
                   guidance: float = 7.5, config: PromptSearch = PromptSearch(),
                   class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool | Any = False,
-                  rounds_file: str | Path | None = None):
+                  rounds_file: str | Path | None = None) -> pd.DataFrame:
     """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
 
     ``loss_prompt``: the surrogate loss (goal ``lose``, mean over the seeds) of the round's prompt, words only;
@@ -671,7 +674,7 @@ def prompt_key(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seque
 def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
                     steps: int = 25, guidance: float = 7.5, config: PromptSearch = PromptSearch(),
                     class_words: Sequence[str] = (), attribute_words: Sequence[str] = (),
-                    out_dir: str | Path | None = None, resume: bool = True, progress: bool = False):
+                    out_dir: str | Path | None = None, resume: bool = True, progress: bool = False) -> pd.DataFrame:
     """:func:`search_prompt` for each class; returns the rounds of all classes (column ``cls``).
 
     With ``out_dir`` each finished class is written at once (atomically) to

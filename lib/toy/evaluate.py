@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,11 @@ from lib.paths import TOY_DIR, in_repo, resolve_toy_folder
 from lib.scoring import toy_clip_scorer
 from lib.toy import world as W
 from lib.toy.classifiers import FAMILIES, NONE, AttributeClassifier, EnsembleClassifier, scene_label, to_tensor
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from lib.scoring import ClipScorer
 
 
 def attribute_accuracy(images: np.ndarray | torch.Tensor, scenes: Sequence[W.Scene],
@@ -356,7 +361,8 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- loading and grids
-def load_toy_world(folder: str | Path = TOY_DIR, device: str = "cpu", classifiers: str | Path | None = None):
+def load_toy_world(folder: str | Path = TOY_DIR, device: str = "cpu", classifiers: str | Path | None = None,
+                   ) -> tuple[StableDiffusionPipeline, dict[str, AttributeClassifier], ClipScorer]:
     """(pipeline, classifier members, toy-CLIP scorer) of a toy-world folder; missing or corrupt files raise an error
     that names the file and the command that rebuilds it. ``"toy"`` is ``data/toy``; relative paths are taken from the
     repo root."""

@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from lib.scoring import pooled_features
 from lib.speed import cpu_threads
 from lib.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from lib.toy import world as W
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 REBUILD = "python -m lib.toy.train --stage all --config gpu"
 CLIP_MAX_TOKENS = 24  # contrastive training pads captions (<= 20 tokens) to 24; the UNet sees all 77
@@ -287,7 +291,8 @@ def check_toy_folder(folder: str | Path = TOY_DIR) -> Path:
     return folder
 
 
-def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_toy_pipeline(folder: str | Path = TOY_DIR, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """``StableDiffusionPipeline`` of the toy model (offline), with a clear error if files are missing/corrupt."""
     from diffusers import StableDiffusionPipeline
 

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -26,6 +26,11 @@ from lib.tracing.probes import NAMED_SETS, probe_path
 from lib.tracing.report import pick_split
 from lib.tracing.sweep import (SweepConfig, check_captions, collect, load_probes, model_fingerprint,
                                model_spec, run_sweep, sweep_dir)
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from lib.scoring import ClipScorer
 
 
 def check_tau(value: Any) -> None:
@@ -96,7 +101,7 @@ def check_layers(P: SimpleNamespace) -> None:
     check_before_load(P.MODEL, unet=getattr(P, "LAYERS", None), text=getattr(P, "TEXT_LAYERS", None))
 
 
-def load(P: SimpleNamespace):
+def load(P: SimpleNamespace) -> tuple[DiffusionPipeline, ClipScorer, pd.DataFrame]:
     """The pipeline, its CLIP-Score scorer and the selected probe rows (validation and test split).
 
     The probe file, its captions (CLIP tokens: subject found once, at most 77 tokens), the splits that
