@@ -167,6 +167,7 @@ def time_case(name: str, ctx: Context, warmup: int, repeats: int,
 
 def _time_case(name: str, ctx: Context, warmup: int, repeats: int, limit_hits: _LimitHits,
                progress: Callable[[dict], None]) -> Result:
+    progress(dict(case=name, warmup_s=[], times_s=[], extra={}))  # building the case (twins, members) is under way
     fn, params, extra = CASES[name](ctx)
     warm = []
     for i in range(warmup):
@@ -177,7 +178,8 @@ def _time_case(name: str, ctx: Context, warmup: int, repeats: int, limit_hits: _
         warm.append(time.perf_counter() - t0)
         sage = "".join(f", {k} {extra[k]}" for k in ("grad_finite", "backward_passes_max") if k in extra)
         print(f"{name}: warm-up {i + 1}/{warmup} {warm[-1]:.1f} s{sage}", flush=True)  # a case cut short says how far
-        progress(dict(case=name, warmup_s=warm, times_s=[], extra=dict(extra)))
+        progress(dict(case=name, warmup_s=warm, times_s=[],
+                      extra={k: v for k, v in extra.items() if k != "backward_passes_max"}))  # as a timed row drops it
     extra.pop("backward_passes_max", None)  # a SAGE case's count restarts: a warm-up's overflow is not a timed run's
     start = None
     if ctx.device.type == "cuda":
@@ -247,21 +249,21 @@ def environment(device: torch.device) -> dict:
 
 
 def flags(result: dict) -> list[str]:
-    """What makes a case's timing not what its row says: a compiled case that fell back (graph breaks, frames that
-    failed to compile, the recompile limit hit, skipped CUDA graphs) or compiled during its timed runs, a SAGE
-    gradient that was not finite, backward passes repeated after a float16 overflow."""
+    """What makes a case's timing not what its row says: a compiled case that fell back (graph breaks, the recompile
+    limit hit, skipped CUDA graphs) or compiled during its timed runs, a SAGE gradient that was not finite, backward
+    passes repeated after a float16 overflow, a case that failed."""
     out = []
     extra = result.get("extra", {})
     counters = extra.get("compile_counters", {})
     breaks = sum(counters.get("graph_break", {}).values())
-    frames = counters.get("frames", {})
-    failed = frames.get("total", 0) - frames.get("ok", 0)
     skips = sum(v for k, v in counters.get("inductor", {}).items() if "cudagraph_skip" in k)
-    out += [f"{n} {what}" for n, what in ((breaks, "graph breaks"), (failed, "frames not compiled"),
+    out += [f"{n} {what}" for n, what in ((breaks, "graph breaks"),
                                           (extra.get("recompile_limit_hits", 0), "recompile-limit fallbacks"),
                                           (skips, "CUDA-graph skips"),
                                           (extra.get("frames_compiled_while_timed", 0),
                                            "frames compiled during the timed runs")) if n]
+    if result.get("error"):
+        out.append(f"failed: {result['error']}")
     if extra.get("grad_finite") is False:
         out.append("gradient not finite")
     if extra.get("backward_passes_max", 1) > 1:
@@ -299,9 +301,11 @@ def summary_rows(paths: list[Path]) -> list[str]:
         if cut:  # killed mid-case: its warm-ups (compile times) and any timed runs, no median
             warm = " / ".join(f"{w:.1f}" for w in cut.get("warmup_s", []))
             timed = " / ".join(f"{t:.3f}" for t in cut.get("times_s", []))
-            rows.append(f"| {cut.get('case', '?')} | {report.get('size', '?')} | {how} | cut short | "
+            status = "failed" if cut.get("error") else "cut short"
+            rows.append(f"| {cut.get('case', '?')} | {report.get('size', '?')} | {how} | {status} | "
                         f"{timed or '–'} | | | {warm} | {env.get('gpu', 'cpu')}, {report.get('dtype', '')} | "
-                        f"{env.get('commit')} | {'; '.join(flags(cut)) or 'unfinished'} |")
+                        f"{env.get('commit')}{' (dirty)' if env.get('dirty') else ''} | "
+                        f"{'; '.join(flags(cut)) or 'unfinished'} |")
     return rows
 
 
@@ -357,7 +361,17 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.out, {**report, "unfinished": state})
 
     for name in names:
-        res = time_case(name, ctx, args.warmup, args.repeats, unfinished)
+        state: dict = {}  # the last progress of this case
+
+        def track(st: dict) -> None:
+            state.update(st)
+            unfinished(state)
+
+        try:
+            res = time_case(name, ctx, args.warmup, args.repeats, track)
+        except Exception as err:  # a failed case is named as failed, not as cut short by the call's limit
+            unfinished({**state, "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"})
+            raise
         ctx.reset()
         report["results"].append(asdict(res))
         mem = (f", peak {res.peak_mem_gib:.1f} GiB (reserved {res.peak_reserved_gib:.1f})"

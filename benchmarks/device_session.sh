@@ -42,7 +42,7 @@ speed() {  # one process per compiled case: a case that fails to compile does no
     --channels-last --cudnn-benchmark \
     --cases sage_latent_iter_k40_nockpt,sage_latent_iter_b8_steps \
     --out "$OUT/speed_eager.json" 2>&1 | tee -a "$OUT/speed.log" || record speed_eager $?
-  # case:mode:timeout:warmup (a killed case writes no JSON): CUDA graphs for the launch-bound single search first
+  # case:mode:timeout:warmup (a killed case leaves its warm-ups in its JSON, "unfinished"): CUDA graphs for the launch-bound single search first
   # (reduce-overhead records its graphs in the first calls, hence 2 warm-ups), then the batched one compiled
   for spec in sage_latent_iter_k40_nockpt:reduce-overhead:260:2 sage_latent_iter_b8_steps:default:200:1; do
     IFS=: read -r name mode limit warmup <<< "$spec"

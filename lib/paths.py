@@ -50,5 +50,9 @@ def output_dir(path: str | Path | None, default_name: str) -> Path:
 
 
 def resolve_toy_folder(value: str | Path | None = None) -> Path:
-    """A toy-world folder: ``None`` or ``"toy"`` → ``data/toy``; a relative path is taken from the repo root."""
-    return TOY_DIR if value in (None, "", "toy") else in_repo(value)
+    """A toy-world folder: ``None`` or ``"toy"`` → ``data/toy``; else the path, absolute, where it exists from the
+    working directory, otherwise taken from the repo root (as :func:`lib.loading.describe_source` finds a model)."""
+    if value in (None, "", "toy"):
+        return TOY_DIR
+    path = Path(value).expanduser()
+    return path.absolute() if path.exists() else in_repo(path)

@@ -630,3 +630,8 @@ def test_toy_folder_arguments_mean_what_load_pipeline_takes(tmp_path, monkeypatc
     assert T.check_toy_folder("toy") == TOY_DIR
     assert T.check_toy_folder("data/toy") == TOY_DIR
     assert toy_clip_scorer("data/toy").module.config.projection_dim == T.load_toy_clip("toy").config.projection_dim
+    (tmp_path / "mine").mkdir()  # a folder that exists from the working directory is that one, as load_pipeline finds it
+    with pytest.raises(FileNotFoundError, match=f"toy model file missing: {tmp_path / 'mine'}/model_index.json"):
+        T.check_toy_folder("mine")
+    with pytest.raises(FileNotFoundError, match=r"toy model file missing: not_here/model_index\.json\. .*--out not_here"):
+        T.check_toy_folder("not_here")  # from the repo root, and named as a command run there would name it

@@ -364,8 +364,9 @@ def latent_campaign(pipe, ensemble: Ensemble, prompt: str, cls: str, seeds: Sequ
     is searched again whole. So a resumed, interrupted or extended campaign (more ``seeds``) gives exactly what a fresh
     run of the same ``seeds`` gives: a batched search differs from the same search in another batch in the last bits,
     which a signed step can grow (:func:`search_latents`), so a result is reused only from the same batch. Other
-    settings never reuse stale results. Repeated seeds are a ``ValueError``. The weights are fingerprinted once per
-    call (``weights``: :func:`lib.sage.resume.weights_part` of this pipeline and ensemble, when the caller has it).
+    settings never reuse stale results. No seed or repeated seeds are a ``ValueError``. The weights are fingerprinted
+    once per call (``weights``: :func:`lib.sage.resume.weights_part` of this pipeline and ensemble, when the caller
+    has it).
     """
     import pandas as pd
 

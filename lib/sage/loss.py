@@ -462,12 +462,12 @@ class Ensemble(nn.Module):
             ok.append(lost)
         return torch.stack(ok).all(0)
 
-    @torch.no_grad()
     def class_prob(self, probs: Sequence[torch.Tensor], name: str) -> torch.Tensor:
         """P(``name``) per image (B,): each member's probability of the labels ``name`` stands for
         (:meth:`indices`), summed, then the mean over members."""
         return torch.stack([p[:, i].sum(-1) for p, i in zip(probs, self.indices(name))]).mean(0)
 
+    @torch.no_grad()
     def report(self, images: torch.Tensor, cls: str, target: str | None = None):
         """Tidy table, one row per (image, member): P(class), top label and probability, P(target)."""
         import pandas as pd

@@ -202,8 +202,8 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
                    batch_size: int | None = None, progress: bool = False, desc: str = "token images"):
     """One row per (prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
-    ``return_images``: return ``(table, images with the token, images without)`` instead of the table. Repeated
-    seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
+    ``return_images``: return ``(table, images with the token, images without)`` instead of the table. No seed or
+    repeated seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
     (None: all at once; SD at 512 px needs chunks). ``progress``: a tqdm bar (stderr, labelled ``desc``) over the
     images, with the token and without.
     """

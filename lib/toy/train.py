@@ -214,7 +214,7 @@ def rebuild_hint(path: Path) -> str:
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"toy model file missing: {path}. {rebuild_hint(path)}")
+        raise FileNotFoundError(f"toy model file missing: {from_repo_root(path)}. {rebuild_hint(path)}")
     return path
 
 
@@ -237,7 +237,7 @@ def _check_readable(path: Path) -> Path:
 def _corrupt(path: Path, err: Exception) -> RuntimeError:
     first = (str(err).strip().splitlines() or [""])[0]
     what = "toy model folder" if path.is_dir() else "toy model file"
-    return RuntimeError(f"{what} {path} is unreadable or corrupt ({type(err).__name__}: {first}). "
+    return RuntimeError(f"{what} {from_repo_root(path)} is unreadable or corrupt ({type(err).__name__}: {first}). "
                         f"{rebuild_hint(path)}")
 
 
