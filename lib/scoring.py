@@ -239,7 +239,7 @@ def scorer_for(model: str, spec: str = "auto", device: str = "cpu") -> ClipScore
     if kind == "toy":
         from lib.paths import resolve_toy_folder
 
-        return toy_clip_scorer(resolve_toy_folder(rest), device=device)  # relative: from the repo root
+        return toy_clip_scorer(resolve_toy_folder(rest), device=device)  # relative: working directory, else repo root
     if kind == "random":
         return random_toy_clip_scorer(device=device)
     name, _, pretrained = rest.partition(":")  # openclip, checked above
