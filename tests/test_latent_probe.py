@@ -56,9 +56,14 @@ def test_class_accuracy_maps_character_and_object_names():
 
 
 def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path, monkeypatch):
-    calls, real = [], LP.probe_accuracy
-    monkeypatch.setattr(LP, "probe_accuracy", lambda z_tr, y_tr, z_te, y_te, **k: calls.append(
-        (len(z_tr), len(z_te))) or real(z_tr, y_tr, z_te, y_te, **k))
+    calls, results, real = [], [], LP.probe_accuracy
+
+    def recorded(z_tr, y_tr, z_te, y_te, **k):
+        calls.append((len(z_tr), len(z_te), tuple(z_tr.shape[1:])))
+        results.append(real(z_tr, y_tr, z_te, y_te, **k))
+        return results[-1]
+
+    monkeypatch.setattr(LP, "probe_accuracy", recorded)
     with pytest.raises(ValueError, match="n_train and n_test must be >= 1"):
         LP.run_probe("picasso", n_train=0)
     with pytest.raises(ValueError, match="unknown style"):
@@ -72,4 +77,9 @@ def test_run_probe_on_the_toy_world_reports_the_four_readings(tmp_path, monkeypa
     assert all(0.0 <= row[k] <= 1.0 for k in ("latent", "latent_train", "pixels8", "roundtrip", "render",
                                                "roundtrip_probe", "render_probe"))
     assert row["render"] >= 0.9  # unstyled renders: the ensemble names character and object
-    assert calls[0] == (48, 16)  # the latent probe is read on the 16 test scenes, not on its 48 training ones
+    assert calls[0][:2] == (48, 16)  # the latent probe is read on the 16 test scenes, not on its 48 training ones
+    # each reading is its own probe's: latents (4 × 8 × 8), 8 × 8 pixels, round trips and renders (3 × 64 × 64)
+    assert [c[2] for c in calls] == [(4, 8, 8), (3, 8, 8), (3, 64, 64), (3, 64, 64)]
+    assert (row["latent"], row["latent_train"]) == (round(results[0][0], 4), round(results[0][1], 4))
+    assert (row["pixels8"], row["roundtrip_probe"], row["render_probe"]) == tuple(
+        round(r[0], 4) for r in results[1:])

@@ -32,9 +32,28 @@ def test_units_are_the_campaigns_batches_and_processes_share_them_out():
     units = campaign.units(P)
     assert units[:3] == [("cat", "type1", [5, 3]), ("cat", "type1", [9, 1]), ("cat", "type1", [7])]
     assert len(units) == 2 * 2 * 3 and units[-1] == ("dog", "type2", [7])
-    for count in (1, 2, 5, 13):  # more processes than units: some get none
-        shares = [units[i::count] for i in range(count)]
-        assert sorted(map(repr, sum(shares, []))) == sorted(map(repr, units))
+    import pandas as pd
+
+    import lib.sage.latent
+    import lib.sage.resume
+
+    searched = []
+
+    def fake_campaign(pipe, ens, prompt, cls, seeds, steps, guidance, config, **k):  # what run_campaigns asks for
+        searched.append((cls, config.mode, list(seeds)))
+        return pd.DataFrame({"seed": seeds}), [None] * len(seeds)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lib.sage.latent, "latent_campaign", fake_campaign)
+        mp.setattr(lib.sage.resume, "weights_part", lambda *a, **k: {})
+        for count in (2, 5, 13):  # more processes than units: some get none
+            searched.clear()
+            tables = [campaign.run_campaigns(None, None, P, "d", i, count, progress=False)[0] for i in range(count)]
+            assert [len(t) for t in tables] == [len(sum((u[2] for u in units[i::count]), [])) for i in range(count)]
+            assert sorted(map(repr, searched)) == sorted(map(repr, units))  # every unit once, across the processes
+        searched.clear()
+        campaign.run_campaigns(None, None, P, "d", 0, 1, progress=False)  # one process: a campaign per (class, mode)
+        assert searched == [(c, m, list(P.SEEDS)) for c in P.CLASSES for m in P.MODES]
     with pytest.raises(ValueError, match=r"process 2 of 2: the index must be in \[0, 2\)"):
         campaign.run_campaigns(None, None, P, "unused", process_index=2, num_processes=2)
 

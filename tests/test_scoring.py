@@ -42,6 +42,16 @@ def test_openclip_path_runs_offline_with_random_weights():
     out = s.score(x, ["a cat", "a dog"])
     out.sum().backward()
     assert out.shape == (2,) and (out >= 0).all() and x.grad is not None
+    import open_clip  # the same numbers from open_clip's own model, tokenizer and normalisation (224 px: no resize)
+
+    x = torch.rand(2, 3, 224, 224)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1)
+                 for v in (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD))
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a cat", "a dog"])
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(s.module.encode_image((x - mean) / std), dim=-1)
+        txt = torch.nn.functional.normalize(s.module.encode_text(tokens), dim=-1)
+        torch.testing.assert_close(s.rank(x, ["a cat", "a dog"]), img @ txt.T, atol=1e-5, rtol=1e-4)
 
 
 def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):

@@ -156,9 +156,14 @@ def test_swap_captions_parse_to_swapped_scenes():
     for _ in range(50):
         scene = W.sample_scene(rng, "any")
         text = W.caption(scene, rng)
-        for attribute, value, cand in swap_captions(text, scene):
-            parsed = W.parse_caption(cand)
-            assert getattr(parsed, attribute) == value and parsed != scene
+        present = ["character" if scene.character else "object"] + [
+            a for a in ("color", "style", "action", "background") if getattr(scene, a)]
+        swaps = swap_captions(text, scene)
+        assert len(swaps) == sum(len(W.VOCAB[a]) - 1 for a in present)  # every other value of every named attribute
+        for attribute, value, cand in swaps:  # ... and nothing else changed
+            target = W.Scene(**{**scene.as_dict(), attribute: value, **({"object": None} if attribute == "character"
+                                                                         else {})})
+            assert W.parse_caption(cand) == target, (text, cand)
 
 
 def test_clip_ranking_accuracy_with_an_oracle():

@@ -381,8 +381,8 @@ def _rows(scores, clean=30.0, corrupted=20.0, split="val", nan=None):
 def test_recovery_threshold_and_causal_marks():
     df = _rows([20.0, 21.0, 29.0, 30.0, 25.0], nan=np.array([0, 0, 0, 0, 1], bool))
     assert np.allclose(recovery(df).to_numpy()[:4], [0.0, 0.1, 0.9, 1.0]) and np.isnan(recovery(df)[4])
-    tau = choose_tau(df)  # Otsu: anywhere between the two groups
-    assert 0.1 < tau <= 0.9 and otsu(np.array([0.0, 0.05, 0.95, 1.0])) > 0.05
+    tau = choose_tau(df)  # Otsu on the recoveries: the middle of the gap between the two groups (0.11 … 0.90)
+    assert tau == pytest.approx(0.50) and otsu(np.array([0.0, 0.05, 0.95, 1.0])) == pytest.approx(0.50)
     marked = mark_causal(df, tau)
     assert marked["causal"].tolist() == [False, False, True, True, False]
     assert not mark_causal(_rows([25.0], clean=20.0, corrupted=20.0), 0.5)["causal"].any()  # no gap: undefined
@@ -642,17 +642,17 @@ def test_sweep_rows_hold_the_scores_of_their_own_images(tmp_path):
 
     p, scorer = pipe("sd-v1"), toy_scorer()
     cfg = SweepConfig(model="twin:sd-v1", steps=2, batch_size=8, layers=tuple(SUBSET[:3]), multiplier=3.0)
-    run_sweep(p, scorer, PROBES.iloc[:1], [4], tmp_path, cfg, 0, 1, progress=False)
-    df = collect(tmp_path, tau=0.5).set_index("layer").loc[list(SUBSET[:3])]
-    tr = trace_unet(p, CAPTION, SUBJECT, 4, SUBSET[:3], steps=2, batch_size=8, corruption=Corruption(3.0, 0).at(4))
+    run_sweep(p, scorer, PROBES.iloc[:1], [0], tmp_path, cfg, 0, 1, progress=False)
+    df = collect(tmp_path, tau=0.5, min_gap=0.0).set_index("layer").loc[list(SUBSET[:3])]  # random twin: small gaps
+    tr = trace_unet(p, CAPTION, SUBJECT, 0, SUBSET[:3], steps=2, batch_size=8, corruption=Corruption(3.0, 0).at(0))
     clean, corrupted = clip_scores(scorer, torch.cat([tr.clean, tr.corrupted]), CAPTION)
-    assert abs(clean - corrupted) > 1e-3  # the check below can tell them apart
+    assert clean - corrupted > 0.1  # seed 0's gap (0.30) is positive: the recoveries below are numbers, not NaN
     assert df["clean_score"].tolist() == pytest.approx([clean] * 3, abs=1e-5)
     assert df["corrupted_score"].tolist() == pytest.approx([corrupted] * 3, abs=1e-5)
     assert df["score"].tolist() == pytest.approx(list(clip_scores(scorer, tr.restored, CAPTION)), abs=1e-5)
-    expected = (df["score"] - corrupted) / (clean - corrupted) if clean > corrupted else df["score"] * np.nan
-    assert df["recovery"].tolist() == pytest.approx(list(expected), abs=1e-6, nan_ok=True)  # no gap: undefined
-    assert (df["seed"] == 4).all() and (df["noise_seed"] == item_noise_seed(Corruption(3.0, 0).at(4), CAPTION,
+    expected = (df["score"] - corrupted) / (clean - corrupted)
+    assert df["recovery"].tolist() == pytest.approx(list(expected), abs=1e-4)  # a swap would give 1 − r ≈ 1
+    assert (df["seed"] == 0).all() and (df["noise_seed"] == item_noise_seed(Corruption(3.0, 0).at(0), CAPTION,
                                                                             SUBJECT)).all()
 
 

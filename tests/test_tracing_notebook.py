@@ -48,11 +48,11 @@ def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp
 
 def test_toy_probes_on_a_real_model_are_flagged(tmp_path):
     assert "PROBES sd" in tracing.probes_warning("toy", "CompVis/stable-diffusion-v1-4")
-    assert tracing.probes_warning("toy", str(tmp_path)) is not None  # a local folder that is no toy world
+    assert "PROBES sd" in tracing.probes_warning("toy", str(tmp_path))  # a local folder that is no toy world
     assert tracing.probes_warning("sd", "CompVis/stable-diffusion-v1-4") is None
     assert tracing.probes_warning("toy", "toy") is None and tracing.probes_warning("toy", "twin:sd-v1") is None
     (tmp_path / "classifiers").mkdir()  # a classifiers/ folder alone does not make a toy world
-    assert tracing.probes_warning("toy", str(tmp_path)) is not None
+    assert "PROBES sd" in tracing.probes_warning("toy", str(tmp_path))
     (tmp_path / "TRAINING.json").write_text("{}")  # a toy-world folder: lib.toy.train writes TRAINING.json
     assert tracing.probes_warning("toy", str(tmp_path)) is None
 
