@@ -1281,6 +1281,21 @@ def test_figures_render(tmp_path, monkeypatch):
     piv = table.pivot(index="attribute", columns="layer_index", values="causal").sort_index(axis=1)
     dots = {(int(x - 0.5), int(y - 0.5)) for x, y in figs[0].axes[0].collections[-1].get_offsets()}
     assert dots == {(x, y) for y, x in zip(*np.nonzero(piv.to_numpy(bool)))} and 0 < len(dots) < piv.size
+    # the bars are the mean recovery per (attribute, kind); the profiles' lines are the tables' recoveries
+    bars = [b.get_height() for c in figs[1].axes[0].containers for b in c]
+    heights = sorted(round(h, 6) for h in bars if h == h)  # a (attribute, kind) without rows draws a NaN bar
+    assert heights == sorted(round(v, 6) for v in table.groupby(["attribute", "kind"])["recovery"].mean())
+    for ax, attr in zip(figs[5].axes, sorted(table["attribute"].unique())):
+        want = table[table["attribute"] == attr].sort_values("layer_index")["recovery"].to_numpy()
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), want)
+    text = text_token_table(df)
+    t0 = text[(text["component"] == "text_encoder") & (text["attribute"] == sorted(text["attribute"].unique())[0])]
+    kind0 = [k for k in ("hidden", "self_attn", "mlp") if k in set(t0["kind"])][0]
+    drawn = {ln.get_label(): ln.get_ydata() for ln in figs[6].axes[0].lines if not ln.get_label().startswith("_")}
+    assert drawn, "no token-group line in the first panel"
+    for group, ys in drawn.items():
+        want = t0[(t0["kind"] == kind0) & (t0["token_group"] == group)].sort_values("layer_index")["recovery"]
+        np.testing.assert_allclose(ys, want.to_numpy())
     for i, fig in enumerate(figs):
         assert save_figure(fig, f"f{i}", tmp_path).stat().st_size > 1000
         plt.close(fig)
