@@ -39,7 +39,13 @@ def test_the_printed_sharding_command_writes_the_folder_the_notebook_resumes(tmp
     folder, written, _ = tracing.trace(P, cfg, pipe, scorer, first, out)
     assert folder.is_dir() and written == []  # nothing left to trace: the notebook resumed the CLI's item
     df, tau, split = tracing.table(P, folder, first, tmp_path / "rows.parquet")
-    assert len(df) > 0 and tau == 0.5 and split is None and (tmp_path / "rows.parquet").is_file()
+    assert tau == 0.5 and split is None and (tmp_path / "rows.parquet").is_file()
+    assert set(df["caption"]) == set(first["caption"]) and (df["seed"] == 0).all()
+    if mode == "unet":  # one row per traced layer
+        assert sorted(df["layer"]) == sorted(LAYERS)
+    else:  # one row per token of the caption, at layer 0's self-attention
+        assert (df["kind"] == "self_attn").all() and (df["layer_index"] == 0).all()
+        assert len(df) == df["token"].nunique() >= 5  # "a photo of ..." and its BOS / EOS
     with pytest.raises(ValueError, match=r"no rows of split 'test' \(splits present: \['val'\]\)"):
         tracing.table(params(mode, EVAL_SPLIT="test"), folder, first, tmp_path / "rows.parquet")  # N_TEST=0
     other = tracing.sweep_config(params(mode, STEPS=3), mode, pipe, scorer)
