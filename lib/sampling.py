@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -282,16 +282,19 @@ def generate(pipe, prompts: str | Sequence[str], seeds: Sequence[int], steps: in
 
 
 def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-                 batch_size: int = 64, progress=None) -> torch.Tensor:
+                 batch_size: int = 64, progress: Any = None) -> torch.Tensor:
     """Images for every (prompt, seed), prompt-major (``index = i_prompt * len(seeds) + i_seed``), in [0, 1], float32
-    on the CPU, generated ``batch_size`` at a time. ``progress``: a tqdm bar to update."""
+    on the CPU, generated ``batch_size`` at a time. ``progress``: a flag or a bar (:mod:`lib.progress`), in images."""
+    from lib.progress import progress_bar
+
     jobs = [(p, s) for p in prompts for s in seeds]
     out = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i : i + batch_size]
-        out.append(generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance).float().cpu())
-        if progress is not None:
-            progress.update(len(chunk))
+    with progress_bar(progress, len(jobs), "generating", "img") as bar:
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i : i + batch_size]
+            out.append(generate(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance).float().cpu())
+            if bar is not None:
+                bar.update(len(chunk))
     return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
 
 

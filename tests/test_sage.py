@@ -1051,9 +1051,15 @@ def test_prompt_campaign_shows_one_bar_that_ends_full(pipe, ens, lm, tmp_path, m
     bars = []
 
     class Bar:
-        def __init__(self, total=None, desc=None, unit=None):
+        def __init__(self, total=None, desc=None, unit=None, **kwargs):
             self.total, self.desc, self.n, self.steps, self.closed = total, desc, 0, [], False
             bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
 
         def update(self, k=1):
             self.n += k

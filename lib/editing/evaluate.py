@@ -15,13 +15,14 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from lib.editing.quickfix import TEMPLATES, WeightEdit, concept_pairs, normalize_phrase, phrase_pattern, substitute
+from lib.progress import progress_bar
 from lib.sampling import generate_all
 from lib.toy import world as W
 from lib.toy.classifiers import AttributeClassifier, EnsembleClassifier, scene_label
@@ -240,9 +241,10 @@ def variant_prompts(anchor: str, scene: W.Scene, n_misspellings: int = 3) -> lis
 # ------------------------------------------------------------------------------------------ generate and classify
 @torch.no_grad()
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-                    edit: WeightEdit | None = None, batch_size: int = 64, progress=None) -> torch.Tensor:
+                    edit: WeightEdit | None = None, batch_size: int = 64, progress: Any = None) -> torch.Tensor:
     """Images for every (prompt, seed), prompt-major (``index = i_prompt * len(seeds) + i_seed``), in [0, 1], on
-    the CPU; with ``edit`` applied during generation (and reverted afterwards). ``progress``: a tqdm bar to update."""
+    the CPU; with ``edit`` applied during generation (and reverted afterwards). ``progress``: a flag or a bar
+    (:mod:`lib.progress`), in images."""
     with edit.applied(pipe) if edit is not None else nullcontext():
         return generate_all(pipe, prompts, seeds, steps, guidance, batch_size, progress)
 
@@ -319,7 +321,7 @@ def _cached(cache_dir: Path, key: str, keep_images: bool) -> tuple[pd.DataFrame,
 def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], prompts: Sequence[str],
                   scenes: Sequence[W.Scene], seeds: Sequence[int], steps: int, guidance: float,
                   scorer=None, score_captions: Mapping[str, Sequence[str]] | None = None,
-                  batch_size: int = 64, progress=None, keep_images: bool = False,
+                  batch_size: int = 64, progress: Any = None, keep_images: bool = False,
                   cache_dir: str | Path | None = None):
     """Generate ``prompts`` × ``seeds`` under each condition (name → edit, None = unedited) and classify.
 
@@ -330,7 +332,8 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
     ``cache_dir``: each condition's rows (and, with ``keep_images``, its images) are written there atomically as soon
     as it is done, named by a key hashing the weights, the edit's deltas (:func:`edit_fingerprint`), the classifiers,
     the scorer, the prompts, scenes, seeds and settings (not the condition's name); a later call with the same key
-    loads them instead of generating again (``progress`` advances by their images), so an interrupted evaluation
+    loads them instead of generating again (``progress``, a flag or a bar of :mod:`lib.progress`, advances by their
+    images), so an interrupted evaluation
     loses no finished condition, and a condition evaluated twice (the unedited model in several tables) is generated
     once.
     """
@@ -353,43 +356,44 @@ def evaluate_edit(pipe, members, conditions: Mapping[str, WeightEdit | None], pr
             remove_stale_tmp(cache_dir)  # a killed run's half-written file
         base = _evaluation_base(pipe, members, prompts, scenes, seeds, steps, guidance, scorer, score_captions,
                                 batch_size)
-    for name, edit in conditions.items():
-        cache_key = None
-        if base is not None:
-            what = json.dumps(dict(base, edit=edit_fingerprint(edit)), sort_keys=True, default=str)
-            cache_key = hashlib.sha1(what.encode()).hexdigest()[:12]
-            hit = _cached(cache_dir, cache_key, keep_images)
-            if hit is not None:
-                frames.append(hit[0].assign(condition=name))
-                if keep_images:
-                    images[name] = hit[1]
-                if progress is not None:
-                    progress.update(len(prompts) * len(seeds))
-                continue
-        imgs = generate_images(pipe, prompts, seeds, steps, guidance, edit, batch_size, progress)
-        pred = classify(members, imgs).add_prefix("pred_")
-        rep_scenes = [s for s in scenes for _ in seeds]
-        df = pd.DataFrame({
-            "condition": name,
-            "prompt_id": np.repeat(np.arange(len(prompts)), len(seeds)),
-            "prompt": np.repeat(np.asarray(prompts, dtype=object), len(seeds)),
-            "seed": np.tile(np.asarray(seeds), len(prompts)),
-        })
-        df = pd.concat([df, pred], axis=1)
-        df["accuracy"] = scene_accuracy(pred.rename(columns=lambda c: c[5:]), rep_scenes).values
-        for key, caps in (score_captions or {}).items():
-            rep = [c for c in caps for _ in seeds]
-            df[f"clip_{key}"] = scorer.score(imgs, rep).cpu().numpy()
-        frames.append(df)
-        if keep_images:
-            images[name] = imgs
-        if cache_key is not None:
-            from lib.atomic import write_parquet_atomic
-            from lib.atomic import write_safetensors_atomic
+    with progress_bar(progress, len(conditions) * len(prompts) * len(seeds), "evaluating", "img") as bar:
+        for name, edit in conditions.items():
+            cache_key = None
+            if base is not None:
+                what = json.dumps(dict(base, edit=edit_fingerprint(edit)), sort_keys=True, default=str)
+                cache_key = hashlib.sha1(what.encode()).hexdigest()[:12]
+                hit = _cached(cache_dir, cache_key, keep_images)
+                if hit is not None:
+                    frames.append(hit[0].assign(condition=name))
+                    if keep_images:
+                        images[name] = hit[1]
+                    if bar is not None:
+                        bar.update(len(prompts) * len(seeds))
+                    continue
+            imgs = generate_images(pipe, prompts, seeds, steps, guidance, edit, batch_size, bar)
+            pred = classify(members, imgs).add_prefix("pred_")
+            rep_scenes = [s for s in scenes for _ in seeds]
+            df = pd.DataFrame({
+                "condition": name,
+                "prompt_id": np.repeat(np.arange(len(prompts)), len(seeds)),
+                "prompt": np.repeat(np.asarray(prompts, dtype=object), len(seeds)),
+                "seed": np.tile(np.asarray(seeds), len(prompts)),
+            })
+            df = pd.concat([df, pred], axis=1)
+            df["accuracy"] = scene_accuracy(pred.rename(columns=lambda c: c[5:]), rep_scenes).values
+            for key, caps in (score_captions or {}).items():
+                rep = [c for c in caps for _ in seeds]
+                df[f"clip_{key}"] = scorer.score(imgs, rep).cpu().numpy()
+            frames.append(df)
+            if keep_images:
+                images[name] = imgs
+            if cache_key is not None:
+                from lib.atomic import write_parquet_atomic
+                from lib.atomic import write_safetensors_atomic
 
-            if keep_images:  # the images first: rows without them are not a finished cache entry of this kind
-                write_safetensors_atomic({"images": imgs}, cache_dir / f"condition_{cache_key}.safetensors", {})
-            write_parquet_atomic(df, cache_dir / f"condition_{cache_key}.parquet")
+                if keep_images:  # the images first: rows without them are not a finished cache entry of this kind
+                    write_safetensors_atomic({"images": imgs}, cache_dir / f"condition_{cache_key}.safetensors", {})
+                write_parquet_atomic(df, cache_dir / f"condition_{cache_key}.parquet")
     out = pd.concat(frames, ignore_index=True)
     return (out, images) if keep_images else out
 

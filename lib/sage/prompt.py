@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -46,6 +46,7 @@ from lib.prompts import PromptError
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import Residual, check_seeds, sample_with_residual, signed_step
 from lib.sage.loss import Ensemble
+from lib.progress import progress_bar
 from lib.sampling import Conditioning, decode, encode, initial_latents, is_sdxl, text_encoder_names, tokenizer_for
 
 if TYPE_CHECKING:
@@ -450,15 +451,15 @@ class PromptSearch:
 
 def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int = 25,
                   guidance: float = 7.5, config: PromptSearch = PromptSearch(),
-                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: bool | Any = False,
+                  class_words: Sequence[str] = (), attribute_words: Sequence[str] = (), progress: Any = False,
                   rounds_file: str | Path | None = None) -> pd.DataFrame:
     """Grow a prompt from ``config.template`` word by word; returns a table, one row per round (word added).
 
     ``loss_prompt``: the surrogate loss (goal ``lose``, mean over the seeds) of the round's prompt, words only;
     ``best_loss``: the lowest ``loss_prompt`` of this and the earlier rounds, so a class with no find reports its best.
     When the LM proposes no word the search ends with a row that adds none (``found`` False, ``word`` None, the reason
-    in ``stopped``). ``progress``: True for a tqdm bar (stderr) over the search's embedding iterations, or a bar to
-    advance (:func:`prompt_campaign`'s); it ends advanced by ``n_words × iterations``, however early the search ends.
+    in ``stopped``). ``progress``: a flag or a bar (:mod:`lib.progress`; :func:`prompt_campaign` passes its own) over
+    the search's embedding iterations; it ends advanced by ``n_words × iterations``, however early the search ends.
 
     ``rounds_file``: each finished round is written there at once (atomically; the rounds so far), and the rounds an
     existing file holds are taken instead of searched again (a file whose first prompt does not grow this search's
@@ -470,7 +471,8 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
     import pandas as pd
 
     check_prompt_search(pipe, ensemble, lm, [cls], seeds, steps, config)
-    bar, own_bar = _search_bar(progress, config.n_words * config.iterations)
+    closing = ExitStack()  # closes a bar made here, not the caller's
+    bar = closing.enter_context(progress_bar(progress, config.n_words * config.iterations, "prompt search"))
     done_before = bar.n if bar is not None else 0
     done = _read_rounds(Path(rounds_file), "its rounds are searched again") \
         if rounds_file is not None and Path(rounds_file).is_file() else None
@@ -497,20 +499,7 @@ def search_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Se
             bar.update(done_before + config.n_words * config.iterations - bar.n)
         return pd.DataFrame(rows)
     finally:
-        if own_bar:
-            bar.close()
-
-
-def _search_bar(progress, total: int):
-    """(bar, made here): ``progress`` itself when it is a bar (has ``update``), a new tqdm bar of ``total`` when it is
-    otherwise true, else None."""
-    if hasattr(progress, "update"):
-        return progress, False
-    if progress:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="prompt search", unit="it"), True
-    return None, False
+        closing.close()
 
 
 def _grow_prompt(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Sequence[int], steps: int,
@@ -674,7 +663,7 @@ def prompt_key(pipe, ensemble: Ensemble, lm: CandidateLM, cls: str, seeds: Seque
 def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence[str], seeds: Sequence[int],
                     steps: int = 25, guidance: float = 7.5, config: PromptSearch = PromptSearch(),
                     class_words: Sequence[str] = (), attribute_words: Sequence[str] = (),
-                    out_dir: str | Path | None = None, resume: bool = True, progress: bool = False) -> pd.DataFrame:
+                    out_dir: str | Path | None = None, resume: bool = True, progress: Any = False) -> pd.DataFrame:
     """:func:`search_prompt` for each class; returns the rounds of all classes (column ``cls``).
 
     With ``out_dir`` each finished class is written at once (atomically) to
@@ -683,8 +672,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
     again, with a warning). A class's rounds are written as they finish too (``.<that name's stem>.rounds.parquet``,
     removed when the class is done), so a search interrupted mid-class resumes after its last finished round. Every
     class is checked (:func:`check_prompt_search`) before the first search, so a class the ensemble or the LM cannot
-    take fails before any other class is searched. ``progress``: one tqdm bar over every class's embedding
-    iterations (``n_words × iterations`` per class; a loaded class counts as done).
+    take fails before any other class is searched. ``progress``: a flag or a bar (:mod:`lib.progress`), one bar over
+    every class's embedding iterations (``n_words × iterations`` per class; a loaded class counts as done).
     """
     import pandas as pd
 
@@ -695,11 +684,8 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
         remove_stale_tmp(out_dir)  # a killed run's half-written file
     parts = []
     per_class = config.n_words * config.iterations
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(classes) * per_class, desc="prompt searches", unit="it")
+    closing = ExitStack()  # closes a bar made here, not the caller's
+    bar = closing.enter_context(progress_bar(progress, len(classes) * per_class, "prompt searches"))
     try:
         for c in classes:
             path = None
@@ -724,8 +710,7 @@ def prompt_campaign(pipe, ensemble: Ensemble, lm: CandidateLM, classes: Sequence
                 df = df.assign(resumed=False)
             parts.append(df)
     finally:
-        if bar is not None:
-            bar.close()
+        closing.close()
     return pd.concat(parts, ignore_index=True)
 
 

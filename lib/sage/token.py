@@ -33,7 +33,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from lib.atomic import remove_stale_tmp, write_safetensors_atomic
 from lib.params import Param, check_fields, interval, positive, seed_value
+from lib.progress import progress_bar
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import check_seeds, signed_step
 from lib.sage.loss import Ensemble
@@ -80,12 +81,13 @@ class TokenResult:
 
 def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, target: str, seeds: Sequence[int],
                 steps: int = 25, guidance: float = 7.5, config: TokenAttack = TokenAttack(),
-                progress: bool = False, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10,
+                progress: Any = False, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10,
                 resume: bool = True) -> TokenResult:
     """Optimise one appended token embedding over ``prompts`` (captions of ``source``) towards ``target``.
 
-    ``progress``: a tqdm bar on stderr. ``checkpoint_dir``: where the training state is saved and, with ``resume``,
-    resumed from (module docstring); ``meta["resumed_from"]`` is the iteration the run continued from (0: fresh).
+    ``progress``: a flag or a bar (:mod:`lib.progress`), in iterations. ``checkpoint_dir``: where the training state
+    is saved and, with ``resume``, resumed from (module docstring); ``meta["resumed_from"]`` is the iteration the run
+    continued from (0: fresh).
     """
     _check_pipe(pipe)
     ensemble.check_distinct(source, target)
@@ -169,12 +171,13 @@ def _load_checkpoint(path: Path):
         return None
 
 
-def _progress(it, on: bool, desc: str, initial: int = 0, total: int | None = None):
-    if not on:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, leave=False, initial=initial, total=total)
+def _progress(it, progress: Any, desc: str, initial: int = 0, total: int | None = None):
+    """``it``, advancing ``progress`` (a flag or a bar, :mod:`lib.progress`) by one per item."""
+    with progress_bar(progress, total, desc, leave=False, initial=initial) as bar:
+        for x in it:
+            yield x
+            if bar is not None:
+                bar.update(1)
 
 
 @torch.no_grad()
@@ -199,13 +202,13 @@ def pooled_text(pipe, prompts: Sequence[str], token: torch.Tensor | None) -> tor
 @torch.no_grad()
 def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Sequence[str], seeds: Sequence[int],
                    steps: int | None = None, guidance: float | None = None, scorer=None, return_images: bool = False,
-                   batch_size: int | None = None, progress: bool = False, desc: str = "token images"):
+                   batch_size: int | None = None, progress: Any = False, desc: str = "token images"):
     """One row per (prompt, seed): success, P(target), P(source), CLIP-Score change, text cosine.
 
     ``return_images``: return ``(table, images with the token, images without)`` instead of the table. No seed or
-    repeated seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered per call
-    (None: all at once; SD at 512 px needs chunks). ``progress``: a tqdm bar (stderr, labelled ``desc``) over the
-    images, with the token and without.
+    repeated seeds are a ``ValueError`` (each pair would count twice). ``batch_size``: (prompt, seed) images rendered
+    per call (None: all at once; SD at 512 px needs chunks). ``progress``: a flag (a bar labelled ``desc``) or a bar
+    (:mod:`lib.progress`) over the images, with the token and without.
     """
     import pandas as pd
 
@@ -219,28 +222,27 @@ def evaluate_token(pipe, ensemble: Ensemble, result: TokenResult, prompts: Seque
     tok = result.embedding.view(1, -1)
     step = batch_size or max(len(ps), 1)
 
-    from tqdm import tqdm
-
     both = scorer is not None or return_images  # the images without the token too
-    bar = tqdm(total=len(ps) * (2 if both else 1), desc=desc, unit="img", disable=not progress, leave=False)
+    with progress_bar(progress, len(ps) * (2 if both else 1), desc, "img", leave=False) as bar:
 
-    def render(slots: torch.Tensor | None) -> torch.Tensor:
-        out = []
-        for i in range(0, len(ps), step):
-            out.append(render_with_slots(pipe, ps[i : i + step], slots, ss[i : i + step], steps, guidance, grad=False))
-            bar.update(len(out[-1]))
-        return torch.cat(out)
+        def render(slots: torch.Tensor | None) -> torch.Tensor:
+            out = []
+            for i in range(0, len(ps), step):
+                out.append(render_with_slots(pipe, ps[i : i + step], slots, ss[i : i + step], steps, guidance,
+                                             grad=False))
+                if bar is not None:
+                    bar.update(len(out[-1]))
+            return torch.cat(out)
 
-    with_tok = render(tok)
-    probs = ensemble.probs(with_tok)
-    success = ensemble.judge(probs, result.source, "become", result.target)
-    p_t, p_s = ensemble.class_prob(probs, result.target), ensemble.class_prob(probs, result.source)
-    text_cos = F.cosine_similarity(pooled_text(pipe, ps, None), pooled_text(pipe, ps, result.embedding), dim=-1)
-    f64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731 - float64 columns round and print cleanly
-    df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
-                           p_source=f64(p_s), text_cosine=f64(text_cos)))
-    plain = render(None) if both else None
-    bar.close()
+        with_tok = render(tok)
+        probs = ensemble.probs(with_tok)
+        success = ensemble.judge(probs, result.source, "become", result.target)
+        p_t, p_s = ensemble.class_prob(probs, result.target), ensemble.class_prob(probs, result.source)
+        text_cos = F.cosine_similarity(pooled_text(pipe, ps, None), pooled_text(pipe, ps, result.embedding), dim=-1)
+        f64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731 - float64 columns round and print cleanly
+        df = pd.DataFrame(dict(prompt=ps, seed=ss, success=success.cpu().numpy(), p_target=f64(p_t),
+                               p_source=f64(p_s), text_cosine=f64(text_cos)))
+        plain = render(None) if both else None
     if scorer is not None:
         df["clip_with"] = f64(scorer.score(with_tok, ps))
         df["clip_without"] = f64(scorer.score(plain, ps))

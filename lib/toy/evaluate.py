@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -258,36 +257,32 @@ def render_prompts(prompts: Sequence[EvalPrompt], seeds: Sequence[int]) -> np.nd
 
 
 def generate_captions(pipe, captions: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 4.0,
-                      batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+                      batch_size: int = 64, progress: Any = True) -> torch.Tensor:
     """One image per (caption, seed) pair with :func:`lib.sampling.generate`, ``batch_size`` images per call;
-    float (N, 3, H, W) in [0, 1] on the CPU."""
-    from tqdm import tqdm
-
+    float (N, 3, H, W) in [0, 1] on the CPU. ``progress``: a flag or a bar (:mod:`lib.progress`)."""
+    from lib.progress import progress_bar
     from lib.sampling import generate
 
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
     out = []
-    with tqdm(total=len(captions), desc="generating", unit="img", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(progress, len(captions), "generating", "img") as bar:
         for i in range(0, len(captions), batch_size):
             caps, sds = list(captions[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]]
             out.append(generate(pipe, caps, sds, steps=steps, guidance=guidance).float().cpu())
-            bar.update(len(caps))
+            if bar is not None:
+                bar.update(len(caps))
     return torch.cat(out) if out else torch.empty(0, 3, W.SIZE, W.SIZE)
 
 
 def generate_prompts(pipe, prompts: Sequence[EvalPrompt], seeds: Sequence[int], steps: int = 25,
-                     guidance: float = 4.0, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Images of every prompt's caption for every seed (order: prompt-major; :func:`lib.sampling.generate_all` with a
-    progress bar), float (N, 3, H, W) in [0, 1] on the CPU."""
-    from tqdm import tqdm
-
+                     guidance: float = 4.0, batch_size: int = 64, progress: Any = True) -> torch.Tensor:
+    """Images of every prompt's caption for every seed (order: prompt-major; :func:`lib.sampling.generate_all`),
+    float (N, 3, H, W) in [0, 1] on the CPU. ``progress``: a flag or a bar (:mod:`lib.progress`)."""
     from lib.sampling import generate_all
 
-    with tqdm(total=len(prompts) * len(seeds), desc="generating", unit="img", disable=not progress,
-              file=sys.stderr) as bar:
-        return generate_all(pipe, [p.caption for p in prompts], [int(s) for s in seeds], steps, guidance, batch_size,
-                            bar)
+    return generate_all(pipe, [p.caption for p in prompts], [int(s) for s in seeds], steps, guidance, batch_size,
+                        progress)
 
 
 def evaluate_renders(classifiers: Mapping[str, AttributeClassifier], prompts: Sequence[EvalPrompt],
