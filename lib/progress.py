@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -22,3 +22,15 @@ def progress_bar(progress: Any, total: int | None, desc: str, unit: str = "it", 
             yield bar
     else:
         yield None
+
+
+def track(items: Iterable, progress: Any, desc: str, total: int | None = None, **tqdm_kwargs) -> Iterator:
+    """``items``, advancing the bar of :func:`progress_bar` by one after each (``total``: ``len(items)`` when it has
+    one)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    with progress_bar(progress, total, desc, **tqdm_kwargs) as bar:
+        for item in items:
+            yield item
+            if bar is not None:
+                bar.update(1)

@@ -29,7 +29,7 @@ def test_a_flag_makes_and_closes_a_bar_and_a_callers_bar_is_advanced_and_left_op
 def test_generation_and_token_helpers_take_either_kind():
     import torch
 
-    from lib.sage.token import _progress
+    from lib.progress import track
     from lib.sampling import generate_all
     from lib.twins import build_twin
 
@@ -39,5 +39,5 @@ def test_generation_and_token_helpers_take_either_kind():
     assert outer.n == 4 and imgs.shape[0] == 4
     again = generate_all(pipe, ["a cat", "a dog"], [0, 1], steps=1, guidance=2.0, batch_size=3, progress=True)
     torch.testing.assert_close(again, imgs)  # a bar changes nothing but the display
-    assert list(_progress(range(3), outer, "t")) == [0, 1, 2] and outer.n == 7
-    assert list(_progress(range(3), False, "t")) == [0, 1, 2]
+    assert list(track(range(3), outer, "t")) == [0, 1, 2] and outer.n == 7
+    assert list(track(range(3), False, "t")) == [0, 1, 2]

@@ -112,13 +112,14 @@ def units(P: SimpleNamespace) -> list[tuple[str, str, list[int]]]:
 
 
 def run_campaigns(pipe, ensemble, P: SimpleNamespace, latent_dir: str | Path, process_index: int = 0,
-                  num_processes: int = 1, progress: bool = True):
+                  num_processes: int = 1, progress: Any = True):
     """Search (or, from ``latent_dir``, resume) this process's share of :func:`units`: (tidy table, results keyed
     by (class, mode, seed)). One process runs each (class, mode) as one campaign over all ``SEEDS``; with
-    ``num_processes`` > 1 a process takes every ``num_processes``-th unit, from ``process_index``."""
+    ``num_processes`` > 1 a process takes every ``num_processes``-th unit, from ``process_index``. ``progress``: a
+    flag or a bar (:mod:`lib.progress`), one step per campaign."""
     import pandas as pd
-    from tqdm import tqdm
 
+    from lib.progress import track
     from lib.sage.latent import latent_campaign
     from lib.sage.resume import weights_part
 
@@ -130,7 +131,7 @@ def run_campaigns(pipe, ensemble, P: SimpleNamespace, latent_dir: str | Path, pr
         jobs = units(P)[process_index::num_processes]
     runs, results = [], {}
     weights = weights_part(pipe, ensemble) if jobs else None  # the resume keys' fingerprints: once per process
-    for c, m, seeds in tqdm(jobs, desc="latent searches", disable=not progress):
+    for c, m, seeds in track(jobs, progress, "latent searches"):
         df, res = latent_campaign(pipe, ensemble, prompt_for(P, c), c, seeds, P.STEPS, P.GUIDANCE,
                                   search_config(P, m), out_dir=latent_dir, model=P.MODEL, batch_size=P.BATCH_SIZE,
                                   weights=weights)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from lib.atomic import remove_stale_tmp, write_safetensors_atomic
 from lib.params import Param, check_fields, interval, positive, seed_value
-from lib.progress import progress_bar
+from lib.progress import progress_bar, track
 from lib.sage.gradient import grad_problem, loss_scale_for, scaled_grad
 from lib.sage.latent import check_seeds, signed_step
 from lib.sage.loss import Ensemble
@@ -115,8 +115,8 @@ def train_token(pipe, ensemble: Ensemble, prompts: Sequence[str], source: str, t
             checkpoint = None
     start, stopped = len(history), None
     scale = saved_scale if saved_scale is not None else loss_scale_for(pipe)  # a resumed run keeps its loss scale
-    for it in _progress(range(start, config.iterations), progress, f"token {source}->{target}", start,
-                        config.iterations):
+    for it in track(range(start, config.iterations), progress, f"token {source}->{target}", config.iterations,
+                    leave=False, initial=start):
         pi = rng.integers(len(prompts), size=config.batch_size)
         si = rng.integers(len(seeds), size=config.batch_size)
         v.requires_grad_(True)
@@ -169,15 +169,6 @@ def _load_checkpoint(path: Path):
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start fresh, say so
         warnings.warn(f"ignoring unreadable token checkpoint {path.name}: {err}", stacklevel=3)
         return None
-
-
-def _progress(it, progress: Any, desc: str, initial: int = 0, total: int | None = None):
-    """``it``, advancing ``progress`` (a flag or a bar, :mod:`lib.progress`) by one per item."""
-    with progress_bar(progress, total, desc, leave=False, initial=initial) as bar:
-        for x in it:
-            yield x
-            if bar is not None:
-                bar.update(1)
 
 
 @torch.no_grad()

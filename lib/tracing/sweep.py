@@ -32,7 +32,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -42,6 +42,7 @@ from lib.loading import model_fingerprint  # noqa: F401  (re-exported: notebooks
 from lib.paths import from_repo_root  # noqa: F401  (re-exported: notebooks import it from here)
 from lib.params import ParameterError, seed_list
 from lib.processes import process_device, process_share
+from lib.progress import track
 from lib.prompts import subject_positions
 from lib.sampling import make_scheduler, scheduler_fingerprint
 from lib.scoring import ClipScorer, check_scorer_spec
@@ -314,11 +315,12 @@ def run_item(pipe, scorer: ClipScorer, item: WorkItem, cfg: SweepConfig) -> pd.D
 
 def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds: Sequence[int],
               out_dir: str | Path, cfg: SweepConfig, process_index: int | None = None,
-              num_processes: int | None = None, limit: int | None = None, progress: bool = True) -> list[Path]:
+              num_processes: int | None = None, limit: int | None = None, progress: Any = True) -> list[Path]:
     """Trace this process's share of probe items × seeds; returns the files written now (skipped ones excluded).
 
     ``process_index``/``num_processes`` default to ``accelerate.PartialState()``'s. ``limit`` keeps the first items.
     Every input is checked before ``sweep.json`` is written, so a corrected rerun into the same folder is accepted.
+    ``progress``: a flag or a bar (:mod:`lib.progress`), one step per item traced now.
     """
     probes = load_probes(probes)
     if cfg.scorer_fingerprint is not None and scorer.fingerprint() != cfg.scorer_fingerprint:
@@ -355,9 +357,7 @@ def run_sweep(pipe, scorer: ClipScorer, probes: pd.DataFrame | str | Path, seeds
     names, legacy = finished(out)
     mine = [it for it in share if not it.done(cfg.mode, names, legacy)]
     written = []
-    from tqdm import tqdm  # text on stderr (a notebook widget would be saved at its first state)
-
-    for item in tqdm(mine, desc=f"trace {cfg.mode} [{process_index}/{num_processes}]", disable=not progress):
+    for item in track(mine, progress, f"trace {cfg.mode} [{process_index}/{num_processes}]"):  # text on stderr
         rows = run_item(pipe, scorer, item, cfg)
         path = out / item.filename(cfg.mode)
         write_parquet_atomic(rows, path)
